@@ -1,0 +1,163 @@
+"""Weight averaging: the Beta moving average of one run's iterates, and model soups.
+
+BMA (DESIGN §2): w_k ∝ BetaPDF((k + ½)/(T + 1); a, a), k = 0..T, iterate 0 being
+the pretrained weights. With a < 1 the U-shaped Beta puts extra mass on both
+ends — the starting model (which keeps robustness) and the final iterate (which
+holds what was learned). Soups average the checkpoints of different trials,
+valid because every trial of a sweep starts from the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["BetaMovingAverage", "beta_weights", "greedy_soup", "uniform_soup"]
+
+StateDict = dict[str, Tensor]
+
+
+def _beta_pdf(x: float, a: float, b: float) -> float:
+    # Beta(x; a, b) = x^(a−1) (1−x)^(b−1) / B(a, b), B(a, b) = Γ(a)Γ(b)/Γ(a+b);
+    # computed in log space with lgamma so it needs no scipy and never overflows.
+    log_b = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    return math.exp((a - 1.0) * math.log(x) + (b - 1.0) * math.log1p(-x) - log_b)
+
+
+def beta_weights(T: int, a: float = 0.7) -> list[float]:
+    """Normalised BMA weights w_0..w_T, w_k ∝ BetaPDF((k + ½)/(T + 1); a, a)."""
+    if T < 0:
+        raise ValueError(f"T must be >= 0, got {T}")
+    if not a > 0:
+        raise ValueError(f"a must be > 0, got {a}")
+    # The +½ midpoint keeps x strictly inside (0, 1), where the pdf is finite even for a < 1.
+    raw = [_beta_pdf((k + 0.5) / (T + 1), a, a) for k in range(T + 1)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+class BetaMovingAverage:
+    """Running Beta-weighted average of a run's iterates (DESIGN §2, BMA).
+
+    Accumulates Σ_k w_k θ_k in float32 so that low-precision weights do not
+    lose the small contributions; `average()` divides by Σ w_k of the iterates
+    seen so far, so it is a proper average at any point of the run.
+    """
+
+    def __init__(self, initial: Mapping[str, Tensor], total_steps: int, a: float = 0.7) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = total_steps
+        self.a = a
+        self.weights = beta_weights(total_steps, a)
+        self._dtypes = {name: t.dtype for name, t in initial.items()}
+        self._acc: StateDict = {}
+        w0 = self.weights[0]
+        with torch.no_grad():
+            for name, t in initial.items():
+                # Integer buffers (counters) cannot be averaged; keep their latest value.
+                if t.is_floating_point():
+                    self._acc[name] = t.detach().to(torch.float32).clone() * w0
+                else:
+                    self._acc[name] = t.detach().clone()
+        self._weight_sum = w0
+        self.last_step = 0
+
+    def update(self, step: int, params: Mapping[str, Tensor]) -> None:
+        """Add iterate θ_step with weight w_step; steps must increase within 1..T."""
+        if not 1 <= step <= self.total_steps:
+            raise ValueError(f"step {step} outside 1..{self.total_steps}")
+        if step <= self.last_step:
+            raise ValueError(f"step {step} is not after the last step {self.last_step}")
+        if set(params) != set(self._acc):
+            missing = sorted(set(self._acc) ^ set(params))
+            raise ValueError(
+                f"step {step}: parameter names differ from the initial ones: {missing[:5]}"
+            )
+        w = self.weights[step]
+        with torch.no_grad():
+            for name, acc in self._acc.items():
+                p = params[name].detach().to(device=acc.device)
+                if acc.is_floating_point():
+                    acc.add_(p.to(torch.float32), alpha=w)
+                else:
+                    acc.copy_(p)
+        self._weight_sum += w
+        self.last_step = step
+
+    def average(self) -> StateDict:
+        """Σ_k w_k θ_k / Σ_k w_k over the iterates seen so far, in the original dtypes."""
+        out: StateDict = {}
+        for name, acc in self._acc.items():
+            if acc.is_floating_point():
+                out[name] = (acc / self._weight_sum).to(self._dtypes[name])
+            else:
+                out[name] = acc.clone()
+        return out
+
+
+def _check_compatible(
+    reference: Mapping[str, Tensor], other: Mapping[str, Tensor], index: int
+) -> None:
+    # Averaging is only meaningful between checkpoints of the same architecture;
+    # name the first offending key so a mixed-up sweep is easy to diagnose.
+    for key in reference:
+        if key not in other:
+            raise ValueError(f"state dict {index} lacks key {key!r}")
+        if reference[key].shape != other[key].shape:
+            raise ValueError(
+                f"key {key!r}: shape {tuple(reference[key].shape)} in state dict 0 "
+                f"vs {tuple(other[key].shape)} in state dict {index}"
+            )
+    for key in other:
+        if key not in reference:
+            raise ValueError(f"state dict {index} has extra key {key!r}")
+
+
+def uniform_soup(state_dicts: list[StateDict]) -> StateDict:
+    """Element-wise mean of checkpoints that share keys and shapes."""
+    if not state_dicts:
+        raise ValueError("uniform_soup needs at least one state dict")
+    first = state_dicts[0]
+    for i, sd in enumerate(state_dicts[1:], start=1):
+        _check_compatible(first, sd, i)
+    soup: StateDict = {}
+    with torch.no_grad():
+        for key, t in first.items():
+            if not t.is_floating_point():
+                soup[key] = t.detach().clone()  # counters: averaging has no meaning
+                continue
+            # Sum in float32 so fp16/bf16 checkpoints do not lose precision.
+            total = torch.zeros_like(t, dtype=torch.float32)
+            for sd in state_dicts:
+                total += sd[key].detach().to(device=t.device, dtype=torch.float32)
+            soup[key] = (total / len(state_dicts)).to(t.dtype)
+    return soup
+
+
+def greedy_soup(
+    candidates: list[tuple[str, StateDict]], score: Callable[[StateDict], float]
+) -> tuple[StateDict, list[str]]:
+    """Greedy soup (Wortsman et al. 2022): candidates sorted best first.
+
+    Keep an ingredient only if the uniform soup with it scores at least as well
+    as the soup without it, so the held-out score never drops.
+    """
+    if not candidates:
+        raise ValueError("greedy_soup needs at least one candidate")
+    first_name, first_sd = candidates[0]
+    accepted_names = [first_name]
+    accepted = [first_sd]
+    soup = uniform_soup(accepted)
+    best = score(soup)
+    for name, sd in candidates[1:]:
+        trial = uniform_soup(accepted + [sd])
+        trial_score = score(trial)
+        if trial_score >= best:
+            accepted.append(sd)
+            accepted_names.append(name)
+            soup, best = trial, trial_score
+    return soup, accepted_names

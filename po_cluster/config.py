@@ -1,0 +1,124 @@
+"""Validated configs: YAML in, JSON schema out.
+
+Every config, whether a user's file or a Tune trial's sample, goes through these
+models once, at the edge; past that the code trusts its inputs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SHIPPED_BASE = "po-cluster:typo-shapes-base"  # `pretrained` value naming the committed base model
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LastBlocks(Strict):
+    last_blocks: Annotated[int, Field(gt=0, description="train only the last k blocks of the image tower")]
+
+
+ImageTowerMode = Union[Literal["full", "frozen"], LastBlocks]
+
+
+class ModelConfig(Strict):
+    name: str = Field("po-tiny-rn", description="open_clip architecture name")
+    pretrained: str | None = Field(
+        SHIPPED_BASE,
+        description="open_clip tag (e.g. openai), local .safetensors path, s3:// URI, or " + SHIPPED_BASE,
+    )
+    image_tower: ImageTowerMode = "full"
+    cache_dir: str | None = None
+
+
+class DataConfig(Strict):
+    world: Literal["typo_shapes"] = "typo_shapes"
+    n_pairs: int = Field(4096, gt=0, description="preference records (attacked images)")
+    n_reg: int = Field(2048, gt=0, description="clean regularisation images")
+    n_val: int = Field(500, gt=0, description="images per validation set (for choosing)")
+    seed: int = 0
+
+
+class LossConfig(Strict):
+    loss_type: Literal["dpo", "ipo", "kto", "ce"] = "dpo"
+    beta: float = Field(1.0, gt=0)
+    kl_weight: float = Field(0.3, ge=0, description="λ, weight of KL(π_ref ‖ π) on clean images")
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(5e-4, gt=0)
+    spectral_lr: float | None = Field(None, gt=0, description="lr of the spectral layer (default: lr)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+
+
+class TrainingConfig(Strict):
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(64, gt=0)
+    reg_batch_size: int = Field(64, gt=0)
+    bma: bool = Field(True, description="report and save the Beta moving average of the iterates")
+    bma_a: float = Field(0.7, gt=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate only before and after")
+    checkpoint_every: int = Field(0, ge=0, description="0: checkpoint only at the end")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "RunConfig":
+        if self.training.batch_size > self.data.n_pairs:
+            raise ValueError(f"training.batch_size {self.training.batch_size} > data.n_pairs {self.data.n_pairs}")
+        return self
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "<dict>", model: type[Strict] = RunConfig) -> Strict:
+    """Validate a mapping; raise ConfigError naming each bad field and why."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def load_config(path: str | Path, model: type[Strict] = RunConfig) -> Strict:
+    """Read a YAML file into a validated config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid config {path}: not valid YAML ({error})") from None
+    return parse_config(data if data is not None else {}, str(path), model)
+
+
+def json_schema(model: type[Strict] = RunConfig) -> dict:
+    return model.model_json_schema()

@@ -1,0 +1,114 @@
+"""Accuracies, attack success, KL to the reference, and σ trade-off curves.
+
+Image embeddings (before W) are computed once per set; every t then costs only
+the spectral layer, so a whole trade-off curve is as cheap as one evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from po_cluster.data import world
+from po_cluster.data.records import ImageSet
+from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
+
+METRIC_KEYS = ("clean", "attacked", "word_only", "attack_success", "kl")
+DEFAULT_TS = tuple(np.round(np.arange(-1.0, 2.01, 0.25), 2).tolist())
+
+
+@torch.no_grad()
+def embed_images(model: AlignedCLIP, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """f(x) for uint8 images, in batches, L2-normalised, before W."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model.encode_image(model.pixels(images[i:i + batch_size]).to(device)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_prompts(model: AlignedCLIP, prompts: list[str]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model.encode_text(model.tokens(prompts).to(device)).float().cpu()
+
+
+def kl_ref_policy(ref_logps: torch.Tensor, policy_logps: torch.Tensor) -> float:
+    """KL(π_ref ‖ π) over the candidates, mean over images."""
+    return float((ref_logps.exp() * (ref_logps - policy_logps)).sum(-1).mean())
+
+
+@dataclass
+class Evaluator:
+    """Holds one model's embeddings of the evaluation sets and the reference's clean log-probs."""
+
+    model: AlignedCLIP
+    sets: dict[str, ImageSet]
+    image_emb: dict[str, torch.Tensor]
+    text_emb: torch.Tensor
+    ref_clean_logps: torch.Tensor
+
+    @classmethod
+    def build(cls, model: AlignedCLIP, sets: dict[str, ImageSet], reference: AlignedCLIP | None = None,
+              template: str = world.PROMPT_TEMPLATE) -> "Evaluator":
+        classnames = next(iter(sets.values())).classnames
+        text_emb = embed_prompts(model, world.prompts(classnames, template))
+        image_emb = {name: embed_images(model, s.images) for name, s in sets.items()}
+        # Reference = the starting model; without one given it is this model at t = 0.
+        if reference is None:
+            ref = candidate_logprobs(image_emb["clean"], text_emb, model.logit_scale)
+        else:
+            ref_text = embed_prompts(reference, world.prompts(classnames, template))
+            ref = candidate_logprobs(embed_images(reference, sets["clean"].images), ref_text, reference.logit_scale)
+        return cls(model, sets, image_emb, text_emb, ref)
+
+    @torch.no_grad()
+    def metrics(self, t: float = 1.0, overrides: dict[int, float] | None = None) -> dict[str, float]:
+        device = next(self.model.spectral.parameters()).device
+        text = self.text_emb.to(device)
+        out: dict[str, float] = {}
+        for name, emb in self.image_emb.items():
+            logps = self.model.logprobs(emb.to(device), text, t, overrides).cpu()
+            pred = logps.argmax(-1).numpy()
+            image_set = self.sets[name]
+            out[name] = float(np.mean(pred == image_set.labels))
+            if name == "attacked":
+                out["attack_success"] = float(np.mean(pred == image_set.written))
+            if name == "clean":
+                out["kl"] = kl_ref_policy(self.ref_clean_logps, logps)
+        return out
+
+    def tradeoff(self, ts: tuple[float, ...] = DEFAULT_TS) -> list[dict[str, float]]:
+        return [{"t": t, **self.metrics(t)} for t in ts]
+
+
+def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "σ trade-off") -> None:
+    """Accuracies against t as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = [row["t"] for row in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("clean", "clean"), ("attacked", "attacked"), ("word_only", "word-only (OCR)"),
+                       ("attack_success", "attack success")):
+        ax.plot(ts, [row[key] for row in rows], marker="o", label=label)
+    ax.axvline(0, color="grey", lw=0.8, ls=":")
+    ax.axvline(1, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="t  (σ_i ← σ_i^t)", ylabel="accuracy", ylim=(0, 1.02), title=title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """A plain Markdown table."""
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""Preference-optimisation losses as pure functions of log-probabilities.
+
+Every function here takes log π(y|x) values that were already computed by the
+model code (log-softmax over the candidate texts C, DESIGN §2) and returns a
+scalar: the mean over the batch. Nothing in this module knows about CLIP,
+open_clip, or any other po_cluster module (DESIGN §5), so each loss can be
+checked against numbers worked out by hand.
+
+Notation (DESIGN §2):
+    h = [log π(y_w|x) − log π(y_l|x)] − [log π_ref(y_w|x) − log π_ref(y_l|x)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "LOSSES",
+    "LossSettings",
+    "PreferenceLogps",
+    "ce_loss",
+    "dpo_loss",
+    "ipo_loss",
+    "kl_ref_policy",
+    "kto_loss",
+    "kto_paired_loss",
+    "preference_objective",
+]
+
+
+def _check_beta(beta: float) -> None:
+    # β is a temperature on the implicit reward; β <= 0 flips or kills the
+    # gradient (and IPO divides by it), so refuse it instead of training nonsense.
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+
+
+def _log_ratio_margin(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor
+) -> Tensor:
+    # h = (log π(y_w|x) − log π(y_l|x)) − (log π_ref(y_w|x) − log π_ref(y_l|x))   [DESIGN §2]
+    return (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+) -> Tensor:
+    """DPO: mean of −log σ(β·h)."""
+    _check_beta(beta)
+    h = _log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # L_DPO = −E[log σ(β·h)]   [DESIGN §2 "dpo"; Rafailov et al. 2023, eq. 7]
+    # logsigmoid rather than log(sigmoid(·)) so large negative β·h stays finite.
+    return -F.logsigmoid(beta * h).mean()
+
+
+def ipo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float,
+) -> Tensor:
+    """IPO: mean of (h − 1/(2β))², minimised at h = 1/(2β)."""
+    _check_beta(beta)
+    h = _log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    # L_IPO = E[(h − τ⁻¹/2)²] with τ = β   [DESIGN §2 "ipo"; Azar et al. 2023, eq. 17]
+    return ((h - 1.0 / (2.0 * beta)) ** 2).mean()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """Unpaired KTO: one record per (x, y), flagged desirable or not; mean over records."""
+    _check_beta(beta)
+    desirable = desirable.to(torch.bool)
+    if desirable.shape != policy_logps.shape:
+        raise ValueError(
+            f"desirable has shape {tuple(desirable.shape)}, "
+            f"policy_logps has shape {tuple(policy_logps.shape)}"
+        )
+    # r = log π(y|x) − log π_ref(y|x)   [Ethayarajh et al. 2024, eq. 8, r_θ]
+    r = policy_logps - ref_logps
+    # z_0 = max(0, KL) and carries no gradient: it is a reference point, not a target
+    # [Ethayarajh et al. 2024, eq. 8, z_0; DESIGN §2 "kto" (detached)].
+    z = kl.detach().clamp(min=0)
+    # v(x,y) = λ_D σ(β(r − z_0)) if desirable, λ_U σ(β(z_0 − r)) otherwise; L = E[λ_y − v]
+    # [Ethayarajh et al. 2024, eq. 8;
+    #  DESIGN §2 "kto": w_d(1 − σ(β(r_w − z))), w_u(1 − σ(β(z − r_l)))]
+    per_record = torch.where(
+        desirable,
+        desirable_weight * (1.0 - torch.sigmoid(beta * (r - z))),
+        undesirable_weight * (1.0 - torch.sigmoid(beta * (z - r))),
+    )
+    return per_record.mean()
+
+
+def kto_paired_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    kl: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """KTO on paired data: y_w is a desirable record, y_l an undesirable one.
+
+    Per pair w_d·(1 − σ(β(r_w − z))) + w_u·(1 − σ(β(z − r_l))) as in DESIGN §2, averaged
+    over pairs: twice `kto_loss` on the concatenation of both halves (a mean over 2B records).
+    """
+    # Unpairing (x, y_w, y_l) into (x, y_w, True), (x, y_l, False)   [Ethayarajh et al. 2024, §4]
+    policy = torch.cat([policy_chosen, policy_rejected])
+    ref = torch.cat([ref_chosen, ref_rejected])
+    desirable = torch.cat(
+        [
+            torch.ones_like(policy_chosen, dtype=torch.bool),
+            torch.zeros_like(policy_rejected, dtype=torch.bool),
+        ]
+    )
+    return 2.0 * kto_loss(policy, ref, desirable, kl, beta, desirable_weight, undesirable_weight)
+
+
+def ce_loss(policy_logps_all: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy on already log-softmaxed rows [B, C] against class indices [B]."""
+    # L_CE = −E[log π(y_true|x)]   [DESIGN §2 "ce"]; gather, because the rows are already log-probs
+    picked = policy_logps_all.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    return -picked.mean()
+
+
+def kl_ref_policy(ref_logps_all: Tensor, policy_logps_all: Tensor) -> Tensor:
+    """KL(π_ref ‖ π) over the candidate set, averaged over the batch."""
+    # KL(π_ref ‖ π) = Σ_c π_ref(c|x) (log π_ref(c|x) − log π(c|x))   [DESIGN §2 "regulariser"]
+    per_row = (ref_logps_all.exp() * (ref_logps_all - policy_logps_all)).sum(dim=-1)
+    return per_row.mean()
+
+
+@dataclass(frozen=True)
+class PreferenceLogps:
+    """Log-probs of one batch of preference records, as produced by the model code.
+
+    policy_chosen / policy_rejected / ref_chosen / ref_rejected: [B], log π(y_w|x) etc.
+    policy_all / ref_all: [B, C] full log-prob rows on the attacked images.
+    target: [B] long, the index of the true class (= y_w) in C.
+    """
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    policy_all: Tensor
+    ref_all: Tensor
+    target: Tensor
+
+
+@dataclass
+class LossSettings:
+    """Hyper-parameters of the objective; names follow TRL (DESIGN §2)."""
+
+    beta: float
+    kl_weight: float
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+
+def _pairs(logps: PreferenceLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected
+
+
+def _dpo(logps: PreferenceLogps, kl: Tensor, s: LossSettings) -> Tensor:
+    return dpo_loss(*_pairs(logps), s.beta)
+
+
+def _ipo(logps: PreferenceLogps, kl: Tensor, s: LossSettings) -> Tensor:
+    return ipo_loss(*_pairs(logps), s.beta)
+
+
+def _kto(logps: PreferenceLogps, kl: Tensor, s: LossSettings) -> Tensor:
+    # The regulariser KL doubles as KTO's reference point z (detached inside kto_loss).
+    return kto_paired_loss(*_pairs(logps), kl, s.beta, s.desirable_weight, s.undesirable_weight)
+
+
+def _ce(logps: PreferenceLogps, kl: Tensor, s: LossSettings) -> Tensor:
+    return ce_loss(logps.policy_all, logps.target)
+
+
+LOSSES: dict[str, Callable[[PreferenceLogps, Tensor, LossSettings], Tensor]] = {
+    "dpo": _dpo,
+    "ipo": _ipo,
+    "kto": _kto,
+    "ce": _ce,
+}
+
+
+def preference_objective(
+    loss_type: str, logps: PreferenceLogps, kl: Tensor, settings: LossSettings
+) -> tuple[Tensor, dict[str, float]]:
+    """Total training objective: the chosen loss + λ·KL(π_ref ‖ π) on clean images.
+
+    `kl` is computed by the caller on the regularisation images, with grad.
+    Returns (total, metrics); metrics are detached Python floats for logging.
+    """
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid names: {sorted(LOSSES)}")
+    # Checked here too so "ce" (which ignores β) still rejects a bad config early.
+    _check_beta(settings.beta)
+    loss = LOSSES[loss_type](logps, kl, settings)
+    # total = L_loss_type + λ·KL(π_ref ‖ π)   [DESIGN §2 "regulariser, added to every loss"]
+    total = loss + settings.kl_weight * kl
+    with torch.no_grad():
+        h = _log_ratio_margin(*_pairs(logps))
+        metrics = {
+            "loss": float(loss.detach()),
+            "kl": float(kl.detach()),
+            "total": float(total.detach()),
+            # Implicit-reward margin and accuracy (TRL's rewards/margins, rewards/accuracies),
+            # logged for every loss type so "ce" runs are comparable with the others.
+            "reward_margin": float(h.mean()),
+            "reward_accuracy": float((h > 0).float().mean()),
+        }
+    return total, metrics

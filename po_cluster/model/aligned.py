@@ -1,0 +1,105 @@
+"""AlignedCLIP: an open_clip model with a frozen text tower, a trainable (or
+frozen) image tower, and the spectral layer W acting on both towers' embeddings.
+
+`candidate_logprobs` is the one function that turns embeddings into log π(y|x)
+over a candidate set; losses only ever see its output.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from po_cluster.config import ImageTowerMode, LastBlocks
+from po_cluster.model.loading import LoadedCLIP, to_model_input
+from po_cluster.model.spectral import SpectralLayer
+
+
+def candidate_logprobs(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """log π(y|x) = log_softmax_y(s·⟨x̂, ŷ⟩) over the candidates; inputs already L2-normalised."""
+    return F.log_softmax(logit_scale * image_emb @ text_emb.T, dim=-1)
+
+
+def _image_blocks(visual: nn.Module) -> list[nn.Module]:
+    """The image tower's blocks in forward order, for `last_blocks: k`."""
+    if hasattr(visual, "transformer"):  # open_clip VisionTransformer
+        return [*visual.transformer.resblocks, *(m for m in (visual.ln_post,) if m is not None)]
+    if hasattr(visual, "layer4"):  # open_clip ModifiedResNet
+        return [*visual.layer1, *visual.layer2, *visual.layer3, *visual.layer4, visual.attnpool]
+    if hasattr(visual, "trunk"):  # TimmModel
+        return list(visual.trunk.children()) + [visual.head]
+    raise ValueError(f"last_blocks is not supported for image tower {type(visual).__name__}")
+
+
+class AlignedCLIP(nn.Module):
+    def __init__(self, loaded: LoadedCLIP, image_tower: ImageTowerMode = "full") -> None:
+        super().__init__()
+        clip = loaded.model
+        self.clip = clip
+        self.name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.image_size, self.mean, self.std = loaded.image_size, loaded.mean, loaded.std
+        dim = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") and \
+            isinstance(clip.text_projection, torch.Tensor) else int(clip.visual.output_dim)
+        self.spectral = SpectralLayer(dim)
+        # The scale is that of the loaded model and is not trained (DESIGN §2).
+        self.logit_scale = float(clip.logit_scale.exp().clamp(max=100).item())
+        self.image_tower = image_tower
+        self._set_trainable(image_tower)
+
+    def _set_trainable(self, mode: ImageTowerMode) -> None:
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        if mode == "full":
+            for p in self.clip.visual.parameters():
+                p.requires_grad_(True)
+        elif isinstance(mode, LastBlocks):
+            blocks = _image_blocks(self.clip.visual)
+            if mode.last_blocks > len(blocks):
+                raise ValueError(f"last_blocks {mode.last_blocks} > the {len(blocks)} blocks of the image tower")
+            for block in blocks[-mode.last_blocks:]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+
+    @property
+    def image_tower_frozen(self) -> bool:
+        return self.image_tower == "frozen"
+
+    def trainable_image_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.clip.visual.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> "AlignedCLIP":
+        super().train(mode)
+        # The towers keep eval behaviour while fine-tuning: BatchNorm statistics stay
+        # those of pretraining (attacked-only batches would skew them) and at step 0
+        # the policy equals the reference exactly.
+        self.clip.eval()
+        return self
+
+    def pixels(self, images) -> torch.Tensor:
+        """uint8 [N, H, W, 3] → this model's normalised input."""
+        return to_model_input(images, self.image_size, self.mean, self.std)
+
+    @torch.no_grad()
+    def tokens(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """f(x), L2-normalised, before W."""
+        return F.normalize(self.clip.encode_image(pixels), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """g(y), L2-normalised, before W. The text tower is frozen: no graph is kept."""
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    def project(self, emb: torch.Tensor, t: float = 1.0, overrides: dict[int, float] | None = None) -> torch.Tensor:
+        """W(t)·z, re-normalised: the embedding the aligned model serves."""
+        return F.normalize(self.spectral(emb, t, overrides), dim=-1)
+
+    def logprobs(self, image_emb: torch.Tensor, text_emb: torch.Tensor, t: float = 1.0,
+                 overrides: dict[int, float] | None = None) -> torch.Tensor:
+        return candidate_logprobs(self.project(image_emb, t, overrides), self.project(text_emb, t, overrides),
+                                  self.logit_scale)

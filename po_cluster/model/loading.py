@@ -1,0 +1,114 @@
+"""open_clip loading for any architecture, and the one conversion to model input.
+
+`pretrained` may be an open_clip tag (downloaded by open_clip itself), a local
+.safetensors file, an s3:// URI, or the shipped base model. Files we read are
+safetensors only: nothing read from disk or storage is ever unpickled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from po_cluster.config import SHIPPED_BASE, ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_BASE_DIR = ASSETS_DIR / "typo_shapes_base"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights cannot be loaded; the message says which and why."""
+
+
+def register_configs() -> None:
+    """Make the package's own architectures (po-tiny-rn, …) known to open_clip."""
+    if "po-tiny-rn" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass
+class LoadedCLIP:
+    model: open_clip.model.CLIP
+    tokenizer: Callable
+    name: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _is_local_file(pretrained: str) -> bool:
+    return pretrained.endswith(".safetensors") or "/" in pretrained or pretrained.startswith(".")
+
+
+def resolve_weights(pretrained: str, cache_dir: str | None = None) -> Path:
+    """A local safetensors path for `pretrained` (shipped, local or s3://)."""
+    if pretrained == SHIPPED_BASE:
+        path = SHIPPED_BASE_DIR / WEIGHTS_FILE
+    elif pretrained.startswith("s3://"):
+        from po_cluster.storage import fetch_file
+
+        path = fetch_file(pretrained, cache_dir)
+    else:
+        path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"weights file not found: {path} (from pretrained={pretrained!r})")
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"refusing to load {path}: only .safetensors weights are read (no pickles)")
+    return path
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for corrupt headers
+        raise ModelLoadError(f"cannot read weights {path}: {error}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights {path} do not fit the architecture: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def load_clip(cfg: ModelConfig) -> LoadedCLIP:
+    """Build the open_clip model `cfg.name` and load `cfg.pretrained` into it."""
+    register_configs()
+    if cfg.name not in open_clip.list_models():
+        raise ModelLoadError(f"unknown open_clip architecture {cfg.name!r}")
+    pretrained = cfg.pretrained
+    local = pretrained is not None and (pretrained == SHIPPED_BASE or pretrained.startswith("s3://")
+                                        or _is_local_file(pretrained))
+    tag = None if (pretrained is None or local) else pretrained
+    # Tags go through open_clip's own loader (it downloads from the hub); files through ours.
+    model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=tag, cache_dir=cfg.cache_dir)
+    if local:
+        load_weights(model, resolve_weights(pretrained, cfg.cache_dir))
+    model.eval()
+    visual = model.visual
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    return LoadedCLIP(model, open_clip.get_tokenizer(cfg.name), cfg.name, int(size),
+                      tuple(visual.image_mean or open_clip.OPENAI_DATASET_MEAN),
+                      tuple(visual.image_std or open_clip.OPENAI_DATASET_STD))
+
+
+def to_model_input(images: np.ndarray | torch.Tensor, image_size: int, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 [N, H, W, 3] → normalised float [N, 3, S, S] (resize shorter side, centre crop)."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
+    h, w = x.shape[-2:]
+    if (h, w) != (image_size, image_size):
+        scale = image_size / min(h, w)
+        x = F.interpolate(x, size=(max(image_size, round(h * scale)), max(image_size, round(w * scale))),
+                          mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        top, left = (x.shape[-2] - image_size) // 2, (x.shape[-1] - image_size) // 2
+        x = x[..., top:top + image_size, left:left + image_size]
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t

@@ -1,0 +1,77 @@
+"""Pretraining of the tiny base model on the typo-shapes world's "web-like" mix.
+
+A standard CLIP contrastive loss, except that captions repeated inside a batch
+(8 classes, batch 128) count as positives of each other instead of false
+negatives: targets are spread uniformly over all images sharing a caption.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from po_cluster.data import world
+from po_cluster.model.loading import register_configs, to_model_input
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    name: str = "po-tiny-rn"
+    steps: int = 1600
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    seed: int = 0
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                     caption_ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with multi-positive targets for identical captions."""
+    logits = logit_scale * image_emb @ text_emb.T
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pretrain(cfg: PretrainConfig, progress=None) -> open_clip.model.CLIP:
+    """Train `cfg.name` from random init; deterministic given the seed (on one thread layout)."""
+    register_configs()
+    torch.manual_seed(cfg.seed)
+    model = open_clip.create_model(cfg.name, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(cfg.name)
+    mean, std = model.visual.image_mean, model.visual.image_std
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    model.train()
+    for step in range(cfg.steps):
+        images, captions, _ = world.pretraining_batch(cfg.batch_size, rng)
+        unique = {caption: i for i, caption in enumerate(dict.fromkeys(captions))}
+        caption_ids = torch.tensor([unique[c] for c in captions])
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        image_emb = model.encode_image(to_model_input(images, world.IMAGE_SIZE, mean, std), normalize=True)
+        text_emb = model.encode_text(tokenizer(captions), normalize=True)
+        loss = contrastive_loss(image_emb, text_emb, model.logit_scale.exp().clamp(max=100), caption_ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step, float(loss))
+    model.eval()
+    return model
+
+
+def config_dict(cfg: PretrainConfig) -> dict:
+    return asdict(cfg)
