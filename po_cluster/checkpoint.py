@@ -1,0 +1,114 @@
+"""Self-describing checkpoints: safetensors weights, model config, training
+config, metrics, and a sha256 manifest written last.
+
+A folder without a valid manifest, or whose bytes differ from it, is never
+loaded; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from po_cluster.config import LastBlocks, ModelConfig
+from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.loading import load_clip
+
+WEIGHTS = "model.safetensors"
+MODEL_JSON = "model.json"
+TRAINING_JSON = "training.json"
+METRICS_JSON = "metrics.json"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or release that must not be loaded; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict:
+    """sha256 and size of every file in the folder; written last, so its presence means complete."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"files": {str(p.relative_to(folder)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                          for p in files}}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(folder / MANIFEST)  # atomic on one filesystem
+    return manifest
+
+
+def verify_manifest(folder: Path) -> dict:
+    """Check every file against the manifest; raise CheckpointError naming the first that differs."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST}; the checkpoint is incomplete and will not be loaded")
+    try:
+        manifest = json.loads(path.read_text())
+        entries = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: not a valid manifest") from None
+    for name, entry in entries.items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{folder}: {name} is listed in the manifest but missing")
+        if file.stat().st_size != entry.get("size") or sha256_file(file) != entry.get("sha256"):
+            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
+    return manifest
+
+
+def model_description(model: AlignedCLIP, model_cfg: ModelConfig, classnames: tuple[str, ...],
+                      template: str) -> dict:
+    mode = model.image_tower
+    return {"architecture": model.name, "pretrained": model_cfg.pretrained,
+            "image_tower": mode.model_dump() if isinstance(mode, LastBlocks) else mode,
+            "embed_dim": model.spectral.dim, "logit_scale": model.logit_scale,
+            "classnames": list(classnames), "prompt_template": template}
+
+
+def save_checkpoint(folder: str | Path, model: AlignedCLIP, description: dict, training: dict,
+                    metrics: dict) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)  # an overwrite in progress is incomplete
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    for name, content in ((MODEL_JSON, description), (TRAINING_JSON, training), (METRICS_JSON, metrics)):
+        (folder / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
+    write_manifest(folder)
+    return folder
+
+
+def read_json(folder: Path, name: str) -> dict:
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{folder}: cannot read {name}: {error}") from None
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[AlignedCLIP, dict]:
+    """Verify, then build the architecture and load the weights. Returns (model, model.json)."""
+    folder = Path(folder)
+    verify_manifest(folder)
+    description = read_json(folder, MODEL_JSON)
+    mode = description.get("image_tower", "frozen")
+    mode = LastBlocks(**mode) if isinstance(mode, dict) else mode
+    loaded = load_clip(ModelConfig(name=description["architecture"], pretrained=None))
+    model = AlignedCLIP(loaded, mode)
+    try:
+        state = load_file(str(folder / WEIGHTS))
+        model.load_state_dict(state, strict=True)
+    except Exception as error:
+        raise CheckpointError(f"{folder}: {WEIGHTS} does not load into {description['architecture']}: {error}") \
+            from None
+    model.logit_scale = float(description.get("logit_scale", model.logit_scale))
+    return model.to(device).eval(), description

@@ -1,0 +1,97 @@
+"""`po-cluster …`: the command line. Entry points only parse, call the library, print."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from po_cluster.config import SHIPPED_BASE, ConfigError, ModelConfig, RunConfig, json_schema, load_config
+
+
+def _quiet_open_clip() -> None:
+    # open_clip warns on the root logger whenever a model is built without weights,
+    # which we do on purpose before loading safetensors ourselves.
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from po_cluster.progress import StepBar
+    from po_cluster.train import run_training
+
+    cfg = load_config(args.config)
+    if args.output_dir:
+        cfg = cfg.model_copy(update={"output_dir": args.output_dir})
+    with StepBar(cfg.training.steps, cfg.name) as bar:
+        result = run_training(cfg, bar.update)
+    from po_cluster.evaluate import format_table
+
+    rows = [{"model": "before", **result.before}, {"model": "after", **result.after}]
+    print(format_table(rows, ("model", "clean", "attacked", "word_only", "attack_success", "kl")))
+    print(f"checkpoint: {result.checkpoint}  ({result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from po_cluster.evaluation_run import evaluate_target
+
+    report = evaluate_target(args.target, t=args.t, ts=not args.json, plot=args.plot)
+    if args.json:
+        print(json.dumps(report["at_t"]))
+    else:
+        print(report["text"])
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from po_cluster.compare import compare_losses
+
+    cfg = load_config(args.config)
+    print(compare_losses(cfg, args.losses.split(","), args.output_dir))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(RunConfig), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="po-cluster", description="Preference optimization of CLIP on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="single-process training from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--output-dir", help="override output_dir of the config")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="accuracies, attack success and KL, and their σ trade-off in t")
+    p.add_argument("target", nargs="?", default=SHIPPED_BASE, help=f"checkpoint folder (default: {SHIPPED_BASE})")
+    p.add_argument("--t", type=float, default=1.0, help="σ_i ← σ_i^t (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at --t")
+    p.add_argument("--plot", help="write the trade-off curve to this PNG (default: next to the checkpoint)")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("compare", help="train each loss from the base model and print one table")
+    p.add_argument("--config", required=True)
+    p.add_argument("--losses", default="dpo,ipo,kto,ce")
+    p.add_argument("--output-dir", default=None)
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("schema", help="print the JSON schema of run configs")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_open_clip()
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"po-cluster {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # CheckpointError, ModelLoadError, StoreError
+        print(f"po-cluster {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`po-cluster evaluate`: load a checkpoint (or the shipped base), evaluate it on
+the fixed sets at one t and over the trade-off range, plot, and format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from po_cluster.checkpoint import load_checkpoint
+from po_cluster.config import SHIPPED_BASE, ModelConfig
+from po_cluster.data import world
+from po_cluster.evaluate import DEFAULT_TS, METRIC_KEYS, Evaluator, format_table, plot_tradeoff
+from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.loading import load_clip
+
+
+def load_target(target: str) -> tuple[AlignedCLIP, AlignedCLIP | None, str]:
+    """(model, reference or None when the model is its own reference at t = 0, label)."""
+    if target == SHIPPED_BASE:
+        return AlignedCLIP(load_clip(ModelConfig()), "frozen"), None, "typo-shapes-base"
+    folder = Path(target)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {target}")
+    model, description = load_checkpoint(folder)
+    reference = None
+    if model.image_tower != "frozen":
+        ref_cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
+        reference = AlignedCLIP(load_clip(ref_cfg), "frozen")
+    return model, reference, folder.name
+
+
+def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | None = None) -> dict:
+    model, reference, label = load_target(target)
+    evaluator = Evaluator.build(model, world.evaluation_sets(), reference)
+    at_t = {key: evaluator.metrics(t)[key] for key in METRIC_KEYS}
+    report: dict = {"at_t": at_t, "t": t}
+    if ts:
+        rows = evaluator.tradeoff(DEFAULT_TS)
+        plot_path = plot or f"{label}-tradeoff.png"
+        plot_tradeoff(rows, plot_path, f"σ trade-off: {label}")
+        report["tradeoff"] = rows
+        report["text"] = "\n".join([
+            f"{label} at t = {t:g}:", format_table([{"model": label, **at_t}], ("model",) + METRIC_KEYS), "",
+            "trade-off over t (σ_i ← σ_i^t):", format_table(rows, ("t",) + METRIC_KEYS), "",
+            f"plot: {plot_path}",
+        ])
+    return report

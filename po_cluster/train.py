@@ -1,0 +1,197 @@
+"""Training: the PO train_step and a loop readable top to bottom.
+
+The text tower is frozen, so the candidate prompts are embedded once. The
+reference model never changes and the records are fixed, so π_ref's
+log-probs are computed once for every record, before the first step. With
+the image tower frozen, image embeddings are cached too and a step costs only
+the spectral layer.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from po_cluster.averaging import BetaMovingAverage
+from po_cluster.checkpoint import model_description, save_checkpoint
+from po_cluster.config import DataConfig, OptimizerConfig, RunConfig
+from po_cluster.data import world
+from po_cluster.data.records import ImageSet, PreferenceSet
+from po_cluster.evaluate import Evaluator, embed_images, embed_prompts
+from po_cluster.losses import LossSettings, PreferenceLogps, kl_ref_policy, preference_objective
+from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.loading import load_clip
+
+
+@dataclass
+class TrainData:
+    """Records plus everything about them that does not change while training."""
+
+    pref: PreferenceSet
+    reg: ImageSet
+    text_emb: torch.Tensor  # [C, d] g(y) of the candidate prompts, before W
+    ref_pref_logps: torch.Tensor  # [N, C] log π_ref on the preference images
+    ref_reg_logps: torch.Tensor  # [M, C] log π_ref on the regularisation images
+    pref_emb: torch.Tensor | None = None  # cached f(x) when the image tower is frozen
+    reg_emb: torch.Tensor | None = None
+
+
+def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
+    """The typo-shapes world's preference and clean regularisation records."""
+    return world.preference_set(cfg.n_pairs, cfg.seed), world.image_set("clean", cfg.n_reg, cfg.seed + 1)
+
+
+@torch.no_grad()
+def prepare_data(model: AlignedCLIP, pref: PreferenceSet, reg: ImageSet,
+                 template: str = world.PROMPT_TEMPLATE) -> TrainData:
+    """Embed prompts once and compute π_ref once, with the model as it is now (the reference)."""
+    text_emb = embed_prompts(model, world.prompts(pref.classnames, template))
+    pref_emb, reg_emb = embed_images(model, pref.images), embed_images(model, reg.images)
+    ref_pref = model.logprobs(pref_emb, text_emb, t=0.0)
+    ref_reg = model.logprobs(reg_emb, text_emb, t=0.0)
+    frozen = model.image_tower_frozen
+    return TrainData(pref, reg, text_emb, ref_pref, ref_reg,
+                     pref_emb if frozen else None, reg_emb if frozen else None)
+
+
+def _image_emb(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None, idx: np.ndarray,
+               device: torch.device) -> torch.Tensor:
+    if cached is not None:
+        return cached[idx].to(device)
+    return model.encode_image(model.pixels(images[idx]).to(device))
+
+
+def train_step(model: AlignedCLIP, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
+               loss_type: str, settings: LossSettings) -> tuple[torch.Tensor, dict[str, float]]:
+    """The objective on one batch (no optimizer step, so DDP and plain loops share it)."""
+    device = next(model.parameters()).device
+    text = data.text_emb.to(device)
+    policy = model.logprobs(_image_emb(model, data.pref.images, data.pref_emb, pref_idx, device), text)
+    ref = data.ref_pref_logps[pref_idx].to(device)
+    chosen = torch.as_tensor(data.pref.chosen[pref_idx], device=device)
+    rejected = torch.as_tensor(data.pref.rejected[pref_idx], device=device)
+    rows = torch.arange(len(pref_idx), device=device)
+    logps = PreferenceLogps(policy[rows, chosen], policy[rows, rejected], ref[rows, chosen], ref[rows, rejected],
+                            policy, ref, chosen)
+    reg_policy = model.logprobs(_image_emb(model, data.reg.images, data.reg_emb, reg_idx, device), text)
+    kl = kl_ref_policy(data.ref_reg_logps[reg_idx].to(device), reg_policy)
+    return preference_objective(loss_type, logps, kl, settings)
+
+
+def make_optimizer(model: AlignedCLIP, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = [{"params": list(model.spectral.parameters()), "lr": cfg.spectral_lr or cfg.lr, "weight_decay": 0.0}]
+    image = list(model.trainable_image_parameters())
+    if image:
+        groups.append({"params": image, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return torch.optim.AdamW(groups)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, warmup: int) -> None:
+    """Linear warmup, then cosine to zero."""
+    if step < warmup:
+        factor = (step + 1) / warmup
+    else:
+        factor = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def trainable_state(model: AlignedCLIP) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def sample_indices(rng: np.random.Generator, n: int, batch: int) -> np.ndarray:
+    return rng.choice(n, size=batch, replace=False)
+
+
+@dataclass
+class FitResult:
+    last_metrics: dict[str, float]
+    bma: BetaMovingAverage | None
+
+
+def fit(model: AlignedCLIP, data: TrainData, cfg: RunConfig,
+        on_step: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+    """Train for cfg.training.steps; leaves the model at its last iterate, returns the BMA."""
+    t = cfg.training
+    settings = LossSettings(cfg.loss.beta, cfg.loss.kl_weight, cfg.loss.desirable_weight,
+                            cfg.loss.undesirable_weight)
+    optimizer = make_optimizer(model, cfg.optimizer)
+    bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None
+    rng = np.random.default_rng(t.seed)
+    metrics: dict[str, float] = {}
+    model.train()
+    for step in range(1, t.steps + 1):
+        set_lr(optimizer, step - 1, t.steps, cfg.optimizer.warmup_steps)
+        pref_idx = sample_indices(rng, len(data.pref), t.batch_size)
+        reg_idx = sample_indices(rng, len(data.reg), min(t.reg_batch_size, len(data.reg)))
+        loss, metrics = train_step(model, data, pref_idx, reg_idx, cfg.loss.loss_type, settings)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if bma is not None:
+            bma.update(step, trainable_state(model))
+        if on_step is not None:
+            on_step(step, metrics)
+    model.eval()
+    return FitResult(metrics, bma)
+
+
+def load_average(model: AlignedCLIP, bma: BetaMovingAverage) -> None:
+    """Replace the trainable parameters with their Beta moving average."""
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in bma.average().items():
+            params[name].copy_(value)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> AlignedCLIP:
+    return AlignedCLIP(load_clip(cfg.model), cfg.model.image_tower).to(device)
+
+
+@dataclass
+class RunResult:
+    checkpoint: Path
+    before: dict[str, float]
+    after: dict[str, float]
+    last_iterate: dict[str, float]
+    seconds: float
+
+
+def run_training(cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None,
+                 eval_sets: dict | None = None) -> RunResult:
+    """Single-process training: evaluate, fit, average, evaluate, save a checkpoint."""
+    start = time.time()
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg, resolve_device(cfg.training.device))
+    pref, reg = build_records(cfg.data)
+    data = prepare_data(model, pref, reg)
+    eval_sets = eval_sets if eval_sets is not None else world.evaluation_sets()
+    reference = build_model(cfg, torch.device("cpu")) if not model.image_tower_frozen else None
+    before = Evaluator.build(model, eval_sets, reference).metrics(1.0)
+    result = fit(model, data, cfg, progress)
+    last = Evaluator.build(model, eval_sets, reference).metrics(1.0)
+    if result.bma is not None:
+        load_average(model, result.bma)
+    after = last if result.bma is None else Evaluator.build(model, eval_sets, reference).metrics(1.0)
+    folder = Path(cfg.output_dir) / cfg.name
+    description = model_description(model, cfg.model, pref.classnames, world.PROMPT_TEMPLATE)
+    metrics = {"before": before, "after": after, "last_iterate": last, "train": result.last_metrics,
+               "seconds": time.time() - start}
+    save_checkpoint(folder, model, description, cfg.model_dump(mode="json"), metrics)
+    return RunResult(folder, before, after, last, time.time() - start)
