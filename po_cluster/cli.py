@@ -77,7 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("schema", help="print the JSON schema of run configs")
     p.set_defaults(func=cmd_schema)
+    for register in _extra_commands():
+        register(sub)
     return parser
+
+
+def _extra_commands() -> list:
+    """Command groups living beside the stage they drive; each adds its subparsers."""
+    import importlib
+
+    modules = ("po_cluster.cli_data", "po_cluster.cli_releases", "po_cluster.cli_cluster", "po_cluster.cli_serve")
+    found = []
+    for name in modules:
+        try:
+            found.append(importlib.import_module(name).register)
+        except ModuleNotFoundError as error:
+            if error.name != name:  # a real missing dependency, not an absent module
+                raise
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,26 +59,31 @@ def prepare_data(model: AlignedCLIP, pref: PreferenceSet, reg: ImageSet,
                      pref_emb if frozen else None, reg_emb if frozen else None)
 
 
-def _image_emb(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None, idx: np.ndarray,
-               device: torch.device) -> torch.Tensor:
-    if cached is not None:
-        return cached[idx].to(device)
-    return model.encode_image(model.pixels(images[idx]).to(device))
+def unwrap(model: torch.nn.Module) -> AlignedCLIP:
+    """The AlignedCLIP inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def train_step(model: AlignedCLIP, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
+def _inputs(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None, idx: np.ndarray) -> torch.Tensor:
+    return cached[idx] if cached is not None else model.pixels(images[idx])
+
+
+def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
                loss_type: str, settings: LossSettings) -> tuple[torch.Tensor, dict[str, float]]:
     """The objective on one batch (no optimizer step, so DDP and plain loops share it)."""
-    device = next(model.parameters()).device
-    text = data.text_emb.to(device)
-    policy = model.logprobs(_image_emb(model, data.pref.images, data.pref_emb, pref_idx, device), text)
+    core = unwrap(model)
+    device = next(core.parameters()).device
+    # One forward over preference and regularisation images together.
+    inputs = torch.cat([_inputs(core, data.pref.images, data.pref_emb, pref_idx),
+                        _inputs(core, data.reg.images, data.reg_emb, reg_idx)]).to(device)
+    all_logps = model(inputs, data.text_emb.to(device))
+    policy, reg_policy = all_logps[:len(pref_idx)], all_logps[len(pref_idx):]
     ref = data.ref_pref_logps[pref_idx].to(device)
     chosen = torch.as_tensor(data.pref.chosen[pref_idx], device=device)
     rejected = torch.as_tensor(data.pref.rejected[pref_idx], device=device)
     rows = torch.arange(len(pref_idx), device=device)
     logps = PreferenceLogps(policy[rows, chosen], policy[rows, rejected], ref[rows, chosen], ref[rows, rejected],
                             policy, ref, chosen)
-    reg_policy = model.logprobs(_image_emb(model, data.reg.images, data.reg_emb, reg_idx, device), text)
     kl = kl_ref_policy(data.ref_reg_logps[reg_idx].to(device), reg_policy)
     return preference_objective(loss_type, logps, kl, settings)
 
@@ -107,8 +112,17 @@ def trainable_state(model: AlignedCLIP) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def sample_indices(rng: np.random.Generator, n: int, batch: int) -> np.ndarray:
-    return rng.choice(n, size=batch, replace=False)
+def batch_indices(seed: int, step: int, n_pref: int, n_reg: int, batch: int, reg_batch: int,
+                  rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's shard of the global batch of `step`.
+
+    The global batch depends only on (seed, step): a resumed run sees the same
+    batches, and N workers together see exactly what one process would.
+    """
+    rng = np.random.default_rng([seed, step])
+    pref = rng.choice(n_pref, size=batch, replace=False)
+    reg = rng.choice(n_reg, size=min(reg_batch, n_reg), replace=False)
+    return pref[rank::world_size], reg[rank::world_size]
 
 
 @dataclass
@@ -125,13 +139,12 @@ def fit(model: AlignedCLIP, data: TrainData, cfg: RunConfig,
                             cfg.loss.undesirable_weight)
     optimizer = make_optimizer(model, cfg.optimizer)
     bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None
-    rng = np.random.default_rng(t.seed)
     metrics: dict[str, float] = {}
     model.train()
     for step in range(1, t.steps + 1):
         set_lr(optimizer, step - 1, t.steps, cfg.optimizer.warmup_steps)
-        pref_idx = sample_indices(rng, len(data.pref), t.batch_size)
-        reg_idx = sample_indices(rng, len(data.reg), min(t.reg_batch_size, len(data.reg)))
+        pref_idx, reg_idx = batch_indices(t.seed, step, len(data.pref), len(data.reg), t.batch_size,
+                                          t.reg_batch_size)
         loss, metrics = train_step(model, data, pref_idx, reg_idx, cfg.loss.loss_type, settings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -99,6 +99,15 @@ class AlignedCLIP(nn.Module):
         """W(t)·z, re-normalised: the embedding the aligned model serves."""
         return F.normalize(self.spectral(emb, t, overrides), dim=-1)
 
+    def forward(self, images_or_emb: torch.Tensor, text_emb: torch.Tensor, t: float = 1.0,
+                overrides: dict[int, float] | None = None) -> torch.Tensor:
+        """log π(y|x) for a batch: pixels [N, 3, S, S], or cached f(x) [N, d] when the tower is frozen.
+
+        Training goes through this call (not the helpers) so that DDP sees the forward pass.
+        """
+        emb = images_or_emb if images_or_emb.dim() == 2 else self.encode_image(images_or_emb)
+        return self.logprobs(emb, text_emb, t, overrides)
+
     def logprobs(self, image_emb: torch.Tensor, text_emb: torch.Tensor, t: float = 1.0,
                  overrides: dict[int, float] | None = None) -> torch.Tensor:
         return candidate_logprobs(self.project(image_emb, t, overrides), self.project(text_emb, t, overrides),

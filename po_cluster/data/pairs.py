@@ -1,0 +1,393 @@
+"""Preference data from files: JSONL pairs (docs/records.md), built datasets,
+labelled image folders and manifests, local or s3://.
+
+Everything read here is data (JSON, CSV, images); nothing is unpickled. Images
+of any size are resized (shorter side) and centre-cropped to one square size
+as they are read, so the records hold uint8 HxWx3 arrays of one shape and the
+model-side conversion (`to_model_input`) stays the only other resize.
+
+S3 access is a minimal boto3 get/put/list below: po_cluster/storage.py had no
+file helpers when this was written. boto3 reads its own configuration
+(credentials, AWS_ENDPOINT_URL) as usual.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+DEFAULT_IMAGE_SIZE = 224  # ViT-B-32's input; the model resizes again if it differs
+DATASET_JSON = "dataset.json"  # written last by the builder: its presence means complete
+PAIRS_JSONL = "pairs.jsonl"
+REG_JSONL = "regularization.jsonl"
+TEXT_TEMPLATE = "{}"  # records carry whole prompts, so the candidate texts are used as they are
+_READ_WORKERS = 8  # image reads are I/O (S3) or C decoding; threads overlap them
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file (and line) and the problem."""
+
+
+# ---------------------------------------------------------------- locations: a local path or s3://bucket/key
+
+
+def is_s3(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise DataError(f"{uri}: not an s3://bucket/key URI")
+    return bucket, key
+
+
+def _s3():
+    import boto3  # imported here: local-only use never needs it
+
+    return boto3.client("s3")
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base).joinpath(*parts))
+
+
+def parent(location: str) -> str:
+    if is_s3(location):
+        return location.rsplit("/", 1)[0]
+    return str(Path(location).parent)
+
+
+def resolve(base_dir: str, path: str) -> str:
+    """A record's path: s3:// and absolute paths as they are, relative ones against the file's folder."""
+    if is_s3(path) or Path(path).is_absolute():
+        return path
+    return join(base_dir, path)
+
+
+def read_bytes(location: str) -> bytes:
+    if is_s3(location):
+        bucket, key = _split_s3(location)
+        try:
+            return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as error:  # botocore raises a family of ClientErrors
+            raise DataError(f"{location}: cannot read from S3: {error}") from None
+    try:
+        return Path(location).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{location}: file not found") from None
+    except OSError as error:
+        raise DataError(f"{location}: cannot read: {error}") from None
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    if is_s3(location):
+        bucket, key = _split_s3(location)
+        _s3().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def exists(location: str) -> bool:
+    if is_s3(location):
+        bucket, key = _split_s3(location)
+        listing = _s3().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        return any(obj["Key"] == key for obj in listing.get("Contents", []))
+    return Path(location).is_file()
+
+
+def list_files(root: str) -> list[str]:
+    """Every file under a folder or S3 prefix, recursively, as paths relative to it, sorted."""
+    if is_s3(root):
+        bucket, prefix = _split_s3(root.rstrip("/") + "/")
+        keys = []
+        for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [obj["Key"][len(prefix):] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        if not keys:
+            raise DataError(f"{root}: no objects under this S3 prefix")
+        return sorted(keys)
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"{root}: folder not found")
+    return sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
+
+
+def is_image_name(name: str) -> bool:
+    base = PurePosixPath(name).name
+    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
+
+
+# ---------------------------------------------------------------- images
+
+
+def decode_image(data: bytes, source: str) -> Image.Image:
+    """RGB, EXIF orientation applied (phone photos), or a DataError naming the source."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"{source}: not a readable image ({error})") from None
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def square(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` and centre-crop, as CLIP preprocessing does."""
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_image(location: str, size: int) -> np.ndarray:
+    return np.asarray(square(decode_image(read_bytes(location), location), size), dtype=np.uint8)
+
+
+def load_images(locations: list[str], size: int) -> np.ndarray:
+    """uint8 [N, size, size, 3], in the order given."""
+    out = np.empty((len(locations), size, size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(_READ_WORKERS) as pool:
+        for i, array in enumerate(pool.map(lambda loc: load_image(loc, size), locations)):
+            out[i] = array
+    return out
+
+
+# ---------------------------------------------------------------- labelled images: class folders or a manifest
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    location: str  # where to read it
+    name: str  # its path relative to the source, for the records
+    label: str
+
+
+def display_name(raw: str) -> str:
+    """Folder names use underscores for spaces (golden_retriever); prompts and written words do not."""
+    return " ".join(raw.replace("_", " ").split())
+
+
+def read_labelled(source: str) -> list[LabelledImage]:
+    """A labelled image set: a folder with one sub-folder per class, or a .jsonl / .csv manifest."""
+    if source.lower().endswith((".jsonl", ".csv")):
+        items = _read_manifest(source)
+    else:
+        items = _read_class_folders(source)
+    if not items:
+        raise DataError(f"{source}: no images found")
+    return sorted(items, key=lambda item: (item.label, item.name))
+
+
+def _read_class_folders(root: str) -> list[LabelledImage]:
+    files = list_files(root)
+    items = []
+    for name in files:
+        if not is_image_name(name):
+            continue  # READMEs, .DS_Store, label files: not part of the set
+        if "/" not in name:
+            raise DataError(f"{join(root, name)}: image outside any class folder (expected {root}/<class>/<image>)")
+        items.append(LabelledImage(join(root, name), name, display_name(name.split("/", 1)[0])))
+    if not is_s3(root):  # S3 has no empty folders; on disk an empty class is a mistake worth naming
+        with_images = {item.name.split("/", 1)[0] for item in items}
+        for sub in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if sub.name not in with_images:
+                raise DataError(f"{sub}: class folder with no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return items
+
+
+class _ManifestLine(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    path: str = Field(min_length=1)
+    label: str = Field(min_length=1)
+
+
+def _line_error(where: str, error: ValidationError) -> DataError:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'line'}: {e['msg']}" for e in error.errors())
+    return DataError(f"{where}: {problems}")
+
+
+def _manifest_rows(manifest: str) -> Iterator[tuple[int, object]]:
+    text = read_bytes(manifest).decode("utf-8-sig")
+    if manifest.lower().endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{manifest}:1: the CSV header must name the columns path and label")
+        for row in reader:
+            yield reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}
+        return
+    yield from _jsonl_objects(manifest, text)
+
+
+def _jsonl_objects(source: str, text: str) -> Iterator[tuple[int, object]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{source}:{number}: not valid JSON ({error.msg})") from None
+
+
+def _read_manifest(manifest: str) -> list[LabelledImage]:
+    base = parent(manifest)
+    items = []
+    for number, row in _manifest_rows(manifest):
+        if not isinstance(row, dict):
+            raise DataError(f"{manifest}:{number}: expected an object with path and label")
+        try:
+            line = _ManifestLine.model_validate(row)
+        except ValidationError as error:
+            raise _line_error(f"{manifest}:{number}", error) from None
+        items.append(LabelledImage(resolve(base, line.path), line.path, display_name(line.label)))
+    return items
+
+
+# ---------------------------------------------------------------- preference records (docs/records.md)
+
+
+class PairLine(BaseModel):
+    """One preference record: the image, the text to prefer, the text to avoid."""
+
+    model_config = ConfigDict(extra="allow")  # builders add provenance (label, written, source)
+    kind: Literal["pair"] = "pair"
+    image: str = Field(min_length=1)
+    chosen: str = Field(min_length=1)
+    rejected: str = Field(min_length=1)
+    id: str | None = None
+
+
+class RegLine(BaseModel):
+    """One clean regularisation image; `text`, when given, is its correct candidate."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["regularization"]
+    image: str = Field(min_length=1)
+    text: str | None = Field(None, min_length=1)
+    id: str | None = None
+
+
+def parse_record(row: object, where: str) -> PairLine | RegLine:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object like {{\"image\": …, \"chosen\": …, \"rejected\": …}}")
+    try:
+        if row.get("kind", "pair") == "regularization":
+            return RegLine.model_validate(row)
+        record = PairLine.model_validate(row)
+    except ValidationError as error:
+        raise _line_error(where, error) from None
+    if record.chosen == record.rejected:
+        raise DataError(f"{where}: chosen and rejected are the same text {record.chosen!r}")
+    return record
+
+
+def read_records(jsonl: str) -> tuple[list[PairLine], list[RegLine]]:
+    """Parse a JSONL records file; image paths come back resolved against the file's folder."""
+    base = parent(jsonl)
+    pairs: list[PairLine] = []
+    regs: list[RegLine] = []
+    text = read_bytes(jsonl).decode("utf-8-sig")
+    for number, row in _jsonl_objects(jsonl, text):
+        record = parse_record(row, f"{jsonl}:{number}")
+        record = record.model_copy(update={"image": resolve(base, record.image)})
+        (pairs if isinstance(record, PairLine) else regs).append(record)
+    return pairs, regs
+
+
+@dataclass(frozen=True)
+class RecordFiles:
+    """What a dataset location holds: records, and the builder's metadata when it wrote them."""
+
+    pairs: list[PairLine]
+    regs: list[RegLine]
+    meta: dict
+
+
+def read_dataset(location: str) -> RecordFiles:
+    """A JSONL records file, or a built dataset folder (dataset.json, pairs.jsonl, regularization.jsonl)."""
+    if location.lower().endswith(".jsonl"):
+        pairs, regs = read_records(location)
+        meta: dict = {}
+    else:
+        meta_location = join(location, DATASET_JSON)
+        if not exists(meta_location):
+            raise DataError(f"{location}: not a built dataset (no {DATASET_JSON}; an interrupted build writes none)"
+                            " and not a .jsonl records file")
+        try:
+            meta = json.loads(read_bytes(meta_location))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{meta_location}: not valid JSON ({error.msg})") from None
+        pairs, regs = read_records(join(location, PAIRS_JSONL))
+        if exists(join(location, REG_JSONL)):
+            more_pairs, more_regs = read_records(join(location, REG_JSONL))
+            pairs, regs = pairs + more_pairs, regs + more_regs
+    if not pairs:
+        raise DataError(f"{location}: no preference pairs")
+    return RecordFiles(pairs, regs, meta)
+
+
+def candidate_texts(files: RecordFiles) -> tuple[str, ...]:
+    """The candidate set: the builder's list when there is one, else every distinct text, sorted."""
+    texts = {text for p in files.pairs for text in (p.chosen, p.rejected)}
+    texts |= {r.text for r in files.regs if r.text is not None}
+    listed = tuple(files.meta.get("candidates", ()))
+    return listed + tuple(sorted(texts - set(listed)))
+
+
+def _subset(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    """All rows, or a seeded subset of `cap` rows in file order."""
+    if cap is None or cap >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=cap, replace=False))
+
+
+def load_preference_data(location: str, image_size: int | None = None, n_pairs: int | None = None,
+                         n_reg: int | None = None, seed: int = 0) -> tuple[PreferenceSet, ImageSet]:
+    """The trainer's records from a JSONL file or a built dataset.
+
+    Class indices point into the candidate texts (`TEXT_TEMPLATE` turns them into
+    prompts). Without regularisation lines, the pair images serve as the clean set.
+    """
+    files = read_dataset(location)
+    size = image_size or int(files.meta.get("image_size", DEFAULT_IMAGE_SIZE))
+    texts = candidate_texts(files)
+    index = {text: i for i, text in enumerate(texts)}
+    rng = np.random.default_rng(seed)
+    pairs = [files.pairs[i] for i in _subset(len(files.pairs), n_pairs, rng)]
+    pref = PreferenceSet(load_images([p.image for p in pairs], size),
+                         np.array([index[p.chosen] for p in pairs], dtype=np.int64),
+                         np.array([index[p.rejected] for p in pairs], dtype=np.int64), texts)
+    if files.regs:
+        regs = [files.regs[i] for i in _subset(len(files.regs), n_reg, rng)]
+        labels = np.array([index[r.text] if r.text is not None else NO_WORD for r in regs], dtype=np.int64)
+        reg = ImageSet(load_images([r.image for r in regs], size), labels, np.full(len(regs), NO_WORD), texts)
+    else:
+        keep = _subset(len(pref), n_reg, rng)
+        reg = ImageSet(pref.images[keep], pref.chosen[keep], np.full(len(keep), NO_WORD), texts)
+    return pref, reg
+
+
+def evaluation_sets(pref: PreferenceSet, reg: ImageSet) -> dict[str, ImageSet]:
+    """In-sample sets for a run's before/after table: the clean images and the pairs as attacks.
+
+    Scored against the chosen text, with `attack_success` = predicted the rejected one.
+    Held-out numbers come from `po-cluster evaluate-attack-set` on a real attack set.
+    """
+    attacked = ImageSet(pref.images, pref.chosen, pref.rejected, pref.classnames)
+    return {"clean": reg, "attacked": attacked}
