@@ -103,6 +103,15 @@ def write_bytes(location: str, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def remove(location: str) -> None:
+    """Delete a file if it is there."""
+    if is_s3(location):
+        bucket, key = _split_s3(location)
+        _s3().delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(location).unlink(missing_ok=True)
+
+
 def exists(location: str) -> bool:
     if is_s3(location):
         bucket, key = _split_s3(location)

@@ -11,10 +11,11 @@ from po_cluster.train import build_model, build_records, fit, load_average, prep
 
 
 def _cfg(**overrides):
-    base = {"data": {"n_pairs": 512, "n_reg": 256},
+    base = {"data": {"n_pairs": 1024, "n_reg": 512},
             "model": {"image_tower": "frozen"},
-            "optimizer": {"lr": 1e-2, "spectral_lr": 2e-2, "warmup_steps": 5},
-            "training": {"steps": 120, "batch_size": 128, "reg_batch_size": 128}}
+            "loss": {"beta": 0.1, "kl_weight": 0.1},
+            "optimizer": {"lr": 5e-2, "spectral_lr": 5e-2, "warmup_steps": 5},
+            "training": {"steps": 200, "batch_size": 128, "reg_batch_size": 128}}
     for section, values in overrides.items():
         base.setdefault(section, {}).update(values)
     return parse_config(base)

@@ -1,0 +1,194 @@
+"""The typographic builder: any labelled image set → preference data (DESIGN §2).
+
+Each image gets `variants` attacked copies, each with the name of a different,
+randomly chosen *other* class written on it; the record prefers the true class's
+prompt over the written one's, and the clean image goes to the regularisation
+set. Every random choice comes from a generator seeded by (seed, image index),
+so a build is a pure function of its inputs and config, whatever the order or
+parallelism in which images are processed.
+
+Output (a local folder or an s3:// prefix), in the record format of docs/records.md:
+    clean/<index>.png, attacked/<index>-<variant>.png
+    pairs.jsonl, regularization.jsonl
+    dataset.json   (classes, candidates, config; written last, so it marks a complete build)
+"""
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated
+
+import numpy as np
+from PIL import Image, ImageColor, ImageDraw, ImageFont
+from pydantic import Field, field_validator, model_validator
+
+from po_cluster.config import Strict
+from po_cluster.data import pairs as io_
+from po_cluster.data.pairs import DataError, LabelledImage
+
+FORMAT = "po-cluster.preference-dataset"
+FORMAT_VERSION = 1
+MIN_FONT_PX = 8  # below this the bundled font's glyphs stop being legible
+MARGIN = 0.03  # keep the text this fraction of the side away from the border
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class TypographicConfig(Strict):
+    source: str = Field(description="class folders (<root>/<class>/<image>) or a .jsonl/.csv manifest (path,label)")
+    out: str = Field(description="output folder or s3:// prefix")
+    variants: int = Field(1, gt=0, description="attacked copies per image, each with a different wrong class")
+    seed: int = 0
+    image_size: int = Field(224, ge=32, description="images are resized and centre-cropped to this square "
+                                                     "*before* writing, so the model's crop keeps the text")
+    prompt_template: str = "a photo of a {}."
+    fonts: tuple[str, ...] = Field((), description=".ttf/.otf paths; empty: Pillow's bundled font")
+    font_size: tuple[Fraction, Fraction] = Field((0.08, 0.18), description="text height range, fraction of side")
+    fill_colors: tuple[str, ...] = ("white", "black", "red", "yellow", "blue", "lime")
+    outline_colors: tuple[str, ...] = ("black", "white")
+    workers: int = Field(4, gt=0, description="images processed at once (threads)")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _one_slot(cls, value: str) -> str:
+        if value.count("{}") != 1:
+            raise ValueError("must contain exactly one {} for the class name")
+        return value
+
+    @field_validator("fill_colors", "outline_colors")
+    @classmethod
+    def _colours(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        if not values:
+            raise ValueError("needs at least one colour")
+        for value in values:
+            ImageColor.getrgb(value)  # raises ValueError naming the colour
+        return values
+
+    @field_validator("fonts")
+    @classmethod
+    def _fonts_load(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for path in values:
+            try:
+                ImageFont.truetype(path, 12)
+            except OSError as error:
+                raise ValueError(f"cannot load font {path}: {error}") from None
+        return values
+
+    @model_validator(mode="after")
+    def _size_range(self) -> "TypographicConfig":
+        if self.font_size[0] > self.font_size[1]:
+            raise ValueError(f"font_size range {self.font_size} is reversed")
+        return self
+
+
+@lru_cache(maxsize=256)
+def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size) if path is None else ImageFont.truetype(path, size)
+
+
+def _fit_font(draw: ImageDraw.ImageDraw, word: str, path: str | None, size: int, stroke: int,
+              room: int) -> tuple[ImageFont.FreeTypeFont, tuple[int, int, int, int]]:
+    """The font at `size`, shrunk until the word fits in `room` pixels (long class names)."""
+    while True:
+        font = _font(path, size)
+        box = draw.textbbox((0, 0), word, font=font, stroke_width=stroke)
+        if box[2] - box[0] <= room or size <= MIN_FONT_PX:
+            return font, box
+        size = max(MIN_FONT_PX, int(size * 0.85))
+
+
+def write_word(image: Image.Image, word: str, rng: np.random.Generator, cfg: TypographicConfig) -> dict:
+    """Draw `word` on the square image in place; returns what was drawn (for the record)."""
+    side = image.width
+    fonts: tuple[str | None, ...] = cfg.fonts or (None,)
+    # Every draw happens, in this order, whatever its outcome: the stream stays aligned across images.
+    path = fonts[int(rng.integers(len(fonts)))]
+    size = max(MIN_FONT_PX, round(float(rng.uniform(*cfg.font_size)) * side))
+    fill = cfg.fill_colors[int(rng.integers(len(cfg.fill_colors)))]
+    # An outline of the fill's own colour would be invisible; pick among the others when there are any.
+    outlines = [c for c in cfg.outline_colors if ImageColor.getrgb(c) != ImageColor.getrgb(fill)] \
+        or list(cfg.outline_colors)
+    outline = outlines[int(rng.integers(len(outlines)))]
+    fx, fy = float(rng.random()), float(rng.random())
+    draw = ImageDraw.Draw(image)
+    stroke = max(1, round(size * 0.08))
+    margin = round(side * MARGIN)
+    font, (left, top, right, bottom) = _fit_font(draw, word, path, size, stroke, side - 2 * margin)
+    x = margin + fx * max(0, side - 2 * margin - (right - left))
+    y = margin + fy * max(0, side - 2 * margin - (bottom - top))
+    draw.text((round(x) - left, round(y) - top), word, font=font, fill=fill, stroke_width=stroke, stroke_fill=outline)
+    return {"font": path or "pillow-default", "font_px": font.size, "fill": fill, "outline": outline}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class _ImageRecords:
+    pairs: list[dict]
+    reg: dict
+
+
+def _build_one(index: int, item: LabelledImage, classes: tuple[str, ...], cfg: TypographicConfig) -> _ImageRecords:
+    """Clean + attacked copies of one image, written out; returns its record lines."""
+    rng = np.random.default_rng([cfg.seed, index])
+    clean = io_.square(io_.decode_image(io_.read_bytes(item.location), item.location), cfg.image_size)
+    true = classes.index(item.label)
+    others = np.array([c for c in range(len(classes)) if c != true])  # never the image's own class
+    written = rng.choice(others, size=cfg.variants, replace=False)
+    clean_name = f"clean/{index:06d}.png"
+    io_.write_bytes(io_.join(cfg.out, clean_name), _png(clean))
+    chosen = cfg.prompt_template.format(item.label)
+    pairs = []
+    for variant, word_class in enumerate(written):
+        attacked = clean.copy()
+        word = classes[int(word_class)]
+        drawn = write_word(attacked, word, rng, cfg)
+        name = f"attacked/{index:06d}-{variant}.png"
+        io_.write_bytes(io_.join(cfg.out, name), _png(attacked))
+        pairs.append({"id": f"{index:06d}-{variant}", "image": name, "chosen": chosen,
+                      "rejected": cfg.prompt_template.format(word), "label": item.label, "written": word,
+                      "source": item.name, **drawn})
+    reg = {"kind": "regularization", "id": f"{index:06d}", "image": clean_name, "text": chosen,
+           "label": item.label, "source": item.name}
+    return _ImageRecords(pairs, reg)
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    classes: tuple[str, ...]
+    images: int
+    pairs: int
+
+
+def build_typographic(cfg: TypographicConfig) -> BuildSummary:
+    """Read the labelled set, write attacked and clean images and their records, then dataset.json."""
+    items = io_.read_labelled(cfg.source)
+    classes = tuple(sorted({item.label for item in items}))
+    if len(classes) <= cfg.variants:
+        raise DataError(f"{cfg.source}: {len(classes)} classes ({', '.join(classes)}) leave fewer than "
+                        f"variants={cfg.variants} other classes to write on each image")
+    meta_location = io_.join(cfg.out, io_.DATASET_JSON)
+    io_.remove(meta_location)  # a rebuild in progress is not a complete dataset
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        built = list(pool.map(lambda job: _build_one(job[0], job[1], classes, cfg), enumerate(items)))
+    pair_rows = [row for one in built for row in one.pairs]
+    io_.write_bytes(io_.join(cfg.out, io_.PAIRS_JSONL), _jsonl(pair_rows))
+    io_.write_bytes(io_.join(cfg.out, io_.REG_JSONL), _jsonl([one.reg for one in built]))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "classes": list(classes),
+            "candidates": [cfg.prompt_template.format(c) for c in classes], "image_size": cfg.image_size,
+            "counts": {"images": len(items), "pairs": len(pair_rows)},
+            "config": cfg.model_dump(mode="json", exclude={"out", "workers"})}
+    io_.write_bytes(meta_location, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    return BuildSummary(cfg.out, classes, len(items), len(pair_rows))
