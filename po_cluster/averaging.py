@@ -88,6 +88,25 @@ class BetaMovingAverage:
         self._weight_sum += w
         self.last_step = step
 
+    def state_dict(self) -> tuple[StateDict, dict]:
+        """Tensors and plain metadata, so a checkpoint can hold them without pickling."""
+        meta = {"total_steps": self.total_steps, "a": self.a, "weight_sum": self._weight_sum,
+                "last_step": self.last_step}
+        return {name: acc.clone() for name, acc in self._acc.items()}, meta
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: dict) -> None:
+        """Resume a run: the accumulators and the weight sum of the iterates seen so far."""
+        if meta["total_steps"] != self.total_steps or meta["a"] != self.a:
+            raise ValueError(f"BMA state is for T={meta['total_steps']}, a={meta['a']}; "
+                             f"this run has T={self.total_steps}, a={self.a}")
+        if set(tensors) != set(self._acc):
+            raise ValueError(f"BMA state names differ: {sorted(set(tensors) ^ set(self._acc))[:5]}")
+        with torch.no_grad():
+            for name, acc in self._acc.items():
+                acc.copy_(tensors[name].to(device=acc.device, dtype=acc.dtype))
+        self._weight_sum = float(meta["weight_sum"])
+        self.last_step = int(meta["last_step"])
+
     def average(self) -> StateDict:
         """Σ_k w_k θ_k / Σ_k w_k over the iterates seen so far, in the original dtypes."""
         out: StateDict = {}

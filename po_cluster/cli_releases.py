@@ -60,6 +60,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise StoreError(f"{dest} exists and is not an empty folder; choose another --to")
         shutil.copytree(folder, dest, dirs_exist_ok=True)
+        from po_cluster.checkpoint import verify_manifest
+
+        verify_manifest(dest)  # the copy, not only the cache, is what the user will load
         folder = dest
     print(folder)
     return 0

@@ -45,6 +45,9 @@ class DataConfig(Strict):
     n_reg: int = Field(2048, gt=0, description="clean regularisation images")
     n_val: int = Field(500, gt=0, description="images per validation set (for choosing)")
     seed: int = 0
+    dataset: str | None = Field(
+        None, description="built preference dataset folder or JSONL pairs file (local or s3://, docs/records.md) "
+        "used instead of the world; n_pairs / n_reg then cap the records used (a seeded subset)")
 
 
 class LossConfig(Strict):
@@ -122,3 +125,69 @@ def load_config(path: str | Path, model: type[Strict] = RunConfig) -> Strict:
 
 def json_schema(model: type[Strict] = RunConfig) -> dict:
     return model.model_json_schema()
+
+
+# ---- Cluster: Ray Train workers and the Tune sweep ---------------------------------------------
+
+
+class WorkerConfig(Strict):
+    """What one Ray Train run (one trial) receives; validated again inside each worker."""
+
+    run: RunConfig
+    report_every: int = Field(50, gt=0, description="steps between validation reports (ASHA's time unit)")
+    checkpoint_every: int = Field(50, gt=0, description="steps between resumable checkpoints")
+    clean_tolerance: float = Field(0.02, ge=0)
+    clean_penalty: float = Field(5.0, ge=0)
+    fail_at_step: int | None = Field(None, description="test hook: crash rank 0 once at this step")
+    fail_marker: str | None = Field(None, description="test hook: file whose existence means 'already crashed'")
+
+
+class LogRange(Strict):
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LogRange":
+        if self.low >= self.high:
+            raise ValueError(f"low {self.low} must be < high {self.high}")
+        return self
+
+
+class SearchSpace(Strict):
+    loss_type: list[Literal["dpo", "ipo", "kto", "ce"]] = Field(["dpo", "ipo", "kto"], min_length=1)
+    beta: LogRange = LogRange(low=0.05, high=2.0)
+    kl_weight: LogRange = LogRange(low=0.01, high=1.0)
+    lr: LogRange | None = Field(None, description="log-uniform; None keeps base.optimizer.lr")
+    image_tower: list[ImageTowerMode] | None = Field(None, description="choices; None keeps base.model.image_tower")
+
+
+class ScalingSettings(Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="used only with use_gpu")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom resources")
+
+
+class SchedulerSettings(Strict):
+    grace_period: int = Field(1, gt=0, description="reports before ASHA may stop a trial")
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class SweepConfig(Strict):
+    name: str = "sweep"
+    storage_path: str = Field("runs/sweeps", description="local folder or s3://bucket/prefix")
+    base: RunConfig = RunConfig()
+    space: SearchSpace = SearchSpace()
+    num_samples: int = Field(8, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0, description="None: derived from cluster resources")
+    seed: int = 0
+    scaling: ScalingSettings = ScalingSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    report_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    clean_tolerance: float = Field(0.02, ge=0)
+    clean_penalty: float = Field(5.0, ge=0)
+    max_failures: int = Field(2, ge=-1, description="worker failures a trial recovers from")
+    top_k: int = Field(4, gt=0, description="trials combined into soups by `average`")
+    store: str = Field("artifacts", description="artifact store for the release: local folder or s3://")

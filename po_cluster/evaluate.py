@@ -51,12 +51,14 @@ class Evaluator:
 
     @classmethod
     def build(cls, model: AlignedCLIP, sets: dict[str, ImageSet], reference: AlignedCLIP | None = None,
-              template: str = world.PROMPT_TEMPLATE) -> "Evaluator":
+              template: str = world.PROMPT_TEMPLATE, ref_clean_logps: torch.Tensor | None = None) -> "Evaluator":
         classnames = next(iter(sets.values())).classnames
         text_emb = embed_prompts(model, world.prompts(classnames, template))
         image_emb = {name: embed_images(model, s.images) for name, s in sets.items()}
         # Reference = the starting model; without one given it is this model at t = 0.
-        if reference is None:
+        if ref_clean_logps is not None:
+            ref = ref_clean_logps
+        elif reference is None:
             ref = candidate_logprobs(image_emb["clean"], text_emb, model.logit_scale)
         else:
             ref_text = embed_prompts(reference, world.prompts(classnames, template))

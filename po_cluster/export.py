@@ -82,12 +82,24 @@ class ExportResult:
     t: float
 
 
+def checkpoint_folder(release: str | Path) -> Path:
+    """A local checkpoint folder as it is, or `<store>/releases/<id or latest>` pulled (and verified)."""
+    path = Path(release)
+    if path.is_dir():
+        return path
+    if "/releases/" in str(release):
+        from po_cluster.storage import pull_release_uri
+
+        return pull_release_uri(str(release))
+    raise FileNotFoundError(f"no checkpoint folder at {release} (nor a <store>/releases/<id> URI)")
+
+
 def export_open_clip(checkpoint: str | Path, out: str | Path, t: float = 1.0) -> ExportResult:
-    """Verify and load a po-cluster checkpoint folder, fold W(t), write a stock open_clip .safetensors."""
+    """Verify and load a po-cluster checkpoint, fold W(t), write a stock open_clip .safetensors."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the export must end in .safetensors (open_clip picks its loader by suffix)")
-    model, description = load_checkpoint(checkpoint)
+    model, description = load_checkpoint(checkpoint_folder(checkpoint))
     clip = folded_clip(model, t)
     state = {key: value.detach().contiguous() for key, value in clip.state_dict().items()}
     metadata = {"format": "open_clip", "architecture": description["architecture"], "po_cluster_t": repr(t),

@@ -643,6 +643,10 @@ def fetch_file(uri: str, cache_dir: str | Path | None = None, settings: StoreSet
     tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
         store.get_file(key, tmp)
+        with store._errors(f"cannot fetch {uri}"):
+            changed = store.client.head_object(Bucket=bucket, Key=key).get("ETag") != head.get("ETag")
+        if changed:  # overwritten while we downloaded: these bytes must not be cached under the old ETag
+            raise StoreError(f"cannot fetch {uri}: the object changed during the download; try again")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

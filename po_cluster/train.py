@@ -42,8 +42,25 @@ class TrainData:
 
 
 def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
-    """The typo-shapes world's preference and clean regularisation records."""
+    """Preference and clean regularisation records: `cfg.dataset`'s when set, else the typo-shapes world's."""
+    if cfg.dataset is not None:
+        from po_cluster.data.pairs import load_preference_data
+
+        return load_preference_data(cfg.dataset, n_pairs=cfg.n_pairs, n_reg=cfg.n_reg, seed=cfg.seed)
     return world.preference_set(cfg.n_pairs, cfg.seed), world.image_set("clean", cfg.n_reg, cfg.seed + 1)
+
+
+def prompt_template(cfg: DataConfig) -> str:
+    """The world's records hold class names; a dataset's hold whole prompts, used as they are."""
+    return world.PROMPT_TEMPLATE if cfg.dataset is None else "{}"
+
+
+def default_eval_sets(cfg: DataConfig, pref: PreferenceSet, reg: ImageSet) -> dict[str, ImageSet]:
+    if cfg.dataset is None:
+        return world.evaluation_sets()
+    from po_cluster.data.pairs import evaluation_sets
+
+    return evaluation_sets(pref, reg)  # in-sample; held-out numbers: `po-cluster evaluate-attack-set`
 
 
 @torch.no_grad()
@@ -193,17 +210,18 @@ def run_training(cfg: RunConfig, progress: Callable[[int, dict[str, float]], Non
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg, resolve_device(cfg.training.device))
     pref, reg = build_records(cfg.data)
-    data = prepare_data(model, pref, reg)
-    eval_sets = eval_sets if eval_sets is not None else world.evaluation_sets()
+    template = prompt_template(cfg.data)
+    data = prepare_data(model, pref, reg, template)
+    eval_sets = eval_sets if eval_sets is not None else default_eval_sets(cfg.data, pref, reg)
     reference = build_model(cfg, torch.device("cpu")) if not model.image_tower_frozen else None
-    before = Evaluator.build(model, eval_sets, reference).metrics(1.0)
+    before = Evaluator.build(model, eval_sets, reference, template).metrics(1.0)
     result = fit(model, data, cfg, progress)
-    last = Evaluator.build(model, eval_sets, reference).metrics(1.0)
+    last = Evaluator.build(model, eval_sets, reference, template).metrics(1.0)
     if result.bma is not None:
         load_average(model, result.bma)
-    after = last if result.bma is None else Evaluator.build(model, eval_sets, reference).metrics(1.0)
+    after = last if result.bma is None else Evaluator.build(model, eval_sets, reference, template).metrics(1.0)
     folder = Path(cfg.output_dir) / cfg.name
-    description = model_description(model, cfg.model, pref.classnames, world.PROMPT_TEMPLATE)
+    description = model_description(model, cfg.model, pref.classnames, template)
     metrics = {"before": before, "after": after, "last_iterate": last, "train": result.last_metrics,
                "seconds": time.time() - start}
     save_checkpoint(folder, model, description, cfg.model_dump(mode="json"), metrics)

@@ -6,9 +6,8 @@ of any size are resized (shorter side) and centre-cropped to one square size
 as they are read, so the records hold uint8 HxWx3 arrays of one shape and the
 model-side conversion (`to_model_input`) stays the only other resize.
 
-S3 access is a minimal boto3 get/put/list below: po_cluster/storage.py had no
-file helpers when this was written. boto3 reads its own configuration
-(credentials, AWS_ENDPOINT_URL) as usual.
+S3 access goes through po_cluster.storage (endpoint, region and credentials from
+boto3's own chain, e.g. AWS_ENDPOINT_URL).
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Literal
 
@@ -40,23 +40,25 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- locations: a local path or s3://bucket/key
+# S3 goes through po_cluster.storage (one S3Store per bucket, its retries and one-line errors).
 
 
 def is_s3(location: str) -> bool:
     return location.startswith("s3://")
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise DataError(f"{uri}: not an s3://bucket/key URI")
-    return bucket, key
+@lru_cache(maxsize=16)
+def _bucket(bucket: str):  # -> storage.S3Store; boto3 clients are thread-safe, so one per bucket is shared
+    from po_cluster.storage import open_store
+
+    return open_store(f"s3://{bucket}")
 
 
-def _s3():
-    import boto3  # imported here: local-only use never needs it
+def _s3(location: str):  # -> (S3Store, key)
+    from po_cluster.storage import parse_s3_uri
 
-    return boto3.client("s3")
+    bucket, key = parse_s3_uri(location)
+    return _bucket(bucket), key
 
 
 def join(base: str, *parts: str) -> str:
@@ -80,11 +82,11 @@ def resolve(base_dir: str, path: str) -> str:
 
 def read_bytes(location: str) -> bytes:
     if is_s3(location):
-        bucket, key = _split_s3(location)
-        try:
-            return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as error:  # botocore raises a family of ClientErrors
-            raise DataError(f"{location}: cannot read from S3: {error}") from None
+        store, key = _s3(location)
+        data = store.get_bytes(key)
+        if data is None:
+            raise DataError(f"{location}: no such object")
+        return data
     try:
         return Path(location).read_bytes()
     except FileNotFoundError:
@@ -95,8 +97,8 @@ def read_bytes(location: str) -> bytes:
 
 def write_bytes(location: str, data: bytes) -> None:
     if is_s3(location):
-        bucket, key = _split_s3(location)
-        _s3().put_object(Bucket=bucket, Key=key, Body=data)
+        store, key = _s3(location)
+        store.put_bytes(data, key)
         return
     path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,27 +108,25 @@ def write_bytes(location: str, data: bytes) -> None:
 def remove(location: str) -> None:
     """Delete a file if it is there."""
     if is_s3(location):
-        bucket, key = _split_s3(location)
-        _s3().delete_object(Bucket=bucket, Key=key)
+        store, key = _s3(location)
+        store.delete(key)
     else:
         Path(location).unlink(missing_ok=True)
 
 
 def exists(location: str) -> bool:
     if is_s3(location):
-        bucket, key = _split_s3(location)
-        listing = _s3().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-        return any(obj["Key"] == key for obj in listing.get("Contents", []))
+        store, key = _s3(location)
+        return store.exists(key)
     return Path(location).is_file()
 
 
 def list_files(root: str) -> list[str]:
     """Every file under a folder or S3 prefix, recursively, as paths relative to it, sorted."""
     if is_s3(root):
-        bucket, prefix = _split_s3(root.rstrip("/") + "/")
-        keys = []
-        for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys += [obj["Key"][len(prefix):] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        store, prefix = _s3(root.rstrip("/"))
+        prefix = prefix + "/" if prefix else ""
+        keys = [key[len(prefix):] for key in store.list_keys(prefix) if not key.endswith("/")]
         if not keys:
             raise DataError(f"{root}: no objects under this S3 prefix")
         return sorted(keys)

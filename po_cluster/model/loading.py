@@ -6,6 +6,8 @@ safetensors only: nothing read from disk or storage is ever unpickled.
 """
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -78,6 +80,19 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         )
 
 
+@contextmanager
+def _quiet_root_logger():
+    """open_clip logs its every step on the root logger (and warns when built without
+    weights, which we do on purpose before loading safetensors ourselves)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def load_clip(cfg: ModelConfig) -> LoadedCLIP:
     """Build the open_clip model `cfg.name` and load `cfg.pretrained` into it."""
     register_configs()
@@ -88,13 +103,15 @@ def load_clip(cfg: ModelConfig) -> LoadedCLIP:
                                         or _is_local_file(pretrained))
     tag = None if (pretrained is None or local) else pretrained
     # Tags go through open_clip's own loader (it downloads from the hub); files through ours.
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=tag, cache_dir=cfg.cache_dir)
+    with _quiet_root_logger():
+        model, _, _ = open_clip.create_model_and_transforms(cfg.name, pretrained=tag, cache_dir=cfg.cache_dir)
+        tokenizer = open_clip.get_tokenizer(cfg.name)
     if local:
         load_weights(model, resolve_weights(pretrained, cfg.cache_dir))
     model.eval()
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-    return LoadedCLIP(model, open_clip.get_tokenizer(cfg.name), cfg.name, int(size),
+    return LoadedCLIP(model, tokenizer, cfg.name, int(size),
                       tuple(visual.image_mean or open_clip.OPENAI_DATASET_MEAN),
                       tuple(visual.image_std or open_clip.OPENAI_DATASET_STD))
 

@@ -1,0 +1,131 @@
+"""`po-cluster data …`, `evaluate-attack-set` and `export`: real data and real models.
+
+Registered by po_cluster.cli; entry points only parse, call the library, print.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from po_cluster.config import SHIPPED_BASE, ConfigError, parse_config
+
+
+def _typographic_config(args: argparse.Namespace):
+    """YAML file (optional) overridden by the flags that were given, validated once."""
+    from po_cluster.data.typographic import TypographicConfig
+
+    data: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config {path}: expected a mapping at the top level")
+    flags = {"source": args.source, "out": args.out, "variants": args.variants, "seed": args.seed,
+             "image_size": args.image_size, "prompt_template": args.template,
+             "fonts": tuple(args.font) if args.font else None, "workers": args.workers}
+    data.update({key: value for key, value in flags.items() if value is not None})
+    return parse_config(data, args.config or "<command line>", TypographicConfig)
+
+
+def cmd_data_typographic(args: argparse.Namespace) -> int:
+    from po_cluster.data.typographic import build_typographic
+
+    summary = build_typographic(_typographic_config(args))
+    print(f"wrote {summary.pairs} preference pairs from {summary.images} images of {len(summary.classes)} "
+          f"classes to {summary.out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from po_cluster.data.pairs import load_preference_data
+
+    pref, reg = load_preference_data(args.location, image_size=args.image_size)
+    print(f"{args.location}: {len(pref)} pairs, {len(reg)} regularisation images, "
+          f"images {pref.images.shape[1]}x{pref.images.shape[2]}")
+    print(f"candidates ({len(pref.classnames)}):")
+    for text in pref.classnames:
+        print(f"  {text}")
+    return 0
+
+
+def _attack_model(args: argparse.Namespace):
+    from po_cluster.config import ModelConfig
+    from po_cluster.evaluation_run import load_target
+    from po_cluster.model.aligned import AlignedCLIP
+    from po_cluster.model.loading import load_clip
+
+    if args.model:  # a plain open_clip model (e.g. the openai base) before any training
+        return AlignedCLIP(load_clip(ModelConfig(name=args.model, pretrained=args.pretrained)), "frozen")
+    return load_target(args.target)[0]
+
+
+def cmd_evaluate_attack_set(args: argparse.Namespace) -> int:
+    from po_cluster.attack_sets import evaluate_attack_set, read_attack_set
+
+    model = _attack_model(args)
+    attack_set = read_attack_set(args.folder, model.image_size)
+    result = evaluate_attack_set(model, attack_set, t=args.t, template=args.template)
+    if args.rows:
+        Path(args.rows).write_text("".join(json.dumps(row) + "\n" for row in result.rows))
+    if args.json:
+        print(json.dumps({"t": args.t, **result.metrics}))
+        return 0
+    names = attack_set.images.classnames
+    print(f"{args.folder}: {int(result.metrics['n'])} images, {len(names)} candidate classes, t = {args.t:g}")
+    print(f"  accuracy (true label)        {result.metrics['accuracy']:.3f}")
+    print(f"  attack success (written text) {result.metrics['attack_success']:.3f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from po_cluster.export import export_open_clip
+
+    result = export_open_clip(args.release, args.out, args.t)
+    print(f"wrote {result.path} ({result.architecture}, W(t) folded in at t = {result.t:g}); load it with")
+    print(f"  open_clip.create_model_and_transforms({result.architecture!r}, pretrained={str(result.path)!r})")
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="build and check preference datasets").add_subparsers(
+        dest="data_command", required=True)
+    p = data.add_parser("typographic", help="labelled images → typographic-attack preference pairs")
+    p.add_argument("source", nargs="?", help="class folders or a .jsonl/.csv manifest (path,label); local or s3://")
+    p.add_argument("--out", help="output folder or s3:// prefix")
+    p.add_argument("--config", help="YAML with TypographicConfig fields; flags override it")
+    p.add_argument("--variants", type=int, help="attacked copies per image (default 1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--image-size", type=int, help="square side of the written images (default 224)")
+    p.add_argument("--template", help='prompt template (default "a photo of a {}.")')
+    p.add_argument("--font", action="append", help=".ttf path (repeatable; default: Pillow's bundled font)")
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=cmd_data_typographic)
+    p = data.add_parser("check", help="load a JSONL pairs file or built dataset and list its candidates")
+    p.add_argument("location", help="records .jsonl or dataset folder; local or s3://")
+    p.add_argument("--image-size", type=int, default=None)
+    p.set_defaults(func=cmd_data_check)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _add_data(sub)
+    p = sub.add_parser("evaluate-attack-set", help="accuracy and attack success on a PAINT / RTA-100 style folder")
+    p.add_argument("folder", help="images named label=<class>_text=<written>.png; local or s3://")
+    p.add_argument("target", nargs="?", default=SHIPPED_BASE, help="checkpoint folder (default: shipped base)")
+    p.add_argument("--model", help="evaluate a plain open_clip architecture instead of a checkpoint")
+    p.add_argument("--pretrained", default=None, help="with --model: open_clip tag or .safetensors file")
+    p.add_argument("--t", type=float, default=1.0)
+    p.add_argument("--template", default="a photo of a {}.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rows", help="write per-image predictions to this JSONL file")
+    p.set_defaults(func=cmd_evaluate_attack_set)
+    p = sub.add_parser("export", help="write a stock open_clip .safetensors with W(t) folded in")
+    p.add_argument("--release", required=True,
+                   help="checkpoint folder or <store>/releases/<id or latest> (verified against its manifest)")
+    p.add_argument("--t", type=float, default=1.0)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,170 @@
+"""The Ray Train worker loop: the same train_step as the single-process loop,
+under DDP, with BMA weights reported through `ray.train.report` and resumable
+checkpoints every N steps.
+
+Each worker renders the same (deterministic) records and computes the text
+embeddings and π_ref's log-probs once; the global batch of each step depends
+only on (seed, step) and every worker takes its own shard of it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from po_cluster.averaging import BetaMovingAverage
+from po_cluster.checkpoint import model_description, save_checkpoint
+from po_cluster.config import RunConfig, WorkerConfig
+from po_cluster.data import world
+from po_cluster.evaluate import Evaluator
+from po_cluster.losses import LossSettings
+from po_cluster.train import (batch_indices, build_model, build_records, load_average, make_optimizer,
+                              prepare_data, set_lr, train_step, trainable_state, unwrap)
+from po_cluster.train_state import load_train_state, save_train_state
+
+
+def objective(metrics: dict[str, float], base_clean: float, tolerance: float, penalty: float) -> float:
+    """Attacked accuracy, minus a penalty for clean accuracy lost beyond the tolerance."""
+    lost = max(0.0, base_clean - metrics["clean"] - tolerance)
+    return metrics["attacked"] - penalty * lost
+
+
+def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(keys, (tensor / dist.get_world_size()).tolist()))
+
+
+def replica_divergence(model: torch.nn.Module) -> float:
+    """max |θ_rank − θ_rank0| over trainable parameters and workers: 0 when DDP keeps replicas in sync."""
+    if not dist.is_initialized():
+        return 0.0
+    worst = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        reference = p.detach().clone()
+        dist.broadcast(reference, src=0)
+        worst = torch.maximum(worst, (p.detach() - reference).abs().max().double())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
+@contextmanager
+def averaged_weights(model: torch.nn.Module, bma: BetaMovingAverage | None):
+    """Temporarily swap the BMA weights in (what a trial reports and saves); the iterate comes back after."""
+    core = unwrap(model)
+    last = {n: t.clone() for n, t in trainable_state(core).items()}
+    if bma is not None:
+        load_average(core, bma)
+    try:
+        yield core
+    finally:
+        with torch.no_grad():
+            params = dict(core.named_parameters())
+            for name, value in last.items():
+                params[name].copy_(value)
+
+
+def _write_checkpoint(folder: Path, model, optimizer, bma, step: int, cfg: RunConfig, metrics: dict) -> None:
+    save_train_state(folder, step, unwrap(model), optimizer, bma)
+    with averaged_weights(model, bma) as core:
+        description = model_description(core, cfg.model, world.SHAPES, world.PROMPT_TEMPLATE)
+        save_checkpoint(folder, core, description, cfg.model_dump(mode="json"), {**metrics, "step": step})
+
+
+@dataclass
+class Validation:
+    """The validation sets, π_ref's log-probs on their clean images, and the base model's metrics."""
+
+    sets: dict
+    ref_clean_logps: torch.Tensor
+    base: dict[str, float]
+
+    @classmethod
+    def of_start(cls, model, n: int) -> "Validation":
+        sets = world.validation_sets(n)
+        evaluator = Evaluator.build(unwrap(model), sets)
+        return cls(sets, evaluator.ref_clean_logps, evaluator.metrics(0.0))
+
+    def metrics(self, model, bma) -> dict[str, float]:
+        with averaged_weights(model, bma) as core:
+            return Evaluator.build(core, self.sets, ref_clean_logps=self.ref_clean_logps).metrics(1.0)
+
+
+def _maybe_inject_failure(cfg: WorkerConfig, step: int) -> None:
+    """Test hook: crash this worker process once, hard, at a given step (marker file makes it once)."""
+    if cfg.fail_at_step != step or cfg.fail_marker is None or ray.train.get_context().get_world_rank() != 0:
+        return
+    marker = Path(cfg.fail_marker)
+    if not marker.exists():
+        marker.write_text(f"crashed at step {step}\n")
+        os._exit(1)
+
+
+def _resume(model, optimizer, bma) -> int:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        return load_train_state(Path(folder), unwrap(model), optimizer, bma)
+
+
+def _report(step: int, cfg: WorkerConfig, model, optimizer, bma, validation: Validation, train_metrics: dict,
+            resumed_from: int) -> None:
+    """All workers call report (it is a collective); rank 0 evaluates and writes the checkpoint."""
+    divergence = replica_divergence(model)
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report({"step": step})
+        return
+    metrics = validation.metrics(model, bma)
+    score = objective(metrics, validation.base["clean"], cfg.clean_tolerance, cfg.clean_penalty)
+    out = {**{f"val_{k}": v for k, v in metrics.items()}, "objective": score, "step": step,
+           "base_val_clean": validation.base["clean"], "base_val_attacked": validation.base["attacked"],
+           "replica_divergence": divergence, "resumed_from_step": resumed_from, **train_metrics}
+    if step % cfg.checkpoint_every == 0 or step == cfg.run.training.steps:
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_checkpoint(Path(tmp), model, optimizer, bma, step, cfg.run, out)
+            ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(out)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry: config = WorkerConfig as a dict, validated here at the edge."""
+    cfg = WorkerConfig.model_validate(config)
+    run, t = cfg.run, cfg.run.training
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed)
+    model = build_model(run, ray.train.torch.get_device())
+    data = prepare_data(model, *build_records(run.data))
+    validation = Validation.of_start(model, run.data.n_val) if rank == 0 else None
+    optimizer = make_optimizer(model, run.optimizer)
+    bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None
+    start = _resume(model, optimizer, bma)
+    ddp = ray.train.torch.prepare_model(model) if world_size > 1 else model
+    settings = LossSettings(run.loss.beta, run.loss.kl_weight, run.loss.desirable_weight, run.loss.undesirable_weight)
+    ddp.train()
+    for step in range(start + 1, t.steps + 1):
+        set_lr(optimizer, step - 1, t.steps, run.optimizer.warmup_steps)
+        pref_idx, reg_idx = batch_indices(t.seed, step, len(data.pref), len(data.reg), t.batch_size,
+                                          t.reg_batch_size, rank, world_size)
+        loss, metrics = train_step(ddp, data, pref_idx, reg_idx, run.loss.loss_type, settings)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if bma is not None:
+            bma.update(step, trainable_state(unwrap(ddp)))
+        _maybe_inject_failure(cfg, step)
+        if step % cfg.report_every == 0 or step == t.steps:
+            metrics = _mean_across_workers(metrics, loss.device)
+            _report(step, cfg, ddp, optimizer, bma, validation, metrics, start)

@@ -1,0 +1,188 @@
+"""The Ray Tune + Optuna sweep over β, λ, the loss, the learning rate and the
+image-tower mode: one TorchTrainer per trial (the Train V2 pattern), seeded
+TPE with the study kept in the experiment folder, ASHA early stopping, and
+resume after the driver dies.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import ray
+import ray.train
+from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from po_cluster.config import LastBlocks, RunConfig, ScalingSettings, SweepConfig, WorkerConfig
+from po_cluster.ray_train import train_loop_per_worker
+
+METRIC = "objective"
+RESULTS_FILE = "sweep_results.json"
+
+
+def local_or_uri(path: str) -> str:
+    """Ray wants absolute local paths; URIs (s3://) pass through."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def experiment_path(cfg: SweepConfig) -> str:
+    return f"{local_or_uri(cfg.storage_path).rstrip('/')}/{cfg.name}"
+
+
+def _tower_label(mode) -> str:
+    return f"last_blocks:{mode.last_blocks}" if isinstance(mode, LastBlocks) else mode
+
+
+def _tower_from_label(label: str):
+    return LastBlocks(last_blocks=int(label.split(":")[1])) if label.startswith("last_blocks:") else label
+
+
+def optuna_space(cfg: SweepConfig) -> dict[str, optuna.distributions.BaseDistribution]:
+    dist = optuna.distributions
+    space = cfg.space
+    out = {"loss_type": dist.CategoricalDistribution(space.loss_type),
+           "beta": dist.FloatDistribution(space.beta.low, space.beta.high, log=True),
+           "kl_weight": dist.FloatDistribution(space.kl_weight.low, space.kl_weight.high, log=True)}
+    if space.lr is not None:
+        out["lr"] = dist.FloatDistribution(space.lr.low, space.lr.high, log=True)
+    if space.image_tower is not None:
+        out["image_tower"] = dist.CategoricalDistribution([_tower_label(m) for m in space.image_tower])
+    return out
+
+
+def starting_points(cfg: SweepConfig) -> list[dict]:
+    """One trial per loss at the geometric middle of the ranges, so every loss is tried."""
+    space = cfg.space
+    points = []
+    for loss_type in space.loss_type[:cfg.num_samples]:
+        point = {"loss_type": loss_type, "beta": math.sqrt(space.beta.low * space.beta.high),
+                 "kl_weight": math.sqrt(space.kl_weight.low * space.kl_weight.high)}
+        if space.lr is not None:
+            point["lr"] = math.sqrt(space.lr.low * space.lr.high)
+        if space.image_tower is not None:
+            point["image_tower"] = _tower_label(space.image_tower[0])
+        points.append(point)
+    return points
+
+
+def trial_run_config(cfg: SweepConfig, sample: dict, trial_id: str) -> RunConfig:
+    """The base run with a trial's sample applied, validated like any user config."""
+    run = cfg.base.model_dump(mode="json")
+    run["name"] = trial_id
+    run["loss"].update({k: sample[k] for k in ("loss_type", "beta", "kl_weight")})
+    if "lr" in sample:
+        run["optimizer"]["lr"] = sample["lr"]
+    if "image_tower" in sample:
+        tower = _tower_from_label(sample["image_tower"])
+        run["model"]["image_tower"] = tower.model_dump() if isinstance(tower, LastBlocks) else tower
+    return RunConfig.model_validate(run)
+
+
+def scaling_config(s: ScalingSettings) -> ray.train.ScalingConfig:
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+
+
+def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str, name: str, max_failures: int,
+              callbacks: list | None = None) -> ray.train.Result:
+    """One Ray Train run; a run of the same name in the same storage resumes from its last checkpoint."""
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker.model_dump(mode="json"),
+        scaling_config=scaling_config(scaling),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=local_or_uri(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
+    )
+    return trainer.fit()
+
+
+def trial_driver(sample: dict, sweep: dict) -> None:
+    """The Tune trainable: build and fit one TorchTrainer for this trial."""
+    cfg = SweepConfig.model_validate(sweep)
+    trial_id = tune.get_context().get_trial_id()
+    worker = WorkerConfig(run=trial_run_config(cfg, sample, trial_id), report_every=cfg.report_every,
+                          checkpoint_every=cfg.checkpoint_every, clean_tolerance=cfg.clean_tolerance,
+                          clean_penalty=cfg.clean_penalty)
+    fit_trial(worker, cfg.scaling, f"{experiment_path(cfg)}/trials", trial_id, cfg.max_failures,
+              [TuneReportCallback()])
+
+
+def max_concurrent_trials(cfg: SweepConfig) -> int:
+    """As many trials as the cluster's CPUs (or GPUs) hold workers for; Tune cannot see Train's workers."""
+    if cfg.max_concurrent_trials is not None:
+        return cfg.max_concurrent_trials
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    fits = [total.get("CPU", 0) / (s.num_workers * s.cpus_per_worker)] if s.cpus_per_worker > 0 else []
+    if s.use_gpu and s.gpus_per_worker > 0:
+        fits.append(total.get("GPU", 0) / (s.num_workers * s.gpus_per_worker))
+    return max(1, int(min(fits))) if fits else 1
+
+
+def _study_storage(cfg: SweepConfig) -> optuna.storages.BaseStorage:
+    """The Optuna study lives in the experiment folder (locally), so a resumed sweep keeps its history."""
+    from optuna.storages.journal import JournalFileBackend
+
+    base = Path(experiment_path(cfg)) if "://" not in experiment_path(cfg) else \
+        Path.home() / ".cache" / "po-cluster" / "optuna" / cfg.name
+    base.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(base / "optuna-study.journal")))
+
+
+def build_tuner(cfg: SweepConfig) -> tune.Tuner:
+    searcher = OptunaSearch(space=optuna_space(cfg), metric=METRIC, mode="max",
+                            points_to_evaluate=starting_points(cfg), sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                            study_name=cfg.name, storage=_study_storage(cfg), seed=cfg.seed)
+    reports = math.ceil(cfg.base.training.steps / cfg.report_every)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                              grace_period=min(cfg.scheduler.grace_period, reports),
+                              reduction_factor=cfg.scheduler.reduction_factor)
+    trainable = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+                                    num_samples=cfg.num_samples, max_concurrent_trials=max_concurrent_trials(cfg)),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=local_or_uri(cfg.storage_path), verbose=1),
+    )
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = False) -> list[dict]:
+    """Run (or resume) the sweep; returns and writes one record per trial."""
+    path = experiment_path(cfg)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise FileNotFoundError(f"no sweep to resume at {path}")
+        trainable = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"))
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        if tune.Tuner.can_restore(path):
+            raise FileExistsError(f"a sweep already exists at {path}; use --resume or another name")
+        tuner = build_tuner(cfg)
+    grid = tuner.fit()
+    records = [trial_record(result) for result in grid]
+    write_results(cfg, records)
+    return records
+
+
+def trial_record(result) -> dict:
+    """What `average` and `report` need of a trial, in plain JSON."""
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
+    return {"trial_id": metrics.get("trial_id"), "config": result.config, "metrics": metrics,
+            "checkpoint_path": metrics.get("checkpoint_path"), "error": str(result.error) if result.error else None}
+
+
+def write_results(cfg: SweepConfig, records: list[dict]) -> Path:
+    path = Path(experiment_path(cfg)) / RESULTS_FILE
+    path.write_text(json.dumps({"sweep": cfg.model_dump(mode="json"), "trials": records}, indent=2) + "\n")
+    return path

@@ -1,0 +1,64 @@
+"""The typographic builder, the pairs loader and attack sets with s3:// in and out (moto's server, see conftest)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from typo_helpers import labelled_folder, tree_bytes  # noqa: E402
+
+from po_cluster.attack_sets import read_attack_set  # noqa: E402
+from po_cluster.data.pairs import DataError, load_preference_data  # noqa: E402
+from po_cluster.data.typographic import TypographicConfig, build_typographic  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def s3(moto_s3, bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint_url)  # boto3's own resolution, as in production
+    return moto_s3.client(), bucket
+
+
+def _upload(client, bucket: str, folder: Path, prefix: str) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def test_build_from_s3_to_s3_equals_the_local_build(s3, tmp_path):
+    client, bucket = s3
+    source = labelled_folder(tmp_path / "src")
+    _upload(client, bucket, source, "raw/train")
+    cfg = dict(variants=2, seed=4, image_size=64, workers=4)
+    build_typographic(TypographicConfig(source=str(source), out=str(tmp_path / "local"), **cfg))
+    build_typographic(TypographicConfig(source=f"s3://{bucket}/raw/train", out=f"s3://{bucket}/ds", **cfg))
+    local = tree_bytes(tmp_path / "local")
+    remote = {o["Key"][len("ds/"):]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+              for o in client.list_objects_v2(Bucket=bucket, Prefix="ds/")["Contents"]}
+    assert set(remote) == set(local)
+    assert all(remote[k] == local[k] for k in local if k != "dataset.json")  # config.source differs
+    pref, reg = load_preference_data(f"s3://{bucket}/ds")
+    local_pref, _ = load_preference_data(str(tmp_path / "local"))
+    assert np.array_equal(pref.images, local_pref.images) and len(reg) == 8
+
+
+def test_s3_errors_name_the_object(s3, tmp_path):
+    client, bucket = s3
+    with pytest.raises(DataError, match=f"s3://{bucket}/nothing: no objects"):
+        build_typographic(TypographicConfig(source=f"s3://{bucket}/nothing", out=str(tmp_path / "o")))
+    client.put_object(Bucket=bucket, Key="pairs.jsonl",
+                      Body=b'{"image": "missing.png", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=f"s3://{bucket}/missing.png: no such object"):
+        load_preference_data(f"s3://{bucket}/pairs.jsonl")
+
+
+def test_attack_set_from_s3(s3, tmp_path):
+    client, bucket = s3
+    (tmp_path / "rta").mkdir()
+    for name in ("label=dog_text=cat.png", "label=cat_text=dog.png"):
+        Image.new("RGB", (20, 30), (10, 20, 30)).save(tmp_path / "rta" / name)
+    _upload(client, bucket, tmp_path / "rta", "sets/rta100")
+    attack_set = read_attack_set(f"s3://{bucket}/sets/rta100", 16)
+    assert attack_set.images.classnames == ("cat", "dog") and attack_set.images.images.shape == (2, 16, 16, 3)

@@ -1,0 +1,123 @@
+"""The typographic builder on small labelled folders of rendered shapes."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typo_helpers import CLASSES, labelled_folder, tree_bytes
+
+from po_cluster import cli
+from po_cluster.config import ConfigError, parse_config
+from po_cluster.data.pairs import DataError, load_preference_data
+from po_cluster.data.typographic import TypographicConfig, build_typographic
+
+
+def _cfg(source, out, **extra) -> TypographicConfig:
+    return TypographicConfig(source=str(source), out=str(out), image_size=64, workers=2, **extra)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_builder_writes_the_expected_records(tmp_path):
+    source = labelled_folder(tmp_path / "src")
+    summary = build_typographic(_cfg(source, tmp_path / "out", variants=2, seed=3))
+    out = tmp_path / "out"
+    assert summary.classes == tuple(sorted(CLASSES)) and summary.images == 8 and summary.pairs == 16
+    pairs, regs = _lines(out / "pairs.jsonl"), _lines(out / "regularization.jsonl")
+    assert len(pairs) == 16 and len(regs) == 8
+    for pair in pairs:
+        assert pair["chosen"] == f"a photo of a {pair['label']}."
+        assert pair["rejected"] == f"a photo of a {pair['written']}."
+        assert pair["label"] == pair["source"].split("/")[0]  # the class folder the image came from
+        assert Image.open(out / pair["image"]).size == (64, 64)
+    for reg in regs:
+        assert reg["kind"] == "regularization" and reg["text"] == f"a photo of a {reg['label']}."
+    # the k variants of one image carry k different wrong classes
+    by_image = {}
+    for pair in pairs:
+        by_image.setdefault(pair["id"].split("-")[0], []).append(pair["written"])
+    assert all(len(set(words)) == 2 for words in by_image.values())
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["candidates"] == [f"a photo of a {c}." for c in sorted(CLASSES)] and meta["image_size"] == 64
+
+
+def test_the_true_label_is_never_written_on_its_own_image(tmp_path):
+    source = labelled_folder(tmp_path / "src", per_class=3)
+    build_typographic(_cfg(source, tmp_path / "out", variants=3, seed=0))  # k = every other class
+    pairs = _lines(tmp_path / "out" / "pairs.jsonl")
+    assert pairs and all(p["written"] != p["label"] for p in pairs)
+    for p in pairs:  # and something was drawn: the attacked copy differs from the clean one
+        clean = np.asarray(Image.open(tmp_path / "out" / f"clean/{p['id'].split('-')[0]}.png"))
+        assert np.any(np.asarray(Image.open(tmp_path / "out" / p["image"])) != clean)
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+    source = labelled_folder(tmp_path / "src")
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        build_typographic(_cfg(source, tmp_path / name, variants=2, seed=seed))
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    assert tree_bytes(tmp_path / "a")["pairs.jsonl"] != tree_bytes(tmp_path / "c")["pairs.jsonl"]
+
+
+def test_built_dataset_loads_as_training_records(tmp_path):
+    build_typographic(_cfg(labelled_folder(tmp_path / "src"), tmp_path / "out", variants=2))
+    pref, reg = load_preference_data(str(tmp_path / "out"))
+    assert pref.classnames == tuple(f"a photo of a {c}." for c in sorted(CLASSES))
+    assert pref.images.shape == (16, 64, 64, 3) and reg.images.shape == (8, 64, 64, 3)
+    assert np.all(pref.chosen != pref.rejected)
+    # the clean image's label is its class: the same candidate as the chosen text of its pairs
+    assert set(reg.labels.tolist()) == set(pref.chosen.tolist())
+
+
+def test_manifests_and_fonts(tmp_path):
+    source = labelled_folder(tmp_path / "src")
+    rows = [(f"{c}/{i}.png", c) for c in CLASSES for i in range(2)]
+    (tmp_path / "src" / "m.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    (tmp_path / "src" / "m.jsonl").write_text("".join(json.dumps({"path": p, "label": c}) + "\n" for p, c in rows))
+    build_typographic(_cfg(source, tmp_path / "folder", seed=1))
+    build_typographic(_cfg(source / "m.csv", tmp_path / "csv", seed=1))
+    build_typographic(_cfg(source / "m.jsonl", tmp_path / "jsonl", seed=1))
+    folder, csv_ = tree_bytes(tmp_path / "folder"), tree_bytes(tmp_path / "csv")
+    assert {k: v for k, v in folder.items() if k != "dataset.json"} == \
+        {k: v for k, v in csv_.items() if k != "dataset.json"}  # same images, same labels, same records
+    assert tree_bytes(tmp_path / "csv")["pairs.jsonl"] == tree_bytes(tmp_path / "jsonl")["pairs.jsonl"]
+    with pytest.raises(ValueError, match="cannot load font"):
+        _cfg(source, tmp_path / "x", fonts=(str(tmp_path / "missing.ttf"),))
+
+
+def test_bad_input_is_named(tmp_path):
+    source = labelled_folder(tmp_path / "src")
+    with pytest.raises(DataError, match="folder not found"):
+        build_typographic(_cfg(tmp_path / "nowhere", tmp_path / "out"))
+    (source / "hexagon").mkdir()
+    with pytest.raises(DataError, match="hexagon: class folder with no images"):
+        build_typographic(_cfg(source, tmp_path / "out"))
+    (source / "hexagon").rmdir()
+    (source / "star" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"star/broken.png: not a readable image"):
+        build_typographic(_cfg(source, tmp_path / "out"))
+    (source / "star" / "broken.png").unlink()
+    (tmp_path / "m.csv").write_text("path,label\nsrc/star/0.png,star\nsrc/star/1.png,\n")
+    with pytest.raises(DataError, match=r"m.csv:3: label: Field required"):
+        build_typographic(_cfg(tmp_path / "m.csv", tmp_path / "out"))
+    (tmp_path / "m.jsonl").write_text('{"path": "src/star/0.png", "label": "star"}\n{"label": "circle"}\n')
+    with pytest.raises(DataError, match=r"m.jsonl:2: path: Field required"):
+        build_typographic(_cfg(tmp_path / "m.jsonl", tmp_path / "out"))
+    with pytest.raises(DataError, match="leave fewer than variants=4"):
+        build_typographic(_cfg(source, tmp_path / "out", variants=4))
+    with pytest.raises(ConfigError, match="prompt_template"):
+        parse_config({"source": "a", "out": "b", "prompt_template": "no slot"}, "<t>", TypographicConfig)
+
+
+def test_cli_builds_and_checks(tmp_path, capsys):
+    source = labelled_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    assert cli.main(["data", "typographic", str(source), "--out", str(out), "--variants", "2",
+                     "--image-size", "64", "--seed", "5"]) == 0
+    assert "wrote 16 preference pairs from 8 images of 4 classes" in capsys.readouterr().out
+    assert cli.main(["data", "check", str(out)]) == 0
+    assert "16 pairs, 8 regularisation images" in capsys.readouterr().out
+    assert cli.main(["data", "typographic", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "nowhere: folder not found" in capsys.readouterr().err
