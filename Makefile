@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-output
 
-.PHONY: demo test unit install clean
+.PHONY: demo test unit install clean browser-deps
 
 install: $(STAMP)
 
@@ -18,8 +18,24 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/po-cluster compare --config configs/demo.yaml --output-dir $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(PY) -m pytest -q
+
+# The serving playground's browser test (tests/integration/test_serving.py) drives Debian's chromium
+# through the npm package playwright-core (which downloads no browser). Installed when missing; where
+# that is impossible (no root, no apt, no npm) the test is skipped with the reason, except in CI.
+BROWSER_DIR := tests/browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -n")
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "browser-deps: installing Debian's chromium (apt-get)"; \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	      --no-install-recommends chromium; } || { echo "browser-deps: could not install chromium"; test -z "$$CI"; }; }
+	@if command -v npm >/dev/null 2>&1; then \
+	  test $(BROWSER_DIR)/node_modules/.installed -nt $(BROWSER_DIR)/package-lock.json || { \
+	    (cd $(BROWSER_DIR) && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent \
+	     && touch node_modules/.installed) || { echo "browser-deps: npm ci failed"; test -z "$$CI"; }; }; \
+	else echo "browser-deps: no npm, the playground browser test will be skipped"; test -z "$$CI"; fi
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

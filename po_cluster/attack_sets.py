@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from po_cluster.data.pairs import DataError, is_image_name, join, list_files, load_images, display_name
+from po_cluster.data.pairs import DataError, display_name, is_image_name, join, list_files, load_images
 from po_cluster.data.records import ImageSet
 from po_cluster.evaluate import embed_images, embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
@@ -60,7 +60,7 @@ def read_attack_set(folder: str, image_size: int) -> AttackSet:
     files = [name for name in list_files(folder) if is_image_name(name)]
     if not files:
         raise DataError(f"{folder}: no images (expected files named label=<class>_text=<text>.png)")
-    parsed = [parse_attack_name(name) for name in files]
+    parsed = [parse_attack_name(join(folder, name)) for name in files]
     classnames = tuple(sorted({name for pair in parsed for name in pair}))
     index = {name: i for i, name in enumerate(classnames)}
     labels = np.array([index[label] for label, _ in parsed], dtype=np.int64)

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from po_cluster.config import SHIPPED_BASE, ConfigError, ModelConfig, RunConfig, json_schema, load_config
+from po_cluster.config import SHIPPED_BASE, CompareConfig, ConfigError, RunConfig, json_schema, load_config
 
 
 def _quiet_open_clip() -> None:
@@ -47,8 +47,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from po_cluster.compare import compare_losses
 
-    cfg = load_config(args.config)
-    print(compare_losses(cfg, args.losses.split(","), args.output_dir))
+    print(compare_losses(load_config(args.config, CompareConfig), args.output_dir))
     return 0
 
 
@@ -72,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("compare", help="train each loss from the base model and print one table")
     p.add_argument("--config", required=True)
-    p.add_argument("--losses", default="dpo,ipo,kto,ce")
     p.add_argument("--output-dir", default=None)
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("schema", help="print the JSON schema of run configs")

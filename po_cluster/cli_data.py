@@ -7,13 +7,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from po_cluster.config import SHIPPED_BASE, ConfigError, parse_config
 
+if TYPE_CHECKING:  # the commands import torch and open_clip only when they run
+    from po_cluster.data.typographic import TypographicConfig
+    from po_cluster.model.aligned import AlignedCLIP
 
-def _typographic_config(args: argparse.Namespace):
+
+def _typographic_config(args: argparse.Namespace) -> TypographicConfig:
     """YAML file (optional) overridden by the flags that were given, validated once."""
     from po_cluster.data.typographic import TypographicConfig
 
@@ -53,7 +58,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attack_model(args: argparse.Namespace):
+def _attack_model(args: argparse.Namespace) -> AlignedCLIP:
     from po_cluster.config import ModelConfig
     from po_cluster.evaluation_run import load_target
     from po_cluster.model.aligned import AlignedCLIP

@@ -191,3 +191,25 @@ class SweepConfig(Strict):
     max_failures: int = Field(2, ge=-1, description="worker failures a trial recovers from")
     top_k: int = Field(4, gt=0, description="trials combined into soups by `average`")
     store: str = Field("artifacts", description="artifact store for the release: local folder or s3://")
+
+
+class CompareConfig(Strict):
+    """`po-cluster compare`: one base run, trained once per loss with that loss's settings."""
+
+    base: RunConfig = RunConfig()
+    losses: dict[Literal["dpo", "ipo", "kto", "ce"], dict[str, float]] = Field(
+        default_factory=lambda: {"dpo": {}, "ipo": {}, "kto": {}, "ce": {}},
+        description="loss_type → overrides of the loss section (beta, kl_weight, …)",
+    )
+
+    @model_validator(mode="after")
+    def _overrides_valid(self) -> "CompareConfig":
+        for loss_type, overrides in self.losses.items():
+            LossConfig.model_validate({**self.base.loss.model_dump(), **overrides, "loss_type": loss_type})
+        return self
+
+    def run_for(self, loss_type: str) -> RunConfig:
+        loss = {**self.base.loss.model_dump(), **self.losses[loss_type], "loss_type": loss_type}
+        data = self.base.model_dump(mode="json")
+        data.update(name=f"{self.base.name}-{loss_type}", loss=loss)
+        return RunConfig.model_validate(data)

@@ -118,6 +118,13 @@ def trial_driver(sample: dict, sweep: dict) -> None:
               [TuneReportCallback()])
 
 
+def driver_trainable(cfg: SweepConfig):
+    """The trial driver with the sweep bound to it. It only waits on its TorchTrainer, so it
+    reserves no CPU: otherwise the drivers could hold every CPU and no worker could start."""
+    bound = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"))
+    return tune.with_resources(bound, {"cpu": 0, "memory": 1 << 20})  # a bundle must not be empty
+
+
 def max_concurrent_trials(cfg: SweepConfig) -> int:
     """As many trials as the cluster's CPUs (or GPUs) hold workers for; Tune cannot see Train's workers."""
     if cfg.max_concurrent_trials is not None:
@@ -148,9 +155,8 @@ def build_tuner(cfg: SweepConfig) -> tune.Tuner:
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
                               grace_period=min(cfg.scheduler.grace_period, reports),
                               reduction_factor=cfg.scheduler.reduction_factor)
-    trainable = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"))
     return tune.Tuner(
-        trainable,
+        driver_trainable(cfg),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=cfg.num_samples, max_concurrent_trials=max_concurrent_trials(cfg)),
         run_config=tune.RunConfig(name=cfg.name, storage_path=local_or_uri(cfg.storage_path), verbose=1),
@@ -163,8 +169,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> list[dict]:
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"no sweep to resume at {path}")
-        trainable = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"))
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=driver_trainable(cfg), resume_unfinished=True,
+                                   restart_errored=True)
     else:
         if tune.Tuner.can_restore(path):
             raise FileExistsError(f"a sweep already exists at {path}; use --resume or another name")

@@ -18,13 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
+
+if TYPE_CHECKING:  # storage pulls in boto3 lazily; only S3 locations need it
+    from po_cluster.storage import ArtifactStore
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_IMAGE_SIZE = 224  # ViT-B-32's input; the model resizes again if it differs
@@ -48,13 +51,14 @@ def is_s3(location: str) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _bucket(bucket: str):  # -> storage.S3Store; boto3 clients are thread-safe, so one per bucket is shared
+def _bucket(bucket: str) -> ArtifactStore:
+    # One store per bucket, shared by the reading threads: boto3 clients are thread-safe.
     from po_cluster.storage import open_store
 
     return open_store(f"s3://{bucket}")
 
 
-def _s3(location: str):  # -> (S3Store, key)
+def _s3(location: str) -> tuple[ArtifactStore, str]:
     from po_cluster.storage import parse_s3_uri
 
     bucket, key = parse_s3_uri(location)
@@ -149,7 +153,9 @@ def decode_image(data: bytes, source: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except UnidentifiedImageError:
+        raise DataError(f"{source}: not a readable image (unknown format or not an image)") from None
+    except (OSError, ValueError) as error:  # truncated or corrupt data
         raise DataError(f"{source}: not a readable image ({error})") from None
     return ImageOps.exif_transpose(image).convert("RGB")
 

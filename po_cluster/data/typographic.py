@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Annotated
 
 import numpy as np
@@ -84,9 +84,15 @@ class TypographicConfig(Strict):
         return self
 
 
-@lru_cache(maxsize=256)
+_thread = threading.local()
+
+
 def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size) if path is None else ImageFont.truetype(path, size)
+    """A font per (file, size), cached per thread: a FreeType face must not be shared across threads."""
+    cache = _thread.__dict__.setdefault("fonts", {})
+    if (path, size) not in cache:
+        cache[path, size] = ImageFont.load_default(size=size) if path is None else ImageFont.truetype(path, size)
+    return cache[path, size]
 
 
 def _fit_font(draw: ImageDraw.ImageDraw, word: str, path: str | None, size: int, stroke: int,

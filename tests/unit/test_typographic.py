@@ -1,5 +1,6 @@
 """The typographic builder on small labelled folders of rendered shapes."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,9 +56,10 @@ def test_the_true_label_is_never_written_on_its_own_image(tmp_path):
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     source = labelled_folder(tmp_path / "src")
-    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        build_typographic(_cfg(source, tmp_path / name, variants=2, seed=seed))
-    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    build_typographic(_cfg(source, tmp_path / "a", variants=2, seed=7))
+    build_typographic(_cfg(source, tmp_path / "b", variants=2, seed=7).model_copy(update={"workers": 1}))
+    build_typographic(_cfg(source, tmp_path / "c", variants=2, seed=8))
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")  # whatever the number of threads
     assert tree_bytes(tmp_path / "a")["pairs.jsonl"] != tree_bytes(tmp_path / "c")["pairs.jsonl"]
 
 
@@ -83,6 +85,13 @@ def test_manifests_and_fonts(tmp_path):
     assert {k: v for k, v in folder.items() if k != "dataset.json"} == \
         {k: v for k, v in csv_.items() if k != "dataset.json"}  # same images, same labels, same records
     assert tree_bytes(tmp_path / "csv")["pairs.jsonl"] == tree_bytes(tmp_path / "jsonl")["pairs.jsonl"]
+    import matplotlib  # ships DejaVu fonts: a real .ttf file without downloading one
+
+    ttf = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf")
+    build_typographic(_cfg(source, tmp_path / "ttf", seed=1, fonts=(ttf,)))
+    pairs = _lines(tmp_path / "ttf" / "pairs.jsonl")
+    assert {p["font"] for p in pairs} == {ttf}
+    assert tree_bytes(tmp_path / "ttf")["attacked/000000-0.png"] != folder["attacked/000000-0.png"]
     with pytest.raises(ValueError, match="cannot load font"):
         _cfg(source, tmp_path / "x", fonts=(str(tmp_path / "missing.ttf"),))
 
@@ -121,3 +130,10 @@ def test_cli_builds_and_checks(tmp_path, capsys):
     assert "16 pairs, 8 regularisation images" in capsys.readouterr().out
     assert cli.main(["data", "typographic", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "nowhere: folder not found" in capsys.readouterr().err
+    config = tmp_path / "typo.yaml"
+    config.write_text(f"source: {source}\nout: {tmp_path / 'yaml'}\nimage_size: 64\nfill_colors: [red, '#00ff00']\n")
+    assert cli.main(["data", "typographic", "--config", str(config), "--variants", "3"]) == 0
+    assert {p["fill"] for p in _lines(tmp_path / "yaml" / "pairs.jsonl")} <= {"red", "#00ff00"}
+    config.write_text(f"source: {source}\nout: {tmp_path / 'yaml'}\nfill_colors: [reddish]\n")
+    assert cli.main(["data", "typographic", "--config", str(config)]) == 2
+    assert "fill_colors" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""`po-cluster sweep | average | report | pipeline`: the cluster stages of the life cycle."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from po_cluster.config import SweepConfig, load_config
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join a running cluster (address or RAY_ADDRESS), else start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus if address is None else None,
+                 include_dashboard=True, _node_ip_address="127.0.0.1" if address is None else None,
+                 log_to_driver=False, logging_level="WARNING")
+
+
+def _experiment(args: argparse.Namespace) -> tuple[SweepConfig, Path]:
+    from po_cluster.sweep import experiment_path
+
+    cfg = load_config(args.config, SweepConfig)
+    return cfg, Path(experiment_path(cfg))
+
+
+def _records(path: Path) -> list[dict]:
+    from po_cluster.sweep import RESULTS_FILE
+
+    file = path / RESULTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {RESULTS_FILE} in {path}: run (or resume) the sweep first")
+    return json.loads(file.read_text())["trials"]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from po_cluster.sweep import run_sweep
+
+    cfg, path = _experiment(args)
+    connect_ray(args.address)
+    records = run_sweep(cfg, resume=args.resume)
+    done = sum(1 for r in records if r.get("checkpoint_path"))
+    print(f"sweep {cfg.name}: {len(records)} trials ({done} with a checkpoint) in {path}")
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from po_cluster.soup import average_trials
+
+    cfg, path = _experiment(args)
+    result = average_trials(_records(path), args.top_k or cfg.top_k, path, cfg.base.data.n_val,
+                            cfg.clean_tolerance, cfg.clean_penalty)
+    print(f"release candidate: {result['chosen']} → {result['release_folder']}")
+    if not args.no_publish:
+        from po_cluster.storage import open_store
+
+        release_id = open_store(args.store or cfg.store).publish_release(result["release_folder"])
+        print(f"published release {release_id} to {args.store or cfg.store}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from po_cluster.report import write_report
+
+    cfg, path = _experiment(args)
+    average_file = path / "average.json"
+    average = json.loads(average_file.read_text()) if average_file.is_file() else None
+    md, page = write_report(_records(path), average, path / "report", f"po-cluster sweep: {cfg.name}")
+    print(f"report: {md}\n        {page}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, func, text in (("sweep", cmd_sweep, "Ray Tune + Optuna search of β, λ and the loss"),
+                             ("average", cmd_average, "soups of the top-k trials and a release"),
+                             ("report", cmd_report, "Markdown/HTML report of a sweep with plots")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="sweep config (YAML)")
+        p.set_defaults(func=func)
+        if name == "sweep":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+            p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+        if name == "average":
+            p.add_argument("--top-k", type=int, default=None)
+            p.add_argument("--store", default=None, help="artifact store (default: the config's store)")
+            p.add_argument("--no-publish", action="store_true", help="write the release folder only")

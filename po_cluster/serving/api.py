@@ -1,0 +1,123 @@
+"""The FastAPI application: routes, the error shape, the request guard, the playground page.
+
+Built per gateway replica by `make_api(service)` (Serve's late-bound ingress), so
+the limits and keys of that replica's args are in the middleware. Every error,
+FastAPI's own included, leaves as `{"error": {"message", "type", "param", "code"}}`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from po_cluster.serving.gateway import GatewayService
+from po_cluster.serving.limits import ApiError, RequestGuard
+from po_cluster.serving.schemas import (ClassifyRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
+                                        ErrorResponse, Health, ModelList)
+
+log = logging.getLogger("po_cluster.serving")
+PLAYGROUND = Path(__file__).with_name("playground.html")
+# Documents the scheme in the OpenAPI document only; RequestGuard does the checking, before any parsing.
+_bearer = HTTPBearer(auto_error=False, description="an API key, when the server is configured with keys")
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)}
+_PAGE_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                 "style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'; form-action 'none'"}
+
+
+def _param(loc: tuple) -> str:
+    """A pydantic error location as a field path: ('body', 'input', 'list[…]', 0, 'tagged-union[…]', 'image',
+    'image') → 'input.0.image'. Union branches and tags are pydantic's, not the request's."""
+    parts, skip_tag = [], False
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if skip_tag:
+            skip_tag = False
+            continue
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "function-after")):
+            skip_tag = part.startswith("tagged-union")
+            continue
+        parts.append(str(part))
+    return ".".join(parts) or "body"
+
+
+_BRANCH_MISMATCH = ("string_type", "dict_type", "model_attributes_type")
+
+
+def _precision(error: dict) -> tuple[int, bool]:
+    """Of a union's errors, the one that says most: the deepest field, then not "wrong branch of the union"."""
+    return len(_param(tuple(error.get("loc", ()))).split(".")), error.get("type") not in _BRANCH_MISMATCH
+
+
+def _validation_error(error: RequestValidationError) -> ApiError:
+    errors = list(error.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        first = next(e for e in errors if e.get("type") == "json_invalid")
+        return ApiError(400, "body", f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(),
+                        "invalid_json")
+    first = max(errors, key=_precision)
+    param = _param(tuple(first.get("loc", ())))
+    message = f"{param}: {first.get('msg', 'invalid')}"
+    if param.startswith("input.") and first.get("type") in _BRANCH_MISMATCH:
+        message = (f"{param}: an input item is a string (a text), {{\"type\": \"text\", \"text\": …}} or "
+                   f"{{\"type\": \"image\", \"image\": <base64>}}")
+    return ApiError(422, param, message, str(first.get("type", "invalid")))
+
+
+def _json_error(error: ApiError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return _json_error(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _json_error(_validation_error(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _json_error(ApiError(error.status_code, None, str(error.detail), f"http_{error.status_code}"))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)  # a bug of ours: the client gets no traceback
+        return JSONResponse(ApiError(500, None, "internal error", "internal_error").body(), status_code=500)
+
+
+def make_api(service: GatewayService) -> FastAPI:
+    app = FastAPI(title="po-cluster serving", version="1", description=(
+        "Aligned CLIP (adjustable σ) embeddings and zero-shot classification. Every call takes t "
+        "(σ_i ← σ_i^t; 0 = base model, 1 = the release) and optional σ overrides."))
+    app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes, check_key=service.check_key)
+    _handlers(app)
+    secured = {"dependencies": [Security(_bearer)], "responses": _ERRORS}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
+    async def healthz() -> Health:
+        return await service.health()
+
+    @app.get("/v1/models", response_model=ModelList, **secured)
+    async def models() -> ModelList:
+        return await service.models()
+
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, **secured)
+    async def embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
+        return await service.embeddings(body)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, **secured)
+    async def classify(body: ClassifyRequest) -> ClassifyResponse:
+        return await service.classify(body)
+
+    return app
+

@@ -1,0 +1,114 @@
+"""The gateway's view of the release store: which releases exist, and what each one is.
+
+A release id names one content forever (storage.py), so what we learn about an
+id is cached for good; only the `latest` pointer and the list of releases can
+change, and they are re-read after `ttl_s`. Calls block (S3): run them off the
+event loop.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from po_cluster.serving.limits import ApiError
+from po_cluster.storage import MANIFEST, RELEASES, ArtifactStore, ReleaseInfo, StoreError, check_release_id
+
+
+@dataclass(frozen=True)
+class ReleaseMeta:
+    release_id: str
+    embed_dim: int
+    prompt_template: str
+    classnames: tuple[str, ...]
+
+
+class ReleaseCatalog:
+    def __init__(self, store: ArtifactStore, ttl_s: float = 5.0, max_cached: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.ttl_s, self.max_cached, self.clock = store, ttl_s, max_cached, clock
+        self._metas: OrderedDict[str, ReleaseMeta] = OrderedDict()
+        self._latest: tuple[float, str] | None = None
+        self._listing: tuple[float, list[ReleaseInfo]] | None = None
+        self._lock = threading.Lock()  # called from worker threads
+
+    def _unavailable(self, error: StoreError) -> ApiError:
+        return ApiError(503, None, f"the release store is unavailable: {error}", "store_unavailable")
+
+    def latest_id(self) -> str:
+        now = self.clock()
+        with self._lock:
+            if self._latest and now - self._latest[0] < self.ttl_s:
+                return self._latest[1]
+        try:
+            found = self.store.latest()
+        except StoreError as error:
+            raise self._unavailable(error) from None
+        if found is None:
+            raise ApiError(404, "model", f"no release has been published to {self.store.uri} yet",
+                           "no_release")
+        with self._lock:
+            self._latest = (now, found)
+        return found
+
+    def cached(self, name: str) -> ReleaseMeta | None:
+        """What resolve(name) would answer without asking the store, or None (then call resolve)."""
+        with self._lock:
+            if name == "latest":
+                if not self._latest or self.clock() - self._latest[0] >= self.ttl_s:
+                    return None
+                name = self._latest[1]
+            meta = self._metas.get(name)
+            if meta is not None:
+                self._metas.move_to_end(name)
+            return meta
+
+    def resolve(self, name: str) -> ReleaseMeta:
+        """The release a request names ("latest" or an id); 404 ApiError when there is none."""
+        release_id = self.latest_id() if name == "latest" else name
+        with self._lock:
+            if release_id in self._metas:
+                self._metas.move_to_end(release_id)
+                return self._metas[release_id]
+        meta = self._fetch(release_id)
+        with self._lock:
+            self._metas[release_id] = meta
+            while len(self._metas) > self.max_cached:
+                self._metas.popitem(last=False)
+        return meta
+
+    def _fetch(self, release_id: str) -> ReleaseMeta:
+        try:
+            check_release_id(release_id)
+        except StoreError:
+            raise ApiError(404, "model", f"no release {release_id!r}: not a valid release id", "unknown_release") \
+                from None
+        try:
+            shown = self.store.show_release(release_id)
+        except StoreError as error:
+            try:  # absent (404) or an outage (503)? Ask the one question that tells them apart.
+                present = self.store.exists(f"{RELEASES}/{release_id}/{MANIFEST}")
+            except StoreError:
+                raise self._unavailable(error) from None
+            if not present:
+                raise ApiError(404, "model", f"no release {release_id!r} in the store", "unknown_release") \
+                    from None
+            raise self._unavailable(error) from None
+        model = shown.get("model") or {}
+        return ReleaseMeta(release_id, int(model.get("embed_dim", 0)), str(model.get("prompt_template") or "{}"),
+                           tuple(model.get("classnames") or ()))
+
+    def releases(self) -> list[ReleaseInfo]:
+        now = self.clock()
+        with self._lock:
+            if self._listing and now - self._listing[0] < self.ttl_s:
+                return self._listing[1]
+        try:
+            listing = self.store.list_releases()
+        except StoreError as error:
+            raise self._unavailable(error) from None
+        with self._lock:
+            self._listing = (now, listing)
+        return listing

@@ -1,0 +1,112 @@
+"""The model-side math of serving, without Ray: one loaded release, batched towers, projections by knob.
+
+A batch holds rows from many requests. The towers (f, g) do not depend on t, so
+every row goes through them together; the projection W(t) then runs once per
+distinct (t, σ overrides) in the batch, on all of that knob's rows at once.
+The benchmark's in-process baseline calls this same code.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
+
+Overrides = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """t and the σ overrides of one request; hashable, so equal knobs share one projection."""
+
+    t: float = 1.0
+    overrides: Overrides = ()
+
+    def as_dict(self) -> dict[int, float] | None:
+        return dict(self.overrides) or None
+
+
+class ReleaseModel:
+    """A release loaded for serving: the AlignedCLIP, its description, and a bounded cache of g(y)."""
+
+    def __init__(self, release_id: str, model: AlignedCLIP, description: dict, text_cache_size: int = 4096) -> None:
+        self.release_id, self.model, self.description = release_id, model.eval(), description
+        self.dim = model.spectral.dim
+        self.device = next(model.parameters()).device
+        self.prompt_template = str(description.get("prompt_template") or "{}")
+        self._texts: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
+        self._cache_size = text_cache_size
+
+    @classmethod
+    def load(cls, release_id: str, folder: Path, text_cache_size: int = 4096,
+             device: str = "cpu") -> "ReleaseModel":
+        from po_cluster.checkpoint import load_checkpoint
+
+        model, description = load_checkpoint(folder, device)
+        return cls(release_id, model, description, text_cache_size)
+
+    @torch.no_grad()
+    def image_features(self, images: list[np.ndarray]) -> torch.Tensor:
+        """f(x) [N, d] for uint8 [H, W, 3] images of any sizes, one tower pass for the whole batch."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        pixels = torch.empty((len(images), 3, self.model.image_size, self.model.image_size))
+        for rows in by_shape.values():  # resizing works on equal shapes: one call per shape
+            pixels[rows] = self.model.pixels(np.stack([images[i] for i in rows]))
+        return self.model.encode_image(pixels.to(self.device))
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """g(y) [N, d] and the token count of each text; texts seen before come from the cache."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
+        if missing:
+            tokens = self.model.tokens(missing).to(self.device)
+            features = self.model.encode_text(tokens)
+            counts = (tokens != 0).sum(dim=1).tolist()  # open_clip pads with 0
+            for text, feature, count in zip(missing, features, counts):
+                self._texts[text] = (feature, int(count))
+        found = [self._texts[t] for t in texts]
+        for text in texts:
+            self._texts.move_to_end(text)
+        while len(self._texts) > self._cache_size:
+            self._texts.popitem(last=False)
+        return torch.stack([f for f, _ in found]), [c for _, c in found]
+
+    @torch.no_grad()
+    def project(self, features: torch.Tensor, knobs: list[Knob]) -> torch.Tensor:
+        """Row i projected with knobs[i]: W(t)·z re-normalised, one projection per distinct knob."""
+        out = torch.empty_like(features)
+        groups: dict[Knob, list[int]] = {}
+        for i, knob in enumerate(knobs):
+            groups.setdefault(knob, []).append(i)
+        for knob, rows in groups.items():
+            out[rows] = self.model.project(features[rows], knob.t, knob.as_dict())
+        return out.cpu()
+
+    @torch.no_grad()
+    def classify_many(self, images: list[np.ndarray], prompts: list[list[str]],
+                      knobs: list[Knob]) -> list[tuple[list[float], list[float]]]:
+        """(logits, probabilities) per request of a batch: one tower pass for all images, one for all
+        uncached prompts, one projection per distinct knob on each side."""
+        image_rows = self.project(self.image_features(images), knobs)
+        flat = [text for group in prompts for text in group]
+        text_features, _ = self.text_features(flat)
+        text_rows = self.project(text_features, [knob for group, knob in zip(prompts, knobs) for _ in group])
+        out, start = [], 0
+        for image_row, group in zip(image_rows, prompts):
+            logits, probabilities = self.scores(image_row, text_rows[start:start + len(group)])
+            out.append((logits.tolist(), probabilities.tolist()))
+            start += len(group)
+        return out
+
+    @torch.no_grad()
+    def scores(self, image: torch.Tensor, prompts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, probabilities) over the candidates, from projected f(x) [d] and g(y) [L, d]."""
+        logits = self.model.logit_scale * prompts @ image
+        probabilities = candidate_logprobs(image[None], prompts, self.model.logit_scale)[0].exp()
+        return logits.numpy().astype(np.float64), probabilities.numpy().astype(np.float64)

@@ -1,0 +1,122 @@
+"""What the HTTP ingress does with a request, without Ray: check it, resolve the release, ask the model.
+
+`ModelClient` is how the gateway reaches the model: in Serve, a deployment handle
+with `multiplexed_model_id=<release id>` (app.py); anything with the same three
+coroutines works (a test double, an in-process engine).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from po_cluster.serving.args import ServeArgs
+from po_cluster.serving.auth import ApiKeys
+from po_cluster.serving.catalog import ReleaseCatalog, ReleaseMeta
+from po_cluster.serving.engine import Knob
+from po_cluster.serving.limits import (ApiError, check_input_count, check_labels, check_overrides, check_t,
+                                       check_template, check_text, decode_image, fill_template, rss_bytes)
+from po_cluster.serving.schemas import (ClassifyRequest, ClassifyResponse, Embedding, EmbeddingsRequest,
+                                        EmbeddingsResponse, Health, ImageInput, Knobs, ModelCard, ModelList,
+                                        ProcessInfo, Score, Usage)
+from po_cluster.storage import open_store
+
+INLINE_DECODE_CHARS = 64 << 10  # base64 characters of an image decoded on the event loop itself
+
+
+class ModelClient(Protocol):
+    async def classify(self, release_id: str, image: np.ndarray, prompts: list[str],
+                       knob: Knob) -> tuple[list[float], list[float]]: ...
+
+    async def embed(self, release_id: str, images: list[np.ndarray], texts: list[str],
+                    knob: Knob) -> tuple[list[np.ndarray], list[np.ndarray], int]: ...
+
+    async def health(self) -> dict: ...
+
+
+def _vector(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # what OpenAI clients ask by default: little-endian float32
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return [float(x) for x in vector]
+
+
+class GatewayService:
+    def __init__(self, args: ServeArgs, model: ModelClient, environ: Mapping[str, str] | None = None) -> None:
+        from PIL import Image
+
+        self.args, self.limits, self.model = args, args.limits, model
+        # Pillow's own bomb guard at our limit too (it raises above twice this), should a path skip ours.
+        Image.MAX_IMAGE_PIXELS = args.limits.max_image_pixels
+        self.keys = ApiKeys(args.auth, environ)
+        self.catalog = ReleaseCatalog(open_store(args.store, args.store_settings), args.latest_ttl_s)
+
+    def check_key(self, authorization: str | None) -> None:
+        self.keys.check(authorization)
+
+    async def _knob(self, request: Knobs) -> tuple[ReleaseMeta, Knob]:
+        t = check_t(request.t, self.limits)
+        name = self.args.default_release if request.model == "latest" else request.model
+        # The store is asked (off the event loop) only when the cache cannot answer.
+        meta = self.catalog.cached(name) or await asyncio.to_thread(self.catalog.resolve, name)
+        return meta, Knob(t, check_overrides(request.sigma_overrides, meta.embed_dim, self.limits))
+
+    async def _image(self, value: str, param: str) -> np.ndarray:
+        if len(value) <= INLINE_DECODE_CHARS:  # small: a thread hop would cost more than the decode
+            return decode_image(value, param, self.limits)
+        return await asyncio.to_thread(decode_image, value, param, self.limits)
+
+    async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
+        labels = check_labels(request.labels, self.limits)
+        if request.prompt_template is not None:
+            check_template(request.prompt_template, self.limits)
+        meta, knob = await self._knob(request)
+        template = request.prompt_template or meta.prompt_template
+        image = await self._image(request.image, "image")
+        logits, probabilities = await self.model.classify(
+            meta.release_id, image, [fill_template(template, label) for label in labels], knob)
+        order = sorted(range(len(labels)), key=lambda i: -logits[i])
+        return ClassifyResponse(model=meta.release_id, t=knob.t, prompt_template=template, scores=[
+            Score(label=labels[i], index=i, probability=probabilities[i], logit=logits[i]) for i in order])
+
+    def _split_inputs(self, request: EmbeddingsRequest) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """(index, text) and (index, base64) pairs, each text checked; images are decoded later."""
+        items = [request.input] if isinstance(request.input, str) else request.input
+        check_input_count(len(items), self.limits)
+        texts, images = [], []
+        for i, item in enumerate(items):
+            if isinstance(item, ImageInput):
+                images.append((i, item.image))
+            else:
+                text = item if isinstance(item, str) else item.text
+                param = "input" if isinstance(request.input, str) else \
+                    (f"input.{i}" if isinstance(item, str) else f"input.{i}.text")
+                texts.append((i, check_text(text, param, self.limits)))
+        return texts, images
+
+    async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
+        texts, encoded = self._split_inputs(request)
+        meta, knob = await self._knob(request)
+        images = [await self._image(data, f"input.{i}.image") for i, data in encoded]
+        image_vectors, text_vectors, tokens = await self.model.embed(
+            meta.release_id, images, [text for _, text in texts], knob)
+        vectors = dict(zip([i for i, _ in encoded], image_vectors)) | dict(zip([i for i, _ in texts], text_vectors))
+        data = [Embedding(index=i, embedding=_vector(vectors[i], request.encoding_format)) for i in sorted(vectors)]
+        return EmbeddingsResponse(data=data, model=meta.release_id,
+                                  usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+    async def models(self) -> ModelList:
+        releases = await asyncio.to_thread(self.catalog.releases)
+        return ModelList(data=[ModelCard(id=r.release_id, created=int(r.created.timestamp()) if r.created else 0,
+                                         latest=r.latest) for r in releases])
+
+    async def health(self) -> Health:
+        try:
+            model: dict[str, Any] = await asyncio.wait_for(self.model.health(), timeout=10)
+        except Exception as error:  # any failure of the model side is "not ready", never a crash
+            raise ApiError(503, None, f"the model deployment is not answering: {type(error).__name__}",
+                           "model_unavailable") from None
+        return Health(default_release=self.args.default_release,
+                      gateway=ProcessInfo(pid=os.getpid(), rss_bytes=rss_bytes()), model=ProcessInfo(**model))

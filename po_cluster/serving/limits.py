@@ -1,0 +1,275 @@
+"""Every limit a request is held to, and the one error type that turns a broken rule into a 4xx.
+
+Each check raises `ApiError(status, param, message, code)`; the HTTP layer writes it
+as `{"error": {"message", "type", "param", "code"}}`, `param` naming the field.
+Status codes: 400 unreadable body, 401 key, 404 release, 413 too large,
+415 image format, 422 anything else about a field.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import os
+import re
+from typing import Any, Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ImageFormat = Literal["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]
+_URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
+_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+# Magic numbers of formats that are refused by default, only to name them in the 415 message:
+# identifying them through Pillow would parse bytes we decided not to accept.
+_SIGNATURES = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+               (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"%PDF", "PDF"), (b"<svg", "SVG"),
+               (b"<?xml", "SVG/XML"), (b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"))
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_body_bytes: int = Field(16 << 20, gt=0, description="request body, whatever Content-Length says")
+    max_image_bytes: int = Field(8 << 20, gt=0, description="one image file, decoded from base64")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="width × height, checked before decoding")
+    image_formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "WEBP"), min_length=1)
+    max_inputs: int = Field(64, gt=0, description="items in one embeddings request")
+    max_labels: int = Field(64, gt=0, description="candidate labels in one classify request")
+    max_text_chars: int = Field(1000, gt=0, description="one text, label or prompt template")
+    t_min: float = Field(-2.0, allow_inf_nan=False)
+    t_max: float = Field(4.0, allow_inf_nan=False)
+    max_sigma: float = Field(1e4, gt=0, allow_inf_nan=False, description="largest σ override value")
+
+    @model_validator(mode="after")
+    def _t_range(self) -> "Limits":
+        if not self.t_min <= 0 < 1 <= self.t_max:
+            raise ValueError("t_min ≤ 0 and t_max ≥ 1 are required (t = 0 and t = 1 must be servable)")
+        return self
+
+
+class ApiError(Exception):
+    """A request that breaks a rule: HTTP status, the field at fault, and a one-line reason."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_request_error",
+             503: "service_unavailable"}
+
+    def __init__(self, status: int, param: str | None, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.param, self.message, self.code = status, param, message, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------- knobs and texts
+
+
+def check_t(t: float, limits: Limits) -> float:
+    if not math.isfinite(t) or not limits.t_min <= t <= limits.t_max:
+        raise ApiError(422, "t", f"t must be a finite number in [{limits.t_min:g}, {limits.t_max:g}], got {t}",
+                       "t_out_of_range")
+    return float(t)
+
+
+def check_overrides(overrides: dict[int, float] | None, dim: int, limits: Limits) -> tuple[tuple[int, float], ...]:
+    """σ overrides as a sorted tuple (hashable: requests with equal knobs share one projection)."""
+    checked = []
+    for index, value in sorted((overrides or {}).items()):
+        param = f"sigma_overrides.{index}"
+        if not 0 <= index < dim:
+            raise ApiError(422, param, f"σ override index {index} is out of range 0..{dim - 1} for this release",
+                           "sigma_index_out_of_range")
+        if not (math.isfinite(value) and 0 < value <= limits.max_sigma):
+            raise ApiError(422, param, f"σ override values must be finite, > 0 and ≤ {limits.max_sigma:g}, "
+                                       f"got {value}", "sigma_value_out_of_range")
+        checked.append((int(index), float(value)))
+    return tuple(checked)
+
+
+def check_text(text: str, param: str, limits: Limits, what: str = "text") -> str:
+    if not text.strip():
+        raise ApiError(422, param, f"the {what} is empty", "empty_text")
+    if len(text) > limits.max_text_chars:
+        raise ApiError(422, param, f"the {what} has {len(text)} characters, over the limit of "
+                                   f"{limits.max_text_chars}", "text_too_long")
+    return text
+
+
+def check_labels(labels: list[str], limits: Limits) -> list[str]:
+    if not labels:
+        raise ApiError(422, "labels", "give at least one label", "no_labels")
+    if len(labels) > limits.max_labels:
+        raise ApiError(422, "labels", f"{len(labels)} labels, over the limit of {limits.max_labels}",
+                       "too_many_labels")
+    seen: set[str] = set()
+    for i, label in enumerate(labels):
+        check_text(label, f"labels.{i}", limits, "label")
+        if label in seen:
+            raise ApiError(422, f"labels.{i}", f"label {label!r} is given twice; labels must be distinct",
+                           "duplicate_label")
+        seen.add(label)
+    return labels
+
+
+def check_template(template: str, limits: Limits) -> str:
+    check_text(template, "prompt_template", limits, "prompt template")
+    if template.count("{}") != 1:
+        raise ApiError(422, "prompt_template", 'the prompt template must contain "{}" exactly once, '
+                                               'e.g. "a photo of a {}."', "bad_prompt_template")
+    return template
+
+
+def fill_template(template: str, label: str) -> str:
+    # replace, not str.format: a template from a request must not reach format's attribute lookups.
+    return template.replace("{}", label, 1)
+
+
+def check_input_count(n: int, limits: Limits) -> None:
+    if n == 0:
+        raise ApiError(422, "input", "input is empty: give at least one text or image", "empty_input")
+    if n > limits.max_inputs:
+        raise ApiError(422, "input", f"{n} inputs, over the limit of {limits.max_inputs}", "too_many_inputs")
+
+
+# ---------------------------------------------------------------- images
+
+
+def _sniff(raw: bytes) -> str | None:
+    head = raw[:16].lstrip()
+    if head[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+
+
+def _base64_bytes(value: str, param: str, limits: Limits) -> bytes:
+    if _URL.match(value):
+        raise ApiError(422, param, "URLs are not fetched: send the image bytes as base64 or a data:image/… URL",
+                       "url_not_allowed")
+    text = _DATA_URL.sub("", value, count=1)
+    if text.startswith("data:"):
+        raise ApiError(422, param, "only data:image/<type>;base64,… data URLs are accepted", "bad_data_url")
+    text = "".join(text.split())  # MIME-style line breaks are fine
+    if len(text) > 4 * math.ceil(limits.max_image_bytes / 3):  # refuse before decoding anything
+        raise ApiError(413, param, f"the image is over the limit of {limits.max_image_bytes} bytes",
+                       "image_too_large")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, param, "the image is not valid base64", "invalid_base64") from None
+    if not raw:
+        raise ApiError(422, param, "the image is empty", "empty_image")
+    return raw
+
+
+def decode_image(value: str, param: str, limits: Limits) -> np.ndarray:
+    """base64 (or a data URL) of an allowed image file → uint8 [H, W, 3], its size checked before decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    raw = _base64_bytes(value, param, limits)
+    allowed = ", ".join(limits.image_formats)
+    try:
+        # Only the allowed decoders ever see the bytes; open() reads the header, not the pixels.
+        image = Image.open(io.BytesIO(raw), formats=list(limits.image_formats))
+    except UnidentifiedImageError:
+        found = _sniff(raw)
+        if found and found not in limits.image_formats:
+            raise ApiError(415, param, f"image format {found} is not allowed; allowed: {allowed}",
+                           "unsupported_image_format") from None
+        raise ApiError(422, param, f"not a readable image (allowed formats: {allowed})", "not_an_image") from None
+    except Image.DecompressionBombError:
+        raise ApiError(413, param, f"the image has more than {limits.max_image_pixels} pixels",
+                       "image_too_many_pixels") from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:  # a decompression bomb is refused here, still undecoded
+        raise ApiError(413, param, f"the image is {width}×{height} = {width * height} pixels, over the limit of "
+                                   f"{limits.max_image_pixels}", "image_too_many_pixels")
+    try:
+        image.load()
+        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ApiError(422, param, f"the {image.format} image is truncated or corrupt", "corrupt_image") from None
+    return pixels
+
+
+# ---------------------------------------------------------------- request body
+
+
+class RequestGuard:
+    """ASGI middleware, before any parsing: the API key (401), then the body size (413).
+
+    The key comes first so that nothing of an unauthenticated request is parsed. The
+    body is read here, counted, and replayed to the app: a chunked upload or a
+    Content-Length that lies cannot get more than max_bytes into memory.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, check_key: Callable[[str | None], None] | None = None,
+                 protected: str = "/v1/") -> None:
+        self.app, self.max_bytes, self.check_key, self.protected = app, max_bytes, check_key, protected
+
+    async def _refuse(self, send: Any, error: ApiError) -> None:
+        body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if error.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        else:  # the rest of an oversized body is not read: this connection cannot carry another request
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            if self.check_key and scope.get("path", "").startswith(self.protected):
+                authorization = headers.get(b"authorization")
+                self.check_key(authorization.decode("latin-1") if authorization is not None else None)
+            body = await self._read_body(headers.get(b"content-length"), receive)
+        except ApiError as error:
+            return await self._refuse(send, error)
+        if body is None:  # the client went away
+            return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, declared: bytes | None, receive: Any) -> bytes | None:
+        too_big = ApiError(413, "body", f"the request body is over the limit of {self.max_bytes} bytes",
+                           "body_too_large")
+        if declared is not None and not declared.strip().isdigit():
+            raise ApiError(400, "body", "the Content-Length header is not a number", "bad_content_length")
+        if declared is not None and int(declared) > self.max_bytes:
+            raise too_big
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise too_big
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; psutil is not a dependency)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,137 @@
+"""`po-cluster average`: the top-k trials of a sweep combined as a uniform and a
+greedy soup, the best of (best trial, soups) chosen on the validation sets,
+reported on the fixed evaluation sets, and written as a release folder.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from po_cluster.averaging import greedy_soup, uniform_soup
+from po_cluster.checkpoint import (MODEL_JSON, TRAINING_JSON, WEIGHTS, CheckpointError, read_json, save_checkpoint,
+                                   verify_manifest, write_manifest)
+from po_cluster.config import LastBlocks, ModelConfig
+from po_cluster.data import world
+from po_cluster.evaluate import Evaluator
+from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.loading import load_clip
+from po_cluster.ray_train import objective
+
+
+@dataclass
+class Candidate:
+    name: str
+    state: dict[str, torch.Tensor]
+    description: dict
+    training: dict
+    val_objective: float
+
+
+def read_candidate(name: str, folder: str | Path, val_objective: float) -> Candidate:
+    """A trial's checkpoint, verified against its manifest before anything is read."""
+    folder = Path(folder)
+    verify_manifest(folder)
+    return Candidate(name, load_file(str(folder / WEIGHTS)), read_json(folder, MODEL_JSON),
+                     read_json(folder, TRAINING_JSON), val_objective)
+
+
+def check_same_architecture(candidates: list[Candidate]) -> None:
+    """Soups only make sense between checkpoints of one architecture from one start."""
+    first = candidates[0]
+    for other in candidates[1:]:
+        for key in ("architecture", "pretrained", "embed_dim"):
+            if other.description.get(key) != first.description.get(key):
+                raise CheckpointError(
+                    f"cannot average {first.name} ({key}={first.description.get(key)}) with "
+                    f"{other.name} ({key}={other.description.get(key)})")
+
+
+class Scorer:
+    """Evaluates weights of one architecture on validation and test sets against the base model."""
+
+    def __init__(self, description: dict, n_val: int, tolerance: float, penalty: float) -> None:
+        cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
+        self.base = AlignedCLIP(load_clip(cfg), "frozen")
+        self.model = AlignedCLIP(load_clip(cfg.model_copy(update={"pretrained": None})), "frozen")
+        self.val_sets, self.test_sets = world.validation_sets(n_val), world.evaluation_sets()
+        base_val = Evaluator.build(self.base, self.val_sets)
+        base_test = Evaluator.build(self.base, self.test_sets)
+        self.ref_val, self.ref_test = base_val.ref_clean_logps, base_test.ref_clean_logps
+        self.base_val, self.base_test = base_val.metrics(0.0), base_test.metrics(0.0)
+        self.tolerance, self.penalty = tolerance, penalty
+
+    def _load(self, state: dict[str, torch.Tensor]) -> AlignedCLIP:
+        self.model.load_state_dict(state, strict=True)
+        return self.model
+
+    def validation(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        metrics = Evaluator.build(self._load(state), self.val_sets, ref_clean_logps=self.ref_val).metrics(1.0)
+        return {**metrics, "objective": objective(metrics, self.base_val["clean"], self.tolerance, self.penalty)}
+
+    def test(self, state: dict[str, torch.Tensor]) -> Evaluator:
+        return Evaluator.build(self._load(state), self.test_sets, ref_clean_logps=self.ref_test)
+
+
+def ranked_trials(records: list[dict]) -> list[dict]:
+    """Finished trials with a checkpoint, best validation objective first."""
+    usable = [r for r in records if r.get("checkpoint_path") and "objective" in r.get("metrics", {})]
+    return sorted(usable, key=lambda r: r["metrics"]["objective"], reverse=True)
+
+
+def _card(release: dict) -> str:
+    rows = "\n".join(f"| {name} | {m['clean']:.3f} | {m['attacked']:.3f} | {m['word_only']:.3f} | "
+                     f"{m['attack_success']:.3f} | {m['kl']:.4f} |" for name, m in release["test"].items())
+    return f"""# po-cluster release: {release['chosen']}
+
+Chosen on the validation sets among the best single trial, the uniform soup of
+the top {release['top_k']} and the greedy soup ({', '.join(release['greedy_members'])}).
+Reported below on the fixed evaluation sets (held out from every choice), at t = 1.
+
+| model | clean | attacked | word-only | attack success | KL(ref‖π) |
+|---|---|---|---|---|---|
+{rows}
+"""
+
+
+def average_trials(records: list[dict], top_k: int, out_dir: str | Path, n_val: int = 500,
+                   tolerance: float = 0.02, penalty: float = 5.0) -> dict:
+    """Soups of the top-k trials; writes `out_dir/release` (manifest last) and `out_dir/average.json`."""
+    top = ranked_trials(records)[:top_k]
+    if not top:
+        raise ValueError("no finished trial with a checkpoint to average")
+    candidates = [read_candidate(r["trial_id"], r["checkpoint_path"], r["metrics"]["objective"]) for r in top]
+    check_same_architecture(candidates)
+    scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)
+    states = {"best_trial": candidates[0].state, "uniform_soup": uniform_soup([c.state for c in candidates])}
+    states["greedy_soup"], members = greedy_soup([(c.name, c.state) for c in candidates],
+                                                 lambda s: scorer.validation(s)["objective"])
+    validation = {name: scorer.validation(state) for name, state in states.items()}
+    chosen = max(states, key=lambda name: validation[name]["objective"])
+    test = {"base": scorer.base_test, **{name: scorer.test(s).metrics(1.0) for name, s in states.items()}}
+    release = {"chosen": chosen, "top_k": len(candidates), "trials": [c.name for c in candidates],
+               "greedy_members": members, "validation": validation, "test": test,
+               "tradeoff": scorer.test(states[chosen]).tradeoff()}
+    folder = _write_release(Path(out_dir) / "release", scorer, states[chosen], candidates[0], release)
+    (Path(out_dir) / "average.json").write_text(json.dumps({**release, "release_folder": str(folder)}, indent=2))
+    return {**release, "release_folder": str(folder)}
+
+
+def _write_release(folder: Path, scorer: Scorer, state: dict, source: Candidate, release: dict) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    model = scorer._load(state)
+    description = {**source.description, "source": release["chosen"], "members": release["greedy_members"]
+                   if release["chosen"] == "greedy_soup" else release["trials"][:1]}
+    if release["chosen"] == "uniform_soup":
+        description["members"] = release["trials"]
+    metrics = {"test": release["test"][release["chosen"]], "validation": release["validation"][release["chosen"]],
+               "base_test": release["test"]["base"]}
+    save_checkpoint(folder, model, description, source.training, metrics)
+    (folder / "card.md").write_text(_card(release))
+    write_manifest(folder)  # again, last: the card is part of the release
+    return folder

@@ -1,0 +1,73 @@
+"""Helpers of the serving tests: raw HTTP (exact bytes, chunked bodies) and hand-made image files."""
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import struct
+import zlib
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image
+
+
+def request(url: str, method: str, path: str, body: bytes | dict | None = None, key: str | None = None,
+         headers: dict[str, str] | None = None, chunked: bool = False, timeout: float = 60) -> tuple[int, dict]:
+    """(status, JSON) of one request sent exactly as given; a refused upload still reads the answer."""
+    parts = urlsplit(url)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    sent = {"content-type": "application/json", **(headers or {})}
+    if key:
+        sent["authorization"] = f"Bearer {key}"
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.putrequest(method, path)
+        for name, value in sent.items():
+            conn.putheader(name, value)
+        if chunked:
+            conn.putheader("transfer-encoding", "chunked")
+        elif data is not None and "content-length" not in {k.lower() for k in sent}:
+            conn.putheader("content-length", str(len(data)))
+        conn.endheaders()
+        try:
+            _send(conn, data or b"", chunked)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered before reading everything (413): the answer is what counts
+        response = conn.getresponse()
+        raw = response.read()
+        return response.status, json.loads(raw) if raw else {}
+    finally:
+        conn.close()
+
+
+def _send(conn: http.client.HTTPConnection, data: bytes, chunked: bool, piece: int = 64 << 10) -> None:
+    if not chunked:
+        conn.send(data)
+        return
+    for start in range(0, len(data), piece):
+        chunk = data[start:start + piece]
+        conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+    conn.send(b"0\r\n\r\n")
+
+
+def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid PNG header announcing width×height RGB pixels (2.7 GB decoded) in a few hundred bytes."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4, 9)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", rows) + _chunk(b"IEND", b"")

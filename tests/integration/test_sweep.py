@@ -1,0 +1,102 @@
+"""The Tune + Optuna sweep end to end: killed driver, resume, soups, release, report."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from po_cluster.checkpoint import load_checkpoint, verify_manifest
+from po_cluster.cli import main as cli_main
+from po_cluster.storage import open_store
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NUM_SAMPLES = 4
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def sweep_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = {
+        "name": "killed", "storage_path": str(root / "sweeps"), "store": str(root / "store"),
+        "num_samples": NUM_SAMPLES, "report_every": 20, "checkpoint_every": 20, "top_k": 3, "seed": 1,
+        "space": {"loss_type": ["dpo", "ipo", "kto"], "beta": {"low": 0.02, "high": 0.5},
+                  "kl_weight": {"low": 0.05, "high": 0.5}},
+        "scheduler": {"grace_period": 2},
+        "base": {"model": {"image_tower": "frozen"}, "data": {"n_pairs": 512, "n_reg": 256, "n_val": 100},
+                 "optimizer": {"lr": 5e-2, "spectral_lr": 5e-2},
+                 "training": {"steps": STEPS, "batch_size": 64, "reg_batch_size": 64}},
+    }
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, root / "sweeps" / "killed"
+
+
+def _finished_trials(experiment: Path) -> dict[str, list[str]]:
+    """trial id → its checkpoint folders, for trials whose last checkpoint is at the final step."""
+    done = {}
+    for run in (experiment / "trials").glob("*"):
+        checkpoints = sorted(p.name for p in run.glob("checkpoint_*") if (p / "metrics.json").is_file())
+        steps = [json.loads((run / c / "metrics.json").read_text())["step"] for c in checkpoints]
+        if STEPS in steps:
+            done[run.name] = checkpoints
+    return done
+
+
+def _sweep_command(config: Path, address: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "po_cluster.cli", "sweep", "--config", str(config), "--address", address, *extra]
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, sweep_config):
+    config, experiment = sweep_config
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    driver = subprocess.Popen(_sweep_command(config, ray_cluster), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not _finished_trials(experiment) and time.time() < deadline and driver.poll() is None:
+        time.sleep(2)
+    assert driver.poll() is None, "the sweep ended before it could be killed; make it longer"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = _finished_trials(experiment)
+    assert 0 < len(before) < NUM_SAMPLES
+
+    resumed = subprocess.run(_sweep_command(config, ray_cluster, "--resume"), env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = json.loads((experiment / "sweep_results.json").read_text())["trials"]
+    assert len(records) == NUM_SAMPLES
+    assert all(r["checkpoint_path"] for r in records), records
+    after = _finished_trials(experiment)
+    for trial, checkpoints in before.items():  # a finished trial wrote nothing new: it did not run again
+        assert after[trial] == checkpoints
+    assert len({r["trial_id"] for r in records}) == NUM_SAMPLES
+
+
+def test_average_publishes_a_verified_release_and_report(sweep_config, capsys):
+    config, experiment = sweep_config
+    if not (experiment / "sweep_results.json").is_file():
+        pytest.skip("needs the sweep of the previous test")
+    assert cli_main(["average", "--config", str(config)]) == 0
+    average = json.loads((experiment / "average.json").read_text())
+    release = Path(average["release_folder"])
+    verify_manifest(release)
+    model, description = load_checkpoint(release)
+    assert description["architecture"] == "po-tiny-rn" and (release / "card.md").is_file()
+    store = open_store(yaml.safe_load(config.read_text())["store"])
+    assert [r.release_id for r in store.list_releases()] == [store.latest()]
+    assert set(average["test"]) == {"base", "best_trial", "uniform_soup", "greedy_soup"}
+    # greedy soup starts from the best trial and only adds what does not lower validation
+    assert average["validation"]["greedy_soup"]["objective"] >= average["validation"]["best_trial"]["objective"]
+    assert cli_main(["report", "--config", str(config)]) == 0
+    report = experiment / "report"
+    for name in ("report.md", "report.html", "beta_lambda.png", "tradeoff.png"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0
+    text = (report / "report.md").read_text()
+    assert "Best trial per loss" in text and "greedy_soup" in text

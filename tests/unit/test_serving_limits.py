@@ -1,0 +1,177 @@
+"""Serving without Ray: image decoding and its limits, knob checks, API keys, the request guard, the args and
+serve/config.yaml. (End to end over HTTP: tests/integration/test_serving.py.)"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from pydantic import ValidationError
+
+from po_cluster.serving.args import ServeArgs
+from po_cluster.serving.auth import ApiKeys, AuthArgs
+from po_cluster.serving.limits import (ApiError, Limits, RequestGuard, check_overrides, check_t, decode_image,
+                                       fill_template)
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMITS = Limits(max_image_pixels=10_000, max_image_bytes=50_000)
+
+
+def _file(image: np.ndarray, fmt: str) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _refused(value: str, limits: Limits = LIMITS) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        decode_image(value, "image", limits)
+    assert caught.value.param == "image"
+    return caught.value
+
+
+@pytest.fixture()
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+
+
+def test_allowed_formats_decode_png_exactly(image):
+    assert np.array_equal(decode_image(_file(image, "PNG"), "image", LIMITS), image)
+    for fmt in ("JPEG", "WEBP"):
+        assert decode_image(_file(image, fmt), "image", LIMITS).shape == (40, 30, 3)
+    data = _file(image, "PNG")
+    wrapped = "data:image/png;base64," + "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
+    assert np.array_equal(decode_image(wrapped, "image", LIMITS), image)  # data URL, MIME line breaks
+
+
+def test_refusals_name_the_reason(image):
+    assert _refused(_file(image, "GIF")).status == 415
+    assert _refused(_file(image, "BMP")).code == "unsupported_image_format"
+    assert _refused("https://example.com/x.png").code == "url_not_allowed"
+    assert _refused("file:///etc/passwd").code == "url_not_allowed"
+    assert _refused("%%%").code == "invalid_base64"
+    assert _refused(base64.b64encode(b"plain text").decode()).code == "not_an_image"
+    assert _refused("A" * 80_000).status == 413  # too many bytes: refused before decoding
+    big = np.zeros((200, 200, 3), np.uint8)
+    assert _refused(_file(big, "PNG")).code == "image_too_many_pixels"
+    assert _refused(_file(image, "PNG"), Limits(image_formats=("JPEG",))).status == 415
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # 30 GB of pixels, announced
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) \
+        + chunk(b"IEND", b"")
+    error = _refused(base64.b64encode(png).decode(), Limits())
+    assert (error.status, error.code) == (413, "image_too_many_pixels")
+
+
+def test_knob_checks():
+    limits = Limits()
+    assert check_t(0, limits) == 0.0 and check_t(4, limits) == 4.0
+    for bad in (float("nan"), float("inf"), 4.01, -2.5):
+        with pytest.raises(ApiError, match="t must be"):
+            check_t(bad, limits)
+    assert check_overrides({5: 2.0, 1: 0.5}, 8, limits) == ((1, 0.5), (5, 2.0))
+    for overrides, param in (({8: 1.0}, "sigma_overrides.8"), ({-1: 1.0}, "sigma_overrides.-1"),
+                             ({2: float("inf")}, "sigma_overrides.2"), ({2: 1e9}, "sigma_overrides.2")):
+        with pytest.raises(ApiError) as caught:
+            check_overrides(overrides, 8, limits)
+        assert caught.value.param == param and caught.value.status == 422
+    assert fill_template("a {0.__class__} {}", "cat") == "a {0.__class__} cat"  # never str.format
+
+
+def test_api_keys_from_env_and_rotating_file(tmp_path):
+    assert not ApiKeys(AuthArgs(), {}).enabled
+    ApiKeys(AuthArgs(), {}).check(None)  # no source: no key asked
+    keys = ApiKeys(AuthArgs(api_keys_env="KEYS"), {"KEYS": "one, two"})
+    keys.check("Bearer two")
+    for header, code in ((None, "missing_api_key"), ("Basic two", "missing_api_key"), ("Bearer three",
+                                                                                        "invalid_api_key")):
+        with pytest.raises(ApiError) as caught:
+            keys.check(header)
+        assert (caught.value.status, caught.value.code) == (401, code)
+    with pytest.raises(ValueError, match="KEYS"):
+        ApiKeys(AuthArgs(api_keys_env="KEYS"), {})  # named but empty: refuse to run open
+    with pytest.raises(ValueError, match="secret file"):
+        ApiKeys(AuthArgs(api_keys_file=str(tmp_path / "absent")), {})
+    secret = tmp_path / "keys"
+    secret.write_text("old-key\n")
+    keys = ApiKeys(AuthArgs(api_keys_file=str(secret)), {})
+    keys.check("Bearer old-key")
+    secret.write_text("new-key-after-rotation\n")
+    keys.check("Bearer new-key-after-rotation")
+    with pytest.raises(ApiError):
+        keys.check("Bearer old-key")
+
+
+def _through_guard(body_parts: list[bytes], headers: dict[bytes, bytes], max_bytes: int = 100) -> tuple[int, dict]:
+    seen = {}
+
+    async def app(scope, receive, send):
+        message = await receive()
+        seen["body"] = message["body"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    messages = [{"type": "http.request", "body": part, "more_body": i < len(body_parts) - 1}
+                for i, part in enumerate(body_parts)]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/classify", "headers": list(headers.items())}
+    asyncio.run(RequestGuard(app, max_bytes)(scope, receive, send))
+    body = json.loads(sent[1]["body"]) if sent[1]["body"] != b"{}" else {"passed": seen["body"]}
+    return sent[0]["status"], body
+
+
+def test_request_guard_counts_declared_and_received_bytes():
+    assert _through_guard([b"a" * 60, b"b" * 40], {}) == (200, {"passed": b"a" * 60 + b"b" * 40})
+    status, body = _through_guard([b"a" * 60, b"b" * 41], {})  # chunked past the limit
+    assert status == 413 and body["error"]["param"] == "body"
+    assert _through_guard([b"a"], {b"content-length": b"101"})[0] == 413
+    assert _through_guard([b"a" * 200], {b"content-length": b"10"})[0] == 413  # a lying Content-Length
+    assert _through_guard([b"a"], {b"content-length": b"ten"})[0] == 400
+
+
+def test_serve_args_are_validated_at_the_edge():
+    args = ServeArgs.model_validate({"store": "/tmp/store"})
+    assert args.default_release == "latest" and args.batching.max_batch_size == 16
+    for bad, field in (({"store": "/s", "batching": {"max_batch_size": 0}}, "max_batch_size"),
+                       ({"store": "/s", "limits": {"t_min": 0.5}}, "t_min"),
+                       ({"store": "/s", "default_release": "../x"}, "default_release"),
+                       ({"store": "/s", "model": {"max_ongoing_requests": 4}}, "max_ongoing_requests"),
+                       ({"store": "/s", "limts": {}}, "limts"),
+                       ({}, "store")):
+        with pytest.raises(ValidationError, match=field):
+            ServeArgs.model_validate(bad)
+
+
+def test_serve_config_yaml_is_a_serve_deploy_config_whose_args_build_the_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    from po_cluster.serving.app import build_app
+
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    app_config = schema.applications[0]
+    assert app_config.import_path == "po_cluster.serving.app:build_app"
+    args = ServeArgs.model_validate(app_config.args)
+    assert args.model.autoscaling is not None and args.auth.api_keys_file
+    application = build_app(app_config.args)  # binds the deployments; needs no cluster
+    assert type(application).__name__ == "Application"
