@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-output
 
-.PHONY: demo test unit install clean browser-deps
+.PHONY: demo compare test unit install clean browser-deps
 
 install: $(STAMP)
 
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
+# The main job on a local Ray cluster: sweep (resumed if interrupted), soups, release, report.
 demo: $(STAMP)
-	$(VENV)/bin/po-cluster compare --config configs/demo.yaml --output-dir $(DEMO_DIR)
+	$(VENV)/bin/po-cluster pipeline --config configs/demo-sweep.yaml
+
+# Each loss once from the base model, single process, one comparison table.
+compare: $(STAMP)
+	$(VENV)/bin/po-cluster compare --config configs/compare.yaml --output-dir $(DEMO_DIR)
 
 test: $(STAMP) browser-deps
 	$(PY) -m pytest -q
@@ -41,4 +46,4 @@ unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) runs .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) runs artifacts .pytest_cache

@@ -14,7 +14,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                 include_dashboard=True, _node_ip_address="127.0.0.1" if address is None else None,
+                 include_dashboard=True,
                  log_to_driver=False, logging_level="WARNING")
 
 
@@ -71,17 +71,41 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """The main job: sweep (resumed if it exists), soups + release, report."""
+    from po_cluster.sweep import RESULTS_FILE
+
+    cfg, path = _experiment(args)
+    connect_ray(args.address)
+    from ray import tune
+
+    args.resume = tune.Tuner.can_restore(str(path))
+    if args.resume and (path / RESULTS_FILE).is_file() and not args.rerun:
+        print(f"sweep {cfg.name} already complete in {path} (use --rerun to resume it anyway)")
+    else:
+        cmd_sweep(args)
+    args.top_k, args.store, args.no_publish = None, args.store, False
+    cmd_average(args)
+    cmd_report(args)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     for name, func, text in (("sweep", cmd_sweep, "Ray Tune + Optuna search of β, λ and the loss"),
                              ("average", cmd_average, "soups of the top-k trials and a release"),
-                             ("report", cmd_report, "Markdown/HTML report of a sweep with plots")):
+                             ("report", cmd_report, "Markdown/HTML report of a sweep with plots"),
+                             ("pipeline", cmd_pipeline, "sweep, average, release and report in one go")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="sweep config (YAML)")
         p.set_defaults(func=func)
         if name == "sweep":
             p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+        if name in ("sweep", "pipeline"):
             p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+        if name in ("average", "pipeline"):
+            p.add_argument("--store", default=None, help="artifact store (default: the config's store)")
+        if name == "pipeline":
+            p.add_argument("--rerun", action="store_true", help="resume the sweep even if it completed")
         if name == "average":
             p.add_argument("--top-k", type=int, default=None)
-            p.add_argument("--store", default=None, help="artifact store (default: the config's store)")
             p.add_argument("--no-publish", action="store_true", help="write the release folder only")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,23 @@ def _report(step: int, cfg: WorkerConfig, model, optimizer, bma, validation: Val
         ray.train.report(out)
 
 
+class StepClock:
+    """Time spent in training steps alone (not evaluation or checkpoints), for throughput."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps, self._t0 = 0.0, 0, 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds += time.perf_counter() - self._t0
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        return {"train_seconds": self.seconds, "steps_per_second": self.steps / max(self.seconds, 1e-9)}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: config = WorkerConfig as a dict, validated here at the edge."""
     cfg = WorkerConfig.model_validate(config)
@@ -154,7 +172,9 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model) if world_size > 1 else model
     settings = LossSettings(run.loss.beta, run.loss.kl_weight, run.loss.desirable_weight, run.loss.undesirable_weight)
     ddp.train()
+    clock = StepClock()
     for step in range(start + 1, t.steps + 1):
+        clock.start()
         set_lr(optimizer, step - 1, t.steps, run.optimizer.warmup_steps)
         pref_idx, reg_idx = batch_indices(t.seed, step, len(data.pref), len(data.reg), t.batch_size,
                                           t.reg_batch_size, rank, world_size)
@@ -164,7 +184,8 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.step()
         if bma is not None:
             bma.update(step, trainable_state(unwrap(ddp)))
+        clock.stop()
         _maybe_inject_failure(cfg, step)
         if step % cfg.report_every == 0 or step == t.steps:
-            metrics = _mean_across_workers(metrics, loss.device)
+            metrics = {**_mean_across_workers(metrics, loss.device), **clock.summary()}
             _report(step, cfg, ddp, optimizer, bma, validation, metrics, start)

@@ -34,16 +34,18 @@ def small_sets():
 def ray_cluster():
     """One local Ray cluster for the whole test session (a `ray.init` costs seconds here).
 
-    Bound to 127.0.0.1; other processes (a sweep driver the tests start and kill)
-    join it through the returned GCS address, authenticated by the token Ray
-    keeps in ~/.ray/auth_token.
+    Ray addresses its node by the host's own interface address (it maps 127.0.0.1
+    to it on purpose), so its traffic stays on this machine; the dashboard binds
+    127.0.0.1. Other processes (a sweep driver the tests start and kill) join it
+    through the returned GCS address, authenticated by the token Ray keeps in
+    ~/.ray/auth_token.
     """
     import ray
 
     if not ray.is_initialized():
         # The dashboard stays on: Ray Train cleans up the placement groups of a stopped trial
         # through the state API it serves.
-        ray.init(num_cpus=2, include_dashboard=True, _node_ip_address="127.0.0.1",
+        ray.init(num_cpus=2, include_dashboard=True,
                  log_to_driver=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -1,0 +1,103 @@
+"""Training throughput, measured side by side in one run (ratios, not absolute times).
+
+1. A PO step (policy forward on preference + regularisation images, loss, backward,
+   AdamW, BMA update) relative to the floor: the policy image tower's forward +
+   backward alone on the same batch. Target ≥ 0.8.
+2. A 1-worker TorchTrainer's steps/s relative to the same loop in a plain process.
+   Target ≥ 0.9.
+3. A spectral-only trial's wall time relative to a full fine-tuning trial of the
+   same number of steps.
+
+    .venv/bin/python benchmarks/train_bench.py [--steps 60]
+"""
+import argparse
+import logging
+import time
+
+import numpy as np
+import torch
+
+from po_cluster.averaging import BetaMovingAverage
+from po_cluster.config import ScalingSettings, WorkerConfig, parse_config
+from po_cluster.losses import LossSettings
+from po_cluster.train import (batch_indices, build_model, build_records, fit, make_optimizer, prepare_data,
+                              train_step, trainable_state)
+
+
+def run_config(tower: str, steps: int):
+    return parse_config({"data": {"n_pairs": 1024, "n_reg": 512, "n_val": 100}, "model": {"image_tower": tower},
+                         "training": {"steps": steps, "batch_size": 64, "reg_batch_size": 64}})
+
+
+def po_vs_floor(steps: int) -> tuple[float, float]:
+    cfg = run_config("full", steps)
+    model = build_model(cfg, torch.device("cpu"))
+    data = prepare_data(model, *build_records(cfg.data))
+    optimizer = make_optimizer(model, cfg.optimizer)
+    bma = BetaMovingAverage(trainable_state(model), 10 * steps)
+    settings = LossSettings(1.0, 0.3)
+    model.train()
+    po_time = floor_time = 0.0
+    for step in range(1, steps + 1):  # interleaved, so machine noise hits both alike
+        pref, reg = batch_indices(0, step, len(data.pref), len(data.reg), 64, 64)
+        start = time.perf_counter()
+        loss, _ = train_step(model, data, pref, reg, "dpo", settings)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bma.update(step, trainable_state(model))
+        po_time += time.perf_counter() - start
+        pixels = torch.cat([model.pixels(data.pref.images[pref]), model.pixels(data.reg.images[reg])])
+        start = time.perf_counter()
+        model.encode_image(pixels).sum().backward()
+        floor_time += time.perf_counter() - start
+        optimizer.zero_grad(set_to_none=True)
+    return floor_time / po_time, po_time / steps
+
+
+def trainer_vs_plain(steps: int) -> tuple[float, float, float]:
+    import ray
+
+    from po_cluster.sweep import fit_trial
+
+    cfg = run_config("full", steps)
+    model = build_model(cfg, torch.device("cpu"))
+    data = prepare_data(model, *build_records(cfg.data))
+    start = time.perf_counter()
+    fit(model, data, cfg)
+    plain = steps / (time.perf_counter() - start)
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
+             logging_level="ERROR")
+    cpus = torch.get_num_threads()  # give the worker the threads the plain loop had
+    result = fit_trial(WorkerConfig(run=cfg, report_every=steps, checkpoint_every=steps),
+                       ScalingSettings(num_workers=1, cpus_per_worker=cpus), "/tmp/po-bench", f"b{time.time():.0f}", 0)
+    ray.shutdown()
+    return result.metrics["steps_per_second"] / plain, plain, result.metrics["steps_per_second"]
+
+
+def spectral_vs_full(steps: int) -> tuple[float, float, float]:
+    times = {}
+    for tower in ("frozen", "full"):
+        cfg = run_config(tower, steps)
+        start = time.perf_counter()
+        model = build_model(cfg, torch.device("cpu"))
+        fit(model, prepare_data(model, *build_records(cfg.data)), cfg)
+        times[tower] = time.perf_counter() - start
+    return times["frozen"] / times["full"], times["frozen"], times["full"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)
+    ratio, per_step = po_vs_floor(args.steps)
+    print(f"PO step throughput / floor (image tower fwd+bwd alone): {ratio:.2f}  (target ≥ 0.8; PO step {per_step*1e3:.0f} ms)")
+    ratio, plain, ray_sps = trainer_vs_plain(args.steps)
+    print(f"1-worker TorchTrainer / plain process steps/s: {ratio:.2f}  (target ≥ 0.9; {ray_sps:.2f} vs {plain:.2f} steps/s)")
+    ratio, frozen, full = spectral_vs_full(args.steps)
+    print(f"spectral-only trial / full fine-tuning trial wall time: {ratio:.3f}  ({frozen:.1f} s vs {full:.1f} s, {args.steps} steps each)")
+
+
+if __name__ == "__main__":
+    main()
