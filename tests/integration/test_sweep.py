@@ -38,15 +38,21 @@ def sweep_config(tmp_path_factory):
     return path, root / "sweeps" / "killed"
 
 
-def _finished_trials(experiment: Path) -> dict[str, list[str]]:
-    """trial id → its checkpoint folders, for trials whose last checkpoint is at the final step."""
-    done = {}
-    for run in (experiment / "trials").glob("*"):
-        checkpoints = sorted(p.name for p in run.glob("checkpoint_*") if (p / "metrics.json").is_file())
-        steps = [json.loads((run / c / "metrics.json").read_text())["step"] for c in checkpoints]
-        if STEPS in steps:
-            done[run.name] = checkpoints
-    return done
+def _terminated_trials(experiment: Path) -> set[str]:
+    """Trials that Tune's own saved experiment state records as finished."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # being rewritten right now
+        return set()
+    trials = (json.loads(entry[0]) for entry in data["trial_data"])
+    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+
+
+def _checkpoints(experiment: Path, trial_id: str) -> list[str]:
+    return sorted(p.name for p in (experiment / "trials" / trial_id).glob("checkpoint_*"))
 
 
 def _sweep_command(config: Path, address: str, *extra: str) -> list[str]:
@@ -59,13 +65,14 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
     driver = subprocess.Popen(_sweep_command(config, ray_cluster), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while not _finished_trials(experiment) and time.time() < deadline and driver.poll() is None:
-        time.sleep(2)
+    while not _terminated_trials(experiment) and time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
     assert driver.poll() is None, "the sweep ended before it could be killed; make it longer"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    before = _finished_trials(experiment)
-    assert 0 < len(before) < NUM_SAMPLES
+    finished = _terminated_trials(experiment)
+    assert 0 < len(finished) < NUM_SAMPLES
+    before = {trial: _checkpoints(experiment, trial) for trial in finished}
 
     resumed = subprocess.run(_sweep_command(config, ray_cluster, "--resume"), env=env, capture_output=True,
                              text=True, timeout=900)
@@ -73,9 +80,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
     records = json.loads((experiment / "sweep_results.json").read_text())["trials"]
     assert len(records) == NUM_SAMPLES
     assert all(r["checkpoint_path"] for r in records), records
-    after = _finished_trials(experiment)
     for trial, checkpoints in before.items():  # a finished trial wrote nothing new: it did not run again
-        assert after[trial] == checkpoints
+        assert _checkpoints(experiment, trial) == checkpoints
     assert len({r["trial_id"] for r in records}) == NUM_SAMPLES
 
 
