@@ -55,9 +55,25 @@ def cmd_average(args: argparse.Namespace) -> int:
     if not args.no_publish:
         from po_cluster.storage import open_store
 
-        release_id = open_store(args.store or cfg.store).publish_release(result["release_folder"])
-        print(f"published release {release_id} to {args.store or cfg.store}")
+        args.release_id = open_store(args.store or cfg.store).publish_release(result["release_folder"])
+        print(f"published release {args.release_id} to {args.store or cfg.store}")
     return 0
+
+
+def ask_release(store: str, release_id: str) -> None:
+    """Serve the release on 127.0.0.1 and ask it about one attacked image at t = 0 and t = 1."""
+    import numpy as np
+
+    from po_cluster.data import world
+    from po_cluster.serving.demo import format_answer, serve_and_ask
+
+    square, written = world.SHAPES.index("square"), world.SHAPES.index("circle")
+    image = world.render(square, written, np.random.default_rng(7))
+    answers = serve_and_ask(store, release_id, image, list(world.SHAPES))
+    print(f"\nserved {release_id} at {answers['url']}; a square with the word 'circle' written on it:")
+    print(f"  base model  ({format_answer(answers['t0'])})")
+    print(f"  release     ({format_answer(answers['t1'])})")
+    print(f"keep it running with:  .venv/bin/po-cluster serve --store {store}   (then open http://127.0.0.1:8000/)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -84,9 +100,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         print(f"sweep {cfg.name} already complete in {path} (use --rerun to resume it anyway)")
     else:
         cmd_sweep(args)
-    args.top_k, args.store, args.no_publish = None, args.store, False
+    args.top_k, args.no_publish = None, False
     cmd_average(args)
     cmd_report(args)
+    ask_release(args.store or cfg.store, args.release_id)
     return 0
 
 

@@ -16,6 +16,10 @@ def load_target(target: str) -> tuple[AlignedCLIP, AlignedCLIP | None, str]:
     """(model, reference or None when the model is its own reference at t = 0, label)."""
     if target == SHIPPED_BASE:
         return AlignedCLIP(load_clip(ModelConfig()), "frozen"), None, "typo-shapes-base"
+    if target.startswith("s3://"):  # <store>/releases/<id|latest>: pulled, verified, cached
+        from po_cluster.storage import pull_release_uri
+
+        target = str(pull_release_uri(target))
     folder = Path(target)
     if not folder.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {target}")

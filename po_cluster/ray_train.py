@@ -22,12 +22,14 @@ import torch.distributed as dist
 
 from po_cluster.averaging import BetaMovingAverage
 from po_cluster.checkpoint import model_description, save_checkpoint
-from po_cluster.config import RunConfig, WorkerConfig
+from po_cluster.config import DataConfig, RunConfig, WorkerConfig
 from po_cluster.data import world
 from po_cluster.evaluate import Evaluator
 from po_cluster.losses import LossSettings
-from po_cluster.train import (batch_indices, build_model, build_records, load_average, make_optimizer,
-                              prepare_data, set_lr, train_step, trainable_state, unwrap)
+from po_cluster.data.records import ImageSet, PreferenceSet
+from po_cluster.train import (batch_indices, build_model, build_records, default_eval_sets, load_average,
+                              make_optimizer, prepare_data, prompt_template, set_lr, train_step, trainable_state,
+                              unwrap)
 from po_cluster.train_state import load_train_state, save_train_state
 
 
@@ -75,10 +77,11 @@ def averaged_weights(model: torch.nn.Module, bma: BetaMovingAverage | None):
                 params[name].copy_(value)
 
 
-def _write_checkpoint(folder: Path, model, optimizer, bma, step: int, cfg: RunConfig, metrics: dict) -> None:
+def _write_checkpoint(folder: Path, model, optimizer, bma, step: int, cfg: RunConfig, metrics: dict,
+                      classnames: tuple[str, ...]) -> None:
     save_train_state(folder, step, unwrap(model), optimizer, bma)
     with averaged_weights(model, bma) as core:
-        description = model_description(core, cfg.model, world.SHAPES, world.PROMPT_TEMPLATE)
+        description = model_description(core, cfg.model, classnames, prompt_template(cfg.data))
         save_checkpoint(folder, core, description, cfg.model_dump(mode="json"), {**metrics, "step": step})
 
 
@@ -87,18 +90,22 @@ class Validation:
     """The validation sets, π_ref's log-probs on their clean images, and the base model's metrics."""
 
     sets: dict
+    template: str
     ref_clean_logps: torch.Tensor
     base: dict[str, float]
 
     @classmethod
-    def of_start(cls, model, n: int) -> "Validation":
-        sets = world.validation_sets(n)
-        evaluator = Evaluator.build(unwrap(model), sets)
-        return cls(sets, evaluator.ref_clean_logps, evaluator.metrics(0.0))
+    def of_start(cls, model, data: DataConfig, pref: PreferenceSet, reg: ImageSet) -> "Validation":
+        # The world has validation sets apart from the evaluation sets; a dataset's are in-sample.
+        sets = world.validation_sets(data.n_val) if data.dataset is None else default_eval_sets(data, pref, reg)
+        template = prompt_template(data)
+        evaluator = Evaluator.build(unwrap(model), sets, template=template)
+        return cls(sets, template, evaluator.ref_clean_logps, evaluator.metrics(0.0))
 
     def metrics(self, model, bma) -> dict[str, float]:
         with averaged_weights(model, bma) as core:
-            return Evaluator.build(core, self.sets, ref_clean_logps=self.ref_clean_logps).metrics(1.0)
+            return Evaluator.build(core, self.sets, template=self.template,
+                                   ref_clean_logps=self.ref_clean_logps).metrics(1.0)
 
 
 def _maybe_inject_failure(cfg: WorkerConfig, step: int) -> None:
@@ -133,7 +140,8 @@ def _report(step: int, cfg: WorkerConfig, model, optimizer, bma, validation: Val
            "replica_divergence": divergence, "resumed_from_step": resumed_from, **train_metrics}
     if step % cfg.checkpoint_every == 0 or step == cfg.run.training.steps:
         with tempfile.TemporaryDirectory() as tmp:
-            _write_checkpoint(Path(tmp), model, optimizer, bma, step, cfg.run, out)
+            classnames = next(iter(validation.sets.values())).classnames
+            _write_checkpoint(Path(tmp), model, optimizer, bma, step, cfg.run, out, classnames)
             ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(out)
@@ -164,8 +172,9 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(t.seed)
     model = build_model(run, ray.train.torch.get_device())
-    data = prepare_data(model, *build_records(run.data))
-    validation = Validation.of_start(model, run.data.n_val) if rank == 0 else None
+    pref, reg = build_records(run.data)
+    data = prepare_data(model, pref, reg, prompt_template(run.data))
+    validation = Validation.of_start(model, run.data, pref, reg) if rank == 0 else None
     optimizer = make_optimizer(model, run.optimizer)
     bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None
     start = _resume(model, optimizer, bma)

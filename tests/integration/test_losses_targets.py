@@ -1,0 +1,16 @@
+"""The core's promise on the shipped base model, single process (configs/compare.yaml):
+dpo, ipo and kto each raise attacked accuracy by ≥ 0.30 and keep clean within 0.02."""
+import pytest
+
+from po_cluster.config import CompareConfig, load_config
+from po_cluster.train import run_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "kto"])
+def test_po_loss_fixes_typographic_attacks_without_forgetting(loss_type, tmp_path):
+    cfg = load_config("configs/compare.yaml", CompareConfig).run_for(loss_type)
+    result = run_training(cfg.model_copy(update={"output_dir": str(tmp_path)}))
+    assert result.after["attacked"] >= result.before["attacked"] + 0.30, result.after
+    assert result.after["clean"] >= result.before["clean"] - 0.02, result.after
