@@ -14,7 +14,6 @@ import argparse
 import logging
 import time
 
-import numpy as np
 import torch
 
 from po_cluster.averaging import BetaMovingAverage

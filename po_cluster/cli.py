@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from po_cluster.config import SHIPPED_BASE, CompareConfig, ConfigError, RunConfig, json_schema, load_config
 
@@ -84,7 +83,8 @@ def _extra_commands() -> list:
     """Command groups living beside the stage they drive; each adds its subparsers."""
     import importlib
 
-    modules = ("po_cluster.cli_data", "po_cluster.cli_releases", "po_cluster.cli_cluster", "po_cluster.cli_serve")
+    modules = ("po_cluster.cli_data", "po_cluster.cli_releases", "po_cluster.cli_cluster", "po_cluster.cli_serve",
+               "po_cluster.cli_embed")
     found = []
     for name in modules:
         try:

@@ -60,6 +60,22 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def base_answer(image) -> str:
+    """The shipped base model's top classes for one image: the attack it falls for."""
+    import torch
+
+    from po_cluster.config import ModelConfig
+    from po_cluster.data import world
+    from po_cluster.evaluate import embed_images, embed_prompts
+    from po_cluster.model.aligned import AlignedCLIP
+    from po_cluster.model.loading import load_clip
+
+    base = AlignedCLIP(load_clip(ModelConfig()), "frozen")
+    probs = base.logprobs(embed_images(base, image[None]), embed_prompts(base, world.prompts()), 0.0)[0].exp()
+    top = torch.argsort(probs, descending=True)[:3]
+    return ", ".join(f"{world.SHAPES[i]} {probs[i]:.2f}" for i in top.tolist())
+
+
 def ask_release(store: str, release_id: str) -> None:
     """Serve the release on 127.0.0.1 and ask it about one attacked image at t = 0 and t = 1."""
     import numpy as np
@@ -71,8 +87,9 @@ def ask_release(store: str, release_id: str) -> None:
     image = world.render(square, written, np.random.default_rng(7))
     answers = serve_and_ask(store, release_id, image, list(world.SHAPES))
     print(f"\nserved {release_id} at {answers['url']}; a square with the word 'circle' written on it:")
-    print(f"  base model  ({format_answer(answers['t0'])})")
-    print(f"  release     ({format_answer(answers['t1'])})")
+    print(f"  shipped base model, in process: {base_answer(image)}")
+    print(f"  release over HTTP, {format_answer(answers['t0'])}   (spectral layer off)")
+    print(f"  release over HTTP, {format_answer(answers['t1'])}")
     print(f"keep it running with:  .venv/bin/po-cluster serve --store {store}   (then open http://127.0.0.1:8000/)")
 
 

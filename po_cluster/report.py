@@ -42,10 +42,11 @@ def plot_beta_lambda(rows: list[dict], path: Path) -> None:
     scored = [r for r in rows if r.get("objective") is not None]
     low = min((r["objective"] for r in scored), default=0.0)
     high = max((r["objective"] for r in scored), default=1.0)
-    for loss, marker in MARKERS.items():
+    for offset, (loss, marker) in enumerate(MARKERS.items()):
         mine = [r for r in scored if r["loss"] == loss]
-        if mine:
-            points = ax.scatter([r["beta"] for r in mine], [r["kl_weight"] for r in mine],
+        if mine:  # losses dodged a little along β, so trials at the same point stay visible
+            dodge = 1.06 ** (offset - 1.5)
+            points = ax.scatter([r["beta"] * dodge for r in mine], [r["kl_weight"] for r in mine],
                                 c=[r["objective"] for r in mine], vmin=low, vmax=high, cmap="viridis",
                                 marker=marker, s=80, label=loss, edgecolors="black")
     if scored:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from po_cluster.averaging import greedy_soup, uniform_soup
 from po_cluster.checkpoint import (MODEL_JSON, TRAINING_JSON, WEIGHTS, CheckpointError, read_json, save_checkpoint,
                                    verify_manifest, write_manifest)
-from po_cluster.config import LastBlocks, ModelConfig
+from po_cluster.config import ModelConfig
 from po_cluster.data import world
 from po_cluster.evaluate import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
