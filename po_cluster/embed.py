@@ -49,6 +49,10 @@ _READ_THREADS = 8  # reads are I/O (S3 GETs); threads overlap them inside one de
 _NAME = re.compile(r"^(?P<release>[A-Za-z0-9][A-Za-z0-9._-]*)_t(?P<t>[^_]+)_(?P<index>\d{6})-(?P<digest>[0-9a-f]{12})"
                    r"\.parquet$")
 _SERVING = Limits()
+# Ray's own default for tasks, written out on purpose: Ray Data fuses a task map into the next actor map
+# when their remote args are equal (1 CPU each on a CPU-only cluster), which would decode inside the model
+# actors, serially with the model. Args that differ keep decoding in its own parallel CPU tasks.
+_DECODE_RETRIES = 3
 
 
 class EmbedError(RuntimeError):
@@ -332,7 +336,7 @@ def build_dataset(items: pa.Table, cfg: EmbedConfig, release_id: str, preprocess
     blocks = [items.slice(start, cfg.decode_batch_size) for start in range(0, items.num_rows, cfg.decode_batch_size)]
     ds = ray.data.from_arrow(blocks)  # one block per decoding call: the tasks run in parallel from the start
     ds = ds.map_batches(decode_batch, batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=1,
-                        runtime_env=runtime_env,
+                        runtime_env=runtime_env, max_retries=_DECODE_RETRIES,
                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
                         fn_kwargs={"preprocess": preprocess, "limits": cfg.limits, "settings": cfg.store_settings})
     ds = ds.map_batches(Embedder, batch_size=cfg.batch_size, batch_format="numpy",

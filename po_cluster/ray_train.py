@@ -161,7 +161,8 @@ class StepClock:
         self.steps += 1
 
     def summary(self) -> dict[str, float]:
-        return {"train_seconds": self.seconds, "steps_per_second": self.steps / max(self.seconds, 1e-9)}
+        return {"train_seconds": self.seconds, "steps_per_second": self.steps / max(self.seconds, 1e-9),
+                "torch_threads": torch.get_num_threads()}
 
 
 def train_loop_per_worker(config: dict) -> None:

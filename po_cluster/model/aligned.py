@@ -110,5 +110,9 @@ class AlignedCLIP(nn.Module):
 
     def logprobs(self, image_emb: torch.Tensor, text_emb: torch.Tensor, t: float = 1.0,
                  overrides: dict[int, float] | None = None) -> torch.Tensor:
-        return candidate_logprobs(self.project(image_emb, t, overrides), self.project(text_emb, t, overrides),
+        if t == 0 and not overrides:  # exactly the starting model
+            return candidate_logprobs(F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1),
+                                      self.logit_scale)
+        w = self.spectral.matrix(t, overrides)  # one matrix exponential for both towers
+        return candidate_logprobs(F.normalize(image_emb @ w, dim=-1), F.normalize(text_emb @ w, dim=-1),
                                   self.logit_scale)

@@ -1,0 +1,640 @@
+"""The KubeRay manifests in k8s/ against the real KubeRay v1.7.0 CRDs, Kubernetes' own rules for
+core objects, and the project they deploy (the Serve app, the sweep config, the image).
+
+No cluster is needed: the CRDs' openAPIV3Schema are JSON Schemas, made strict here (an unknown field
+fails, as with `kubectl apply --validate=strict`), and the operator's own semantic checks that a
+schema cannot express are restated next to them.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import re
+import shlex
+import tomllib
+from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+from jsonschema import Draft7Validator
+
+if TYPE_CHECKING:
+    from po_cluster.config import SweepConfig
+    from po_cluster.serving.args import ServeArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+# CI has shared/ beside the clone (as /work/shared is beside /work/main here).
+CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
+CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
+MANIFESTS = ("rayjob-sweep.yaml", "rayservice.yaml", "secrets.example.yaml")
+SECRETS_FILE = "secrets.example.yaml"
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 60k lines
+
+DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS1123_SUBDOMAIN = rf"^{DNS1123_LABEL}(\.{DNS1123_LABEL})*$"
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+QUALIFIED_NAME = rf"^({DNS1123_LABEL}(\.{DNS1123_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"  # keys of Secret and ConfigMap data
+KUBERAY_MAX_NAME = 47  # RayJob / RayService: a RayCluster name (≤ 53) minus the 6 characters KubeRay appends
+
+
+# ---- schemas ----------------------------------------------------------------------------------
+
+
+def strict_schema(node: Any) -> Any:
+    """A CRD's structural schema as a strict JSON Schema.
+
+    Kubernetes prunes (or, validating strictly, rejects) fields a schema does not declare; JSON
+    Schema allows them unless told: add `additionalProperties: false` wherever `properties` are
+    declared and unknown fields are not explicitly preserved. int-or-string becomes an anyOf.
+    """
+    if isinstance(node, list):
+        return [strict_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: ({name: strict_schema(sub) for name, sub in value.items()} if key == "properties"
+                 else strict_schema(value))
+           for key, value in node.items() if not key.startswith("x-kubernetes-") and key != "nullable"}
+    if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in node and "additionalProperties" not in node \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if node.get("format") == "int32":
+        out.setdefault("minimum", -(2 ** 31))
+        out.setdefault("maximum", 2 ** 31 - 1)
+    if node.get("nullable"):
+        return {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+def object_meta(name_pattern: str, max_length: int) -> dict:
+    """ObjectMeta as a manifest writes it (the CRDs leave metadata open; the API server does not)."""
+    strings = {"type": "object", "additionalProperties": {"type": "string"}}
+    return {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": name_pattern, "maxLength": max_length},
+        "namespace": {"type": "string", "pattern": f"^{DNS1123_LABEL}$", "maxLength": 63},
+        "labels": {**strings, "propertyNames": {"pattern": QUALIFIED_NAME},
+                   "additionalProperties": {"type": "string", "pattern": LABEL_VALUE}},
+        "annotations": {**strings, "propertyNames": {"pattern": QUALIFIED_NAME}}}}
+
+
+def _data_map(value_schema: dict) -> dict:
+    return {"type": "object", "propertyNames": {"pattern": CONFIG_KEY, "maxLength": 253},
+            "additionalProperties": value_schema}
+
+
+def core_schemas() -> dict[tuple[str, str], dict]:
+    """Minimal schemas of the core kinds the manifests may hold, by Kubernetes' own rules."""
+    def kind(name: str, **fields: dict) -> dict:
+        return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata"],
+                "properties": {"apiVersion": {"const": "v1"}, "kind": {"const": name},
+                               "metadata": object_meta(DNS1123_SUBDOMAIN, 253),
+                               "immutable": {"type": "boolean"}, **fields}}
+
+    base64_value = {"type": "string", "pattern": BASE64}
+    return {
+        ("v1", "Secret"): kind("Secret", type={"type": "string", "minLength": 1},
+                               data=_data_map(base64_value), stringData=_data_map({"type": "string"})),
+        ("v1", "ConfigMap"): kind("ConfigMap", data=_data_map({"type": "string"}),
+                                  binaryData=_data_map(base64_value)),
+    }
+
+
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) → strict schema, for every version of the KubeRay CRDs."""
+    if not CRD_DIR.is_dir():
+        pytest.fail(f"KubeRay CRDs not found at {CRD_DIR}: the repository's shared/ folder (kuberay-crds/) "
+                    f"must sit beside the clone, as ../shared relative to {ROOT}")
+    schemas = {}
+    for file in CRD_FILES:
+        crd = yaml.load((CRD_DIR / file).read_text(), Loader=Loader)
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schema = strict_schema(version["schema"]["openAPIV3Schema"])
+            schema["properties"]["metadata"] = object_meta(DNS1035_LABEL, KUBERAY_MAX_NAME)
+            schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"})
+            schemas[(f"{group}/{version['name']}", kind)] = schema
+    return schemas
+
+
+@pytest.fixture(scope="module")
+def validators() -> dict[tuple[str, str], Draft7Validator]:
+    out = {}
+    for key, schema in {**crd_schemas(), **core_schemas()}.items():
+        Draft7Validator.check_schema(schema)
+        out[key] = Draft7Validator(schema)
+    return out
+
+
+def errors(validators: dict[tuple[str, str], Draft7Validator], doc: dict) -> list[str]:
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key not in validators:
+        return [f"no schema for apiVersion/kind {key}: add one to tests/unit/test_k8s.py"]
+    return [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+            for e in sorted(validators[key].iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+# ---- the manifests and the project ---------------------------------------------------------------
+
+
+def load_documents() -> list[tuple[str, dict]]:
+    docs = []
+    for file in MANIFESTS:
+        for doc in yaml.safe_load_all((K8S / file).read_text()):
+            if doc is not None:
+                docs.append((file, doc))
+    return docs
+
+
+DOCS = load_documents()
+
+
+def manifest(kind: str) -> dict:
+    found = [doc for _, doc in DOCS if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} in k8s/, found {len(found)}"
+    return found[0]
+
+
+def cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]["rayClusterConfig"]
+
+
+def pod_specs(doc: dict) -> Iterator[tuple[str, dict]]:
+    """Every pod template of a RayJob / RayService: head, worker groups, the job's submitter."""
+    cluster = cluster_spec(doc)
+    yield "head", cluster["headGroupSpec"]["template"]["spec"]
+    for group in cluster.get("workerGroupSpecs", []):
+        yield f"worker group {group['groupName']}", group["template"]["spec"]
+    if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+        yield "submitter", doc["spec"]["submitterPodTemplate"]["spec"]
+
+
+def containers(doc: dict) -> Iterator[tuple[str, dict]]:
+    for where, spec in pod_specs(doc):
+        for container in spec.get("initContainers", []) + spec.get("containers", []):
+            yield f"{doc['kind']} {where} container {container.get('name')}", container
+
+
+def ray_containers(doc: dict) -> Iterator[tuple[str, dict]]:
+    """The Ray container (KubeRay's index 0) of the head and of each worker group."""
+    for where, spec in pod_specs(doc):
+        if where != "submitter":
+            yield where, spec["containers"][0]
+
+
+def ray_kinds() -> list[dict]:
+    return [doc for _, doc in DOCS if doc["apiVersion"].startswith("ray.io/")]
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def pinned(package: str) -> str:
+    """The exact version pyproject.toml pins for a dependency (`name[extras]==X`)."""
+    for requirement in pyproject()["project"]["dependencies"]:
+        match = re.fullmatch(rf"{re.escape(package)}(\[[^\]]*\])?==([\w.]+)", requirement.replace(" ", ""))
+        if match:
+            return match.group(2)
+    raise AssertionError(f"pyproject.toml pins no {package}==…")
+
+
+def serve_config() -> dict:
+    return yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+
+
+def serve_config_v2() -> dict:
+    return yaml.safe_load(manifest("RayService")["spec"]["serveConfigV2"])
+
+
+def serve_args() -> ServeArgs:
+    from po_cluster.serving.args import ServeArgs
+
+    (app,) = serve_config_v2()["applications"]
+    return ServeArgs.model_validate(app["args"])
+
+
+def cpu_cores(quantity: str | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def memory_bytes(quantity: str | int) -> float:
+    units = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    text = str(quantity)
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def ray_capacity(group: dict, container: dict) -> tuple[float, float]:
+    """(CPUs, GPUs) Ray sees in one pod: rayStartParams first, else the container limits (KubeRay's rule)."""
+    params, limits = group.get("rayStartParams", {}), container["resources"]["limits"]
+    cpus = cpu_cores(params["num-cpus"]) if "num-cpus" in params else cpu_cores(limits["cpu"])
+    gpus = float(params["num-gpus"]) if "num-gpus" in params else float(limits.get("nvidia.com/gpu", 0))
+    return cpus, gpus
+
+
+def worker_groups(doc: dict) -> list[dict]:
+    """Per worker group: name, max pods, and the CPUs and GPUs Ray sees in one pod."""
+    out = []
+    for group in cluster_spec(doc).get("workerGroupSpecs", []):
+        cpus, gpus = ray_capacity(group, group["template"]["spec"]["containers"][0])
+        out.append({"name": group["groupName"], "max": group["maxReplicas"], "cpus": cpus, "gpus": gpus})
+    return out
+
+
+def dockerfile_copies() -> list[tuple[list[str], str]]:
+    """(sources, absolute destination) of each COPY in k8s/Dockerfile, WORKDIR applied."""
+    workdir, copies = PurePosixPath("/"), []
+    for line in (K8S / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["WORKDIR"]:
+            workdir = workdir / words[1]
+        elif words[:1] == ["COPY"]:
+            *sources, dest = [w for w in words[1:] if not w.startswith("--")]
+            copies.append((sources, str(workdir / dest)))
+    return copies
+
+
+def image_paths() -> dict[str, str]:
+    """Absolute path in the image → repository path, for each COPY of one source."""
+    return {dest: sources[0].rstrip("/") for sources, dest in dockerfile_copies() if len(sources) == 1}
+
+
+def repo_path_of(image_path: str) -> Path:
+    for dest, source in image_paths().items():
+        if image_path == dest or image_path.startswith(dest.rstrip("/") + "/"):
+            return ROOT / source / PurePosixPath(image_path).relative_to(dest)
+    raise AssertionError(f"{image_path} is not in the image: no COPY in k8s/Dockerfile puts it there")
+
+
+def entrypoint_config_path() -> Path:
+    """The RayJob entrypoint's --config, as a repository path (it names a path in the image)."""
+    argv = shlex.split(manifest("RayJob")["spec"]["entrypoint"])
+    assert "--config" in argv, f"the entrypoint names no --config: {argv}"
+    path = argv[argv.index("--config") + 1]
+    # The job's driver runs in a working directory of Ray's choosing, not necessarily the WORKDIR.
+    assert path.startswith("/"), f"the entrypoint's config {path} must be an absolute path in the image"
+    return repo_path_of(path)
+
+
+def sweep_config() -> SweepConfig:
+    from po_cluster.config import SweepConfig, load_config
+
+    return load_config(entrypoint_config_path(), SweepConfig)
+
+
+# ---- the manifests against the schemas ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("file,doc", DOCS, ids=[f"{f}:{d['kind']}/{d['metadata']['name']}" for f, d in DOCS])
+def test_manifest_validates_against_its_schema(validators, file: str, doc: dict) -> None:
+    assert errors(validators, doc) == [], f"k8s/{file}"
+
+
+def test_manifests_hold_the_expected_kinds() -> None:
+    kinds = sorted(doc["kind"] for _, doc in DOCS)
+    assert kinds.count("RayJob") == 1 and kinds.count("RayService") == 1 and "Secret" in kinds
+
+
+def _set(doc: dict, path: tuple, value: Any) -> dict:
+    doc = copy.deepcopy(doc)
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return doc
+
+
+def _rename(doc: dict, path: tuple, new_name: str) -> dict:
+    doc = copy.deepcopy(doc)
+    node = doc
+    for part in path[:-1]:
+        node = node[part]
+    node[new_name] = node.pop(path[-1])
+    return doc
+
+
+HEAD = ("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0)
+BROKEN = {
+    "misspelled top field": ("RayService", lambda d: _rename(d, ("spec", "serveConfigV2"), "serveConfigv2")),
+    "misspelled cluster field": ("RayService", lambda d: _rename(
+        d, ("spec", "rayClusterConfig", "enableInTreeAutoscaling"), "enableInTreeAutoscalling")),
+    "misspelled container field": ("RayService", lambda d: _rename(d, (*HEAD, "resources"), "resource")),
+    "misspelled job field": ("RayJob", lambda d: _rename(d, ("spec", "shutdownAfterJobFinishes"),
+                                                         "shutdownAfterJobFinish")),
+    "misspelled metadata field": ("RayJob", lambda d: _rename(d, ("metadata", "name"), "nmae")),
+    "auth mode not in the enum": ("RayService", lambda d: _set(d, ("spec", "rayClusterConfig", "authOptions",
+                                                                   "mode"), "tokens")),
+    "replicas as a string": ("RayJob", lambda d: _set(d, ("spec", "rayClusterSpec", "workerGroupSpecs", 0,
+                                                          "maxReplicas"), "4")),
+    "quantity neither int nor string": ("RayService", lambda d: _set(d, (*HEAD, "resources", "limits", "cpu"), [2])),
+    "name not DNS-1035": ("RayService", lambda d: _set(d, ("metadata", "name"), "Po_Serve")),
+    "secret data not base64": ("Secret", lambda d: _set(d, ("data",), {"k": "not base64!"})),
+    "secret name not DNS-1123": ("Secret", lambda d: _set(d, ("metadata", "name"), "PO-Secret")),
+    "stringData value not a string": ("Secret", lambda d: _set(d, ("stringData",), {"k": 3})),
+    "misspelled secret field": ("Secret", lambda d: _set(d, ("stringdata",), {"k": "v"})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_manifest_is_refused(validators, case: str) -> None:
+    kind, breaker = BROKEN[case]
+    doc = next(doc for _, doc in DOCS if doc["kind"] == kind)
+    assert errors(validators, doc) == []  # the control: unbroken, it passes
+    assert errors(validators, breaker(doc)), f"{case}: accepted"
+
+
+def test_quantities_take_integers_and_strings(validators) -> None:
+    doc = manifest("RayService")
+    assert errors(validators, _set(doc, (*HEAD, "resources", "limits", "cpu"), 2)) == []
+    assert errors(validators, _set(doc, (*HEAD, "resources", "limits", "cpu"), "2500m")) == []
+
+
+def test_strict_schema_keeps_preserved_objects_open() -> None:
+    schema = strict_schema({"type": "object", "properties": {
+        "open": {"type": "object", "properties": {"a": {"type": "string"}},
+                 "x-kubernetes-preserve-unknown-fields": True},
+        "closed": {"type": "object", "properties": {"a": {"type": "string"}}},
+        "port": {"x-kubernetes-int-or-string": True}}})
+    validator = Draft7Validator(schema)
+    assert validator.is_valid({"open": {"a": "x", "b": 1}, "closed": {"a": "x"}, "port": 80})
+    assert validator.is_valid({"port": "http"})
+    assert not validator.is_valid({"closed": {"b": 1}})
+    assert not validator.is_valid({"other": 1})
+    assert not validator.is_valid({"port": 1.5})
+
+
+# ---- KubeRay's own checks (validation.go), beyond the CRD schema ---------------------------------
+
+
+@pytest.mark.parametrize("doc", ray_kinds(), ids=lambda d: d["kind"])
+def test_operator_rules(doc: dict) -> None:
+    cluster = cluster_spec(doc)
+    assert cluster["rayVersion"] == pinned("ray"), "rayVersion must be the Ray the image installs"
+    if cluster.get("authOptions", {}).get("mode") == "token":
+        assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52, 0), "token auth needs Ray ≥ 2.52"
+    head = cluster["headGroupSpec"]
+    head_env = {e["name"] for e in head["template"]["spec"]["containers"][0].get("env", [])}
+    if "gcsFaultToleranceOptions" in cluster:
+        assert "redis-password" not in head.get("rayStartParams", {})
+        assert not head_env & {"REDIS_PASSWORD", "RAY_REDIS_ADDRESS", "REDIS_USERNAME"}
+    if cluster.get("autoscalerOptions", {}).get("version") == "v2":
+        for where, spec in pod_specs(doc):
+            if where != "submitter":
+                assert spec.get("restartPolicy", "Never") == "Never", f"{where}: autoscaler v2 wants Never"
+    for group in cluster.get("workerGroupSpecs", []):
+        assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
+        if group.get("resources"):
+            assert not {"num-cpus", "num-gpus", "memory", "resources"} & set(group.get("rayStartParams", {}))
+
+
+def test_rayjob_rules() -> None:
+    spec = manifest("RayJob")["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True, "the GPU cluster must go away when the job ends"
+    assert spec.get("ttlSecondsAfterFinished", 0) >= 0
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+    if "submitterPodTemplate" in spec:  # a Kubernetes Job's pod
+        assert spec["submitterPodTemplate"]["spec"].get("restartPolicy") in ("Never", "OnFailure")
+    assert cluster_spec(manifest("RayJob"))["enableInTreeAutoscaling"] is True
+
+
+def test_rayservice_rules() -> None:
+    spec = manifest("RayService")["spec"]
+    assert spec.get("upgradeStrategy", {}).get("type", "NewCluster") in (
+        "NewCluster", "NewClusterWithIncrementalUpgrade", "None")
+    cluster = cluster_spec(manifest("RayService"))
+    assert cluster["enableInTreeAutoscaling"] is True
+    ft = cluster["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] and "valueFrom" in ft["redisPassword"], "the Redis password comes from a Secret"
+
+
+@pytest.mark.parametrize("doc", ray_kinds(), ids=lambda d: d["kind"])
+def test_token_authentication_is_on_and_left_to_the_operator(doc: dict) -> None:
+    auth = cluster_spec(doc)["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"]
+    # The operator injects these from the Secret and skips a name already set: a hand-written one would win.
+    for where, container in containers(doc):
+        names = {e["name"] for e in container.get("env", [])}
+        assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}, where
+
+
+# ---- containers, images, secrets ----------------------------------------------------------------
+
+
+def _check_resources(where: str, resources: dict) -> None:
+    requests, limits = resources.get("requests", {}), resources.get("limits", {})
+    for name, amounts in (("requests", requests), ("limits", limits)):
+        assert {"cpu", "memory"} <= set(amounts), f"{where}: resources.{name} needs cpu and memory"
+    assert cpu_cores(requests["cpu"]) <= cpu_cores(limits["cpu"]), where
+    assert memory_bytes(requests["memory"]) <= memory_bytes(limits["memory"]), where
+    for name in set(requests) | set(limits):  # extended resources (GPUs) cannot be overcommitted
+        if "/" in name:
+            assert str(requests.get(name)) == str(limits.get(name)), f"{where}: {name} requests ≠ limits"
+
+
+@pytest.mark.parametrize("doc", ray_kinds(), ids=lambda d: d["kind"])
+def test_every_container_has_requests_and_limits(doc: dict) -> None:
+    found = list(containers(doc))
+    assert found
+    for where, container in found:
+        _check_resources(where, container.get("resources", {}))
+    cluster = cluster_spec(doc)
+    if cluster.get("enableInTreeAutoscaling"):  # the autoscaler sidecar KubeRay adds to the head
+        _check_resources(f"{doc['kind']} autoscaler", cluster.get("autoscalerOptions", {}).get("resources", {}))
+
+
+def test_one_image_tag_across_manifests() -> None:
+    images = {container["image"] for doc in ray_kinds() for _, container in containers(doc)}
+    images |= {cluster_spec(doc)["autoscalerOptions"]["image"] for doc in ray_kinds()
+               if "image" in cluster_spec(doc).get("autoscalerOptions", {})}
+    assert len(images) == 1, f"one image everywhere, found {sorted(images)}"
+    (image,) = images
+    # A tag, not :latest or none: a new tag is what makes KubeRay roll a RayService to a new cluster.
+    name, _, tag = image.rpartition(":")
+    assert name and "/" not in tag and tag != "latest", image
+
+
+def _secret_references(node: Any, parent: str = "") -> Iterator[tuple[str, str | None]]:
+    """(secret name, key or None for the whole Secret) for every reference in a manifest."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _secret_references(item, parent)
+        return
+    if not isinstance(node, dict):
+        return
+    if parent == "secretKeyRef":
+        yield node["name"], node["key"]
+    elif parent == "secretRef":
+        yield node["name"], None
+    elif parent == "secret" and "secretName" in node:  # a volume
+        for item in node.get("items") or [{"key": None}]:
+            yield node["secretName"], item["key"]
+    elif parent == "authOptions" and node.get("secretName"):
+        yield node["secretName"], "auth_token"  # the key KubeRay reads
+    for key, value in node.items():
+        yield from _secret_references(value, key)
+
+
+def example_secrets() -> dict[str, dict[str, str]]:
+    out = {}
+    for file, doc in DOCS:
+        if file == SECRETS_FILE and doc["kind"] == "Secret":
+            data = {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
+            out[doc["metadata"]["name"]] = {**data, **(doc.get("stringData") or {})}
+    return out
+
+
+@pytest.mark.parametrize("doc", ray_kinds(), ids=lambda d: d["kind"])
+def test_every_secret_reference_is_in_the_example(doc: dict) -> None:
+    secrets = example_secrets()
+    references = list(_secret_references(doc))
+    assert references
+    for name, key in references:
+        assert name in secrets, f"{doc['kind']} references Secret {name}, absent from k8s/{SECRETS_FILE}"
+        assert key is None or key in secrets[name], f"Secret {name} has no key {key} in k8s/{SECRETS_FILE}"
+
+
+def test_example_secrets_hold_only_placeholders() -> None:
+    not_secret = {("po-cluster-s3", "AWS_REGION")}
+    for name, values in example_secrets().items():
+        for key, value in values.items():
+            if (name, key) not in not_secret:
+                assert value.strip() and all("REPLACE-ME" in line for line in value.strip().splitlines()), \
+                    f"k8s/{SECRETS_FILE}: {name}.{key} must stay a REPLACE-ME placeholder"
+
+
+@pytest.mark.parametrize("doc", ray_kinds(), ids=lambda d: d["kind"])
+def test_ray_containers_get_s3_credentials(doc: dict) -> None:
+    # Trials, the soups and the Serve replicas all read or write S3, from any pod.
+    for where, container in ray_containers(doc):
+        refs = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
+        assert "po-cluster-s3" in refs, f"{doc['kind']} {where}"
+
+
+# ---- the RayService runs the project's Serve application -----------------------------------------
+
+
+def test_serve_config_v2_is_serve_config_yaml() -> None:
+    # One source of truth: no per-environment overrides. Edit serve/config.yaml, paste it into
+    # k8s/rayservice.yaml under serveConfigV2.
+    assert serve_config_v2() == serve_config(), \
+        "k8s/rayservice.yaml spec.serveConfigV2 differs from serve/config.yaml: paste the file again"
+
+
+def test_serve_config_v2_parses_and_imports_the_real_app() -> None:
+    from ray.serve._private.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    from po_cluster.serving.app import build_app
+
+    schema = ServeDeploySchema.model_validate(serve_config_v2())
+    assert [app.import_path for app in schema.applications] == ["po_cluster.serving.app:build_app"]
+    assert import_attr(schema.applications[0].import_path) is build_app
+    args = serve_args()  # what build_app validates first
+    assert args.store.startswith("s3://"), "pods share no disk: the store must be S3"
+
+
+def test_serve_port_is_declared_on_every_pod() -> None:
+    port = serve_config_v2()["http_options"]["port"]
+    for where, container in ray_containers(manifest("RayService")):
+        ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+        assert ports.get("serve") == port, f"{where}: containerPort {port} named serve"
+
+
+def test_api_keys_file_is_mounted_on_every_pod() -> None:
+    keys_file = PurePosixPath(serve_args().auth.api_keys_file)
+    for where, spec in pod_specs(manifest("RayService")):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mounts = [m for m in spec["containers"][0].get("volumeMounts", [])
+                  if m["mountPath"] == str(keys_file.parent)]
+        assert len(mounts) == 1 and "subPath" not in mounts[0], f"{where}: no mount at {keys_file.parent}"
+        secret = volumes[mounts[0]["name"]]["secret"]
+        paths = {item["path"] for item in secret.get("items", [])} or set(example_secrets()[secret["secretName"]])
+        assert keys_file.name in paths, f"{where}: {keys_file} is not a file of the mounted Secret"
+
+
+def test_serve_replicas_fit_the_worker_groups() -> None:
+    args, groups = serve_args(), worker_groups(manifest("RayService"))
+    model = args.model
+    replicas = model.autoscaling.max_replicas if model.autoscaling else model.num_replicas
+    if model.num_gpus > 0:
+        usable = [g for g in groups if g["gpus"] >= model.num_gpus]
+        assert sum(g["max"] * g["gpus"] for g in usable) >= replicas * model.num_gpus
+    else:
+        usable = [g for g in groups if g["gpus"] == 0]  # the autoscaler keeps GPU pods for GPU work
+        need = replicas * model.num_cpus + args.gateway.num_replicas * args.gateway.num_cpus
+        assert sum(g["max"] * g["cpus"] for g in usable) >= need, "max replicas do not fit the CPU group"
+    assert any(g["cpus"] >= model.num_cpus for g in usable), "one model replica fits no pod"
+
+
+def test_rayservice_has_cpu_and_gpu_groups() -> None:
+    # GPU replicas are one line of serve/config.yaml away (model.num_gpus) and need a group to land on.
+    gpus = [g["gpus"] > 0 for g in worker_groups(manifest("RayService"))]
+    assert True in gpus and False in gpus
+
+
+# ---- the RayJob runs the project's pipeline on a valid sweep config ------------------------------
+
+
+def test_rayjob_entrypoint_is_a_project_command() -> None:
+    argv = shlex.split(manifest("RayJob")["spec"]["entrypoint"])
+    if argv[0] in pyproject()["project"]["scripts"]:
+        from po_cluster.cli import build_parser
+
+        args = build_parser().parse_args(argv[1:])  # exits (SystemExit) on an unknown command or option
+        assert args.command in ("pipeline", "sweep", "average", "report"), args.command
+    else:
+        script = next(a for a in argv if a.endswith(".py"))
+        assert argv[0] in ("python", "python3") and repo_path_of(script).is_file(), argv
+
+
+def test_rayjob_config_loads_as_a_sweep_config() -> None:
+    cfg = sweep_config()  # load_config raises ConfigError naming the field if it does not
+    assert cfg.scaling.use_gpu, "the RayJob's cluster has GPU workers: the sweep should use them"
+    for uri in (cfg.storage_path, cfg.store):
+        assert uri.startswith("s3://"), f"{uri}: pods share no disk, and the cluster is deleted after the job"
+
+
+def test_sweep_publishes_where_the_service_serves() -> None:
+    assert sweep_config().store == serve_args().store
+
+
+def test_sweep_trials_fit_the_gpu_group() -> None:
+    cfg, groups = sweep_config(), worker_groups(manifest("RayJob"))
+    scaling = cfg.scaling
+    gpu_groups = [g for g in groups if g["gpus"] >= scaling.gpus_per_worker]
+    assert any(g["cpus"] >= scaling.cpus_per_worker for g in gpu_groups), "one Train worker fits no GPU pod"
+    # Tune sizes concurrency from the GPUs present at the start, none with a group scaled to zero.
+    assert cfg.max_concurrent_trials is not None, "set max_concurrent_trials for an autoscaled cluster"
+    per_pod = [min(g["gpus"] // scaling.gpus_per_worker, g["cpus"] // max(scaling.cpus_per_worker, 1e-9))
+               for g in gpu_groups]
+    workers = sum(g["max"] * n for g, n in zip(gpu_groups, per_pod, strict=True))
+    assert cfg.max_concurrent_trials * scaling.num_workers <= workers, "more trials than GPU pods can hold"
+
+
+# ---- the image ----------------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_the_project_with_the_pinned_torch() -> None:
+    text = (K8S / "Dockerfile").read_text()
+    python = re.search(r">=(\d+\.\d+)", pyproject()["project"]["requires-python"]).group(1)
+    assert re.search(rf"^FROM python:{re.escape(python)}-slim\b", text, re.MULTILINE), "base: python:<version>-slim"
+    for package in ("torch", "torchvision"):
+        assert f"{package}=={pinned(package)}" in text, f"k8s/Dockerfile must pin {package}=={pinned(package)}"
+    assert re.search(r"^RUN pip install /tmp/build\b", text, re.MULTILINE), "the project itself is installed"
+    assert re.search(r"apt-get install[^\n]*\bwget\b", text), "KubeRay's probes run wget"
+    assert re.search(r"^USER (?!0\b|root\b)\S+", text, re.MULTILINE), "run as a non-root user"
+    for sources, _ in dockerfile_copies():
+        for source in sources:
+            assert (ROOT / source).exists(), f"k8s/Dockerfile copies {source}, which is not in the repository"
+    assert "/tmp/build/po_cluster" in image_paths()
