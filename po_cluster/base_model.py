@@ -1,7 +1,6 @@
 """The shipped base model: pretraining it, writing it with its card, and its metrics."""
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -9,20 +8,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from po_cluster.checkpoint import sha256_file
 from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
 from po_cluster.evaluate import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import WEIGHTS_FILE, load_clip
 from po_cluster.pretrain import PretrainConfig, config_dict, pretrain
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def evaluate_weights(name: str, weights: Path) -> dict[str, float]:

@@ -49,10 +49,6 @@ _READ_THREADS = 8  # reads are I/O (S3 GETs); threads overlap them inside one de
 _NAME = re.compile(r"^(?P<release>[A-Za-z0-9][A-Za-z0-9._-]*)_t(?P<t>[^_]+)_(?P<index>\d{6})-(?P<digest>[0-9a-f]{12})"
                    r"\.parquet$")
 _SERVING = Limits()
-# Ray's own default for tasks, written out on purpose: Ray Data fuses a task map into the next actor map
-# when their remote args are equal (1 CPU each on a CPU-only cluster), which would decode inside the model
-# actors, serially with the model. Args that differ keep decoding in its own parallel CPU tasks.
-_DECODE_RETRIES = 3
 
 
 class EmbedError(RuntimeError):
@@ -328,6 +324,19 @@ class Embedder:
         return {key: batch[key] for key in ("id", "source_uri", "shard", "code", "reason")} | {"embedding": embedding}
 
 
+def decode_task_memory(cfg: EmbedConfig, preprocess: Preprocess) -> int:
+    """Bytes one decoding task may hold: its output batch (float32 model input, and Arrow's copy of it),
+    the largest file it accepts (raw, base64, decoded by the endpoint's rules) and the largest image
+    (RGB bytes, then to_model_input's float32 copy and its resized one).
+
+    Reserving it also keeps decoding in its own tasks: Ray Data fuses a task map into the next actor map
+    when their remote args are equal (1 CPU each on a CPU-only cluster), which would decode inside the
+    model actors, serially with the model.
+    """
+    batch = cfg.decode_batch_size * 3 * preprocess.image_size ** 2 * 4 * 2
+    return batch + 4 * cfg.limits.max_image_bytes + cfg.limits.max_image_pixels * 3 * (1 + 4 + 4)
+
+
 def build_dataset(items: pa.Table, cfg: EmbedConfig, release_id: str, preprocess: Preprocess,
                   use_gpu: bool, runtime_env: dict[str, Any] | None = None) -> "ray.data.Dataset":
     """Inputs (with their shard index) → decoded on CPU tasks → embedded by the actor pool, in input order."""
@@ -336,7 +345,7 @@ def build_dataset(items: pa.Table, cfg: EmbedConfig, release_id: str, preprocess
     blocks = [items.slice(start, cfg.decode_batch_size) for start in range(0, items.num_rows, cfg.decode_batch_size)]
     ds = ray.data.from_arrow(blocks)  # one block per decoding call: the tasks run in parallel from the start
     ds = ds.map_batches(decode_batch, batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=1,
-                        runtime_env=runtime_env, max_retries=_DECODE_RETRIES,
+                        memory=decode_task_memory(cfg, preprocess), runtime_env=runtime_env,
                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
                         fn_kwargs={"preprocess": preprocess, "limits": cfg.limits, "settings": cfg.store_settings})
     ds = ds.map_batches(Embedder, batch_size=cfg.batch_size, batch_format="numpy",
@@ -484,7 +493,8 @@ def _load_release(cfg: EmbedConfig) -> tuple[str, Preprocess, int]:
     return release_id, Preprocess(model.image_size, tuple(model.mean), tuple(model.std)), model.spectral.dim
 
 
-def _with_shard_column(shards: list[Shard]) -> pa.Table:
+def with_shard_column(shards: list[Shard]) -> pa.Table:
+    """The shards' inputs as one table, each row with its shard index (rows travel the pipeline with it)."""
     tables = [s.items.append_column("shard", pa.array(np.full(s.items.num_rows, s.index, np.int32)))
               for s in shards]
     return pa.concat_tables(tables)
@@ -551,7 +561,7 @@ def run_embed(cfg: EmbedConfig, on_shard: Callable[[ShardReport], None] | None =
             summary.failed_total += output.rows(ERRORS, shard.name)
     if pending:
         use_gpu = cfg.num_gpus != 0 and (cfg.num_gpus or ray.cluster_resources().get("GPU", 0)) > 0
-        ds = build_dataset(_with_shard_column(pending), cfg, release_id, preprocess, use_gpu, runtime_env)
+        ds = build_dataset(with_shard_column(pending), cfg, release_id, preprocess, use_gpu, runtime_env)
         _collect(ds, pending, output, summary, on_shard)
     summary.ok_total += summary.ok
     summary.failed_total += summary.failed

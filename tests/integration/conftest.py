@@ -101,28 +101,6 @@ def bucket(moto_s3) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def release_template(tmp_path_factory) -> Path:
-    """A real checkpoint folder (tiny random model) plus a card, with its manifest rewritten."""
-    import torch
-
-    from po_cluster.checkpoint import model_description, save_checkpoint, write_manifest
-    from po_cluster.config import ModelConfig
-    from po_cluster.data import world
-    from po_cluster.model.aligned import AlignedCLIP
-    from po_cluster.model.loading import load_clip
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(pretrained=None, image_tower="frozen")
-    model = AlignedCLIP(load_clip(cfg), "frozen")
-    folder = save_checkpoint(tmp_path_factory.mktemp("release") / "ckpt", model,
-                             model_description(model, cfg, world.SHAPES, "a photo of a {}."),
-                             {"loss_type": "dpo", "beta": 0.1}, {"clean": 0.9, "attacked": 0.7})
-    (folder / "card.md").write_text("# test release\n\nA tiny random po-tiny-rn, for storage tests.\n")
-    write_manifest(folder)
-    return folder
-
-
 @pytest.fixture()
 def release_folder(release_template, tmp_path) -> Path:
     """A private copy, so that a test may change it."""

@@ -12,8 +12,8 @@ import copy
 import re
 import shlex
 import tomllib
-from pathlib import Path, PurePosixPath
 from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import pytest

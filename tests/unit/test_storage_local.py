@@ -13,28 +13,7 @@ from po_cluster.storage import (LATEST, LocalStore, StoreError, fetch_file, new_
                                 pull_release_uri)
 
 WEIGHTS = "model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def release_template(tmp_path_factory) -> Path:
-    """A real checkpoint folder (tiny random model) plus a card, with its manifest rewritten."""
-    import torch
-
-    from po_cluster.checkpoint import model_description, save_checkpoint, write_manifest
-    from po_cluster.config import ModelConfig
-    from po_cluster.data import world
-    from po_cluster.model.aligned import AlignedCLIP
-    from po_cluster.model.loading import load_clip
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(pretrained=None, image_tower="frozen")
-    model = AlignedCLIP(load_clip(cfg), "frozen")
-    folder = save_checkpoint(tmp_path_factory.mktemp("release") / "ckpt", model,
-                             model_description(model, cfg, world.SHAPES, "a photo of a {}."),
-                             {"loss_type": "dpo"}, {"clean": 0.9, "attacked": 0.7})
-    (folder / "card.md").write_text("# test release\n")
-    write_manifest(folder)
-    return folder
+CARD = "# test release\n\nA tiny random po-tiny-rn, for storage tests.\n"
 
 
 @pytest.fixture()
@@ -174,7 +153,7 @@ def test_cached_copy_is_reused_without_downloading(store, folder, tmp_path):
     assert store.pull_release("r-1", cache_dir=tmp_path / "cache") == first and calls == []
     (first / "card.md").write_text("tampered cache\n")  # a damaged cache is fetched again, never used
     again = store.pull_release("r-1", cache_dir=tmp_path / "cache")
-    assert again == first and (again / "card.md").read_text() == "# test release\n" and len(calls) == 5
+    assert again == first and (again / "card.md").read_text() == CARD and len(calls) == 5
     import hashlib
 
     assert first.name == hashlib.sha256((first / "manifest.json").read_bytes()).hexdigest()
