@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from po_cluster.config import SweepConfig, load_config
@@ -18,39 +17,44 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
                  log_to_driver=False, logging_level="WARNING")
 
 
-def _experiment(args: argparse.Namespace) -> tuple[SweepConfig, Path]:
-    from po_cluster.sweep import experiment_path
+def _experiment(args: argparse.Namespace):
+    from po_cluster.experiment import open_experiment
 
     cfg = load_config(args.config, SweepConfig)
-    return cfg, Path(experiment_path(cfg))
+    return cfg, open_experiment(cfg)
 
 
-def _records(path: Path) -> list[dict]:
+def _records(experiment) -> list[dict]:
     from po_cluster.sweep import RESULTS_FILE
 
-    file = path / RESULTS_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"no {RESULTS_FILE} in {path}: run (or resume) the sweep first")
-    return json.loads(file.read_text())["trials"]
+    if not experiment.exists(RESULTS_FILE):
+        raise FileNotFoundError(f"no {RESULTS_FILE} in {experiment.uri}: run (or resume) the sweep first")
+    return experiment.read_json(RESULTS_FILE)["trials"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from po_cluster.sweep import run_sweep
 
-    cfg, path = _experiment(args)
+    cfg, experiment = _experiment(args)
     connect_ray(args.address)
     records = run_sweep(cfg, resume=args.resume)
     done = sum(1 for r in records if r.get("checkpoint_path"))
-    print(f"sweep {cfg.name}: {len(records)} trials ({done} with a checkpoint) in {path}")
+    print(f"sweep {cfg.name}: {len(records)} trials ({done} with a checkpoint) in {experiment.uri}")
     return 0
 
 
 def cmd_average(args: argparse.Namespace) -> int:
     from po_cluster.soup import average_trials
 
-    cfg, path = _experiment(args)
-    result = average_trials(_records(path), args.top_k or cfg.top_k, path, cfg.base.data.n_val,
-                            cfg.clean_tolerance, cfg.clean_penalty)
+    from po_cluster.experiment import scratch, work_dir
+
+    cfg, experiment = _experiment(args)
+    downloads = scratch()  # trial checkpoints in S3 are read from local copies, verified there
+    result = average_trials(_records(experiment), args.top_k or cfg.top_k, work_dir(experiment),
+                            cfg.base.data.n_val, cfg.clean_tolerance, cfg.clean_penalty,
+                            locate=lambda path: experiment.fetch(path, downloads / Path(path).name))
+    if not experiment.is_local:
+        experiment.write_json("average.json", result)
     print(f"release candidate: {result['chosen']} → {result['release_folder']}")
     if not args.no_publish:
         from po_cluster.storage import open_store
@@ -96,25 +100,29 @@ def ask_release(store: str, release_id: str) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from po_cluster.report import write_report
 
-    cfg, path = _experiment(args)
-    average_file = path / "average.json"
-    average = json.loads(average_file.read_text()) if average_file.is_file() else None
-    md, page = write_report(_records(path), average, path / "report", f"po-cluster sweep: {cfg.name}")
-    print(f"report: {md}\n        {page}")
+    from po_cluster.experiment import work_dir
+
+    cfg, experiment = _experiment(args)
+    average = experiment.read_json("average.json") if experiment.exists("average.json") else None
+    folder = work_dir(experiment) / "report"
+    md, page = write_report(_records(experiment), average, folder, f"po-cluster sweep: {cfg.name}")
+    if not experiment.is_local:
+        experiment.upload(folder, "report")
+    print(f"report: {md}\n        {page}" + ("" if experiment.is_local else f"\n        {experiment.uri}/report/"))
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """The main job: sweep (resumed if it exists), soups + release, report."""
-    from po_cluster.sweep import RESULTS_FILE
-
-    cfg, path = _experiment(args)
-    connect_ray(args.address)
     from ray import tune
 
-    args.resume = tune.Tuner.can_restore(str(path))
-    if args.resume and (path / RESULTS_FILE).is_file() and not args.rerun:
-        print(f"sweep {cfg.name} already complete in {path} (use --rerun to resume it anyway)")
+    from po_cluster.sweep import RESULTS_FILE
+
+    cfg, experiment = _experiment(args)
+    connect_ray(args.address)
+    args.resume = tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.filesystem)
+    if args.resume and experiment.exists(RESULTS_FILE) and not args.rerun:
+        print(f"sweep {cfg.name} already complete in {experiment.uri} (use --rerun to resume it anyway)")
     else:
         cmd_sweep(args)
     args.top_k, args.no_publish = None, False

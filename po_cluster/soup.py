@@ -99,12 +99,16 @@ Reported below on the fixed evaluation sets (held out from every choice), at t =
 
 
 def average_trials(records: list[dict], top_k: int, out_dir: str | Path, n_val: int = 500,
-                   tolerance: float = 0.02, penalty: float = 5.0) -> dict:
-    """Soups of the top-k trials; writes `out_dir/release` (manifest last) and `out_dir/average.json`."""
+                   tolerance: float = 0.02, penalty: float = 5.0, locate=Path) -> dict:
+    """Soups of the top-k trials; writes `out_dir/release` (manifest last) and `out_dir/average.json`.
+
+    `locate` turns a trial's checkpoint path into a local folder (a download, for S3).
+    """
     top = ranked_trials(records)[:top_k]
     if not top:
         raise ValueError("no finished trial with a checkpoint to average")
-    candidates = [read_candidate(r["trial_id"], r["checkpoint_path"], r["metrics"]["objective"]) for r in top]
+    candidates = [read_candidate(r["trial_id"], locate(r["checkpoint_path"]), r["metrics"]["objective"])
+                  for r in top]
     check_same_architecture(candidates)
     scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)
     states = {"best_trial": candidates[0].state, "uniform_soup": uniform_soup([c.state for c in candidates])}

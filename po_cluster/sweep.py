@@ -5,7 +5,6 @@ resume after the driver dies.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from po_cluster.config import LastBlocks, RunConfig, ScalingSettings, SweepConfig, WorkerConfig
+from po_cluster.experiment import Experiment, open_experiment
 from po_cluster.ray_train import train_loop_per_worker
 
 METRIC = "objective"
@@ -28,10 +28,6 @@ RESULTS_FILE = "sweep_results.json"
 def local_or_uri(path: str) -> str:
     """Ray wants absolute local paths; URIs (s3://) pass through."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def experiment_path(cfg: SweepConfig) -> str:
-    return f"{local_or_uri(cfg.storage_path).rstrip('/')}/{cfg.name}"
 
 
 def _tower_label(mode) -> str:
@@ -91,14 +87,18 @@ def scaling_config(s: ScalingSettings) -> ray.train.ScalingConfig:
 
 
 def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str, name: str, max_failures: int,
-              callbacks: list | None = None) -> ray.train.Result:
-    """One Ray Train run; a run of the same name in the same storage resumes from its last checkpoint."""
+              callbacks: list | None = None, filesystem=None) -> ray.train.Result:
+    """One Ray Train run; a run of the same name in the same storage resumes from its last checkpoint.
+
+    `storage_path` is a local folder, or a path of `filesystem` (e.g. pyarrow S3: "bucket/prefix").
+    """
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker.model_dump(mode="json"),
         scaling_config=scaling_config(scaling),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=local_or_uri(storage_path),
+            name=name, storage_path=storage_path if filesystem is not None else local_or_uri(storage_path),
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
@@ -107,21 +107,22 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
     return trainer.fit()
 
 
-def trial_driver(sample: dict, sweep: dict) -> None:
-    """The Tune trainable: build and fit one TorchTrainer for this trial."""
+def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "") -> None:
+    """The Tune trainable: build and fit one TorchTrainer for this trial, in the sweep's storage."""
     cfg = SweepConfig.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
     worker = WorkerConfig(run=trial_run_config(cfg, sample, trial_id), report_every=cfg.report_every,
                           checkpoint_every=cfg.checkpoint_every, clean_tolerance=cfg.clean_tolerance,
                           clean_penalty=cfg.clean_penalty)
-    fit_trial(worker, cfg.scaling, f"{experiment_path(cfg)}/trials", trial_id, cfg.max_failures,
-              [TuneReportCallback()])
+    fit_trial(worker, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
+              [TuneReportCallback()], filesystem)
 
 
-def driver_trainable(cfg: SweepConfig):
+def driver_trainable(cfg: SweepConfig, experiment: Experiment):
     """The trial driver with the sweep bound to it. It only waits on its TorchTrainer, so it
     reserves no CPU: otherwise the drivers could hold every CPU and no worker could start."""
-    bound = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"))
+    bound = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"),
+                                 filesystem=experiment.filesystem, root=experiment.root)
     return tune.with_resources(bound, {"cpu": 0, "memory": 1 << 20})  # a bundle must not be empty
 
 
@@ -137,47 +138,66 @@ def max_concurrent_trials(cfg: SweepConfig) -> int:
     return max(1, int(min(fits))) if fits else 1
 
 
-def _study_storage(cfg: SweepConfig) -> optuna.storages.BaseStorage:
-    """The Optuna study lives in the experiment folder (locally), so a resumed sweep keeps its history."""
+STUDY_FILE = "optuna-study.journal"
+
+
+def _study_file(experiment: Experiment) -> Path:
+    """The Optuna journal: in the experiment folder when local, else a local copy synced to it."""
+    if experiment.is_local:
+        folder = Path(experiment.path)
+    else:
+        folder = Path.home() / ".cache" / "po-cluster" / "optuna" / experiment.name
+        if experiment.exists(STUDY_FILE):  # resuming: start from the stored study
+            folder.mkdir(parents=True, exist_ok=True)
+            with experiment.filesystem.open_input_stream(experiment.file(STUDY_FILE)) as stream:
+                (folder / STUDY_FILE).write_bytes(stream.read())
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / STUDY_FILE
+
+
+def _study_storage(experiment: Experiment) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend
 
-    base = Path(experiment_path(cfg)) if "://" not in experiment_path(cfg) else \
-        Path.home() / ".cache" / "po-cluster" / "optuna" / cfg.name
-    base.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(base / "optuna-study.journal")))
+    return optuna.storages.JournalStorage(JournalFileBackend(str(_study_file(experiment))))
 
 
-def build_tuner(cfg: SweepConfig) -> tune.Tuner:
+def build_tuner(cfg: SweepConfig, experiment: Experiment) -> tune.Tuner:
     searcher = OptunaSearch(space=optuna_space(cfg), metric=METRIC, mode="max",
                             points_to_evaluate=starting_points(cfg), sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                            study_name=cfg.name, storage=_study_storage(cfg), seed=cfg.seed)
+                            study_name=cfg.name, storage=_study_storage(experiment), seed=cfg.seed)
     reports = math.ceil(cfg.base.training.steps / cfg.report_every)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
                               grace_period=min(cfg.scheduler.grace_period, reports),
                               reduction_factor=cfg.scheduler.reduction_factor)
     return tune.Tuner(
-        driver_trainable(cfg),
+        driver_trainable(cfg, experiment),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=cfg.num_samples, max_concurrent_trials=max_concurrent_trials(cfg)),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=local_or_uri(cfg.storage_path), verbose=1),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=experiment.root,
+                                  storage_filesystem=experiment.filesystem, verbose=1),
     )
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> list[dict]:
     """Run (or resume) the sweep; returns and writes one record per trial."""
-    path = experiment_path(cfg)
+    experiment = open_experiment(cfg)
+    restorable = tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.filesystem)
     if resume:
-        if not tune.Tuner.can_restore(path):
-            raise FileNotFoundError(f"no sweep to resume at {path}")
-        tuner = tune.Tuner.restore(path, trainable=driver_trainable(cfg), resume_unfinished=True,
-                                   restart_errored=True)
+        if not restorable:
+            raise FileNotFoundError(f"no sweep to resume at {experiment.uri}")
+        _study_storage(experiment)  # brings the stored study back before Tune restores its searcher
+        tuner = tune.Tuner.restore(experiment.path, trainable=driver_trainable(cfg, experiment),
+                                   resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=experiment.filesystem)
     else:
-        if tune.Tuner.can_restore(path):
-            raise FileExistsError(f"a sweep already exists at {path}; use --resume or another name")
-        tuner = build_tuner(cfg)
+        if restorable:
+            raise FileExistsError(f"a sweep already exists at {experiment.uri}; use --resume or another name")
+        tuner = build_tuner(cfg, experiment)
     grid = tuner.fit()
+    if not experiment.is_local:
+        experiment.upload(_study_file(experiment), STUDY_FILE)
     records = [trial_record(result) for result in grid]
-    write_results(cfg, records)
+    experiment.write_json(RESULTS_FILE, {"sweep": cfg.model_dump(mode="json"), "trials": records})
     return records
 
 
@@ -186,9 +206,3 @@ def trial_record(result) -> dict:
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     return {"trial_id": metrics.get("trial_id"), "config": result.config, "metrics": metrics,
             "checkpoint_path": metrics.get("checkpoint_path"), "error": str(result.error) if result.error else None}
-
-
-def write_results(cfg: SweepConfig, records: list[dict]) -> Path:
-    path = Path(experiment_path(cfg)) / RESULTS_FILE
-    path.write_text(json.dumps({"sweep": cfg.model_dump(mode="json"), "trials": records}, indent=2) + "\n")
-    return path

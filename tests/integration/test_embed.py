@@ -205,6 +205,7 @@ def test_killed_job_resumes_without_redoing_finished_shards(ray_cluster, corpus,
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     finished = _finished(folder)
+    print(f"\nkilled with {len(finished)} of 20 shards written")
     assert 0 < len(finished) < 20, finished
 
     written = []

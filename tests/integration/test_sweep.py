@@ -38,31 +38,35 @@ def sweep_config(tmp_path_factory):
     return path, root / "sweeps" / "killed"
 
 
-def _terminated_trials(experiment: Path) -> set[str]:
+def terminated_trials(state_json: str | None) -> set[str]:
     """Trials that Tune's own saved experiment state records as finished."""
-    states = sorted(experiment.glob("experiment_state-*.json"))
-    if not states:
+    if not state_json:
         return set()
     try:
-        data = json.loads(states[-1].read_text())
+        data = json.loads(state_json)
     except json.JSONDecodeError:  # being rewritten right now
         return set()
     trials = (json.loads(entry[0]) for entry in data["trial_data"])
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
+def _terminated_trials(experiment: Path) -> set[str]:
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    return terminated_trials(states[-1].read_text() if states else None)
+
+
 def _checkpoints(experiment: Path, trial_id: str) -> list[str]:
     return sorted(p.name for p in (experiment / "trials" / trial_id).glob("checkpoint_*"))
 
 
-def _sweep_command(config: Path, address: str, *extra: str) -> list[str]:
+def sweep_command(config: Path, address: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "po_cluster.cli", "sweep", "--config", str(config), "--address", address, *extra]
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, sweep_config):
     config, experiment = sweep_config
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    driver = subprocess.Popen(_sweep_command(config, ray_cluster), env=env, stdout=subprocess.DEVNULL,
+    driver = subprocess.Popen(sweep_command(config, ray_cluster), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while not _terminated_trials(experiment) and time.time() < deadline and driver.poll() is None:
@@ -74,7 +78,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
     assert 0 < len(finished) < NUM_SAMPLES
     before = {trial: _checkpoints(experiment, trial) for trial in finished}
 
-    resumed = subprocess.run(_sweep_command(config, ray_cluster, "--resume"), env=env, capture_output=True,
+    resumed = subprocess.run(sweep_command(config, ray_cluster, "--resume"), env=env, capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     records = json.loads((experiment / "sweep_results.json").read_text())["trials"]
