@@ -43,7 +43,7 @@ browser-deps:
 	else echo "browser-deps: no npm, the playground browser test will be skipped"; test -z "$$CI"; fi
 
 unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/unit -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) runs artifacts .pytest_cache

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from po_cluster.config import Strict
 from po_cluster.serving.limits import ApiError, ImageFormat, Limits
@@ -76,7 +76,8 @@ class EmbedConfig(Strict):
     store: str = Field(min_length=1, description="release store: folder or s3://bucket/prefix")
     release: str = Field("latest", description="release id, or latest (resolved once, at the start)")
     t: float = Field(1.0, description="σ_i ← σ_i^t, as the serving endpoint's t")
-    shard_size: int = Field(1000, gt=0, description="images per output file (the unit of resumption)")
+    shard_size: int = Field(1000, gt=0, description="images per output file and per decoding task; the unit a "
+                            "re-run skips")
     batch_size: int = Field(64, gt=0, description="images per model call in an actor")
     decode_batch_size: int = Field(64, gt=0, description="images per decoding task call")
     concurrency: int = Field(1, gt=0, description="model actors")
@@ -92,6 +93,24 @@ class EmbedConfig(Strict):
         if not math.isfinite(t):
             raise ValueError("t must be a finite number")
         return float(t)
+
+    @model_validator(mode="after")
+    def _output_outside_input(self) -> "EmbedConfig":
+        # Shard files written inside an input folder would be inputs of the re-run, and change its shards.
+        if not _is_manifest(self.input) and _within(self.output, self.input):
+            raise ValueError(f"output {self.output} is inside the input folder {self.input}; write it elsewhere")
+        return self
+
+
+def _is_manifest(source: str) -> bool:
+    return source.lower().endswith((".jsonl", ".parquet"))
+
+
+def _within(child: str, parent: str) -> bool:
+    def normal(uri: str) -> str:
+        return uri.rstrip("/") if _is_s3(uri) else str(Path(uri).expanduser().absolute())
+
+    return normal(child) == normal(parent) or normal(child).startswith(normal(parent) + "/")
 
 
 # ---------------------------------------------------------------- inputs: (id, source_uri), sorted by id
@@ -174,9 +193,8 @@ def _manifest_inputs(manifest: str, settings: StoreSettings) -> list[tuple[str, 
 def list_inputs(source: str, settings: StoreSettings | None = None) -> pa.Table:
     """(id, source_uri) of every input, sorted by id; EmbedError on duplicate ids or nothing to do."""
     settings = settings or StoreSettings()
-    manifest = source.lower().endswith((".jsonl", ".parquet"))
     try:
-        items = (_manifest_inputs if manifest else _folder_inputs)(source, settings)
+        items = (_manifest_inputs if _is_manifest(source) else _folder_inputs)(source, settings)
     except OSError as error:
         raise EmbedError(f"input {source}: cannot read: {error}") from None
     if not items:
@@ -280,16 +298,21 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: D
     uris = [str(u) for u in batch["source_uri"]]
     with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
         raws = list(pool.map(lambda uri: _read(uri, settings, rules.max_image_bytes), uris))
-    pixels = np.zeros((len(uris), 3, size, size), dtype=np.float32)
     codes, reasons = [""] * len(uris), [""] * len(uris)
+    by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     for i, raw in enumerate(raws):
         try:
             if isinstance(raw, BadInput):
                 raise raw
             image = decode_file(raw, rules)
-            pixels[i] = to_model_input(image[None], size, preprocess.mean, preprocess.std)[0].numpy()
+            by_shape.setdefault(image.shape, []).append((i, image))
         except BadInput as bad:
             codes[i], reasons[i] = bad.code, bad.reason
+    pixels = np.zeros((len(uris), 3, size, size), dtype=np.float32)
+    for group in by_shape.values():  # one conversion per shape, as the serving engine's image_features
+        rows = [i for i, _ in group]
+        pixels[rows] = to_model_input(np.stack([image for _, image in group]), size, preprocess.mean,
+                                      preprocess.std).numpy()
     return {"id": batch["id"], "source_uri": batch["source_uri"], "shard": batch["shard"], "pixels": pixels,
             "code": np.array(codes, dtype=object), "reason": np.array(reasons, dtype=object)}
 
@@ -337,13 +360,19 @@ def decode_task_memory(cfg: EmbedConfig, preprocess: Preprocess) -> int:
     return batch + 4 * cfg.limits.max_image_bytes + cfg.limits.max_image_pixels * 3 * (1 + 4 + 4)
 
 
-def build_dataset(items: pa.Table, cfg: EmbedConfig, release_id: str, preprocess: Preprocess,
+def shard_block(shard: Shard) -> pa.Table:
+    """A shard's inputs, each row with the shard's index (rows travel the pipeline with it)."""
+    return shard.items.append_column("shard", pa.array(np.full(shard.items.num_rows, shard.index, np.int32)))
+
+
+def build_dataset(shards: list[Shard], cfg: EmbedConfig, release_id: str, preprocess: Preprocess,
                   use_gpu: bool, runtime_env: dict[str, Any] | None = None) -> "ray.data.Dataset":
     """Inputs (with their shard index) → decoded on CPU tasks → embedded by the actor pool, in input order."""
     import ray.data
 
-    blocks = [items.slice(start, cfg.decode_batch_size) for start in range(0, items.num_rows, cfg.decode_batch_size)]
-    ds = ray.data.from_arrow(blocks)  # one block per decoding call: the tasks run in parallel from the start
+    # One block per shard: shards decode in parallel tasks, each in decode_batch_size batches. Finer blocks
+    # would cost the driver a remote metadata call each (seconds per thousand) before anything runs.
+    ds = ray.data.from_arrow([shard_block(shard) for shard in shards])
     ds = ds.map_batches(decode_batch, batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=1,
                         memory=decode_task_memory(cfg, preprocess), runtime_env=runtime_env,
                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
@@ -493,13 +522,6 @@ def _load_release(cfg: EmbedConfig) -> tuple[str, Preprocess, int]:
     return release_id, Preprocess(model.image_size, tuple(model.mean), tuple(model.std)), model.spectral.dim
 
 
-def with_shard_column(shards: list[Shard]) -> pa.Table:
-    """The shards' inputs as one table, each row with its shard index (rows travel the pipeline with it)."""
-    tables = [s.items.append_column("shard", pa.array(np.full(s.items.num_rows, s.index, np.int32)))
-              for s in shards]
-    return pa.concat_tables(tables)
-
-
 def _write_shard(output: OutputDir, shard: Shard, parts: list[dict[str, np.ndarray]], release_id: str,
                  t: float, total: int) -> ShardReport:
     rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -561,7 +583,7 @@ def run_embed(cfg: EmbedConfig, on_shard: Callable[[ShardReport], None] | None =
             summary.failed_total += output.rows(ERRORS, shard.name)
     if pending:
         use_gpu = cfg.num_gpus != 0 and (cfg.num_gpus or ray.cluster_resources().get("GPU", 0)) > 0
-        ds = build_dataset(with_shard_column(pending), cfg, release_id, preprocess, use_gpu, runtime_env)
+        ds = build_dataset(pending, cfg, release_id, preprocess, use_gpu, runtime_env)
         _collect(ds, pending, output, summary, on_shard)
     summary.ok_total += summary.ok
     summary.failed_total += summary.failed

@@ -29,10 +29,12 @@ def _image(seed: int, size: int = 16) -> np.ndarray:
 
 def test_config_is_validated_at_the_edge():
     cfg = parse_config({"input": "in", "output": "out", "store": "s"}, model=EmbedConfig)
+    assert parse_config({"input": "in/list.jsonl", "output": "in/out", "store": "s"}, model=EmbedConfig)
+    assert parse_config({"input": "s3://b/in", "output": "s3://b/input-embeddings", "store": "s"}, model=EmbedConfig)
     assert (cfg.release, cfg.t, cfg.shard_size, cfg.concurrency) == ("latest", 1.0, 1000, 1)
     assert cfg.limits.image_formats == ("PNG", "JPEG", "WEBP")  # the endpoint's defaults
     for bad in ({"t": float("nan")}, {"shard_size": 0}, {"batch_size": -1}, {"limits": {"image_formats": ["PDF"]}},
-                {"surprise": 1}):
+                {"surprise": 1}, {"output": "in/embeddings"}, {"output": "./in"}):
         with pytest.raises(ConfigError):
             parse_config({"input": "in", "output": "out", "store": "s", **bad}, model=EmbedConfig)
 
