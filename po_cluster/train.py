@@ -216,13 +216,15 @@ def run_training(cfg: RunConfig, progress: Callable[[int, dict[str, float]], Non
     template = prompt_template(cfg.data)
     data = prepare_data(model, pref, reg, template)
     eval_sets = eval_sets if eval_sets is not None else default_eval_sets(cfg.data, pref, reg)
-    reference = build_model(cfg, torch.device("cpu")) if not model.image_tower_frozen else None
-    before = Evaluator.build(model, eval_sets, reference, template).metrics(1.0)
+    # Before training the model is its own reference: π_ref on the clean set is taken from it once.
+    start_eval = Evaluator.build(model, eval_sets, template=template)
+    before, ref = start_eval.metrics(1.0), start_eval.ref_clean_logps
     result = fit(model, data, cfg, progress)
-    last = Evaluator.build(model, eval_sets, reference, template).metrics(1.0)
+    last = Evaluator.build(model, eval_sets, template=template, ref_clean_logps=ref).metrics(1.0)
     if result.bma is not None:
         load_average(model, result.bma)
-    after = last if result.bma is None else Evaluator.build(model, eval_sets, reference, template).metrics(1.0)
+    after = last if result.bma is None else \
+        Evaluator.build(model, eval_sets, template=template, ref_clean_logps=ref).metrics(1.0)
     folder = Path(cfg.output_dir) / cfg.name
     description = model_description(model, cfg.model, pref.classnames, template)
     metrics = {"before": before, "after": after, "last_iterate": last, "train": result.last_metrics,
