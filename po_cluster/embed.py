@@ -22,16 +22,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import math
 import re
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -200,7 +202,7 @@ def list_inputs(source: str, settings: StoreSettings | None = None) -> pa.Table:
     if not items:
         raise EmbedError(f"input {source}: no files")
     items.sort()
-    for (a, _), (b, _) in zip(items, items[1:]):
+    for (a, _), (b, _) in itertools.pairwise(items):
         if a == b:
             raise EmbedError(f"input {source}: id {a!r} appears twice; ids must be unique")
     ids, uris = zip(*items)
@@ -506,12 +508,12 @@ class EmbedSummary:
 
     def line(self) -> str:
         return (f"embed: {self.ok} ok, {self.failed} failed in {self.seconds:.1f} s "
-                f"({self.images_per_s:.1f} images/s); {self.shards_written} shards written, {self.shards_skipped} already done; output now holds "
-                f"{self.ok_total} embeddings and {self.failed_total} errors (release {self.release_id}, "
-                f"t={self.t:g}) in {self.output}")
+                f"({self.images_per_s:.1f} images/s); {self.shards_written} shards written, "
+                f"{self.shards_skipped} already done; output now holds {self.ok_total} embeddings and "
+                f"{self.failed_total} errors (release {self.release_id}, t={self.t:g}) in {self.output}")
 
 
-def _load_release(cfg: EmbedConfig) -> tuple[str, Preprocess, int]:
+def _load_release(cfg: EmbedConfig) -> tuple[str, Preprocess]:
     """Resolve `latest` once (every actor then loads this id) and read the model's input conversion."""
     from po_cluster.checkpoint import load_checkpoint
     from po_cluster.storage import open_store
@@ -519,7 +521,7 @@ def _load_release(cfg: EmbedConfig) -> tuple[str, Preprocess, int]:
     store = open_store(cfg.store, cfg.store_settings)
     release_id = store.resolve(cfg.release)
     model, _ = load_checkpoint(store.pull_release(release_id))  # verified here: a bad release fails before Ray
-    return release_id, Preprocess(model.image_size, tuple(model.mean), tuple(model.std)), model.spectral.dim
+    return release_id, Preprocess(model.image_size, tuple(model.mean), tuple(model.std))
 
 
 def _write_shard(output: OutputDir, shard: Shard, parts: list[dict[str, np.ndarray]], release_id: str,
@@ -558,13 +560,13 @@ def run_embed(cfg: EmbedConfig, on_shard: Callable[[ShardReport], None] | None =
               runtime_env: dict[str, Any] | None = None) -> EmbedSummary:
     """Embed every input not yet in the output; Ray must be initialised (the entry points connect).
 
-    on_shard is called after each shard is written (progress lines; tests stop a job with it).
+    on_shard is called after each shard is written (the CLI's progress lines, the benchmark's clock).
     runtime_env goes to the tasks and actors (e.g. env vars a job's workers need).
     """
     import ray
 
     start = time.perf_counter()
-    release_id, preprocess, _ = _load_release(cfg)
+    release_id, preprocess = _load_release(cfg)
     shards = plan_shards(list_inputs(cfg.input, cfg.store_settings), cfg.shard_size, release_id, cfg.t)
     output = OutputDir(cfg.output, cfg.store_settings)
     done = output.names(EMBEDDINGS)

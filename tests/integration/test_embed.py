@@ -224,24 +224,28 @@ def test_killed_job_resumes_without_redoing_finished_shards(ray_cluster, corpus,
                                atol=1e-6)
 
 
-def test_manifest_input_with_ids(corpus, reference):
-    from po_cluster.embed import run_embed
+def test_cli_on_a_manifest_with_ids(corpus, reference, capsys):
+    from po_cluster.cli import main as cli_main
 
-    manifest = corpus["images"] / "subset.jsonl"
+    manifest = corpus["root"] / "subset.jsonl"  # beside the image folder: relative paths resolve against it
     chosen = corpus["good"][:6] + ["bad/text-a.png"]
-    manifest.write_text("".join(json.dumps({"id": f"item-{i}", "path": name}) + "\n" for i, name in enumerate(chosen)))
-    try:
-        summary = run_embed(_config(corpus, corpus["root"] / "from-manifest", input=str(manifest), shard_size=4))
-    finally:
-        manifest.unlink()  # the folder is every other test's input
-    assert (summary.ok, summary.failed, summary.shards_written) == (6, 1, 2)
-    rows = _read(corpus["root"] / "from-manifest", "embeddings")
+    manifest.write_text("".join(json.dumps({"id": f"item-{i}", "path": f"images/{name}"}) + "\n"
+                                for i, name in enumerate(chosen)))
+    output = corpus["root"] / "from-manifest"
+    argv = ["embed", "--input", str(manifest), "--output", str(output), "--store", str(corpus["store"]),
+            "--release", RELEASE, "--t", str(T), "--shard-size", "4", "--cache-dir", str(corpus["root"] / "cache")]
+    assert cli_main(argv) == 0  # joins the session's Ray, which is already initialised
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed[:2]] == ["shard 1/2", "shard 2/2"]  # a line per shard
+    assert printed[-1].startswith("embed: 6 ok, 1 failed in ") and " images/s); 2 shards written" in printed[-1]
+    rows = _read(output, "embeddings")
     assert rows.column("id").to_pylist() == [f"item-{i}" for i in range(6)]
     expected = _read(reference["output"], "embeddings")
     want = dict(zip(expected.column("id").to_pylist(), expected.column("embedding").to_pylist()))
     np.testing.assert_allclose(np.array(rows.column("embedding").to_pylist()),
                                np.array([want[name] for name in chosen[:6]]), atol=1e-6)
-    assert _read(corpus["root"] / "from-manifest", "errors").column("id").to_pylist() == ["item-6"]
+    assert _read(output, "errors").column("id").to_pylist() == ["item-6"]
+    assert cli_main(argv) == 0 and "0 shards written, 2 already done" in capsys.readouterr().out
 
 
 def test_s3_prefix_in_and_out(corpus, reference, moto_s3, bucket):
