@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from po_cluster.config import SweepConfig, load_config
@@ -128,7 +129,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     args.top_k, args.no_publish = None, False
     cmd_average(args)
     cmd_report(args)
-    ask_release(args.store or cfg.store, args.release_id)
+    if args.address is None and not os.environ.get("RAY_ADDRESS"):
+        # Only on a cluster of our own (the laptop demo); a job on a shared cluster leaves serving alone.
+        ask_release(args.store or cfg.store, args.release_id)
     return 0
 
 
