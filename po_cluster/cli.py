@@ -81,18 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """Command groups living beside the stage they drive; each adds its subparsers."""
-    import importlib
+    from po_cluster import cli_cluster, cli_data, cli_embed, cli_releases, cli_serve
 
-    modules = ("po_cluster.cli_data", "po_cluster.cli_releases", "po_cluster.cli_cluster", "po_cluster.cli_serve",
-               "po_cluster.cli_embed")
-    found = []
-    for name in modules:
-        try:
-            found.append(importlib.import_module(name).register)
-        except ModuleNotFoundError as error:
-            if error.name != name:  # a real missing dependency, not an absent module
-                raise
-    return found
+    return [m.register for m in (cli_data, cli_releases, cli_cluster, cli_serve, cli_embed)]
 
 
 def main(argv: list[str] | None = None) -> int:
