@@ -108,7 +108,7 @@ def render(shape: int | None, word: int | None, rng: np.random.Generator,
         _draw_shape(draw, classnames[shape], cx, cy, r, colour)
     if word is not None:
         _draw_word(draw, classnames[word], rng, size)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
 
 
 def _other(label: np.ndarray, rng: np.random.Generator, n_classes: int) -> np.ndarray:
