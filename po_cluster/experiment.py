@@ -46,14 +46,9 @@ class Experiment:
 
     def upload(self, local: Path, name: str) -> None:
         """A local file or folder to `<experiment>/<name>`."""
-        target = self.file(name)
-        if local.is_dir():
-            pafs.copy_files(str(local), target, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.filesystem)
-        else:
-            self.filesystem.create_dir(self.path, recursive=True)
-            pafs.copy_files(str(local), target, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.filesystem)
+        self.filesystem.create_dir(self.path, recursive=True)
+        pafs.copy_files(str(local), self.file(name), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.filesystem)
 
     def fetch(self, path: str, local: Path) -> Path:
         """A folder of this filesystem (a trial checkpoint) as a local folder."""

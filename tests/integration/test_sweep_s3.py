@@ -58,3 +58,6 @@ def test_sweep_on_s3_is_killed_resumes_from_the_bucket_and_publishes(ray_cluster
     releases = store.list_releases()
     assert len(releases) == 1 and store.latest() == releases[0].release_id
     assert (store.pull_release("latest") / "card.md").is_file()
+    assert cli_main(["report", "--config", str(config)]) == 0  # written locally, uploaded beside the sweep
+    assert client.head_object(Bucket=bucket, Key=prefix + "report/report.html")
+    assert client.head_object(Bucket=bucket, Key=prefix + "average.json")
