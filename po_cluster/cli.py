@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from po_cluster.config import SHIPPED_BASE, CompareConfig, ConfigError, RunConfig, json_schema, load_config
 
@@ -33,9 +34,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import os
+
     from po_cluster.evaluation_run import evaluate_target
 
-    report = evaluate_target(args.target, t=args.t, ts=not args.json, plot=args.plot)
+    target = args.target
+    if target != SHIPPED_BASE and not target.startswith("s3://") and not Path(target).exists():
+        # Not a folder: a release id (or "latest") in the artifact store, pulled and verified.
+        from po_cluster.storage import open_store
+
+        target = str(open_store(args.store or os.environ.get("PO_CLUSTER_STORE", "artifacts")).pull_release(target))
+    report = evaluate_target(target, t=args.t, ts=not args.json, plot=args.plot)
     if args.json:
         print(json.dumps(report["at_t"]))
     else:
@@ -63,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="override output_dir of the config")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="accuracies, attack success and KL, and their σ trade-off in t")
-    p.add_argument("target", nargs="?", default=SHIPPED_BASE, help=f"checkpoint folder (default: {SHIPPED_BASE})")
+    p.add_argument("target", nargs="?", default=SHIPPED_BASE,
+                   help=f"checkpoint or release folder, s3://…/releases/<id>, or a release id / 'latest' in --store "
+                        f"(default: {SHIPPED_BASE})")
+    p.add_argument("--store", help="artifact store for release ids (default $PO_CLUSTER_STORE, else ./artifacts)")
     p.add_argument("--t", type=float, default=1.0, help="σ_i ← σ_i^t (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object at --t")
     p.add_argument("--plot", help="write the trade-off curve to this PNG (default: next to the checkpoint)")

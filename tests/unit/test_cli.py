@@ -35,3 +35,16 @@ def test_tampered_checkpoint_is_refused_naming_the_file(tmp_path):
     result = subprocess.run([*PO, "evaluate", str(folder)], capture_output=True, text=True)
     assert result.returncode == 1
     assert "model.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_a_release_by_id_from_a_store(release_template, tmp_path, capsys):
+    from po_cluster.storage import open_store
+
+    store = str(tmp_path / "store")
+    release_id = open_store(store).publish_release(release_template)
+    assert main(["evaluate", release_id, "--store", store, "--json"]) == 0
+    by_id = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "latest", "--store", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_id
+    assert main(["evaluate", "r-missing", "--store", store]) == 1
+    assert "no release r-missing" in capsys.readouterr().err
