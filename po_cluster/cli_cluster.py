@@ -12,7 +12,11 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join a running cluster (address or RAY_ADDRESS), else start a local one."""
     import ray
 
+    from po_cluster.serving import ingress
+
     if not ray.is_initialized():
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            ingress.enable()  # a local Ray of ours: the demo ends by serving on it
         ray.init(address=address, num_cpus=num_cpus if address is None else None,
                  include_dashboard=True,
                  log_to_driver=False, logging_level="WARNING")

@@ -45,6 +45,9 @@ def ray_cluster():
     if not ray.is_initialized():
         # The dashboard stays on: Ray Train cleans up the placement groups of a stopped trial
         # through the state API it serves.
+        from po_cluster.serving import ingress
+
+        ingress.enable()  # as po-cluster starts its own Ray: the serving tests go through HAProxy
         ray.init(num_cpus=2, include_dashboard=True,
                  log_to_driver=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address

@@ -2,15 +2,18 @@
 
 Two deployments:
 
-    HTTP ─► Gateway (FastAPI ingress: keys, limits, decoding, release lookup)
+    HTTP ─► Gateway (FastAPI ingress: keys, limits, decoding, release lookup;
+              │      concurrent requests coalesced with @serve.batch, one call per release)
               │ handle.options(multiplexed_model_id=<release id>)
               ▼
-            AlignedModel (releases multiplexed, LRU-bounded per replica; towers batched
-                          with @serve.batch across requests; autoscaled)
+            AlignedModel (releases multiplexed, LRU-bounded per replica; the chunks that queue
+                          while a forward runs merged into the next one; autoscaled)
 
 The release is chosen by the request's `model` field ("latest" by default); the
 gateway resolves it to an id, so a replica only ever caches immutable ids, and
-Serve routes each request to a replica that already holds its release.
+Serve routes each call to a replica that already holds its release. Coalescing at
+the gateway is what makes batching pay on small models: a handle call costs a few
+milliseconds of CPU on each side, as much as a whole forward of the shipped model.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import numpy as np
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
@@ -28,10 +30,11 @@ from ray.serve.handle import DeploymentHandle
 
 from po_cluster.serving.api import make_api
 from po_cluster.serving.args import ServeArgs
-from po_cluster.serving.engine import Knob, ReleaseModel
+from po_cluster.serving.client import HandleClient
+from po_cluster.serving.engine import ClassifyItem, EmbedRequest, EmbedResult, ReleaseModel, Scores
 from po_cluster.serving.gateway import GatewayService
-from po_cluster.serving.limits import ApiError, rss_bytes
-from po_cluster.storage import StoreError, open_store
+from po_cluster.serving.limits import rss_bytes
+from po_cluster.storage import open_store
 
 
 @serve.deployment(name="AlignedModel")
@@ -55,9 +58,10 @@ class AlignedModel:
 
         # Applied here rather than on the class so that the bound comes from the args.
         self.release = serve.multiplexed(max_num_models_per_replica=settings.max_releases_per_replica)(load)
-        for batched in (self.classify_batch, self.image_batch, self.text_batch):
+        # Calls arrive as chunks already coalesced by the gateways; chunks that queue while a forward
+        # runs are merged into the next one (no waiting: the gateways did that).
+        for batched in (self._classify_chunks, self._embed_chunks):
             batched.set_max_batch_size(self.args.batching.max_batch_size)
-            batched.set_batch_wait_timeout_s(self.args.batching.batch_wait_timeout_s)
 
     async def _run(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
@@ -65,94 +69,53 @@ class AlignedModel:
     async def _load(self, release_id: str) -> ReleaseModel:
         folder = await asyncio.to_thread(self.store.pull_release, release_id)  # verified against its manifest
         release = await self._run(ReleaseModel.load, release_id, folder, self.args.model.text_cache_size,
-                                  self.device)
+                                  self.device, self.args.batching.max_batch_size)
         self.loaded[release_id] = release
         return release
 
     async def _current(self) -> ReleaseModel:
         return await self.release(serve.get_multiplexed_model_id())
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # sizes reset from the args in __init__
-    async def image_batch(self, images: list[np.ndarray], knobs: list[Knob]) -> list[np.ndarray]:
-        """Projected f(x) of one image per request; Serve splits batches by release."""
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0)  # size reset from the args in __init__
+    async def _classify_chunks(self, chunks: list[list[ClassifyItem]]) -> list[list[Scores]]:
+        """Serve splits batches by release: every chunk here is for the current one."""
         release = await self._current()
-        rows = await self._run(lambda: release.project(release.image_features(images), knobs).numpy())
-        return list(rows)
+        items = [item for chunk in chunks for item in chunk]
+        scores = await self._run(release.classify_many, *map(list, zip(*items)))
+        return _split(scores, [len(chunk) for chunk in chunks])
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def text_batch(self, texts: list[list[str]], knobs: list[Knob]) -> list[tuple[np.ndarray, int]]:
-        """Projected g(y) [L, d] and the token count, for one list of texts per request."""
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0)
+    async def _embed_chunks(self, chunks: list[list[EmbedRequest]]) -> list[list[EmbedResult]]:
         release = await self._current()
+        results = await self._run(release.embed_many, [request for chunk in chunks for request in chunk])
+        return _split(results, [len(chunk) for chunk in chunks])
 
-        def run() -> list[tuple[np.ndarray, int]]:
-            flat = [text for group in texts for text in group]
-            features, counts = release.text_features(flat)
-            rows = release.project(features, [knob for group, knob in zip(texts, knobs) for _ in group]).numpy()
-            out, start = [], 0
-            for group in texts:
-                out.append((rows[start:start + len(group)], sum(counts[start:start + len(group)])))
-                start += len(group)
-            return out
+    async def classify(self, items: list[ClassifyItem]) -> list[Scores]:
+        """(logits, probabilities) per (image, prompts, knob) item."""
+        return await self._classify_chunks(items)
 
-        return await self._run(run)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def classify_batch(self, images: list[np.ndarray], prompts: list[list[str]],
-                             knobs: list[Knob]) -> list[tuple[list[float], list[float]]]:
-        """(logits, probabilities) per request: images and prompts of the whole batch in one forward each."""
-        release = await self._current()
-        return await self._run(release.classify_many, images, prompts, knobs)
-
-    async def classify(self, image: np.ndarray, prompts: list[str], knob: Knob) -> tuple[list[float], list[float]]:
-        return await self.classify_batch(image, prompts, knob)
-
-    async def embed(self, images: list[np.ndarray], texts: list[str],
-                    knob: Knob) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-        jobs = [self.image_batch(image, knob) for image in images]
-        if texts:
-            jobs.append(self.text_batch(texts, knob))
-        results = await asyncio.gather(*jobs)
-        text_rows, tokens = results[len(images)] if texts else ([], 0)
-        return list(results[:len(images)]), list(text_rows), int(tokens)
+    async def embed(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
+        """(image rows, text rows, token count) per (images, texts, knob) request."""
+        return await self._embed_chunks(requests)
 
     async def health(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "releases_loaded": sorted(self.loaded.keys())}
 
 
-class HandleClient:
-    """The gateway's ModelClient: the model deployment's handle, routed by release id."""
-
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self.handle = handle
-
-    async def _call(self, release_id: str, method: str, *args: Any) -> Any:
-        from po_cluster.checkpoint import CheckpointError
-        from po_cluster.model.loading import ModelLoadError
-
-        target = getattr(self.handle.options(multiplexed_model_id=release_id), method)
-        try:
-            return await target.remote(*args)
-        except (StoreError, CheckpointError, ModelLoadError) as error:  # a broken release: ours, not the caller's
-            raise ApiError(503, "model", f"release {release_id} cannot be served: {error}",
-                           "release_unavailable") from None
-
-    async def classify(self, release_id: str, image: np.ndarray, prompts: list[str],
-                       knob: Knob) -> tuple[list[float], list[float]]:
-        return await self._call(release_id, "classify", image, prompts, knob)
-
-    async def embed(self, release_id: str, images: list[np.ndarray], texts: list[str],
-                    knob: Knob) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-        return await self._call(release_id, "embed", images, texts, knob)
-
-    async def health(self) -> dict[str, Any]:
-        return await self.handle.health.remote()
+def _split(flat: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(flat[start:start + size])
+        start += size
+    return out
 
 
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
     def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
-        self.service = GatewayService(ServeArgs.model_validate(args), HandleClient(model))
+        parsed = ServeArgs.model_validate(args)
+        self.service = GatewayService(parsed, HandleClient(model, parsed.batching))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Late-bound ingress: the app is built per replica, with this replica's limits and keys.

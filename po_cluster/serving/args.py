@@ -13,10 +13,13 @@ class Strict(BaseModel):
 
 
 class Batching(Strict):
-    """@serve.batch on the model forward: images of concurrent requests go through the tower together."""
+    """@serve.batch at both tiers: each gateway replica coalesces concurrent requests into one model call
+    per release; a model replica merges the calls that queue while it computes, and runs its towers on
+    at most max_batch_size inputs (images, or texts) per pass."""
 
     max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="how long a batch waits to fill up")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="how long a gateway batch waits to "
+                                                                       "fill up")
 
 
 class Autoscaling(Strict):

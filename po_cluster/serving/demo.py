@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from po_cluster.serving import ingress
+
 APP_NAME = "po-cluster"
 
 
@@ -122,6 +124,7 @@ def start_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None 
 
     started_ray = not ray.is_initialized()
     if started_ray:  # "local": never attach to somebody else's cluster found on this machine
+        ingress.enable()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     started_serve = _serve_client() is None
     port = port or free_port(host)

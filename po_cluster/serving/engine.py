@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 
@@ -30,24 +31,40 @@ class Knob:
         return dict(self.overrides) or None
 
 
-class ReleaseModel:
-    """A release loaded for serving: the AlignedCLIP, its description, and a bounded cache of g(y)."""
+ClassifyItem = tuple[np.ndarray, list[str], Knob]  # image, prompts, knob of one classify request
+Scores = tuple[list[float], list[float]]  # logits, probabilities over the prompts
+EmbedRequest = tuple[list[np.ndarray], list[str], Knob]  # images, texts, knob of one embeddings request
+EmbedResult = tuple[list[np.ndarray], list[np.ndarray], int]  # image rows, text rows, token count
 
-    def __init__(self, release_id: str, model: AlignedCLIP, description: dict, text_cache_size: int = 4096) -> None:
+
+class ReleaseModel:
+    """A release loaded for serving: the AlignedCLIP, its description, a bounded cache of g(y), and one of W(t).
+
+    A served release never changes, so V = exp(A − Aᵀ) is computed once at load and W(t) once
+    per distinct knob (LRU): a request's projection is then one matrix product, whatever its t.
+    """
+
+    def __init__(self, release_id: str, model: AlignedCLIP, description: dict, text_cache_size: int = 4096,
+                 max_forward: int = 64, projection_cache_size: int = 64) -> None:
         self.release_id, self.model, self.description = release_id, model.eval(), description
         self.dim = model.spectral.dim
         self.device = next(model.parameters()).device
         self.prompt_template = str(description.get("prompt_template") or "{}")
+        self.max_forward = max_forward  # images (or texts) per tower pass: bounds a pass's memory
         self._texts: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
         self._cache_size = text_cache_size
+        with torch.no_grad():
+            self._basis = model.spectral.basis()
+        self._projections: OrderedDict[Knob, torch.Tensor] = OrderedDict()
+        self._projection_cache_size = projection_cache_size
 
     @classmethod
-    def load(cls, release_id: str, folder: Path, text_cache_size: int = 4096,
-             device: str = "cpu") -> "ReleaseModel":
+    def load(cls, release_id: str, folder: Path, text_cache_size: int = 4096, device: str = "cpu",
+             max_forward: int = 64) -> "ReleaseModel":
         from po_cluster.checkpoint import load_checkpoint
 
         model, description = load_checkpoint(folder, device)
-        return cls(release_id, model, description, text_cache_size)
+        return cls(release_id, model, description, text_cache_size, max_forward)
 
     @torch.no_grad()
     def image_features(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -58,17 +75,20 @@ class ReleaseModel:
         pixels = torch.empty((len(images), 3, self.model.image_size, self.model.image_size))
         for rows in by_shape.values():  # resizing works on equal shapes: one call per shape
             pixels[rows] = self.model.pixels(np.stack([images[i] for i in rows]))
-        return self.model.encode_image(pixels.to(self.device))
+        pixels = pixels.to(self.device)
+        return torch.cat([self.model.encode_image(pixels[start:start + self.max_forward])
+                          for start in range(0, len(images), self.max_forward)])
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
         """g(y) [N, d] and the token count of each text; texts seen before come from the cache."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._texts))
-        if missing:
-            tokens = self.model.tokens(missing).to(self.device)
+        for start in range(0, len(missing), self.max_forward):
+            part = missing[start:start + self.max_forward]
+            tokens = self.model.tokens(part).to(self.device)
             features = self.model.encode_text(tokens)
             counts = (tokens != 0).sum(dim=1).tolist()  # open_clip pads with 0
-            for text, feature, count in zip(missing, features, counts):
+            for text, feature, count in zip(part, features, counts):
                 self._texts[text] = (feature, int(count))
         found = [self._texts[t] for t in texts]
         for text in texts:
@@ -85,12 +105,29 @@ class ReleaseModel:
         for i, knob in enumerate(knobs):
             groups.setdefault(knob, []).append(i)
         for knob, rows in groups.items():
-            out[rows] = self.model.project(features[rows], knob.t, knob.as_dict())
+            w = self.projection(knob)
+            out[rows] = F.normalize(features[rows] if w is None else features[rows] @ w, dim=-1)
         return out.cpu()
 
     @torch.no_grad()
+    def projection(self, knob: Knob) -> torch.Tensor | None:
+        """W(t) with the knob's σ overrides (symmetric, so z·W = W·z); None at t = 0 without overrides,
+        where the layer is bypassed exactly as AlignedCLIP does."""
+        if knob.t == 0 and not knob.overrides:
+            return None
+        w = self._projections.get(knob)
+        if w is None:
+            sigma = self.model.spectral.sigma(knob.t, knob.as_dict())  # checks the override indices
+            w = (self._basis * sigma) @ self._basis.T
+            self._projections[knob] = w
+            while len(self._projections) > self._projection_cache_size:
+                self._projections.popitem(last=False)
+        self._projections.move_to_end(knob)
+        return w
+
+    @torch.no_grad()
     def classify_many(self, images: list[np.ndarray], prompts: list[list[str]],
-                      knobs: list[Knob]) -> list[tuple[list[float], list[float]]]:
+                      knobs: list[Knob]) -> list[Scores]:
         """(logits, probabilities) per request of a batch: one tower pass for all images, one for all
         uncached prompts, one projection per distinct knob on each side."""
         image_rows = self.project(self.image_features(images), knobs)
@@ -102,6 +139,28 @@ class ReleaseModel:
             logits, probabilities = self.scores(image_row, text_rows[start:start + len(group)])
             out.append((logits.tolist(), probabilities.tolist()))
             start += len(group)
+        return out
+
+    @torch.no_grad()
+    def embed_many(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
+        """(image rows, text rows, token count) per embeddings request of a batch: the images of all
+        requests through the image tower together, the texts through the text tower together."""
+        images = [image for request_images, _, _ in requests for image in request_images]
+        image_knobs = [knob for request_images, _, knob in requests for _ in request_images]
+        texts = [text for _, request_texts, _ in requests for text in request_texts]
+        text_knobs = [knob for _, request_texts, knob in requests for _ in request_texts]
+        image_rows = self.project(self.image_features(images), image_knobs).numpy() if images else None
+        text_rows, counts = None, []
+        if texts:
+            features, counts = self.text_features(texts)
+            text_rows = self.project(features, text_knobs).numpy()
+        out, image_start, text_start = [], 0, 0
+        for request_images, request_texts, _ in requests:
+            n, m = len(request_images), len(request_texts)
+            out.append((list(image_rows[image_start:image_start + n]) if n else [],
+                        list(text_rows[text_start:text_start + m]) if m else [],
+                        int(sum(counts[text_start:text_start + m]))))
+            image_start, text_start = image_start + n, text_start + m
         return out
 
     @torch.no_grad()

@@ -1,0 +1,84 @@
+"""The gateway's ModelClient in Serve: concurrent requests coalesced into one handle call per release.
+
+Each gateway replica batches its requests (@serve.batch, sizes from the args) and
+sends each batch's requests for one release as a single call to the model
+deployment, routed there by `multiplexed_model_id`. A call's cost (routing,
+serialisation, the replica's request machinery) is then paid once per batch
+instead of once per request. Several batches may be in flight at once, so the
+gateway keeps decoding and validating while the model computes.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from po_cluster.serving.args import Batching
+from po_cluster.serving.engine import EmbedResult, Knob, Scores
+from po_cluster.serving.limits import ApiError
+from po_cluster.storage import StoreError
+
+
+class HandleClient:
+    def __init__(self, handle: DeploymentHandle, batching: Batching) -> None:
+        self.handle = handle
+        for batched in (self._classify, self._embed):
+            batched.set_max_batch_size(batching.max_batch_size)
+            batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    async def _call(self, release_id: str, method: str, items: list) -> list:
+        from po_cluster.checkpoint import CheckpointError
+        from po_cluster.model.loading import ModelLoadError
+
+        target = getattr(self.handle.options(multiplexed_model_id=release_id), method)
+        try:
+            return await target.remote(items)
+        except (StoreError, CheckpointError, ModelLoadError) as error:  # a broken release: ours, not the caller's
+            raise ApiError(503, "model", f"release {release_id} cannot be served: {error}",
+                           "release_unavailable") from None
+
+    async def _per_release(self, method: str, release_ids: list[str], items: list) -> list:
+        """One call per release in the batch; a release that cannot be served fails only its own requests."""
+        groups: dict[str, list[int]] = {}
+        for i, release_id in enumerate(release_ids):
+            groups.setdefault(release_id, []).append(i)
+
+        async def one(release_id: str, rows: list[int]) -> list:
+            try:
+                return await self._call(release_id, method, [items[i] for i in rows])
+            except ApiError as error:
+                return [error] * len(rows)
+
+        answers = await asyncio.gather(*(one(release_id, rows) for release_id, rows in groups.items()))
+        out: list[Any] = [None] * len(items)
+        for rows, answer in zip(groups.values(), answers):
+            for i, value in zip(rows, answer):
+                out[i] = value
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
+    async def _classify(self, release_ids: list[str], items: list[tuple]) -> list[Scores | ApiError]:
+        return await self._per_release("classify", release_ids, items)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
+    async def _embed(self, release_ids: list[str], requests: list[tuple]) -> list[EmbedResult | ApiError]:
+        return await self._per_release("embed", release_ids, requests)
+
+    async def classify(self, release_id: str, image: np.ndarray, prompts: list[str], knob: Knob) -> Scores:
+        return _answer(await self._classify(release_id, (image, prompts, knob)))
+
+    async def embed(self, release_id: str, images: list[np.ndarray], texts: list[str],
+                    knob: Knob) -> EmbedResult:
+        return _answer(await self._embed(release_id, (images, texts, knob)))
+
+    async def health(self) -> dict[str, Any]:
+        return await self.handle.health.remote()
+
+
+def _answer(value: Any) -> Any:
+    if isinstance(value, ApiError):
+        raise value
+    return value
