@@ -45,7 +45,8 @@ class ModelDeploymentArgs(Strict):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own)")
     num_replicas: int = Field(1, ge=1, description="fixed replica count, used when autoscaling is not set")
     autoscaling: Autoscaling | None = None
-    max_ongoing_requests: int = Field(64, ge=1, description="≥ max_batch_size, or batches cannot fill")
+    max_ongoing_requests: int = Field(64, ge=1, description="calls in flight per replica, each a gateway "
+                                                             "batch; ≥ max_batch_size")
     max_releases_per_replica: int = Field(2, ge=1, description="releases held in memory (LRU), multiplexing")
     text_cache_size: int = Field(4096, ge=0, description="text embeddings g(y) cached per release")
 

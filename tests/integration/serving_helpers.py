@@ -71,3 +71,53 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     rows = zlib.compress(b"\x00" * (1 + 3 * width) * 4, 9)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", rows) + _chunk(b"IEND", b"")
+
+
+def _listening_sockets() -> dict[int, tuple[str, int]]:
+    """inode → (host, port) of every listening IPv4 TCP socket on this machine (/proc/net/tcp)."""
+    out = {}
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            host = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))  # little-endian hex
+            out[int(fields[9])] = (host, int(port, 16))
+    return out
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    import os
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listening_ports(pid: int) -> list[tuple[str, int]]:
+    """(host, port) of the TCP sockets process `pid` listens on, for the HTTP ones of a replica: those Ray
+    itself opens (gRPC, object transfer) listen on all interfaces and are left out, as are IPv6 ones."""
+    sockets = _listening_sockets()
+    return [sockets[i] for i in _socket_inodes(pid) if i in sockets and sockets[i][0] != "0.0.0.0"]
+
+
+def listener_process(port: int) -> str | None:
+    """The command name (/proc/<pid>/comm) of the process listening on TCP `port`, if any."""
+    import os
+
+    inodes = {inode for inode, (_, p) in _listening_sockets().items() if p == port}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if inodes & _socket_inodes(int(pid)):
+                with open(f"/proc/{pid}/comm") as comm:
+                    return comm.read().strip()
+        except OSError:
+            continue
+    return None

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from po_cluster.data import world
-from serving_helpers import b64, bomb_png, encode, request
+from serving_helpers import b64, bomb_png, encode, listener_process, listening_ports, request
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +47,8 @@ def served(tmp_path_factory) -> Served:
     root = tmp_path_factory.mktemp("serving")
     store, cache = root / "store", root / "cache"
     publish_example_release(str(store), "r-other", str(root / "checkpoints"), seed=1)
+    publish_example_release(str(store), "r-broken", str(root / "checkpoints"), seed=2)
+    _flip_one_byte(store / "releases" / "r-broken")  # in storage after publishing: its pull is refused
     publish_example_release(str(store), "r-main", str(root / "checkpoints"), seed=0)  # published last: latest
     (root / "api-keys").write_text(f"{KEY}\nsecond-key\n")
     args = {"store": str(store), "store_settings": {"cache_dir": str(cache)}, "limits": LIMITS,
@@ -56,6 +58,14 @@ def served(tmp_path_factory) -> Served:
     server = start_local(args, num_cpus=2)  # joins this process's Ray if a fixture already started one
     yield Served(server.url, store, cache)
     server.stop()
+
+
+def _flip_one_byte(folder: Path) -> None:
+    weights = max((p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +171,8 @@ def test_release_chosen_per_request_multiplexed(served, images, release):
 def test_models_list_and_openapi(served):
     status, listing = served.get("/v1/models")
     assert status == 200 and listing["object"] == "list"
-    assert {(m["id"], m["latest"], m["object"]) for m in listing["data"]} == {("r-main", True, "model"),
-                                                                             ("r-other", False, "model")}
+    assert {(m["id"], m["latest"], m["object"]) for m in listing["data"]} == {
+        ("r-main", True, "model"), ("r-other", False, "model"), ("r-broken", False, "model")}
     status, openapi = served.get("/openapi.json", key=None)
     assert status == 200
     assert {"/v1/embeddings", "/v1/classify", "/v1/models", "/healthz"} <= set(openapi["paths"])
@@ -248,6 +258,68 @@ def test_good_request_after_the_bad_ones(served, images):
     assert classify(served, images[0])["model"] == "r-main"
     status, health = served.get("/healthz", key=None)
     assert status == 200 and health["status"] == "ok"
+
+
+# ---------------------------------------------------------------- concurrency: coalesced calls, fast ingress
+
+
+def test_concurrent_requests_each_get_their_own_answer(served, images, release):
+    """Requests that the gateway coalesces into shared model calls (several releases, knobs and kinds
+    at once) each get the answer they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [("/v1/classify", {"image": b64(encode(images[i % 3])), "labels": LABELS[:3 + i % 5], "t": t,
+                               "model": model})
+             for i, (t, model) in enumerate([(t, m) for t in (0.0, 1.0, 0.5, 2.0) for m in ("r-main", "r-other")])]
+    cases += [("/v1/embeddings", {"input": [f"a photo of a {LABELS[i]}.", {"type": "image", "image": b64(encode(
+        images[i % 3]))}], "t": 0.25 * i, "model": ("r-main", "r-other")[i % 2]}) for i in range(6)]
+    alone = [served.post(path, body) for path, body in cases]
+    assert all(status == 200 for status, _ in alone), alone
+    for _ in range(2):
+        with ThreadPoolExecutor(len(cases)) as pool:
+            together = list(pool.map(lambda case: served.post(*case), cases))
+        for (path, body), (status, answer), (_, want) in zip(cases, together, alone):
+            assert status == 200, answer
+            assert answer["model"] == body["model"]
+            if path == "/v1/classify":
+                assert [s["label"] for s in answer["scores"]] == [s["label"] for s in want["scores"]]
+                np.testing.assert_allclose([s["probability"] for s in answer["scores"]],
+                                           [s["probability"] for s in want["scores"]], atol=1e-5)
+            else:
+                assert answer["usage"] == want["usage"]
+                np.testing.assert_allclose([d["embedding"] for d in answer["data"]],
+                                           [d["embedding"] for d in want["data"]], atol=1e-5)
+
+
+def test_a_broken_release_fails_only_its_own_requests(served, images):
+    """A release whose file was changed in storage: its requests get a 503 naming it, while the requests
+    sharing their gateway batches with them are answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"image": b64(encode(images[i % 3])), "labels": LABELS, "model": ("r-broken", "r-main")[i % 2]}
+              for i in range(12)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: served.post("/v1/classify", body), bodies))
+    for body, (status, answer) in zip(bodies, answers):
+        if body["model"] == "r-broken":
+            assert status == 503, answer
+            assert (answer["error"]["param"], answer["error"]["code"]) == ("model", "release_unavailable")
+            assert "r-broken" in answer["error"]["message"]
+        else:
+            assert status == 200 and answer["model"] == "r-main", answer
+    assert classify(served, images[0])["model"] == "r-main"
+
+
+def test_http_port_is_haproxy_in_front_of_the_gateway(served):
+    """po-cluster's own Ray starts Serve's high-throughput ingress: the app's port is HAProxy's (not the
+    Python proxy actor's), and the gateway replica serves HTTP itself on loopback."""
+    from urllib.parse import urlsplit
+
+    assert listener_process(urlsplit(served.url).port) == "haproxy"
+    status, health = served.get("/healthz", key=None)
+    assert status == 200
+    gateway_ports = listening_ports(health["gateway"]["pid"])
+    assert gateway_ports and all(host == "127.0.0.1" for host, _ in gateway_ports), gateway_ports
 
 
 # ---------------------------------------------------------------- the playground in headless Chromium

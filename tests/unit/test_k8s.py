@@ -418,6 +418,18 @@ def test_rayservice_rules() -> None:
     assert ft["redisAddress"] and "valueFrom" in ft["redisPassword"], "the Redis password comes from a Secret"
 
 
+def test_rayservice_pods_run_serves_high_throughput_ingress() -> None:
+    """Every Ray pod of the RayService (HAProxy runs per node) has the variables po-cluster sets on the
+    Rays it starts itself, with the same values."""
+    from po_cluster.serving.ingress import SERVE_ENV
+
+    pods = list(ray_containers(manifest("RayService")))
+    assert len(pods) == 3  # head, cpu and gpu workers
+    for where, container in pods:
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {name: env.get(name) for name in SERVE_ENV} == SERVE_ENV, where
+
+
 @pytest.mark.parametrize("doc", ray_kinds(), ids=lambda d: d["kind"])
 def test_token_authentication_is_on_and_left_to_the_operator(doc: dict) -> None:
     auth = cluster_spec(doc)["authOptions"]
