@@ -118,6 +118,8 @@ def load_clip(cfg: ModelConfig) -> LoadedCLIP:
 
 def to_model_input(images: np.ndarray | torch.Tensor, image_size: int, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 [N, H, W, 3] → normalised float [N, 3, S, S] (resize shorter side, centre crop)."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # torch does not share read-only memory (decoded or zero-copy arrays); uint8, cheap
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
     h, w = x.shape[-2:]
     if (h, w) != (image_size, image_size):
