@@ -90,7 +90,9 @@ class LocalServer:
         else:
             serve.delete(self.name)
         if self.started_ray:
+            node_id = ray.get_runtime_context().get_node_id()
             ray.shutdown()
+            ingress.reap_haproxy(node_id)
 
 
 def _serve_client() -> Any:

@@ -16,6 +16,8 @@ before po-cluster starts a local Ray; k8s/rayservice.yaml sets them on every pod
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
 
 SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC between deployments, user code on the main loop
@@ -35,3 +37,26 @@ def enable(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> dict[st
     for name, value in {**SERVE_ENV, **LOCAL_ENV}.items():
         environ.setdefault(name, value)
     return {name: environ[name] for name in {**SERVE_ENV, **LOCAL_ENV}}
+
+
+def reap_haproxy(node_id: str, proc: Path = Path("/proc")) -> list[int]:
+    """Stop the HAProxy of Ray node `node_id` if it outlived its Ray; returns the pids signalled.
+
+    Ray starts HAProxy as a plain child of an actor and does not tie their lifetimes: when the
+    whole process group gets SIGTERM at once (`timeout`, a service manager), the actor dies before
+    Serve can stop it, and HAProxy keeps the HTTP port. Its command line names its config folder,
+    which is the node id, so exactly our node's is found. Linux (/proc) only; elsewhere a no-op.
+    """
+    signalled = []
+    for entry in proc.glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if argv and argv[0].endswith(b"haproxy") and any(f"/{node_id}/".encode() in arg for arg in argv):
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+                signalled.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return signalled
