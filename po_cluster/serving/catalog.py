@@ -11,10 +11,13 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from po_cluster.serving.limits import ApiError
 from po_cluster.storage import MANIFEST, RELEASES, ArtifactStore, ReleaseInfo, StoreError, check_release_id
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,27 +40,39 @@ class ReleaseCatalog:
     def _unavailable(self, error: StoreError) -> ApiError:
         return ApiError(503, None, f"the release store is unavailable: {error}", "store_unavailable")
 
-    def latest_id(self) -> str:
+    def _fresh(self, entry: tuple[float, T] | None, now: float) -> bool:
+        return entry is not None and now - entry[0] < self.ttl_s
+
+    def _within_ttl(self, slot: str, read: Callable[[], T]) -> T:
+        """The value kept in `slot` while younger than ttl_s, else read() again (a StoreError is a 503)."""
         now = self.clock()
         with self._lock:
-            if self._latest and now - self._latest[0] < self.ttl_s:
-                return self._latest[1]
+            entry = getattr(self, slot)
+            if self._fresh(entry, now):
+                return entry[1]
         try:
-            found = self.store.latest()
+            value = read()
         except StoreError as error:
             raise self._unavailable(error) from None
-        if found is None:
+        with self._lock:
+            setattr(self, slot, (now, value))
+        return value
+
+    def latest_id(self) -> str:
+        return self._within_ttl("_latest", self._read_latest)
+
+    def _read_latest(self) -> str:
+        found = self.store.latest()
+        if found is None:  # not kept: the first release is seen as soon as it is published
             raise ApiError(404, "model", f"no release has been published to {self.store.uri} yet",
                            "no_release")
-        with self._lock:
-            self._latest = (now, found)
         return found
 
     def cached(self, name: str) -> ReleaseMeta | None:
         """What resolve(name) would answer without asking the store, or None (then call resolve)."""
         with self._lock:
             if name == "latest":
-                if not self._latest or self.clock() - self._latest[0] >= self.ttl_s:
+                if not self._fresh(self._latest, self.clock()):
                     return None
                 name = self._latest[1]
             meta = self._metas.get(name)
@@ -101,14 +116,4 @@ class ReleaseCatalog:
                            tuple(model.get("classnames") or ()))
 
     def releases(self) -> list[ReleaseInfo]:
-        now = self.clock()
-        with self._lock:
-            if self._listing and now - self._listing[0] < self.ttl_s:
-                return self._listing[1]
-        try:
-            listing = self.store.list_releases()
-        except StoreError as error:
-            raise self._unavailable(error) from None
-        with self._lock:
-            self._listing = (now, listing)
-        return listing
+        return self._within_ttl("_listing", self.store.list_releases)
