@@ -143,16 +143,24 @@ STUDY_FILE = "optuna-study.journal"
 
 def _study_file(experiment: Experiment) -> Path:
     """The Optuna journal: in the experiment folder when local, else a local copy synced to it."""
-    if experiment.is_local:
-        folder = Path(experiment.path)
-    else:
-        folder = Path.home() / ".cache" / "po-cluster" / "optuna" / experiment.name
-        if experiment.exists(STUDY_FILE):  # resuming: start from the stored study
-            folder.mkdir(parents=True, exist_ok=True)
-            with experiment.filesystem.open_input_stream(experiment.file(STUDY_FILE)) as stream:
-                (folder / STUDY_FILE).write_bytes(stream.read())
+    folder = Path(experiment.path) if experiment.is_local else \
+        Path.home() / ".cache" / "po-cluster" / "optuna" / experiment.name
     folder.mkdir(parents=True, exist_ok=True)
     return folder / STUDY_FILE
+
+
+def _prepare_study(experiment: Experiment, resume: bool) -> None:
+    """Remote experiments: a new sweep starts from an empty local journal (never a stale copy of an
+    earlier sweep of the same name); a resumed one from the stored journal when there is one (a sweep
+    killed before its first upload has only the local copy it wrote)."""
+    if experiment.is_local:
+        return
+    local = _study_file(experiment)
+    if not resume:
+        local.unlink(missing_ok=True)
+    elif experiment.exists(STUDY_FILE):
+        with experiment.filesystem.open_input_stream(experiment.file(STUDY_FILE)) as stream:
+            local.write_bytes(stream.read())
 
 
 def _study_storage(experiment: Experiment) -> optuna.storages.BaseStorage:
@@ -185,13 +193,14 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> list[dict]:
     if resume:
         if not restorable:
             raise FileNotFoundError(f"no sweep to resume at {experiment.uri}")
-        _study_storage(experiment)  # brings the stored study back before Tune restores its searcher
+        _prepare_study(experiment, resume=True)  # before Tune restores its searcher, which opens it
         tuner = tune.Tuner.restore(experiment.path, trainable=driver_trainable(cfg, experiment),
                                    resume_unfinished=True, restart_errored=True,
                                    storage_filesystem=experiment.filesystem)
     else:
         if restorable:
             raise FileExistsError(f"a sweep already exists at {experiment.uri}; use --resume or another name")
+        _prepare_study(experiment, resume=False)
         tuner = build_tuner(cfg, experiment)
     grid = tuner.fit()
     if not experiment.is_local:

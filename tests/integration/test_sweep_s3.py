@@ -1,5 +1,6 @@
 """A sweep whose storage_path is in S3 (moto's server over HTTP): killed, resumed from
 the bucket, and its release published to the bucket."""
+import json
 import os
 import signal
 import subprocess
@@ -51,6 +52,9 @@ def test_sweep_on_s3_is_killed_resumes_from_the_bucket_and_publishes(ray_cluster
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert client.head_object(Bucket=bucket, Key=prefix + "sweep_results.json")
     assert client.head_object(Bucket=bucket, Key=prefix + "optuna-study.journal")
+    journal = client.get_object(Bucket=bucket, Key=prefix + "optuna-study.journal")["Body"].read().decode()
+    created = [line for line in journal.splitlines() if json.loads(line)["op_code"] == 4]  # CREATE_TRIAL
+    assert len(created) >= 3, "the stored study holds the trials of both runs"
 
     monkeypatch.chdir(tmp_path)  # local scratch (release folder) goes under tmp_path
     assert cli_main(["average", "--config", str(config)]) == 0
