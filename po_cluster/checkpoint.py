@@ -95,10 +95,15 @@ def read_json(folder: Path, name: str) -> dict:
         raise CheckpointError(f"{folder}: cannot read {name}: {error}") from None
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[AlignedCLIP, dict]:
-    """Verify, then build the architecture and load the weights. Returns (model, model.json)."""
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
+                    verify: bool = True) -> tuple[AlignedCLIP, dict]:
+    """Verify, then build the architecture and load the weights. Returns (model, model.json).
+
+    verify=False only for a folder ArtifactStore.pull_release has just returned: it verified every
+    file already, and hashing a ViT's weights twice costs seconds at every start."""
     folder = Path(folder)
-    verify_manifest(folder)
+    if verify:
+        verify_manifest(folder)
     description = read_json(folder, MODEL_JSON)
     mode = description.get("image_tower", "frozen")
     mode = LastBlocks(**mode) if isinstance(mode, dict) else mode

@@ -48,7 +48,7 @@ class ApiKeys:
                 raise ValueError(f"api keys: environment variable {auth.api_keys_env} is unset or empty")
         self._file_stamp: tuple[int, int] | None = None
         self._file_keys: set[str] = set()
-        self._digests: list[bytes] = []
+        self._digests = [_digest(k) for k in sorted(self._env_keys)]
         self._refresh()
         if self.enabled and not self._digests:
             raise ValueError(f"api keys: the secret file {auth.api_keys_file} holds no key")
@@ -63,13 +63,13 @@ class ApiKeys:
             try:
                 stat = path.stat()
                 stamp = (stat.st_mtime_ns, stat.st_size)
-                if stamp != self._file_stamp:
+                if stamp != self._file_stamp:  # changed (rotated): the only time the digests are rebuilt
                     self._file_keys, self._file_stamp = _split(path.read_text()), stamp
+                    self._digests = [_digest(k) for k in sorted(self._env_keys | self._file_keys)]
             except OSError as error:
                 if self._file_stamp is None:  # at start: refuse to run open
                     raise ValueError(f"api keys: cannot read the secret file {path}: {error.strerror}") from None
                 # later (a secret being swapped): keep the keys we had
-        self._digests = [_digest(k) for k in sorted(self._env_keys | self._file_keys)]
 
     def check(self, authorization: str | None) -> None:
         if not self.enabled:
