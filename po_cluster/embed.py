@@ -19,7 +19,6 @@ Pillow's allowed decoders, manifests are JSON or Parquet, weights safetensors.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import itertools
@@ -268,14 +267,11 @@ class BadInput(Exception):
 
 
 def decode_file(raw: bytes, limits: Limits) -> np.ndarray:
-    """uint8 [H, W, 3] by the serving endpoint's own rules (limits.decode_image), or BadInput."""
-    from po_cluster.serving.limits import decode_image
+    """uint8 [H, W, 3] by the serving endpoint's own rules (limits.decode_image_bytes), or BadInput."""
+    from po_cluster.serving.limits import decode_image_bytes
 
-    if len(raw) > limits.max_image_bytes:  # before any encoding or decoding
-        raise BadInput("image_too_large", f"the file has {len(raw)} bytes, over the limit of {limits.max_image_bytes}")
     try:
-        # The endpoint's decoder takes base64; encoding is cheap next to decoding and keeps one set of rules.
-        return decode_image(base64.b64encode(raw).decode("ascii"), "image", limits)
+        return decode_image_bytes(raw, "image", limits)
     except ApiError as error:
         raise BadInput(error.code, error.message) from None
 
@@ -351,7 +347,7 @@ class Embedder:
 
 def decode_task_memory(cfg: EmbedConfig, preprocess: Preprocess) -> int:
     """Bytes one decoding task may hold: its output batch (float32 model input, and Arrow's copy of it),
-    the largest file it accepts (raw, base64, decoded by the endpoint's rules) and the largest image
+    the largest file it accepts (twice: its bytes and the decoder's buffer) and the largest image
     (RGB bytes, then to_model_input's float32 copy and its resized one).
 
     Reserving it also keeps decoding in its own tasks: Ray Data fuses a task map into the next actor map
@@ -359,7 +355,7 @@ def decode_task_memory(cfg: EmbedConfig, preprocess: Preprocess) -> int:
     model actors, serially with the model.
     """
     batch = cfg.decode_batch_size * 3 * preprocess.image_size ** 2 * 4 * 2
-    return batch + 4 * cfg.limits.max_image_bytes + cfg.limits.max_image_pixels * 3 * (1 + 4 + 4)
+    return batch + 2 * cfg.limits.max_image_bytes + cfg.limits.max_image_pixels * 3 * (1 + 4 + 4)
 
 
 def shard_block(shard: Shard) -> pa.Table:

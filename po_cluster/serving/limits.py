@@ -161,16 +161,23 @@ def _base64_bytes(value: str, param: str, limits: Limits) -> bytes:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, param, "the image is not valid base64", "invalid_base64") from None
-    if not raw:
-        raise ApiError(422, param, "the image is empty", "empty_image")
     return raw
 
 
 def decode_image(value: str, param: str, limits: Limits) -> np.ndarray:
     """base64 (or a data URL) of an allowed image file → uint8 [H, W, 3], its size checked before decoding."""
+    return decode_image_bytes(_base64_bytes(value, param, limits), param, limits)
+
+
+def decode_image_bytes(raw: bytes, param: str, limits: Limits) -> np.ndarray:
+    """The bytes of an allowed image file → uint8 [H, W, 3]; bytes and pixels checked before decoding."""
     from PIL import Image, UnidentifiedImageError
 
-    raw = _base64_bytes(value, param, limits)
+    if not raw:
+        raise ApiError(422, param, "the image is empty", "empty_image")
+    if len(raw) > limits.max_image_bytes:
+        raise ApiError(413, param, f"the image has {len(raw)} bytes, over the limit of {limits.max_image_bytes}",
+                       "image_too_large")
     allowed = ", ".join(limits.image_formats)
     try:
         # Only the allowed decoders ever see the bytes; open() reads the header, not the pixels.
