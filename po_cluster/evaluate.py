@@ -65,6 +65,14 @@ class Evaluator:
             ref = candidate_logprobs(embed_images(reference, sets["clean"].images), ref_text, reference.logit_scale)
         return cls(model, sets, image_emb, text_emb, ref)
 
+    def with_model(self, model: AlignedCLIP) -> "Evaluator":
+        """This evaluator for `model`, the same starting model later in training (its weights changed in
+        place, or another copy of it). The text tower is never trained, so its embeddings are kept; the
+        images are embedded again only when the image tower is trained. π_ref stays the start's."""
+        image_emb = self.image_emb if model.image_tower_frozen else \
+            {name: embed_images(model, s.images) for name, s in self.sets.items()}
+        return Evaluator(model, self.sets, image_emb, self.text_emb, self.ref_clean_logps)
+
     @torch.no_grad()
     def metrics(self, t: float = 1.0, overrides: dict[int, float] | None = None) -> dict[str, float]:
         device = next(self.model.spectral.parameters()).device

@@ -87,25 +87,27 @@ def _write_checkpoint(folder: Path, model, optimizer, bma, step: int, cfg: RunCo
 
 @dataclass
 class Validation:
-    """The validation sets, π_ref's log-probs on their clean images, and the base model's metrics."""
+    """The validation sets, embedded by the starting model (π_ref's log-probs on their clean images
+    with them), and the base model's metrics."""
 
-    sets: dict
-    template: str
-    ref_clean_logps: torch.Tensor
+    start: Evaluator
     base: dict[str, float]
+
+    @property
+    def sets(self) -> dict:
+        return self.start.sets
 
     @classmethod
     def of_start(cls, model, data: DataConfig, pref: PreferenceSet, reg: ImageSet) -> "Validation":
         # The world has validation sets apart from the evaluation sets; a dataset's are in-sample.
         sets = world.validation_sets(data.n_val) if data.dataset is None else default_eval_sets(data, pref, reg)
-        template = prompt_template(data)
-        evaluator = Evaluator.build(unwrap(model), sets, template=template)
-        return cls(sets, template, evaluator.ref_clean_logps, evaluator.metrics(0.0))
+        evaluator = Evaluator.build(unwrap(model), sets, template=prompt_template(data))
+        return cls(evaluator, evaluator.metrics(0.0))
 
     def metrics(self, model, bma) -> dict[str, float]:
+        # With a frozen image tower only W changed: no validation image goes through the tower again.
         with averaged_weights(model, bma) as core:
-            return Evaluator.build(core, self.sets, template=self.template,
-                                   ref_clean_logps=self.ref_clean_logps).metrics(1.0)
+            return self.start.with_model(core).metrics(1.0)
 
 
 def _maybe_inject_failure(cfg: WorkerConfig, step: int) -> None:

@@ -218,13 +218,12 @@ def run_training(cfg: RunConfig, progress: Callable[[int, dict[str, float]], Non
     eval_sets = eval_sets if eval_sets is not None else default_eval_sets(cfg.data, pref, reg)
     # Before training the model is its own reference: π_ref on the clean set is taken from it once.
     start_eval = Evaluator.build(model, eval_sets, template=template)
-    before, ref = start_eval.metrics(1.0), start_eval.ref_clean_logps
+    before = start_eval.metrics(1.0)
     result = fit(model, data, cfg, progress)
-    last = Evaluator.build(model, eval_sets, template=template, ref_clean_logps=ref).metrics(1.0)
+    last = start_eval.with_model(model).metrics(1.0)
     if result.bma is not None:
         load_average(model, result.bma)
-    after = last if result.bma is None else \
-        Evaluator.build(model, eval_sets, template=template, ref_clean_logps=ref).metrics(1.0)
+    after = last if result.bma is None else start_eval.with_model(model).metrics(1.0)
     folder = Path(cfg.output_dir) / cfg.name
     description = model_description(model, cfg.model, pref.classnames, template)
     metrics = {"before": before, "after": after, "last_iterate": last, "train": result.last_metrics,
