@@ -12,6 +12,7 @@ import torch
 
 from po_cluster.data import world
 from po_cluster.data.records import ImageSet
+from po_cluster.losses import kl_ref_policy
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 
 METRIC_KEYS = ("clean", "attacked", "word_only", "attack_success", "kl")
@@ -32,11 +33,6 @@ def embed_images(model: AlignedCLIP, images: np.ndarray, batch_size: int = 256) 
 def embed_prompts(model: AlignedCLIP, prompts: list[str]) -> torch.Tensor:
     device = next(model.parameters()).device
     return model.encode_text(model.tokens(prompts).to(device)).float().cpu()
-
-
-def kl_ref_policy(ref_logps: torch.Tensor, policy_logps: torch.Tensor) -> float:
-    """KL(π_ref ‖ π) over the candidates, mean over images."""
-    return float((ref_logps.exp() * (ref_logps - policy_logps)).sum(-1).mean())
 
 
 @dataclass
@@ -86,7 +82,7 @@ class Evaluator:
             if name == "attacked":
                 out["attack_success"] = float(np.mean(pred == image_set.written))
             if name == "clean":
-                out["kl"] = kl_ref_policy(self.ref_clean_logps, logps)
+                out["kl"] = float(kl_ref_policy(self.ref_clean_logps, logps))
         return out
 
     def tradeoff(self, ts: tuple[float, ...] = DEFAULT_TS) -> list[dict[str, float]]:

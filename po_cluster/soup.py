@@ -4,6 +4,7 @@ reported on the fixed evaluation sets, and written as a release folder.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -29,15 +30,14 @@ class Candidate:
     state: dict[str, torch.Tensor]
     description: dict
     training: dict
-    val_objective: float
 
 
-def read_candidate(name: str, folder: str | Path, val_objective: float) -> Candidate:
+def read_candidate(name: str, folder: str | Path) -> Candidate:
     """A trial's checkpoint, verified against its manifest before anything is read."""
     folder = Path(folder)
     verify_manifest(folder)
     return Candidate(name, load_file(str(folder / WEIGHTS)), read_json(folder, MODEL_JSON),
-                     read_json(folder, TRAINING_JSON), val_objective)
+                     read_json(folder, TRAINING_JSON))
 
 
 def check_same_architecture(candidates: list[Candidate]) -> None:
@@ -64,17 +64,32 @@ class Scorer:
         self.ref_val, self.ref_test = base_val.ref_clean_logps, base_test.ref_clean_logps
         self.base_val, self.base_test = base_val.metrics(0.0), base_test.metrics(0.0)
         self.tolerance, self.penalty = tolerance, penalty
+        self._validated: dict[str, dict[str, float]] = {}
 
     def _load(self, state: dict[str, torch.Tensor]) -> AlignedCLIP:
         self.model.load_state_dict(state, strict=True)
         return self.model
 
     def validation(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        metrics = Evaluator.build(self._load(state), self.val_sets, ref_clean_logps=self.ref_val).metrics(1.0)
-        return {**metrics, "objective": objective(metrics, self.base_val["clean"], self.tolerance, self.penalty)}
+        """Validation metrics and objective; remembered by content, since the greedy soup scores states
+        (a one-member soup is the best trial, bit for bit) that the final choice scores again."""
+        key = _fingerprint(state)
+        if key not in self._validated:
+            metrics = Evaluator.build(self._load(state), self.val_sets, ref_clean_logps=self.ref_val).metrics(1.0)
+            self._validated[key] = {**metrics, "objective": objective(metrics, self.base_val["clean"],
+                                                                      self.tolerance, self.penalty)}
+        return dict(self._validated[key])
 
     def test(self, state: dict[str, torch.Tensor]) -> Evaluator:
         return Evaluator.build(self._load(state), self.test_sets, ref_clean_logps=self.ref_test)
+
+
+def _fingerprint(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def ranked_trials(records: list[dict]) -> list[dict]:
@@ -107,8 +122,7 @@ def average_trials(records: list[dict], top_k: int, out_dir: str | Path, n_val: 
     top = ranked_trials(records)[:top_k]
     if not top:
         raise ValueError("no finished trial with a checkpoint to average")
-    candidates = [read_candidate(r["trial_id"], locate(r["checkpoint_path"]), r["metrics"]["objective"])
-                  for r in top]
+    candidates = [read_candidate(r["trial_id"], locate(r["checkpoint_path"])) for r in top]
     check_same_architecture(candidates)
     scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)
     states = {"best_trial": candidates[0].state, "uniform_soup": uniform_soup([c.state for c in candidates])}
@@ -116,10 +130,14 @@ def average_trials(records: list[dict], top_k: int, out_dir: str | Path, n_val: 
                                                  lambda s: scorer.validation(s)["objective"])
     validation = {name: scorer.validation(state) for name, state in states.items()}
     chosen = max(states, key=lambda name: validation[name]["objective"])
-    test = {"base": scorer.base_test, **{name: scorer.test(s).metrics(1.0) for name, s in states.items()}}
+    test, tradeoff = {"base": scorer.base_test}, []
+    for name, state in states.items():
+        evaluator = scorer.test(state)  # valid while this state is the one loaded in the scorer's model
+        test[name] = evaluator.metrics(1.0)
+        if name == chosen:
+            tradeoff = evaluator.tradeoff()
     release = {"chosen": chosen, "top_k": len(candidates), "trials": [c.name for c in candidates],
-               "greedy_members": members, "validation": validation, "test": test,
-               "tradeoff": scorer.test(states[chosen]).tradeoff()}
+               "greedy_members": members, "validation": validation, "test": test, "tradeoff": tradeoff}
     folder = _write_release(Path(out_dir) / "release", scorer, states[chosen], candidates[0], release)
     (Path(out_dir) / "average.json").write_text(json.dumps({**release, "release_folder": str(folder)}, indent=2))
     return {**release, "release_folder": str(folder)}
