@@ -34,16 +34,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import os
-
     from po_cluster.evaluation_run import evaluate_target
 
     target = args.target
     if target != SHIPPED_BASE and not target.startswith("s3://") and not Path(target).exists():
         # Not a folder: a release id (or "latest") in the artifact store, pulled and verified.
+        from po_cluster.cli_releases import default_store
         from po_cluster.storage import open_store
 
-        target = str(open_store(args.store or os.environ.get("PO_CLUSTER_STORE", "artifacts")).pull_release(target))
+        target = str(open_store(default_store(args.store)).pull_release(target))
     report = evaluate_target(target, t=args.t, ts=not args.json, plot=args.plot)
     if args.json:
         print(json.dumps(report["at_t"]))

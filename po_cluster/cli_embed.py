@@ -6,7 +6,6 @@ jobs/embed.py reuses them for `ray job submit`.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 _FLAGS: dict[str, tuple[type, str]] = {  # field: (type, help); each is --field-with-dashes
@@ -38,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:  # -> EmbedConfig
     import yaml
 
+    from po_cluster.cli_releases import default_store
     from po_cluster.config import ConfigError, parse_config
     from po_cluster.embed import EmbedConfig
 
@@ -49,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> Any:  # -> EmbedConfig
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"cannot read {args.config}: {error}") from None
     data.update({name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None})
-    data.setdefault("store", os.environ.get("PO_CLUSTER_STORE") or "./artifacts")
+    data.setdefault("store", default_store())
     if args.max_image_pixels is not None:
         data["limits"] = {**data.get("limits", {}), "max_image_pixels": args.max_image_pixels}
     for name in ("endpoint_url", "cache_dir"):

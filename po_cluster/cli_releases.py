@@ -16,12 +16,17 @@ from pathlib import Path
 DEFAULT_STORE = "./artifacts"
 
 
+def default_store(uri: str | None = None) -> str:
+    """`uri`, else $PO_CLUSTER_STORE, else ./artifacts: the release store of every command.
+
+    Entry points read the environment; the library never does (boto3 reads the AWS chain itself)."""
+    return uri or os.environ.get("PO_CLUSTER_STORE") or DEFAULT_STORE
+
+
 def _store(args: argparse.Namespace):  # -> ArtifactStore
     from po_cluster.storage import StoreSettings, open_store
 
-    # Entry points read the environment; the library never does (boto3 reads the AWS chain itself).
-    uri = args.store or os.environ.get("PO_CLUSTER_STORE") or DEFAULT_STORE
-    return open_store(uri, StoreSettings(endpoint_url=args.endpoint_url))
+    return open_store(default_store(args.store), StoreSettings(endpoint_url=args.endpoint_url))
 
 
 def _size(n: int) -> str:

@@ -6,15 +6,15 @@ For a cluster, use `serve deploy serve/config.yaml` or the KubeRay RayService
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from po_cluster.cli_releases import default_store
     from po_cluster.serving.demo import start_local
 
-    app_args = {"store": args.store or os.environ.get("PO_CLUSTER_STORE") or "./artifacts",
+    app_args = {"store": default_store(args.store),
                 "default_release": args.release,
                 "batching": {"max_batch_size": args.max_batch_size},
                 "auth": {"api_keys_env": args.api_keys_env, "api_keys_file": args.api_keys_file}}

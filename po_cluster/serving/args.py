@@ -1,15 +1,12 @@
 """The application args of `build_app` (the `args:` of serve/config.yaml), validated once at the edge."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from po_cluster.config import Strict
 from po_cluster.serving.auth import AuthArgs
 from po_cluster.serving.limits import Limits
 from po_cluster.storage import StoreError, StoreSettings, check_release_id
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Batching(Strict):
