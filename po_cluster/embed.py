@@ -39,6 +39,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from po_cluster.config import Strict
+from po_cluster.data.pairs import is_s3
 from po_cluster.serving.limits import ApiError, ImageFormat, Limits
 from po_cluster.storage import StoreSettings
 
@@ -109,16 +110,12 @@ def _is_manifest(source: str) -> bool:
 
 def _within(child: str, parent: str) -> bool:
     def normal(uri: str) -> str:
-        return uri.rstrip("/") if _is_s3(uri) else str(Path(uri).expanduser().absolute())
+        return uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().absolute())
 
     return normal(child) == normal(parent) or normal(child).startswith(normal(parent) + "/")
 
 
 # ---------------------------------------------------------------- inputs: (id, source_uri), sorted by id
-
-
-def _is_s3(location: str) -> bool:
-    return location.startswith("s3://")
 
 
 @lru_cache(maxsize=16)
@@ -130,7 +127,7 @@ def _bucket_store(bucket: str, settings: StoreSettings):  # -> S3Store; one per 
 
 def read_source(location: str, settings: StoreSettings) -> bytes:
     """The bytes of a local file or an s3:// object; OSError / StoreError when unreadable."""
-    if not _is_s3(location):
+    if not is_s3(location):
         return Path(location).read_bytes()
     from po_cluster.storage import ObjectMissing, parse_s3_uri
 
@@ -148,7 +145,7 @@ def _hidden(relative: str) -> bool:
 
 def _folder_inputs(root: str, settings: StoreSettings) -> list[tuple[str, str]]:
     """Every non-hidden file under a folder or S3 prefix: id = its path relative to the root."""
-    if _is_s3(root):
+    if is_s3(root):
         from po_cluster.storage import open_store
 
         names = [key for key in open_store(root.rstrip("/"), settings).list_keys("") if not key.endswith("/")]
@@ -280,7 +277,7 @@ def _read(location: str, settings: StoreSettings, max_bytes: int) -> bytes | Bad
     from po_cluster.storage import StoreError
 
     try:
-        if not _is_s3(location) and Path(location).stat().st_size > max_bytes:
+        if not is_s3(location) and Path(location).stat().st_size > max_bytes:
             return BadInput("image_too_large", f"the file is over the limit of {max_bytes} bytes")
         return read_source(location, settings)
     except (OSError, StoreError) as error:
@@ -396,7 +393,7 @@ class OutputDir:
         from pyarrow import fs
 
         self.uri = uri.rstrip("/")
-        if _is_s3(uri):
+        if is_s3(uri):
             from po_cluster.storage import pyarrow_fs
 
             self.fs, self.root = pyarrow_fs(self.uri, settings)
