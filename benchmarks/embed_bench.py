@@ -1,4 +1,4 @@
-"""Batch-embedding benchmark: the Ray Data job (po_cluster/embed.py) against a plain in-process loop.
+"""Batch-embedding benchmark: the Ray Data job (po_cluster/embed/job.py) against a plain in-process loop.
 
     .venv/bin/python benchmarks/embed_bench.py [--images 6000] [--batch-size 64] [--num-cpus 2]
         [--concurrency 2] [--actor-num-cpus 0.5] [--architecture ViT-B-32] [--image-size 64]
@@ -52,7 +52,7 @@ def in_process_loop(paths: list[Path], folder: Path, t: float, batch_size: int) 
     """images/s of read → decode (the job's rules) → f(x) → W(t) with the serving engine, one batch at a time."""
     import torch
 
-    from po_cluster.embed import DecodeLimits, decode_file
+    from po_cluster.embed.job import DecodeLimits, decode_file
     from po_cluster.serving.engine import Knob, ReleaseModel
 
     release = ReleaseModel.load("bench", folder)
@@ -69,7 +69,7 @@ def run_job(args: argparse.Namespace, root: Path, store: str) -> tuple:
     """(summary, seconds from the start at which each shard file was written) of the job over every image."""
     import ray
 
-    from po_cluster.embed import EmbedConfig, run_embed
+    from po_cluster.embed.job import EmbedConfig, run_embed
 
     cfg = EmbedConfig(input=str(root / "images"), output=str(root / "out"), store=store, release="r-bench",
                       batch_size=args.batch_size, decode_batch_size=args.batch_size, shard_size=args.shard_size,
@@ -111,8 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
 
-    from po_cluster.serving.demo import publish_example_release
-    from po_cluster.storage import open_store
+    from po_cluster.serving.local import publish_example_release
+    from po_cluster.store.artifacts import open_store
 
     with tempfile.TemporaryDirectory(prefix="embed-bench-") as tmp:
         root = Path(tmp)

@@ -87,7 +87,7 @@ def load(url: str, bodies: list[bytes], concurrency: int, per_thread: int, secon
 
 
 def bodies_for(images: np.ndarray, t: float) -> list[bytes]:
-    from po_cluster.serving.demo import png_base64
+    from po_cluster.serving.local import png_base64
 
     return [json.dumps({"image": png_base64(image), "labels": LABELS, "t": t}).encode() for image in images]
 
@@ -113,7 +113,7 @@ def in_process(folder: Path, images: np.ndarray, batch: int, threads: int, batch
 
 
 def model_rss(url: str) -> int:
-    from po_cluster.serving.demo import call
+    from po_cluster.serving.local import call
 
     status, health = call(f"{url}/healthz")
     return int(health["model"]["rss_bytes"]) if status == 200 else 0
@@ -123,7 +123,7 @@ def replica_cpu(url: str) -> dict[str, float]:
     """CPU seconds used so far by the gateway and model replicas (pids from /healthz, times from /proc)."""
     import os
 
-    from po_cluster.serving.demo import call
+    from po_cluster.serving.local import call
 
     _, health = call(f"{url}/healthz")
     seconds = {}
@@ -192,8 +192,8 @@ def soak(url: str, images: np.ndarray, a: argparse.Namespace) -> tuple[Run, int,
 
 def measure(a: argparse.Namespace, tmp: str) -> dict:
     from po_cluster.data import world
-    from po_cluster.serving.demo import publish_example_release, start_local
-    from po_cluster.storage import open_store
+    from po_cluster.serving.local import publish_example_release, start_local
+    from po_cluster.store.artifacts import open_store
 
     store, cache = f"{tmp}/store", f"{tmp}/cache"
     publish_example_release(store, "r-bench", f"{tmp}/checkpoints", architecture=a.arch)

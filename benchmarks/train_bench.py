@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from po_cluster.averaging import BetaMovingAverage
+from po_cluster.train.bma import BetaMovingAverage
 from po_cluster.config import ScalingSettings, WorkerConfig, parse_config
 from po_cluster.losses import LossSettings
-from po_cluster.train import (batch_indices, build_model, build_records, fit, make_optimizer, prepare_data,
+from po_cluster.train.loop import (batch_indices, build_model, build_records, fit, make_optimizer, prepare_data,
                               train_step, trainable_state)
 
 
@@ -57,7 +57,7 @@ def po_vs_floor(steps: int) -> tuple[float, float]:
 def trainer_vs_plain(steps: int) -> tuple[float, float, float]:
     import ray
 
-    from po_cluster.sweep import fit_trial
+    from po_cluster.sweep.driver import fit_trial
 
     cfg = run_config("full", steps)
     model = build_model(cfg, torch.device("cpu"))

@@ -3,12 +3,12 @@
     ray job submit --working-dir . -- python jobs/embed.py \
         --input s3://bucket/images/ --output s3://bucket/embeddings/ --store s3://bucket/artifacts --t 1
 
-Same flags as `po-cluster embed` (po_cluster/cli_embed.py); connects to the cluster of $RAY_ADDRESS.
+Same flags as `po-cluster embed` (po_cluster/cli/embed.py); connects to the cluster of $RAY_ADDRESS.
 """
 import argparse
 import sys
 
-from po_cluster.cli_embed import add_arguments, config_from_args, print_shard
+from po_cluster.cli.embed import add_arguments, config_from_args, print_shard
 
 
 def main() -> int:
@@ -19,7 +19,7 @@ def main() -> int:
 
     import ray
 
-    from po_cluster.embed import run_embed
+    from po_cluster.embed.job import run_embed
 
     ray.init(address=args.address)  # None: $RAY_ADDRESS, as set by `ray job submit`
     summary = run_embed(cfg, on_shard=print_shard)

@@ -4,8 +4,8 @@
 """
 import argparse
 
-from po_cluster.base_model import write_base_model
-from po_cluster.pretrain import PretrainConfig
+from po_cluster.model.base_model import write_base_model
+from po_cluster.model.pretrain import PretrainConfig
 
 
 def main() -> None:

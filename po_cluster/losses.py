@@ -1,12 +1,12 @@
 """Preference-optimisation losses as pure functions of log-probabilities.
 
 Every function here takes log π(y|x) values that were already computed by the
-model code (log-softmax over the candidate texts C, DESIGN §2) and returns a
+model code (log-softmax over the candidate texts C, docs/design.md "Losses") and returns a
 scalar: the mean over the batch. Nothing in this module knows about CLIP,
-open_clip, or any other po_cluster module (DESIGN §5), so each loss can be
+open_clip, or any other po_cluster module (docs/design.md, "Conventions"), so each loss can be
 checked against numbers worked out by hand.
 
-Notation (DESIGN §2):
+Notation (docs/design.md, "Losses"):
     h = [log π(y_w|x) − log π(y_l|x)] − [log π_ref(y_w|x) − log π_ref(y_l|x)]
 """
 
@@ -43,7 +43,7 @@ def _check_beta(beta: float) -> None:
 def _log_ratio_margin(
     policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor
 ) -> Tensor:
-    # h = (log π(y_w|x) − log π(y_l|x)) − (log π_ref(y_w|x) − log π_ref(y_l|x))   [DESIGN §2]
+    # h = (log π(y_w|x) − log π(y_l|x)) − (log π_ref(y_w|x) − log π_ref(y_l|x))   [docs/design.md "Losses"]
     return (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
 
 
@@ -57,7 +57,7 @@ def dpo_loss(
     """DPO: mean of −log σ(β·h)."""
     _check_beta(beta)
     h = _log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # L_DPO = −E[log σ(β·h)]   [DESIGN §2 "dpo"; Rafailov et al. 2023, eq. 7]
+    # L_DPO = −E[log σ(β·h)]   [design "Losses", "dpo"; Rafailov et al. 2023, eq. 7]
     # logsigmoid rather than log(sigmoid(·)) so large negative β·h stays finite.
     return -F.logsigmoid(beta * h).mean()
 
@@ -72,7 +72,7 @@ def ipo_loss(
     """IPO: mean of (h − 1/(2β))², minimised at h = 1/(2β)."""
     _check_beta(beta)
     h = _log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    # L_IPO = E[(h − τ⁻¹/2)²] with τ = β   [DESIGN §2 "ipo"; Azar et al. 2023, eq. 17]
+    # L_IPO = E[(h − τ⁻¹/2)²] with τ = β   [design "Losses", "ipo"; Azar et al. 2023, eq. 17]
     return ((h - 1.0 / (2.0 * beta)) ** 2).mean()
 
 
@@ -96,11 +96,11 @@ def kto_loss(
     # r = log π(y|x) − log π_ref(y|x)   [Ethayarajh et al. 2024, eq. 8, r_θ]
     r = policy_logps - ref_logps
     # z_0 = max(0, KL) and carries no gradient: it is a reference point, not a target
-    # [Ethayarajh et al. 2024, eq. 8, z_0; DESIGN §2 "kto" (detached)].
+    # [Ethayarajh et al. 2024, eq. 8, z_0; design "Losses", "kto" (detached)].
     z = kl.detach().clamp(min=0)
     # v(x,y) = λ_D σ(β(r − z_0)) if desirable, λ_U σ(β(z_0 − r)) otherwise; L = E[λ_y − v]
     # [Ethayarajh et al. 2024, eq. 8;
-    #  DESIGN §2 "kto": w_d(1 − σ(β(r_w − z))), w_u(1 − σ(β(z − r_l)))]
+    #  design "Losses", "kto": w_d(1 − σ(β(r_w − z))), w_u(1 − σ(β(z − r_l)))]
     per_record = torch.where(
         desirable,
         desirable_weight * (1.0 - torch.sigmoid(beta * (r - z))),
@@ -121,7 +121,7 @@ def kto_paired_loss(
 ) -> Tensor:
     """KTO on paired data: y_w is a desirable record, y_l an undesirable one.
 
-    Per pair w_d·(1 − σ(β(r_w − z))) + w_u·(1 − σ(β(z − r_l))) as in DESIGN §2, averaged
+    Per pair w_d·(1 − σ(β(r_w − z))) + w_u·(1 − σ(β(z − r_l))) as in docs/design.md "Losses", averaged
     over pairs: twice `kto_loss` on the concatenation of both halves (a mean over 2B records).
     """
     # Unpairing (x, y_w, y_l) into (x, y_w, True), (x, y_l, False)   [Ethayarajh et al. 2024, §4]
@@ -138,14 +138,14 @@ def kto_paired_loss(
 
 def ce_loss(policy_logps_all: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy on already log-softmaxed rows [B, C] against class indices [B]."""
-    # L_CE = −E[log π(y_true|x)]   [DESIGN §2 "ce"]; gather, because the rows are already log-probs
+    # L_CE = −E[log π(y_true|x)]   [design "Losses", "ce"]; gather, because the rows are already log-probs
     picked = policy_logps_all.gather(1, target.long().unsqueeze(1)).squeeze(1)
     return -picked.mean()
 
 
 def kl_ref_policy(ref_logps_all: Tensor, policy_logps_all: Tensor) -> Tensor:
     """KL(π_ref ‖ π) over the candidate set, averaged over the batch."""
-    # KL(π_ref ‖ π) = Σ_c π_ref(c|x) (log π_ref(c|x) − log π(c|x))   [DESIGN §2 "regulariser"]
+    # KL(π_ref ‖ π) = Σ_c π_ref(c|x) (log π_ref(c|x) − log π(c|x))   [design "Losses", "regulariser"]
     per_row = (ref_logps_all.exp() * (ref_logps_all - policy_logps_all)).sum(dim=-1)
     return per_row.mean()
 
@@ -170,7 +170,7 @@ class PreferenceLogps:
 
 @dataclass
 class LossSettings:
-    """Hyper-parameters of the objective; names follow TRL (DESIGN §2)."""
+    """Hyper-parameters of the objective; names follow TRL (docs/design.md, "Losses")."""
 
     beta: float
     kl_weight: float
@@ -220,7 +220,7 @@ def preference_objective(
     # Checked here too so "ce" (which ignores β) still rejects a bad config early.
     _check_beta(settings.beta)
     loss = LOSSES[loss_type](logps, kl, settings)
-    # total = L_loss_type + λ·KL(π_ref ‖ π)   [DESIGN §2 "regulariser, added to every loss"]
+    # total = L_loss_type + λ·KL(π_ref ‖ π)   [design "Losses", "regulariser, added to every loss"]
     total = loss + settings.kl_weight * kl
     with torch.no_grad():
         h = _log_ratio_margin(*_pairs(logps))

@@ -59,7 +59,7 @@ def release_template(tmp_path_factory) -> Path:
     """A real checkpoint folder (tiny random model) plus a card, with its manifest rewritten."""
     import torch
 
-    from po_cluster.checkpoint import model_description, save_checkpoint, write_manifest
+    from po_cluster.model.checkpoint import model_description, save_checkpoint, write_manifest
     from po_cluster.config import ModelConfig
     from po_cluster.data import world
     from po_cluster.model.aligned import AlignedCLIP

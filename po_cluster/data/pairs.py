@@ -6,7 +6,7 @@ of any size are resized (shorter side) and centre-cropped to one square size
 as they are read, so the records hold uint8 HxWx3 arrays of one shape and the
 model-side conversion (`to_model_input`) stays the only other resize.
 
-S3 access goes through po_cluster.storage (endpoint, region and credentials from
+S3 access goes through po_cluster.store.artifacts (endpoint, region and credentials from
 boto3's own chain, e.g. AWS_ENDPOINT_URL).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
 
 if TYPE_CHECKING:  # storage pulls in boto3 lazily; only S3 locations need it
-    from po_cluster.storage import ArtifactStore
+    from po_cluster.store.artifacts import ArtifactStore
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_IMAGE_SIZE = 224  # ViT-B-32's input; the model resizes again if it differs
@@ -43,7 +43,7 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- locations: a local path or s3://bucket/key
-# S3 goes through po_cluster.storage (one S3Store per bucket, its retries and one-line errors).
+# S3 goes through po_cluster.store.artifacts (one S3Store per bucket, its retries and one-line errors).
 
 
 def is_s3(location: str) -> bool:
@@ -53,13 +53,13 @@ def is_s3(location: str) -> bool:
 @lru_cache(maxsize=16)
 def _bucket(bucket: str) -> ArtifactStore:
     # One store per bucket, shared by the reading threads: boto3 clients are thread-safe.
-    from po_cluster.storage import open_store
+    from po_cluster.store.artifacts import open_store
 
     return open_store(f"s3://{bucket}")
 
 
 def _s3(location: str) -> tuple[ArtifactStore, str]:
-    from po_cluster.storage import parse_s3_uri
+    from po_cluster.store.artifacts import parse_s3_uri
 
     bucket, key = parse_s3_uri(location)
     return _bucket(bucket), key

@@ -1,4 +1,4 @@
-"""The typographic builder: any labelled image set → preference data (DESIGN §2).
+"""The typographic builder: any labelled image set → preference data (docs/design.md, "Preference data").
 
 Each image gets `variants` attacked copies, each with the name of a different,
 randomly chosen *other* class written on it; the record prefers the true class's

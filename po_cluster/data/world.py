@@ -1,4 +1,4 @@
-"""The typo-shapes world (DESIGN §3): coloured shapes on noisy backgrounds,
+"""The typo-shapes world (docs/design.md, "The typo-shapes world"): coloured shapes on noisy backgrounds,
 optionally with a word written on them, rendered with Pillow.
 
 Everything is a pure function of a seed, so evaluation sets are identical on

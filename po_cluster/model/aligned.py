@@ -44,7 +44,7 @@ class AlignedCLIP(nn.Module):
         dim = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") and \
             isinstance(clip.text_projection, torch.Tensor) else int(clip.visual.output_dim)
         self.spectral = SpectralLayer(dim)
-        # The scale is that of the loaded model and is not trained (DESIGN §2).
+        # The scale is that of the loaded model and is not trained (docs/design.md, "Policy").
         self.logit_scale = float(clip.logit_scale.exp().clamp(max=100).item())
         self.image_tower = image_tower
         self._set_trainable(image_tower)

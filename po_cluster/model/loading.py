@@ -55,7 +55,7 @@ def resolve_weights(pretrained: str, cache_dir: str | None = None) -> Path:
     if pretrained == SHIPPED_BASE:
         path = SHIPPED_BASE_DIR / WEIGHTS_FILE
     elif pretrained.startswith("s3://"):
-        from po_cluster.storage import fetch_file
+        from po_cluster.store.artifacts import fetch_file
 
         path = fetch_file(pretrained, cache_dir)
     else:

@@ -1,4 +1,4 @@
-"""The spectral layer W = V diag(σ) Vᵀ of DESIGN §2.
+"""The spectral layer W = V diag(σ) Vᵀ of docs/design.md, "The spectral layer and t".
 
 V is orthogonal by construction (the matrix exponential of a skew-symmetric
 matrix), σ = exp(ρ) > 0. Both start at the identity, so an untrained layer is

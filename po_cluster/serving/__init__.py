@@ -1,4 +1,4 @@
-"""Serving: the aligned CLIP model over HTTP on Ray Serve (issue 5).
+"""Serving: the aligned CLIP model over HTTP on Ray Serve.
 
 - `app.build_app(args)` builds the Serve application (the `import_path` of serve/config.yaml);
 - `args.ServeArgs` the validated application args; `schemas` the HTTP request/response models;

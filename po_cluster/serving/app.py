@@ -34,7 +34,7 @@ from po_cluster.serving.client import HandleClient
 from po_cluster.serving.engine import ClassifyItem, EmbedRequest, EmbedResult, ReleaseModel, Scores
 from po_cluster.serving.gateway import GatewayService
 from po_cluster.serving.limits import rss_bytes
-from po_cluster.storage import open_store
+from po_cluster.store.artifacts import open_store
 
 
 @serve.deployment(name="AlignedModel")
@@ -112,7 +112,7 @@ def _split(flat: list, sizes: list[int]) -> list[list]:
 
 @serve.deployment(name="Gateway")
 @serve.ingress()
-class Gateway:
+class GatewayDeployment:
     def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
         parsed = ServeArgs.model_validate(args)
         self.service = GatewayService(parsed, HandleClient(model, parsed.batching))
@@ -132,5 +132,5 @@ def build_app(args: dict[str, Any]) -> Application:
     model_app = AlignedModel.options(
         ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
         max_ongoing_requests=model.max_ongoing_requests, **scaling).bind(plain)
-    return Gateway.options(ray_actor_options={"num_cpus": gateway.num_cpus}, num_replicas=gateway.num_replicas,
+    return GatewayDeployment.options(ray_actor_options={"num_cpus": gateway.num_cpus}, num_replicas=gateway.num_replicas,
                            max_ongoing_requests=gateway.max_ongoing_requests).bind(model_app, plain)

@@ -6,7 +6,7 @@ from pydantic import Field, field_validator, model_validator
 from po_cluster.config import Strict
 from po_cluster.serving.auth import AuthArgs
 from po_cluster.serving.limits import Limits
-from po_cluster.storage import StoreError, StoreSettings, check_release_id
+from po_cluster.store.artifacts import StoreError, StoreSettings, check_release_id
 
 
 class Batching(Strict):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from po_cluster.serving.limits import ApiError
-from po_cluster.storage import MANIFEST, RELEASES, ArtifactStore, ReleaseInfo, StoreError, check_release_id
+from po_cluster.store.artifacts import MANIFEST, RELEASES, ArtifactStore, ReleaseInfo, StoreError, check_release_id
 
 
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from po_cluster.serving.args import Batching
 from po_cluster.serving.engine import EmbedResult, Knob, Scores
 from po_cluster.serving.limits import ApiError
-from po_cluster.storage import StoreError
+from po_cluster.store.artifacts import StoreError
 
 
 class HandleClient:
@@ -30,7 +30,7 @@ class HandleClient:
             batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     async def _call(self, release_id: str, method: str, items: list) -> list:
-        from po_cluster.checkpoint import CheckpointError
+        from po_cluster.model.checkpoint import CheckpointError
         from po_cluster.model.loading import ModelLoadError
 
         target = getattr(self.handle.options(multiplexed_model_id=release_id), method)

@@ -62,7 +62,7 @@ class ReleaseModel:
     def load(cls, release_id: str, folder: Path, text_cache_size: int = 4096, device: str = "cpu",
              max_forward: int = 64, verify: bool = True) -> "ReleaseModel":
         """verify=False for a folder pull_release has just returned (and verified)."""
-        from po_cluster.checkpoint import load_checkpoint
+        from po_cluster.model.checkpoint import load_checkpoint
 
         model, description = load_checkpoint(folder, device, verify)
         return cls(release_id, model, description, text_cache_size, max_forward)

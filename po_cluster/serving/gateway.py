@@ -22,7 +22,7 @@ from po_cluster.serving.limits import (ApiError, check_input_count, check_labels
 from po_cluster.serving.schemas import (ClassifyRequest, ClassifyResponse, Embedding, EmbeddingsRequest,
                                         EmbeddingsResponse, Health, ImageInput, Knobs, ModelCard, ModelList,
                                         ProcessInfo, Score, Usage)
-from po_cluster.storage import open_store
+from po_cluster.store.artifacts import open_store
 
 INLINE_DECODE_CHARS = 64 << 10  # base64 characters of an image decoded on the event loop itself
 

@@ -1,4 +1,4 @@
-"""Batch embedding on Ray Data (issue 6), on the session's Ray cluster.
+"""Batch embedding on Ray Data, on the session's Ray cluster.
 
 One folder of 500 files (488 images, 12 bad ones of every kind) and one release
 (the shipped base model with a random spectral layer) serve every test; the
@@ -69,7 +69,7 @@ def _write_images(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    from po_cluster.serving.demo import publish_example_release
+    from po_cluster.serving.local import publish_example_release
 
     root = tmp_path_factory.mktemp("embed")
     images, store = root / "images", root / "store"
@@ -80,7 +80,7 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def _config(corpus: dict, output: Path | str, **change):
-    from po_cluster.embed import EmbedConfig
+    from po_cluster.embed.job import EmbedConfig
 
     fields = {"input": str(corpus["images"]), "output": str(output), "store": str(corpus["store"]),
               "release": RELEASE, "t": T, "shard_size": SHARD_SIZE, "batch_size": 32, "decode_batch_size": 32,
@@ -98,7 +98,7 @@ def _read(output: Path | str, sub: str, filesystem=None):
 @pytest.fixture(scope="module")
 def reference(ray_cluster, corpus) -> dict:
     """The uninterrupted job."""
-    from po_cluster.embed import run_embed
+    from po_cluster.embed.job import run_embed
 
     output = corpus["root"] / "reference"
     reports = []
@@ -132,10 +132,10 @@ def test_every_good_image_has_a_row_and_every_bad_one_an_error(corpus, reference
 
 @torch.no_grad()
 def test_embeddings_equal_the_serving_engine_and_the_in_process_model(corpus, reference):
-    from po_cluster.checkpoint import load_checkpoint
+    from po_cluster.model.checkpoint import load_checkpoint
     from po_cluster.serving.engine import Knob, ReleaseModel
     from po_cluster.serving.limits import Limits, decode_image
-    from po_cluster.storage import open_store
+    from po_cluster.store.artifacts import open_store
 
     folder = open_store(str(corpus["store"])).pull_release(RELEASE, corpus["root"] / "cache-tests")
     engine = ReleaseModel.load(RELEASE, folder)
@@ -155,7 +155,7 @@ def test_embeddings_equal_the_serving_engine_and_the_in_process_model(corpus, re
 
 
 def test_decoding_runs_in_cpu_tasks_apart_from_the_model_actors(ray_cluster, corpus, capsys):
-    from po_cluster.embed import Preprocess, build_dataset, list_inputs, plan_shards
+    from po_cluster.embed.job import Preprocess, build_dataset, list_inputs, plan_shards
 
     shards = plan_shards(list_inputs(str(corpus["images"])), SHARD_SIZE, RELEASE, T)
     cfg = _config(corpus, corpus["root"] / "unused")
@@ -166,7 +166,7 @@ def test_decoding_runs_in_cpu_tasks_apart_from_the_model_actors(ray_cluster, cor
 
 
 def test_rerun_over_the_same_output_writes_nothing(corpus, reference):
-    from po_cluster.embed import run_embed
+    from po_cluster.embed.job import run_embed
 
     files = sorted((reference["output"] / "embeddings").iterdir())
     stamps = {p.name: p.stat().st_mtime_ns for p in files}
@@ -191,7 +191,7 @@ def _finished(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_killed_job_resumes_without_redoing_finished_shards(ray_cluster, corpus, reference):
-    from po_cluster.embed import run_embed
+    from po_cluster.embed.job import run_embed
 
     output = corpus["root"] / "killed"
     folder = output / "embeddings"
@@ -249,8 +249,8 @@ def test_cli_on_a_manifest_with_ids(corpus, reference, capsys):
 
 
 def test_s3_prefix_in_and_out(corpus, reference, moto_s3, bucket):
-    from po_cluster.embed import run_embed
-    from po_cluster.storage import StoreSettings, pyarrow_fs
+    from po_cluster.embed.job import run_embed
+    from po_cluster.store.artifacts import StoreSettings, pyarrow_fs
 
     client = moto_s3.client()
     names = corpus["good"][:10] + ["bad/anim-a.gif", "bad/truncated-a.png"]

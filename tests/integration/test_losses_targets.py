@@ -3,7 +3,7 @@ dpo, ipo and kto each raise attacked accuracy by ≥ 0.30 and keep clean within 
 import pytest
 
 from po_cluster.config import CompareConfig, load_config
-from po_cluster.train import run_training
+from po_cluster.train.loop import run_training
 
 pytestmark = pytest.mark.slow
 

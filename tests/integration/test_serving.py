@@ -42,7 +42,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Served:
-    from po_cluster.serving.demo import publish_example_release, start_local
+    from po_cluster.serving.local import publish_example_release, start_local
 
     root = tmp_path_factory.mktemp("serving")
     store, cache = root / "store", root / "cache"
@@ -71,8 +71,8 @@ def _flip_one_byte(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def release(served):
     """(id → AlignedCLIP) of the published releases, loaded in-process from the same store."""
-    from po_cluster.checkpoint import load_checkpoint
-    from po_cluster.storage import open_store
+    from po_cluster.model.checkpoint import load_checkpoint
+    from po_cluster.store.artifacts import open_store
 
     store = open_store(str(served.store))
     return {rid: load_checkpoint(store.pull_release(rid, cache_dir=served.cache / "tests"))[0]
@@ -362,7 +362,7 @@ def test_playground_upload_slider_scores_change(served, images, tmp_path):
 
 def test_serve_and_ask_answers_at_t0_and_t1(served, images, base_model, release):
     """The demo's helper, as a second app beside the module's one in the same Serve (then removed)."""
-    from po_cluster.serving.demo import serve_and_ask
+    from po_cluster.serving.local import serve_and_ask
 
     sized = {"store_settings": {"cache_dir": str(served.cache)}, "model": {"num_cpus": 0}, "gateway": {"num_cpus": 0}}
     answer = serve_and_ask(str(served.store), "r-main", images[2], LABELS, args=sized, name="demo-check",

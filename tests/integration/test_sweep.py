@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from po_cluster.checkpoint import load_checkpoint, verify_manifest
+from po_cluster.model.checkpoint import load_checkpoint, verify_manifest
 from po_cluster.cli import main as cli_main
-from po_cluster.storage import open_store
+from po_cluster.store.artifacts import open_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

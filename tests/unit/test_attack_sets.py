@@ -9,11 +9,11 @@ from PIL import Image
 from torch import nn
 
 from po_cluster import cli
-from po_cluster.attack_sets import evaluate_attack_set, parse_attack_name, read_attack_set, score
+from po_cluster.evaluate.attack_sets import evaluate_attack_set, parse_attack_name, read_attack_set, score
 from po_cluster.data import world
 from po_cluster.data.pairs import DataError
 from po_cluster.data.records import ImageSet
-from po_cluster.evaluate import Evaluator
+from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.spectral import SpectralLayer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from po_cluster.averaging import BetaMovingAverage, beta_weights, greedy_soup, uniform_soup
+from po_cluster.train.bma import BetaMovingAverage, beta_weights, greedy_soup, uniform_soup
 
 
 def const(value: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

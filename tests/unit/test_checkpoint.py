@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from po_cluster.checkpoint import (MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, model_description,
+from po_cluster.model.checkpoint import (MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, model_description,
                                    save_checkpoint)
 from po_cluster.config import ModelConfig
 from po_cluster.data import world

@@ -38,7 +38,7 @@ def test_tampered_checkpoint_is_refused_naming_the_file(tmp_path):
 
 
 def test_evaluate_a_release_by_id_from_a_store(release_template, tmp_path, capsys):
-    from po_cluster.storage import open_store
+    from po_cluster.store.artifacts import open_store
 
     store = str(tmp_path / "store")
     release_id = open_store(store).publish_release(release_template)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from po_cluster.config import ConfigError, parse_config
-from po_cluster.embed import (EMBEDDINGS, ERRORS, BadInput, DecodeLimits, EmbedConfig, EmbedError, OutputDir,
+from po_cluster.embed.job import (EMBEDDINGS, ERRORS, BadInput, DecodeLimits, EmbedConfig, EmbedError, OutputDir,
                               Preprocess, decode_batch, decode_file, foreign_shards, list_inputs, plan_shards,
                               shard_tables, t_tag)
 

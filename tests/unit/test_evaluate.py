@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from po_cluster.evaluate import Evaluator
+from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-# CI has shared/ beside the clone (as /work/shared is beside /work/main here).
-CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
+# KubeRay v1.7.0's CRDs, vendored in the repository (k8s/crds/README.md).
+CRD_DIR = K8S / "crds"
 CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
 MANIFESTS = ("rayjob-sweep.yaml", "rayservice.yaml", "secrets.example.yaml")
 SECRETS_FILE = "secrets.example.yaml"
@@ -110,8 +110,7 @@ def core_schemas() -> dict[tuple[str, str], dict]:
 def crd_schemas() -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) → strict schema, for every version of the KubeRay CRDs."""
     if not CRD_DIR.is_dir():
-        pytest.fail(f"KubeRay CRDs not found at {CRD_DIR}: the repository's shared/ folder (kuberay-crds/) "
-                    f"must sit beside the clone, as ../shared relative to {ROOT}")
+        pytest.fail(f"KubeRay CRDs not found at {CRD_DIR} (k8s/crds/ is part of the repository)")
     schemas = {}
     for file in CRD_FILES:
         crd = yaml.load((CRD_DIR / file).read_text(), Loader=Loader)

@@ -1,6 +1,6 @@
-"""Loss values checked against numbers worked out by hand (DESIGN §5).
+"""Loss values checked against numbers worked out by hand (docs/design.md, "Conventions").
 
-Reference values are computed with `math` from the formulas in DESIGN §2, never
+Reference values are computed with `math` from the formulas in docs/design.md "Losses", never
 by calling the function under test.
 """
 
@@ -254,7 +254,7 @@ def test_unknown_loss_type_and_bad_beta() -> None:
 
 
 def test_losses_module_imports_nothing_from_the_model() -> None:
-    # DESIGN §5: losses are pure functions of log-probs; only torch and the stdlib.
+    # docs/design.md, "Conventions": losses are pure functions of log-probs; only torch and the stdlib.
     import ast
 
     import po_cluster.losses as mod

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from po_cluster import cli
-from po_cluster.storage import (LATEST, LocalStore, StoreError, fetch_file, new_release_id, open_store,
+from po_cluster.store.artifacts import (LATEST, LocalStore, StoreError, fetch_file, new_release_id, open_store,
                                 pull_release_uri)
 
 WEIGHTS = "model.safetensors"
@@ -29,7 +29,7 @@ def store(tmp_path) -> LocalStore:
 
 
 def test_round_trip_publish_list_show_pull_latest(store, folder, tmp_path):
-    from po_cluster.checkpoint import verify_manifest
+    from po_cluster.model.checkpoint import verify_manifest
 
     assert store.list_releases() == [] and store.latest() is None
     first = store.publish_release(folder)
@@ -98,7 +98,7 @@ def test_interrupted_publish_is_invisible_and_a_rerun_completes_it(store, folder
         store.pull_release("r-half", cache_dir=tmp_path / "cache")
     other = Path(shutil.copytree(folder, tmp_path / "other"))
     (other / "card.md").write_text("different content\n")
-    from po_cluster.checkpoint import write_manifest
+    from po_cluster.model.checkpoint import write_manifest
 
     write_manifest(other)
     with pytest.raises(StoreError, match="half-published from different content"):

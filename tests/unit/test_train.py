@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from po_cluster.config import parse_config
-from po_cluster.evaluate import Evaluator
+from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.losses import LossSettings
-from po_cluster.train import build_model, build_records, fit, load_average, prepare_data, train_step
+from po_cluster.train.loop import build_model, build_records, fit, load_average, prepare_data, train_step
 
 
 def _cfg(**overrides):

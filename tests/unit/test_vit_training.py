@@ -9,7 +9,7 @@ from PIL import Image
 
 from po_cluster.config import parse_config
 from po_cluster.data import world
-from po_cluster.train import build_model, build_records, fit, prepare_data, prompt_template
+from po_cluster.train.loop import build_model, build_records, fit, prepare_data, prompt_template
 
 pytestmark = pytest.mark.slow
 SHAPES = ("circle", "square", "star")  # three candidate classes

@@ -4,7 +4,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from po_cluster.evaluate import METRIC_KEYS, format_table, plot_tradeoff
+from po_cluster.evaluate.metrics import METRIC_KEYS, format_table, plot_tradeoff
 
 MARKERS = {"dpo": "o", "ipo": "s", "kto": "^", "ce": "x"}
 TRIAL_COLUMNS = ("trial", "loss", "beta", "kl_weight", "lr", "image_tower", "val_clean", "val_attacked",

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from po_cluster.checkpoint import load_checkpoint
+from po_cluster.model.checkpoint import load_checkpoint
 from po_cluster.model.aligned import AlignedCLIP
 
 
@@ -88,7 +88,7 @@ def checkpoint_folder(release: str | Path) -> Path:
     if path.is_dir():
         return path
     if "/releases/" in str(release):
-        from po_cluster.storage import pull_release_uri
+        from po_cluster.store.artifacts import pull_release_uri
 
         return pull_release_uri(str(release))
     raise FileNotFoundError(f"no checkpoint folder at {release} (nor a <store>/releases/<id> URI)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from po_cluster.averaging import BetaMovingAverage
+from po_cluster.train.bma import BetaMovingAverage
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"

@@ -20,17 +20,17 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from po_cluster.averaging import BetaMovingAverage
-from po_cluster.checkpoint import model_description, save_checkpoint
+from po_cluster.train.bma import BetaMovingAverage
+from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.config import DataConfig, RunConfig, WorkerConfig
 from po_cluster.data import world
-from po_cluster.evaluate import Evaluator
+from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.losses import LossSettings
 from po_cluster.data.records import ImageSet, PreferenceSet
-from po_cluster.train import (batch_indices, build_model, build_records, default_eval_sets, load_average,
+from po_cluster.train.loop import (batch_indices, build_model, build_records, default_eval_sets, load_average,
                               make_optimizer, prepare_data, prompt_template, set_lr, train_step, trainable_state,
                               unwrap)
-from po_cluster.train_state import load_train_state, save_train_state
+from po_cluster.train.state import load_train_state, save_train_state
 
 
 def objective(metrics: dict[str, float], base_clean: float, tolerance: float, penalty: float) -> float:

@@ -1,6 +1,6 @@
 """Weight averaging: the Beta moving average of one run's iterates, and model soups.
 
-BMA (DESIGN §2): w_k ∝ BetaPDF((k + ½)/(T + 1); a, a), k = 0..T, iterate 0 being
+BMA (docs/design.md, "BMA"): w_k ∝ BetaPDF((k + ½)/(T + 1); a, a), k = 0..T, iterate 0 being
 the pretrained weights. With a < 1 the U-shaped Beta puts extra mass on both
 ends — the starting model (which keeps robustness) and the final iterate (which
 holds what was learned). Soups average the checkpoints of different trials,
@@ -40,7 +40,7 @@ def beta_weights(T: int, a: float = 0.7) -> list[float]:
 
 
 class BetaMovingAverage:
-    """Running Beta-weighted average of a run's iterates (DESIGN §2, BMA).
+    """Running Beta-weighted average of a run's iterates (docs/design.md, "BMA").
 
     Accumulates Σ_k w_k θ_k in float32 so that low-precision weights do not
     lose the small contributions; `average()` divides by Σ w_k of the iterates

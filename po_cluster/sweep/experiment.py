@@ -62,7 +62,7 @@ class Experiment:
 
 def open_experiment(cfg: SweepConfig) -> Experiment:
     if cfg.storage_path.startswith("s3://"):
-        from po_cluster.storage import pyarrow_fs
+        from po_cluster.store.artifacts import pyarrow_fs
 
         filesystem, root = pyarrow_fs(cfg.storage_path)
         return Experiment(filesystem, root, cfg.name, f"{cfg.storage_path.rstrip('/')}/{cfg.name}")

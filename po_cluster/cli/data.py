@@ -60,7 +60,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def _attack_model(args: argparse.Namespace) -> AlignedCLIP:
     from po_cluster.config import ModelConfig
-    from po_cluster.evaluation_run import load_target
+    from po_cluster.evaluate.targets import load_target
     from po_cluster.model.aligned import AlignedCLIP
     from po_cluster.model.loading import load_clip
 
@@ -70,7 +70,7 @@ def _attack_model(args: argparse.Namespace) -> AlignedCLIP:
 
 
 def cmd_evaluate_attack_set(args: argparse.Namespace) -> int:
-    from po_cluster.attack_sets import evaluate_attack_set, read_attack_set
+    from po_cluster.evaluate.attack_sets import evaluate_attack_set, read_attack_set
 
     model = _attack_model(args)
     attack_set = read_attack_set(args.folder, model.image_size)
@@ -88,7 +88,7 @@ def cmd_evaluate_attack_set(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from po_cluster.export import export_open_clip
+    from po_cluster.model.export import export_open_clip
 
     result = export_open_clip(args.release, args.out, args.t)
     print(f"wrote {result.path} ({result.architecture}, W(t) folded in at t = {result.t:g}); load it with")

@@ -1,4 +1,4 @@
-"""`po-cluster embed`: embed a folder, manifest or S3 prefix with a release, on Ray Data (po_cluster/embed.py).
+"""`po-cluster embed`: embed a folder, manifest or S3 prefix with a release, on Ray Data (po_cluster/embed/job.py).
 
 The flags build an EmbedConfig (over an optional YAML file of the same fields);
 jobs/embed.py reuses them for `ray job submit`.
@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:  # -> EmbedConfig
     import yaml
 
-    from po_cluster.cli_releases import default_store
+    from po_cluster.cli.releases import default_store
     from po_cluster.config import ConfigError, parse_config
-    from po_cluster.embed import EmbedConfig
+    from po_cluster.embed.job import EmbedConfig
 
     data: dict[str, Any] = {}
     if args.config:
@@ -64,8 +64,8 @@ def print_shard(report: Any) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from po_cluster.cli_cluster import connect_ray
-    from po_cluster.embed import run_embed
+    from po_cluster.cli.cluster import connect_ray
+    from po_cluster.embed.job import run_embed
 
     cfg = config_from_args(args)  # before Ray starts: a bad flag costs nothing
     connect_ray(args.address)

@@ -1,4 +1,4 @@
-"""Batch embedding of images with a release, on Ray Data (issue 6).
+"""Batch embedding of images with a release, on Ray Data.
 
     input (folder | JSONL/Parquet manifest | s3:// prefix)
       → sorted by id, cut into fixed-size shards (skip those already written)
@@ -41,7 +41,7 @@ from pydantic import Field, field_validator, model_validator
 from po_cluster.config import Strict
 from po_cluster.data.pairs import is_s3
 from po_cluster.serving.limits import ApiError, ImageFormat, Limits
-from po_cluster.storage import StoreSettings
+from po_cluster.store.artifacts import StoreSettings
 
 if TYPE_CHECKING:
     import ray.data
@@ -120,7 +120,7 @@ def _within(child: str, parent: str) -> bool:
 
 @lru_cache(maxsize=16)
 def _bucket_store(bucket: str, settings: StoreSettings):  # -> S3Store; one per bucket and process
-    from po_cluster.storage import open_store
+    from po_cluster.store.artifacts import open_store
 
     return open_store(f"s3://{bucket}", settings)
 
@@ -129,7 +129,7 @@ def read_source(location: str, settings: StoreSettings) -> bytes:
     """The bytes of a local file or an s3:// object; OSError / StoreError when unreadable."""
     if not is_s3(location):
         return Path(location).read_bytes()
-    from po_cluster.storage import ObjectMissing, parse_s3_uri
+    from po_cluster.store.artifacts import ObjectMissing, parse_s3_uri
 
     bucket, key = parse_s3_uri(location)
     data = _bucket_store(bucket, settings).get_bytes(key)
@@ -146,7 +146,7 @@ def _hidden(relative: str) -> bool:
 def _folder_inputs(root: str, settings: StoreSettings) -> list[tuple[str, str]]:
     """Every non-hidden file under a folder or S3 prefix: id = its path relative to the root."""
     if is_s3(root):
-        from po_cluster.storage import open_store
+        from po_cluster.store.artifacts import open_store
 
         names = [key for key in open_store(root.rstrip("/"), settings).list_keys("") if not key.endswith("/")]
         base = root.rstrip("/")
@@ -274,7 +274,7 @@ def decode_file(raw: bytes, limits: Limits) -> np.ndarray:
 
 
 def _read(location: str, settings: StoreSettings, max_bytes: int) -> bytes | BadInput:
-    from po_cluster.storage import StoreError
+    from po_cluster.store.artifacts import StoreError
 
     try:
         if not is_s3(location) and Path(location).stat().st_size > max_bytes:
@@ -322,7 +322,7 @@ class Embedder:
         import torch
 
         from po_cluster.serving.engine import Knob, ReleaseModel
-        from po_cluster.storage import open_store
+        from po_cluster.store.artifacts import open_store
 
         folder = open_store(store, settings).pull_release(release_id)  # verified, cached by manifest hash
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -394,7 +394,7 @@ class OutputDir:
 
         self.uri = uri.rstrip("/")
         if is_s3(uri):
-            from po_cluster.storage import pyarrow_fs
+            from po_cluster.store.artifacts import pyarrow_fs
 
             self.fs, self.root = pyarrow_fs(self.uri, settings)
             self.local = False
@@ -508,8 +508,8 @@ class EmbedSummary:
 
 def _load_release(cfg: EmbedConfig) -> tuple[str, Preprocess]:
     """Resolve `latest` once (every actor then loads this id) and read the model's input conversion."""
-    from po_cluster.checkpoint import load_checkpoint
-    from po_cluster.storage import open_store
+    from po_cluster.model.checkpoint import load_checkpoint
+    from po_cluster.store.artifacts import open_store
 
     store = open_store(cfg.store, cfg.store_settings)
     release_id = store.resolve(cfg.release)

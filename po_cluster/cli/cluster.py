@@ -23,14 +23,14 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def _experiment(args: argparse.Namespace):
-    from po_cluster.experiment import open_experiment
+    from po_cluster.sweep.experiment import open_experiment
 
     cfg = load_config(args.config, SweepConfig)
     return cfg, open_experiment(cfg)
 
 
 def _records(experiment) -> list[dict]:
-    from po_cluster.sweep import RESULTS_FILE
+    from po_cluster.sweep.driver import RESULTS_FILE
 
     if not experiment.exists(RESULTS_FILE):
         raise FileNotFoundError(f"no {RESULTS_FILE} in {experiment.uri}: run (or resume) the sweep first")
@@ -38,7 +38,7 @@ def _records(experiment) -> list[dict]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from po_cluster.sweep import run_sweep
+    from po_cluster.sweep.driver import run_sweep
 
     cfg, experiment = _experiment(args)
     connect_ray(args.address)
@@ -49,9 +49,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    from po_cluster.soup import average_trials
+    from po_cluster.sweep.average import average_trials
 
-    from po_cluster.experiment import scratch, work_dir
+    from po_cluster.sweep.experiment import scratch, work_dir
 
     cfg, experiment = _experiment(args)
     downloads = scratch()  # trial checkpoints in S3 are read from local copies, verified there
@@ -62,7 +62,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         experiment.write_json("average.json", result)
     print(f"release candidate: {result['chosen']} → {result['release_folder']}")
     if not args.no_publish:
-        from po_cluster.storage import open_store
+        from po_cluster.store.artifacts import open_store
 
         args.release_id = open_store(args.store or cfg.store).publish_release(result["release_folder"])
         print(f"published release {args.release_id} to {args.store or cfg.store}")
@@ -75,7 +75,7 @@ def base_answer(image) -> str:
 
     from po_cluster.config import ModelConfig
     from po_cluster.data import world
-    from po_cluster.evaluate import embed_images, embed_prompts
+    from po_cluster.evaluate.metrics import embed_images, embed_prompts
     from po_cluster.model.aligned import AlignedCLIP
     from po_cluster.model.loading import load_clip
 
@@ -90,7 +90,7 @@ def ask_release(store: str, release_id: str) -> None:
     import numpy as np
 
     from po_cluster.data import world
-    from po_cluster.serving.demo import format_answer, serve_and_ask
+    from po_cluster.serving.local import format_answer, serve_and_ask
 
     square, written = world.SHAPES.index("square"), world.SHAPES.index("circle")
     image = world.render(square, written, np.random.default_rng(7))
@@ -103,9 +103,9 @@ def ask_release(store: str, release_id: str) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from po_cluster.report import write_report
+    from po_cluster.evaluate.report import write_report
 
-    from po_cluster.experiment import work_dir
+    from po_cluster.sweep.experiment import work_dir
 
     cfg, experiment = _experiment(args)
     average = experiment.read_json("average.json") if experiment.exists("average.json") else None
@@ -121,7 +121,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     """The main job: sweep (resumed if it exists), soups + release, report."""
     from ray import tune
 
-    from po_cluster.sweep import RESULTS_FILE
+    from po_cluster.sweep.driver import RESULTS_FILE
 
     cfg, experiment = _experiment(args)
     connect_ray(args.address)

@@ -17,15 +17,15 @@ def _quiet_open_clip() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from po_cluster.progress import StepBar
-    from po_cluster.train import run_training
+    from po_cluster.cli.progress import StepBar
+    from po_cluster.train.loop import run_training
 
     cfg = load_config(args.config)
     if args.output_dir:
         cfg = cfg.model_copy(update={"output_dir": args.output_dir})
     with StepBar(cfg.training.steps, cfg.name) as bar:
         result = run_training(cfg, bar.update)
-    from po_cluster.evaluate import format_table
+    from po_cluster.evaluate.metrics import format_table
 
     rows = [{"model": "before", **result.before}, {"model": "after", **result.after}]
     print(format_table(rows, ("model", "clean", "attacked", "word_only", "attack_success", "kl")))
@@ -34,13 +34,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from po_cluster.evaluation_run import evaluate_target
+    from po_cluster.evaluate.targets import evaluate_target
 
     target = args.target
     if target != SHIPPED_BASE and not target.startswith("s3://") and not Path(target).exists():
         # Not a folder: a release id (or "latest") in the artifact store, pulled and verified.
-        from po_cluster.cli_releases import default_store
-        from po_cluster.storage import open_store
+        from po_cluster.cli.releases import default_store
+        from po_cluster.store.artifacts import open_store
 
         target = str(open_store(default_store(args.store)).pull_release(target))
     report = evaluate_target(target, t=args.t, ts=not args.json, plot=args.plot)
@@ -52,7 +52,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from po_cluster.compare import compare_losses
+    from po_cluster.pipelines.compare import compare_losses
 
     print(compare_losses(load_config(args.config, CompareConfig), args.output_dir))
     return 0
@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """Command groups living beside the stage they drive; each adds its subparsers."""
-    from po_cluster import cli_cluster, cli_data, cli_embed, cli_releases, cli_serve
+    from po_cluster.cli import cluster, data, embed, releases, serve
 
-    return [m.register for m in (cli_data, cli_releases, cli_cluster, cli_serve, cli_embed)]
+    return [m.register for m in (data, releases, cluster, serve, embed)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +109,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"po-cluster {args.command}: error: {error}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from po_cluster.config import CompareConfig
 from po_cluster.data import world
-from po_cluster.evaluate import format_table
-from po_cluster.progress import StepBar
-from po_cluster.train import run_training
+from po_cluster.evaluate.metrics import format_table
+from po_cluster.cli.progress import StepBar
+from po_cluster.train.loop import run_training
 
 COLUMNS = ("model", "clean", "attacked", "word_only", "attack_success", "kl", "seconds")
 

@@ -18,8 +18,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from po_cluster.config import LastBlocks, RunConfig, ScalingSettings, SweepConfig, WorkerConfig
-from po_cluster.experiment import Experiment, open_experiment
-from po_cluster.ray_train import train_loop_per_worker
+from po_cluster.sweep.experiment import Experiment, open_experiment
+from po_cluster.train.worker import train_loop_per_worker
 
 METRIC = "objective"
 RESULTS_FILE = "sweep_results.json"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from po_cluster.checkpoint import load_checkpoint
+from po_cluster.model.checkpoint import load_checkpoint
 from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
-from po_cluster.evaluate import DEFAULT_TS, METRIC_KEYS, Evaluator, format_table, plot_tradeoff
+from po_cluster.evaluate.metrics import DEFAULT_TS, METRIC_KEYS, Evaluator, format_table, plot_tradeoff
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import load_clip
 
@@ -17,7 +17,7 @@ def load_target(target: str) -> tuple[AlignedCLIP, AlignedCLIP | None, str]:
     if target == SHIPPED_BASE:
         return AlignedCLIP(load_clip(ModelConfig()), "frozen"), None, "typo-shapes-base"
     if target.startswith("s3://"):  # <store>/releases/<id|latest>: pulled, verified, cached
-        from po_cluster.storage import pull_release_uri
+        from po_cluster.store.artifacts import pull_release_uri
 
         target = str(pull_release_uri(target))
     folder = Path(target)

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MANIFEST = "manifest.json"  # same name as po_cluster.checkpoint.MANIFEST (not imported: that pulls in torch)
+MANIFEST = "manifest.json"  # same name as po_cluster.model.checkpoint.MANIFEST (not imported: that pulls in torch)
 RELEASES = "releases"
 LATEST = f"{RELEASES}/latest.json"
 PENDING = "pending"
@@ -140,7 +140,7 @@ def parse_manifest(data: bytes, where: str) -> dict[str, dict]:
 
 def _verified_folder(folder: Path) -> tuple[bytes, dict[str, dict]]:
     """The manifest bytes of a local checkpoint folder whose every file matches them."""
-    from po_cluster.checkpoint import CheckpointError, verify_manifest  # lazy: imports torch
+    from po_cluster.model.checkpoint import CheckpointError, verify_manifest  # lazy: imports torch
 
     if not folder.is_dir():
         raise StoreError(f"no folder at {folder}")
@@ -300,7 +300,7 @@ class ArtifactStore(ABC):
 
     def pull_release(self, id_or_latest: str = "latest", cache_dir: str | Path | None = None) -> Path:
         """A local folder holding the release, every file verified; cached by manifest content hash."""
-        from po_cluster.checkpoint import CheckpointError, verify_manifest  # lazy: imports torch
+        from po_cluster.model.checkpoint import CheckpointError, verify_manifest  # lazy: imports torch
 
         release_id, data, entries, _ = self._manifest(id_or_latest)
         root = Path(cache_dir or self.settings.cache_dir or default_cache_dir()).expanduser() / RELEASES
@@ -328,7 +328,7 @@ class ArtifactStore(ABC):
         return target
 
     def _download_verified(self, release_id: str, entries: dict[str, dict], folder: Path) -> None:
-        from po_cluster.checkpoint import sha256_file  # lazy: imports torch
+        from po_cluster.model.checkpoint import sha256_file  # lazy: imports torch
 
         for name, entry in sorted(entries.items()):
             dest = folder / name

@@ -29,7 +29,7 @@ import torch
 
 from po_cluster.data.pairs import DataError, display_name, is_image_name, join, list_files, load_images
 from po_cluster.data.records import ImageSet
-from po_cluster.evaluate import embed_images, embed_prompts
+from po_cluster.evaluate.metrics import embed_images, embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
 
 ATTACK_TEMPLATE = "a photo of a {}."

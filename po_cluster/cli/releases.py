@@ -1,4 +1,4 @@
-"""`po-cluster releases list | show | pull | push`: entry points over po_cluster.storage.
+"""`po-cluster releases list | show | pull | push`: entry points over po_cluster.store.artifacts.
 
 Every command takes `--store` (a folder or s3://bucket/prefix; default
 $PO_CLUSTER_STORE, else ./artifacts) and `--endpoint-url` (else boto3's own
@@ -24,7 +24,7 @@ def default_store(uri: str | None = None) -> str:
 
 
 def _store(args: argparse.Namespace):  # -> ArtifactStore
-    from po_cluster.storage import StoreSettings, open_store
+    from po_cluster.store.artifacts import StoreSettings, open_store
 
     return open_store(default_store(args.store), StoreSettings(endpoint_url=args.endpoint_url))
 
@@ -57,7 +57,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from po_cluster.storage import StoreError
+    from po_cluster.store.artifacts import StoreError
 
     folder = _store(args).pull_release(args.release_id)
     if args.to:
@@ -65,7 +65,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise StoreError(f"{dest} exists and is not an empty folder; choose another --to")
         shutil.copytree(folder, dest, dirs_exist_ok=True)
-        from po_cluster.checkpoint import verify_manifest
+        from po_cluster.model.checkpoint import verify_manifest
 
         verify_manifest(dest)  # the copy, not only the cache, is what the user will load
         folder = dest

@@ -11,8 +11,8 @@ import threading
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from po_cluster.cli_releases import default_store
-    from po_cluster.serving.demo import start_local
+    from po_cluster.cli.releases import default_store
+    from po_cluster.serving.local import start_local
 
     app_args = {"store": default_store(args.store),
                 "default_release": args.release,

@@ -17,12 +17,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from po_cluster.averaging import BetaMovingAverage
-from po_cluster.checkpoint import model_description, save_checkpoint
+from po_cluster.train.bma import BetaMovingAverage
+from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.config import DataConfig, OptimizerConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.data.records import ImageSet, PreferenceSet
-from po_cluster.evaluate import Evaluator, embed_images, embed_prompts
+from po_cluster.evaluate.metrics import Evaluator, embed_images, embed_prompts
 from po_cluster.losses import LossSettings, PreferenceLogps, kl_ref_policy, preference_objective
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import load_clip
