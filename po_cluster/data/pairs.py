@@ -2,9 +2,11 @@
 labelled image folders and manifests, local or s3://.
 
 Everything read here is data (JSON, CSV, images); nothing is unpickled. Images
-of any size are resized (shorter side) and centre-cropped to one square size
-as they are read, so the records hold uint8 HxWx3 arrays of one shape and the
-model-side conversion (`to_model_input`) stays the only other resize.
+of any size are decoded (EXIF orientation applied) and resized (shorter side) and
+centre-cropped to one square size as they are read, by po_cluster.data.images, so
+the records hold uint8 HxWx3 arrays of one shape. The model-side conversion
+(`to_model_input`) and the serving endpoint use the same functions, so a file gets
+the same pixels here as when it is served.
 
 S3 access goes through po_cluster.store.artifacts (endpoint, region and credentials from
 boto3's own chain, e.g. AWS_ENDPOINT_URL).
@@ -17,19 +19,20 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from po_cluster.data import images
+from po_cluster.data.images import IMAGE_EXTENSIONS, is_image_name, square
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
 
 if TYPE_CHECKING:  # storage pulls in boto3 lazily; only S3 locations need it
     from po_cluster.store.artifacts import ArtifactStore
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_IMAGE_SIZE = 224  # ViT-B-32's input; the model resizes again if it differs
 DATASET_JSON = "dataset.json"  # written last by the builder: its presence means complete
 PAIRS_JSONL = "pairs.jsonl"
@@ -140,38 +143,19 @@ def list_files(root: str) -> list[str]:
     return sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
 
 
-def is_image_name(name: str) -> bool:
-    base = PurePosixPath(name).name
-    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
-
-
-# ---------------------------------------------------------------- images
+# ---------------------------------------------------------------- images: data.images, with the source named
 
 
 def decode_image(data: bytes, source: str) -> Image.Image:
     """RGB, EXIF orientation applied (phone photos), or a DataError naming the source."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except UnidentifiedImageError:
-        raise DataError(f"{source}: not a readable image (unknown format or not an image)") from None
-    except (OSError, ValueError) as error:  # truncated or corrupt data
-        raise DataError(f"{source}: not a readable image ({error})") from None
-    return ImageOps.exif_transpose(image).convert("RGB")
-
-
-def square(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` and centre-crop, as CLIP preprocessing does."""
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+        return images.decode(data)
+    except images.ImageRefused as refused:
+        raise DataError(f"{source}: {refused.message}") from None
 
 
 def load_image(location: str, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: decoded and squared as served images are (data.images)."""
     return np.asarray(square(decode_image(read_bytes(location), location), size), dtype=np.uint8)
 
 

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from po_cluster.config import Strict
 from po_cluster.data import pairs as io_
+from po_cluster.data.images import square
 from po_cluster.data.pairs import DataError, LabelledImage
 
 FORMAT = "po-cluster.preference-dataset"
@@ -144,7 +145,7 @@ class _ImageRecords:
 def _build_one(index: int, item: LabelledImage, classes: tuple[str, ...], cfg: TypographicConfig) -> _ImageRecords:
     """Clean + attacked copies of one image, written out; returns its record lines."""
     rng = np.random.default_rng([cfg.seed, index])
-    clean = io_.square(io_.decode_image(io_.read_bytes(item.location), item.location), cfg.image_size)
+    clean = square(io_.decode_image(io_.read_bytes(item.location), item.location), cfg.image_size)
     true = classes.index(item.label)
     others = np.array([c for c in range(len(classes)) if c != true])  # never the image's own class
     written = rng.choice(others, size=cfg.variants, replace=False)

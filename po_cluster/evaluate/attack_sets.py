@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from po_cluster.data.pairs import DataError, display_name, is_image_name, join, list_files, load_images
+from po_cluster.data.images import is_image_name
+from po_cluster.data.pairs import DataError, display_name, join, list_files, load_images
 from po_cluster.data.records import ImageSet
 from po_cluster.evaluate.metrics import embed_images, embed_prompts
 from po_cluster.model.aligned import AlignedCLIP

@@ -15,10 +15,10 @@ from typing import Callable
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from po_cluster.config import SHIPPED_BASE, ModelConfig
+from po_cluster.data.images import square_pixels
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -117,17 +117,19 @@ def load_clip(cfg: ModelConfig) -> LoadedCLIP:
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, image_size: int, mean: tuple, std: tuple) -> torch.Tensor:
-    """uint8 [N, H, W, 3] → normalised float [N, 3, S, S] (resize shorter side, centre crop)."""
-    if isinstance(images, np.ndarray) and not images.flags.writeable:
-        images = images.copy()  # torch does not share read-only memory (decoded or zero-copy arrays); uint8, cheap
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
-    h, w = x.shape[-2:]
-    if (h, w) != (image_size, image_size):
-        scale = image_size / min(h, w)
-        x = F.interpolate(x, size=(max(image_size, round(h * scale)), max(image_size, round(w * scale))),
-                          mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
-        top, left = (x.shape[-2] - image_size) // 2, (x.shape[-1] - image_size) // 2
-        x = x[..., top:top + image_size, left:left + image_size]
+    """uint8 [N, H, W, 3] → normalised float [N, 3, S, S] (resize shorter side, centre crop).
+
+    The resize is the image path's own (data.images.square_pixels), not a second one here:
+    served and embedded images, decoded at full size, get the pixels a training record of
+    this model's size holds.
+    """
+    array = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.shape[1:3] != (image_size, image_size):
+        array = np.stack([square_pixels(image, image_size) for image in array]) if len(array) else \
+            np.empty((0, image_size, image_size, 3), dtype=np.uint8)
+    elif not array.flags.writeable:
+        array = array.copy()  # torch does not share read-only memory (decoded or zero-copy arrays); uint8, cheap
+    x = torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255.0)
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
     return (x - mean_t) / std_t

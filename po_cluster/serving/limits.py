@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 import os
@@ -19,14 +18,13 @@ from typing import Any, Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from po_cluster.data import images
+
 ImageFormat = Literal["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]
 _URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
-# Magic numbers of formats that are refused by default, only to name them in the 415 message:
-# identifying them through Pillow would parse bytes we decided not to accept.
-_SIGNATURES = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
-               (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"%PDF", "PDF"), (b"<svg", "SVG"),
-               (b"<?xml", "SVG/XML"), (b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"))
+# The image path's refusals that are not 422: too many pixels (413), a format not allowed (415).
+_REFUSED_STATUS = {"image_too_many_pixels": 413, "unsupported_image_format": 415}
 
 
 class Limits(BaseModel):
@@ -139,13 +137,6 @@ def check_input_count(n: int, limits: Limits) -> None:
 # ---------------------------------------------------------------- images
 
 
-def _sniff(raw: bytes) -> str | None:
-    head = raw[:16].lstrip()
-    if head[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
-
-
 def _base64_bytes(value: str, param: str, limits: Limits) -> bytes:
     if _URL.match(value):
         raise ApiError(422, param, "URLs are not fetched: send the image bytes as base64 or a data:image/… URL",
@@ -170,37 +161,15 @@ def decode_image(value: str, param: str, limits: Limits) -> np.ndarray:
 
 
 def decode_image_bytes(raw: bytes, param: str, limits: Limits) -> np.ndarray:
-    """The bytes of an allowed image file → uint8 [H, W, 3]; bytes and pixels checked before decoding."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not raw:
-        raise ApiError(422, param, "the image is empty", "empty_image")
+    """The bytes of an allowed image file → upright uint8 [H, W, 3] by the training data's own decoder
+    (data.images: EXIF orientation, RGB conversion); bytes and pixels checked before decoding."""
     if len(raw) > limits.max_image_bytes:
         raise ApiError(413, param, f"the image has {len(raw)} bytes, over the limit of {limits.max_image_bytes}",
                        "image_too_large")
-    allowed = ", ".join(limits.image_formats)
     try:
-        # Only the allowed decoders ever see the bytes; open() reads the header, not the pixels.
-        image = Image.open(io.BytesIO(raw), formats=list(limits.image_formats))
-    except UnidentifiedImageError:
-        found = _sniff(raw)
-        if found and found not in limits.image_formats:
-            raise ApiError(415, param, f"image format {found} is not allowed; allowed: {allowed}",
-                           "unsupported_image_format") from None
-        raise ApiError(422, param, f"not a readable image (allowed formats: {allowed})", "not_an_image") from None
-    except Image.DecompressionBombError:
-        raise ApiError(413, param, f"the image has more than {limits.max_image_pixels} pixels",
-                       "image_too_many_pixels") from None
-    width, height = image.size
-    if width * height > limits.max_image_pixels:  # a decompression bomb is refused here, still undecoded
-        raise ApiError(413, param, f"the image is {width}×{height} = {width * height} pixels, over the limit of "
-                                   f"{limits.max_image_pixels}", "image_too_many_pixels")
-    try:
-        image.load()
-        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise ApiError(422, param, f"the {image.format} image is truncated or corrupt", "corrupt_image") from None
-    return pixels
+        return images.to_pixels(images.decode(raw, limits.image_formats, limits.max_image_pixels))
+    except images.ImageRefused as refused:
+        raise ApiError(_REFUSED_STATUS.get(refused.code, 422), param, refused.message, refused.code) from None
 
 
 # ---------------------------------------------------------------- request body
