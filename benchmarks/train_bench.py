@@ -1,8 +1,9 @@
 """Training throughput, measured side by side in one run (ratios, not absolute times).
 
-1. A PO step (policy forward on preference + regularisation images, loss, backward,
-   AdamW, BMA update) relative to the floor: the policy image tower's forward +
-   backward alone on the same batch. Target ≥ 0.8.
+1. A step of the training loop (LR schedule, policy forward on preference +
+   regularisation images, loss, backward, AdamW, BMA update) relative to the
+   floor: the policy image tower's forward + backward alone on the same batch.
+   Target ≥ 0.8.
 2. A 1-worker TorchTrainer's steps/s relative to the same loop in a plain process.
    Target ≥ 0.9.
 3. A spectral-only trial's wall time relative to a full fine-tuning trial of the
@@ -16,11 +17,8 @@ import time
 
 import torch
 
-from po_cluster.train.bma import BetaMovingAverage
 from po_cluster.config import ScalingSettings, WorkerConfig, parse_config
-from po_cluster.losses import LossSettings
-from po_cluster.train.loop import (batch_indices, build_model, build_records, fit, make_optimizer, prepare_data,
-                              train_step, trainable_state)
+from po_cluster.train.loop import Callback, batch_indices, build_model, build_records, fit, prepare_data
 
 
 def run_config(tower: str, steps: int):
@@ -28,30 +26,36 @@ def run_config(tower: str, steps: int):
                          "training": {"steps": steps, "batch_size": 64, "reg_batch_size": 64}})
 
 
+class FloorTimer(Callback):
+    """Times each PO step of `fit`, then the floor on the same batch, interleaved so machine noise
+    hits both alike."""
+
+    def __init__(self, model, data, cfg) -> None:
+        self.model, self.data, self.t = model, data, cfg.training
+        self.po_time = self.floor_time = self._start = 0.0
+
+    def on_step_begin(self, step: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.po_time += time.perf_counter() - self._start
+        pref, reg = batch_indices(self.t.seed, step, len(self.data.pref), len(self.data.reg), self.t.batch_size,
+                                  self.t.reg_batch_size)
+        pixels = torch.cat([self.model.pixels(self.data.pref.images[pref]),
+                            self.model.pixels(self.data.reg.images[reg])])
+        start = time.perf_counter()
+        self.model.encode_image(pixels).sum().backward()
+        self.floor_time += time.perf_counter() - start
+        self.model.zero_grad(set_to_none=True)  # the next step's gradients start clean
+
+
 def po_vs_floor(steps: int) -> tuple[float, float]:
     cfg = run_config("full", steps)
     model = build_model(cfg, torch.device("cpu"))
     data = prepare_data(model, *build_records(cfg.data))
-    optimizer = make_optimizer(model, cfg.optimizer)
-    bma = BetaMovingAverage(trainable_state(model), 10 * steps)
-    settings = LossSettings(1.0, 0.3)
-    model.train()
-    po_time = floor_time = 0.0
-    for step in range(1, steps + 1):  # interleaved, so machine noise hits both alike
-        pref, reg = batch_indices(0, step, len(data.pref), len(data.reg), 64, 64)
-        start = time.perf_counter()
-        loss, _ = train_step(model, data, pref, reg, "dpo", settings)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bma.update(step, trainable_state(model))
-        po_time += time.perf_counter() - start
-        pixels = torch.cat([model.pixels(data.pref.images[pref]), model.pixels(data.reg.images[reg])])
-        start = time.perf_counter()
-        model.encode_image(pixels).sum().backward()
-        floor_time += time.perf_counter() - start
-        optimizer.zero_grad(set_to_none=True)
-    return floor_time / po_time, po_time / steps
+    timer = FloorTimer(model, data, cfg)
+    fit(model, data, cfg, [timer])
+    return timer.floor_time / timer.po_time, timer.po_time / steps
 
 
 def trainer_vs_plain(steps: int) -> tuple[float, float, float]:

@@ -71,8 +71,6 @@ class TrainingConfig(Strict):
     reg_batch_size: int = Field(64, gt=0)
     bma: bool = Field(True, description="report and save the Beta moving average of the iterates")
     bma_a: float = Field(0.7, gt=0)
-    eval_every: int = Field(0, ge=0, description="0: evaluate only before and after")
-    checkpoint_every: int = Field(0, ge=0, description="0: checkpoint only at the end")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
@@ -111,8 +109,11 @@ def parse_config(data: object, source: str = "<dict>", model: type[Strict] = Run
         raise ConfigError(_format_errors(source, error)) from None
 
 
-def load_config(path: str | Path, model: type[Strict] = RunConfig) -> Strict:
-    """Read a YAML file into a validated config."""
+def load_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping ({} when the file is empty), not yet validated.
+
+    Raises ConfigError for a missing or unreadable file, bad YAML, or a top level that is not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -120,7 +121,18 @@ def load_config(path: str | Path, model: type[Strict] = RunConfig) -> Strict:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid config {path}: not valid YAML ({error})") from None
-    return parse_config(data if data is not None else {}, str(path), model)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, model: type[Strict] = RunConfig) -> Strict:
+    """Read a YAML file into a validated config."""
+    return parse_config(load_yaml(path), str(path), model)
 
 
 def json_schema(model: type[Strict] = RunConfig) -> dict:
@@ -213,3 +225,23 @@ class CompareConfig(Strict):
         data = self.base.model_dump(mode="json")
         data.update(name=f"{self.base.name}-{loss_type}", loss=loss)
         return RunConfig.model_validate(data)
+
+
+# ---- Pretraining the shipped base model --------------------------------------------------------
+
+
+class PretrainConfig(Strict):
+    """`jobs/pretrain_base.py`: contrastive pretraining of the tiny base model from random init.
+
+    The run is deterministic from these fields, so the defaults are part of the shipped model's
+    recipe (its card records the values it was made with).
+    """
+
+    name: str = Field("po-tiny-rn", description="open_clip architecture name")
+    steps: int = Field(1600, gt=0)
+    # A contrastive batch needs at least one negative per image.
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    seed: int = Field(0, ge=0, description="torch init and the batch stream (numpy needs it >= 0)")

@@ -9,9 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
-from po_cluster.config import SHIPPED_BASE, ConfigError, parse_config
+from po_cluster.config import SHIPPED_BASE, load_yaml, parse_config
 
 if TYPE_CHECKING:  # the commands import torch and open_clip only when they run
     from po_cluster.data.typographic import TypographicConfig
@@ -22,14 +20,7 @@ def _typographic_config(args: argparse.Namespace) -> TypographicConfig:
     """YAML file (optional) overridden by the flags that were given, validated once."""
     from po_cluster.data.typographic import TypographicConfig
 
-    data: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"invalid config {path}: expected a mapping at the top level")
+    data = load_yaml(args.config) if args.config else {}
     flags = {"source": args.source, "out": args.out, "variants": args.variants, "seed": args.seed,
              "image_size": args.image_size, "prompt_template": args.template,
              "fonts": tuple(args.font) if args.font else None, "workers": args.workers}

@@ -35,19 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:  # -> EmbedConfig
-    import yaml
-
     from po_cluster.cli.releases import default_store
-    from po_cluster.config import ConfigError, parse_config
+    from po_cluster.config import load_yaml, parse_config
     from po_cluster.embed.job import EmbedConfig
 
-    data: dict[str, Any] = {}
-    if args.config:
-        try:
-            with open(args.config) as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read {args.config}: {error}") from None
+    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
     data.update({name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None})
     data.setdefault("store", default_store())
     if args.max_image_pixels is not None:

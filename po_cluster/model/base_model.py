@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from po_cluster.model.checkpoint import sha256_file
-from po_cluster.config import SHIPPED_BASE, ModelConfig
+from po_cluster.config import SHIPPED_BASE, ModelConfig, PretrainConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import WEIGHTS_FILE, load_clip
-from po_cluster.model.pretrain import PretrainConfig, config_dict, pretrain
+from po_cluster.model.pretrain import pretrain
 
 
 def evaluate_weights(name: str, weights: Path) -> dict[str, float]:
@@ -57,7 +57,7 @@ def write_base_model(cfg: PretrainConfig, out_dir: str | Path) -> dict:
     seconds = time.time() - start
     weights = out / WEIGHTS_FILE
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
-    card = {"architecture": cfg.name, "config": config_dict(cfg), "pretrain_mix": world.PRETRAIN_MIX,
+    card = {"architecture": cfg.name, "config": cfg.model_dump(mode="json"), "pretrain_mix": world.PRETRAIN_MIX,
             "sha256": sha256_file(weights), "metrics": evaluate_weights(cfg.name, weights),
             "train_seconds": seconds, "device": "cpu", "torch": torch.__version__}
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")

@@ -7,26 +7,15 @@ negatives: targets are spread uniformly over all images sharing a caption.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 
+from po_cluster.config import PretrainConfig
 from po_cluster.data import world
 from po_cluster.model.loading import register_configs, to_model_input
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    name: str = "po-tiny-rn"
-    steps: int = 1600
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    seed: int = 0
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
@@ -71,7 +60,3 @@ def pretrain(cfg: PretrainConfig, progress=None) -> open_clip.model.CLIP:
             progress(step, float(loss))
     model.eval()
     return model
-
-
-def config_dict(cfg: PretrainConfig) -> dict:
-    return asdict(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from po_cluster.train.bma import greedy_soup, uniform_soup
+from po_cluster.sweep.soup import greedy_soup, uniform_soup
 from po_cluster.model.checkpoint import (MODEL_JSON, TRAINING_JSON, WEIGHTS, CheckpointError, read_json, save_checkpoint,
                                    verify_manifest, write_manifest)
 from po_cluster.config import ModelConfig

@@ -1,4 +1,5 @@
-"""Training: the PO train_step and a loop readable top to bottom.
+"""Training: the PO train_step and the one loop (`fit`) that the single-process run
+and the Ray Train worker (po_cluster/train/worker.py) both call.
 
 The text tower is frozen, so the candidate prompts are embedded once. The
 reference model never changes and the records are fixed, so π_ref's
@@ -12,14 +13,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from po_cluster.train.bma import BetaMovingAverage
 from po_cluster.model.checkpoint import model_description, save_checkpoint
-from po_cluster.config import DataConfig, OptimizerConfig, RunConfig
+from po_cluster.config import DataConfig, LossConfig, OptimizerConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.data.records import ImageSet, PreferenceSet
 from po_cluster.evaluate.metrics import Evaluator, embed_images, embed_prompts
@@ -145,36 +146,88 @@ def batch_indices(seed: int, step: int, n_pref: int, n_reg: int, batch: int, reg
     return pref[rank::world_size], reg[rank::world_size]
 
 
+def loss_settings(cfg: LossConfig) -> LossSettings:
+    """The objective's hyper-parameters from the loss section (losses.py knows no configs)."""
+    return LossSettings(cfg.beta, cfg.kl_weight, cfg.desirable_weight, cfg.undesirable_weight)
+
+
+class Callback:
+    """Hooks around each training step, named after transformers' TrainerCallback; they do nothing here.
+
+    The single-process run shows progress with one; the Ray worker times steps, injects its test
+    failure, reports and checkpoints with one. Batches never depend on a callback.
+    """
+
+    def on_step_begin(self, step: int) -> None:
+        pass
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+
+class ProgressCallback(Callback):
+    """Calls `progress(step, metrics)` after each step (a progress bar's update)."""
+
+    def __init__(self, progress: Callable[[int, dict[str, float]], None]) -> None:
+        self.progress = progress
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.progress(step, metrics)
+
+
+@dataclass
+class TrainState:
+    """What a step changes besides the weights; `step` is the last step done (a resumed run's start)."""
+
+    optimizer: torch.optim.Optimizer
+    bma: BetaMovingAverage | None
+    step: int = 0
+
+    @classmethod
+    def start(cls, model: AlignedCLIP, cfg: RunConfig) -> "TrainState":
+        """A fresh optimizer, and a BMA whose iterate 0 is the model as it is now."""
+        t = cfg.training
+        bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None
+        return cls(make_optimizer(model, cfg.optimizer), bma)
+
+
 @dataclass
 class FitResult:
     last_metrics: dict[str, float]
     bma: BetaMovingAverage | None
 
 
-def fit(model: AlignedCLIP, data: TrainData, cfg: RunConfig,
-        on_step: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
-    """Train for cfg.training.steps; leaves the model at its last iterate, returns the BMA."""
+def fit(model: torch.nn.Module, data: TrainData, cfg: RunConfig, callbacks: Sequence[Callback] = (),
+        state: TrainState | None = None, rank: int = 0, world_size: int = 1) -> FitResult:
+    """Train from step `state.step + 1` to cfg.training.steps; leaves the model at its last iterate.
+
+    `model` is an AlignedCLIP or its DDP wrapper; with DDP, each of the `world_size` processes
+    passes its `rank` and takes its shard of every global batch. Each step: LR schedule,
+    train_step, AdamW, BMA update, then the callbacks.
+    """
     t = cfg.training
-    settings = LossSettings(cfg.loss.beta, cfg.loss.kl_weight, cfg.loss.desirable_weight,
-                            cfg.loss.undesirable_weight)
-    optimizer = make_optimizer(model, cfg.optimizer)
-    bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None
+    core = unwrap(model)
+    state = state if state is not None else TrainState.start(core, cfg)
+    settings = loss_settings(cfg.loss)
     metrics: dict[str, float] = {}
     model.train()
-    for step in range(1, t.steps + 1):
-        set_lr(optimizer, step - 1, t.steps, cfg.optimizer.warmup_steps)
+    for step in range(state.step + 1, t.steps + 1):
+        for callback in callbacks:
+            callback.on_step_begin(step)
+        set_lr(state.optimizer, step - 1, t.steps, cfg.optimizer.warmup_steps)
         pref_idx, reg_idx = batch_indices(t.seed, step, len(data.pref), len(data.reg), t.batch_size,
-                                          t.reg_batch_size)
+                                          t.reg_batch_size, rank, world_size)
         loss, metrics = train_step(model, data, pref_idx, reg_idx, cfg.loss.loss_type, settings)
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if bma is not None:
-            bma.update(step, trainable_state(model))
-        if on_step is not None:
-            on_step(step, metrics)
+        state.optimizer.step()
+        if state.bma is not None:
+            state.bma.update(step, trainable_state(core))
+        state.step = step
+        for callback in callbacks:
+            callback.on_step_end(step, metrics)
     model.eval()
-    return FitResult(metrics, bma)
+    return FitResult(metrics, state.bma)
 
 
 def load_average(model: AlignedCLIP, bma: BetaMovingAverage) -> None:
@@ -219,7 +272,7 @@ def run_training(cfg: RunConfig, progress: Callable[[int, dict[str, float]], Non
     # Before training the model is its own reference: π_ref on the clean set is taken from it once.
     start_eval = Evaluator.build(model, eval_sets, template=template)
     before = start_eval.metrics(1.0)
-    result = fit(model, data, cfg, progress)
+    result = fit(model, data, cfg, [ProgressCallback(progress)] if progress is not None else [])
     last = start_eval.with_model(model).metrics(1.0)
     if result.bma is not None:
         load_average(model, result.bma)

@@ -1,6 +1,6 @@
-"""The Ray Train worker loop: the same train_step as the single-process loop,
-under DDP, with BMA weights reported through `ray.train.report` and resumable
-checkpoints every N steps.
+"""The Ray Train worker: the single-process loop (`fit`) under DDP, resumed from
+the trial's last checkpoint, with BMA weights reported through `ray.train.report`
+and resumable checkpoints every N steps (a callback of the loop).
 
 Each worker renders the same (deterministic) records and computes the text
 embeddings and π_ref's log-probs once; the global batch of each step depends
@@ -25,11 +25,9 @@ from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.config import DataConfig, RunConfig, WorkerConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import Evaluator
-from po_cluster.losses import LossSettings
 from po_cluster.data.records import ImageSet, PreferenceSet
-from po_cluster.train.loop import (batch_indices, build_model, build_records, default_eval_sets, load_average,
-                              make_optimizer, prepare_data, prompt_template, set_lr, train_step, trainable_state,
-                              unwrap)
+from po_cluster.train.loop import (Callback, TrainState, build_model, build_records, default_eval_sets, fit,
+                                   load_average, prepare_data, prompt_template, trainable_state, unwrap)
 from po_cluster.train.state import load_train_state, save_train_state
 
 
@@ -77,12 +75,12 @@ def averaged_weights(model: torch.nn.Module, bma: BetaMovingAverage | None):
                 params[name].copy_(value)
 
 
-def _write_checkpoint(folder: Path, model, optimizer, bma, step: int, cfg: RunConfig, metrics: dict,
+def _write_checkpoint(folder: Path, model, state: TrainState, cfg: RunConfig, metrics: dict,
                       classnames: tuple[str, ...]) -> None:
-    save_train_state(folder, step, unwrap(model), optimizer, bma)
-    with averaged_weights(model, bma) as core:
+    save_train_state(folder, state.step, unwrap(model), state.optimizer, state.bma)
+    with averaged_weights(model, state.bma) as core:
         description = model_description(core, cfg.model, classnames, prompt_template(cfg.data))
-        save_checkpoint(folder, core, description, cfg.model_dump(mode="json"), {**metrics, "step": step})
+        save_checkpoint(folder, core, description, cfg.model_dump(mode="json"), {**metrics, "step": state.step})
 
 
 @dataclass
@@ -120,22 +118,23 @@ def _maybe_inject_failure(cfg: WorkerConfig, step: int) -> None:
         os._exit(1)
 
 
-def _resume(model, optimizer, bma) -> int:
+def _resume(model: torch.nn.Module, state: TrainState) -> None:
+    """Continue from the trial's last checkpoint, if Ray Train restored one (after a failure)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as folder:
-        return load_train_state(Path(folder), unwrap(model), optimizer, bma)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state.step = load_train_state(Path(folder), unwrap(model), state.optimizer, state.bma)
 
 
-def _report(step: int, cfg: WorkerConfig, model, optimizer, bma, validation: Validation, train_metrics: dict,
+def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation, train_metrics: dict,
             resumed_from: int) -> None:
     """All workers call report (it is a collective); rank 0 evaluates and writes the checkpoint."""
+    step = state.step
     divergence = replica_divergence(model)
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report({"step": step})
         return
-    metrics = validation.metrics(model, bma)
+    metrics = validation.metrics(model, state.bma)
     score = objective(metrics, validation.base["clean"], cfg.clean_tolerance, cfg.clean_penalty)
     out = {**{f"val_{k}": v for k, v in metrics.items()}, "objective": score, "step": step,
            "base_val_clean": validation.base["clean"], "base_val_attacked": validation.base["attacked"],
@@ -143,7 +142,7 @@ def _report(step: int, cfg: WorkerConfig, model, optimizer, bma, validation: Val
     if step % cfg.checkpoint_every == 0 or step == cfg.run.training.steps:
         with tempfile.TemporaryDirectory() as tmp:
             classnames = next(iter(validation.sets.values())).classnames
-            _write_checkpoint(Path(tmp), model, optimizer, bma, step, cfg.run, out, classnames)
+            _write_checkpoint(Path(tmp), model, state, cfg.run, out, classnames)
             ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(out)
@@ -167,37 +166,40 @@ class StepClock:
                 "torch_threads": torch.get_num_threads()}
 
 
+class WorkerCallback(Callback):
+    """The worker's part of each step: its clock, the test failure, and every `report_every` steps
+    (and at the last) the mean metrics across workers, validation and a checkpoint, reported."""
+
+    def __init__(self, cfg: WorkerConfig, model: torch.nn.Module, state: TrainState,
+                 validation: Validation | None) -> None:
+        self.cfg, self.model, self.state, self.validation = cfg, model, state, validation
+        self.resumed_from = state.step
+        self.device = next(model.parameters()).device
+        self.clock = StepClock()
+
+    def on_step_begin(self, step: int) -> None:
+        self.clock.start()
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.clock.stop()
+        _maybe_inject_failure(self.cfg, step)
+        if step % self.cfg.report_every == 0 or step == self.cfg.run.training.steps:
+            metrics = {**_mean_across_workers(metrics, self.device), **self.clock.summary()}
+            _report(self.cfg, self.model, self.state, self.validation, metrics, self.resumed_from)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: config = WorkerConfig as a dict, validated here at the edge."""
     cfg = WorkerConfig.model_validate(config)
-    run, t = cfg.run, cfg.run.training
+    run = cfg.run
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(t.seed)
+    torch.manual_seed(run.training.seed)
     model = build_model(run, ray.train.torch.get_device())
     pref, reg = build_records(run.data)
     data = prepare_data(model, pref, reg, prompt_template(run.data))
     validation = Validation.of_start(model, run.data, pref, reg) if rank == 0 else None
-    optimizer = make_optimizer(model, run.optimizer)
-    bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None
-    start = _resume(model, optimizer, bma)
+    state = TrainState.start(model, run)
+    _resume(model, state)
     ddp = ray.train.torch.prepare_model(model) if world_size > 1 else model
-    settings = LossSettings(run.loss.beta, run.loss.kl_weight, run.loss.desirable_weight, run.loss.undesirable_weight)
-    ddp.train()
-    clock = StepClock()
-    for step in range(start + 1, t.steps + 1):
-        clock.start()
-        set_lr(optimizer, step - 1, t.steps, run.optimizer.warmup_steps)
-        pref_idx, reg_idx = batch_indices(t.seed, step, len(data.pref), len(data.reg), t.batch_size,
-                                          t.reg_batch_size, rank, world_size)
-        loss, metrics = train_step(ddp, data, pref_idx, reg_idx, run.loss.loss_type, settings)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if bma is not None:
-            bma.update(step, trainable_state(unwrap(ddp)))
-        clock.stop()
-        _maybe_inject_failure(cfg, step)
-        if step % cfg.report_every == 0 or step == t.steps:
-            metrics = {**_mean_across_workers(metrics, loss.device), **clock.summary()}
-            _report(step, cfg, ddp, optimizer, bma, validation, metrics, start)
+    fit(ddp, data, run, [WorkerCallback(cfg, ddp, state, validation)], state, rank, world_size)

@@ -1,6 +1,12 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from po_cluster.config import ConfigError, LastBlocks, RunConfig, json_schema, load_config, parse_config
+from po_cluster.config import (ConfigError, LastBlocks, PretrainConfig, RunConfig, json_schema, load_config,
+                               load_yaml, parse_config)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_configs_load():
@@ -51,3 +57,41 @@ def test_bad_files(tmp_path):
 def test_json_schema_lists_sections():
     schema = json_schema()
     assert {"model", "data", "loss", "optimizer", "training"} <= set(schema["properties"])
+
+
+def test_load_yaml_returns_the_mapping_or_names_the_problem(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("a: 1\nb: {c: two}\n")
+    assert load_yaml(good) == {"a": 1, "b": {"c": "two"}}
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    assert load_yaml(empty) == {}
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml"):
+        load_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not found"):  # a folder is not a config file
+        load_yaml(tmp_path)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just text\n")
+    with pytest.raises(ConfigError, match=r"scalar\.yaml: expected a mapping at the top level, got str"):
+        load_yaml(scalar)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="binary.yaml"):
+        load_yaml(binary)
+
+
+@pytest.mark.parametrize("key", ["eval_every", "checkpoint_every"])
+def test_training_section_refuses_settings_that_do_nothing(key):
+    with pytest.raises(ConfigError, match=f"training.{key}"):
+        parse_config({"training": {key: 10}})
+
+
+def test_pretrain_config_holds_the_shipped_recipe_and_refuses_bad_values():
+    card = json.loads((ROOT / "po_cluster" / "assets" / "typo_shapes_base" / "card.json").read_text())
+    assert PretrainConfig.model_validate(card["config"]).model_dump() == card["config"]
+    assert PretrainConfig().model_dump() == {"name": "po-tiny-rn", "steps": 1600, "batch_size": 128, "lr": 2e-3,
+                                             "weight_decay": 0.1, "warmup_steps": 100, "seed": 0}
+    for bad, field in [({"steps": 0}, "steps"), ({"batch_size": 1}, "batch_size"), ({"lr": 0}, "lr"),
+                       ({"seed": -1}, "seed"), ({"weight_decay": -0.1}, "weight_decay"), ({"step": 5}, "step")]:
+        with pytest.raises(ConfigError, match=field):
+            parse_config(bad, "pretrain", PretrainConfig)

@@ -6,7 +6,9 @@ import torch
 from po_cluster.config import parse_config
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.losses import LossSettings
-from po_cluster.train.loop import build_model, build_records, fit, load_average, prepare_data, train_step
+from po_cluster.train.loop import (Callback, ProgressCallback, TrainState, batch_indices, build_model, build_records,
+                                   fit, load_average, loss_settings, prepare_data, train_step)
+from po_cluster.train.state import load_train_state, save_train_state
 
 
 def _cfg(**overrides):
@@ -55,8 +57,73 @@ def test_each_loss_learns_on_a_few_steps(loss_type):
     model = build_model(cfg, torch.device("cpu"))
     data = prepare_data(model, *build_records(cfg.data))
     idx = np.arange(256)
-    settings = LossSettings(cfg.loss.beta, cfg.loss.kl_weight)
+    settings = loss_settings(cfg.loss)
     start, _ = train_step(model, data, idx, idx, loss_type, settings)
     fit(model, data, cfg)
     end, _ = train_step(model, data, idx, idx, loss_type, settings)
     assert end.item() < start.item()
+
+
+def test_loss_settings_come_from_the_loss_section():
+    cfg = _cfg(loss={"beta": 0.4, "kl_weight": 0.2, "desirable_weight": 2.0, "undesirable_weight": 0.5})
+    assert loss_settings(cfg.loss) == LossSettings(beta=0.4, kl_weight=0.2, desirable_weight=2.0,
+                                                   undesirable_weight=0.5)
+
+
+def test_worker_shards_of_a_step_are_the_single_process_batch():
+    whole_pref, whole_reg = batch_indices(3, 7, 100, 50, 16, 8)
+    shards = [batch_indices(3, 7, 100, 50, 16, 8, rank, 2) for rank in range(2)]
+    assert sorted(np.concatenate([pref for pref, _ in shards])) == sorted(whole_pref)
+    assert sorted(np.concatenate([reg for _, reg in shards])) == sorted(whole_reg)
+    assert not np.array_equal(batch_indices(3, 8, 100, 50, 16, 8)[0], whole_pref)  # another step, another batch
+
+
+class _Crash(Exception):
+    pass
+
+
+class _Recorder(Callback):
+    """Records the hook calls; saves the training state and crashes after `crash_at`."""
+
+    def __init__(self, model=None, state=None, folder=None, crash_at=None):
+        self.calls, self.model, self.state, self.folder, self.crash_at = [], model, state, folder, crash_at
+
+    def on_step_begin(self, step):
+        self.calls.append(("begin", step))
+
+    def on_step_end(self, step, metrics):
+        self.calls.append(("end", step))
+        if step == self.crash_at:
+            save_train_state(self.folder, step, self.model, self.state.optimizer, self.state.bma)
+            raise _Crash
+
+
+def _fresh(cfg):
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg, torch.device("cpu"))
+    return model, prepare_data(model, *build_records(cfg.data))
+
+
+def test_a_resumed_fit_continues_exactly_where_the_crashed_one_stopped(tmp_path):
+    cfg = _cfg(training={"steps": 12})
+    model, data = _fresh(cfg)
+    seen = []
+    whole = fit(model, data, cfg, [_Recorder(), ProgressCallback(lambda step, metrics: seen.append(step))])
+    assert seen == list(range(1, 13))
+
+    crashed, data = _fresh(cfg)
+    state = TrainState.start(crashed, cfg)
+    with pytest.raises(_Crash):
+        fit(crashed, data, cfg, [_Recorder(crashed, state, tmp_path, crash_at=5)], state)
+
+    resumed, data = _fresh(cfg)
+    state = TrainState.start(resumed, cfg)
+    state.step = load_train_state(tmp_path, resumed, state.optimizer, state.bma)
+    recorder = _Recorder()
+    result = fit(resumed, data, cfg, [recorder], state)
+    assert recorder.calls == [(kind, step) for step in range(6, 13) for kind in ("begin", "end")]
+    assert state.step == 12 and result.last_metrics == pytest.approx(whole.last_metrics, abs=1e-6)
+    for name, p in resumed.named_parameters():
+        assert torch.allclose(p, dict(model.named_parameters())[name], atol=1e-6), name
+    for name, value in result.bma.average().items():
+        assert torch.allclose(value, whole.bma.average()[name], atol=1e-6), name
