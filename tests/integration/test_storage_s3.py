@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from po_cluster import cli
-from po_cluster.store.artifacts import S3Store, StoreError, StoreSettings, fetch_file, open_store, pyarrow_fs
+from po_cluster.store.artifacts import S3Store, fetch_file, open_store
+from po_cluster.store.location import StoreError, StoreSettings, pyarrow_fs
 
 pytestmark = pytest.mark.integration
 WEIGHTS = "model.safetensors"
@@ -28,7 +29,7 @@ def store(moto_s3, bucket, tmp_path) -> S3Store:
 
 
 def test_round_trip_publish_list_show_pull_latest(store, release_folder, moto_s3, bucket):
-    from po_cluster.model.checkpoint import verify_manifest
+    from po_cluster.store.manifest import verify_manifest
 
     assert store.list_releases() == [] and store.latest() is None
     first = store.publish_release(release_folder)
@@ -154,7 +155,7 @@ def test_loading_a_release_never_unpickles(store, release_folder, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the aws CLI is not installed")
 def test_the_aws_cli_lists_and_downloads_a_release(store, moto_s3, bucket, release_folder, tmp_path):
-    from po_cluster.model.checkpoint import verify_manifest
+    from po_cluster.store.manifest import verify_manifest
 
     store.publish_release(release_folder, "r-plain")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "dummy", "AWS_SECRET_ACCESS_KEY": "dummy"}
