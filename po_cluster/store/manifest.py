@@ -44,7 +44,9 @@ def file_matches(path: Path, entry: dict) -> bool:
 
 
 def _folder_files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Every file of the folder, as manifest names, but the manifest itself."""
+    names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(name for name in names if name != MANIFEST)
 
 
 def write_manifest(folder: Path) -> dict:
@@ -57,10 +59,12 @@ def write_manifest(folder: Path) -> dict:
 
 
 def _safe_name(name: Any) -> bool:
+    # Relative, no "..", and in the one spelling a folder listing gives ("a/b", never "./a" or "a//b"),
+    # so that a listed name and the file it names are always the same.
     if not isinstance(name, str) or not name or "\\" in name or name == MANIFEST:
         return False
     path = PurePosixPath(name)
-    return not path.is_absolute() and ".." not in path.parts and "." not in path.parts
+    return not path.is_absolute() and ".." not in path.parts and path.as_posix() == name
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, dict]:
