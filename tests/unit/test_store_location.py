@@ -144,3 +144,20 @@ def test_s3_errors_are_one_line_and_name_the_reason():
     missing = raised("NoSuchKey", "s3://b/k: no such object")
     assert isinstance(missing, ObjectMissing) and str(missing) == "s3://b/k: no such object"
     assert not isinstance(raised("NoSuchKey"), ObjectMissing) and "not found" in str(raised("NoSuchKey"))
+
+
+def test_a_local_experiment_reads_and_writes_in_its_folder(tmp_path):
+    from po_cluster.config import SweepConfig
+    from po_cluster.sweep.experiment import open_experiment
+
+    experiment = open_experiment(SweepConfig(name="exp", storage_path=str(tmp_path / "sweeps")))
+    assert experiment.is_local and experiment.uri == str(tmp_path / "sweeps" / "exp") == experiment.path
+    assert experiment.write_json("r.json", {"a": 1}) == str(tmp_path / "sweeps" / "exp" / "r.json")
+    assert experiment.exists("r.json") and experiment.read_json("r.json") == {"a": 1}
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "index.html").write_text("x")
+    experiment.upload(tmp_path / "report", "report")
+    assert (tmp_path / "sweeps" / "exp" / "report" / "index.html").read_text() == "x"
+    assert experiment.fetch(experiment.file("report"), tmp_path / "unused") == Path(experiment.file("report"))
+    with pytest.raises(ValueError, match="use a local folder or s3://"):
+        open_experiment(SweepConfig(storage_path="gs://bucket/sweeps"))
