@@ -52,7 +52,7 @@ def in_process_loop(paths: list[Path], folder: Path, t: float, batch_size: int) 
     """images/s of read → decode (the job's rules) → f(x) → W(t) with the serving engine, one batch at a time."""
     import torch
 
-    from po_cluster.embed.job import DecodeLimits, decode_file
+    from po_cluster.embed.decode import DecodeLimits, decode_file
     from po_cluster.serving.engine import Knob, ReleaseModel
 
     release = ReleaseModel.load("bench", folder)

@@ -8,8 +8,8 @@ the records hold uint8 HxWx3 arrays of one shape. The model-side conversion
 (`to_model_input`) and the serving endpoint use the same functions, so a file gets
 the same pixels here as when it is served.
 
-S3 access goes through po_cluster.store.artifacts (endpoint, region and credentials from
-boto3's own chain, e.g. AWS_ENDPOINT_URL).
+Files are read through po_cluster.store.location (S3 endpoint, region and
+credentials from boto3's own chain, e.g. AWS_ENDPOINT_URL).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import csv
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import Iterator, Literal
 
 import numpy as np
 from PIL import Image
@@ -29,9 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from po_cluster.data import images
 from po_cluster.data.images import IMAGE_EXTENSIONS, is_image_name, square
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
-
-if TYPE_CHECKING:  # storage pulls in boto3 lazily; only S3 locations need it
-    from po_cluster.store.artifacts import ArtifactStore
+from po_cluster.store import location as store_location
+from po_cluster.store.location import StoreError, exists, is_s3, join, parent, resolve
 
 DEFAULT_IMAGE_SIZE = 224  # ViT-B-32's input; the model resizes again if it differs
 DATASET_JSON = "dataset.json"  # written last by the builder: its presence means complete
@@ -46,101 +45,27 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- locations: a local path or s3://bucket/key
-# S3 goes through po_cluster.store.artifacts (one S3Store per bucket, its retries and one-line errors).
+# Reads go through po_cluster.store.location; what cannot be read is a DataError naming it.
 
 
-def is_s3(location: str) -> bool:
-    return location.startswith("s3://")
-
-
-@lru_cache(maxsize=16)
-def _bucket(bucket: str) -> ArtifactStore:
-    # One store per bucket, shared by the reading threads: boto3 clients are thread-safe.
-    from po_cluster.store.artifacts import open_store
-
-    return open_store(f"s3://{bucket}")
-
-
-def _s3(location: str) -> tuple[ArtifactStore, str]:
-    from po_cluster.store.artifacts import parse_s3_uri
-
-    bucket, key = parse_s3_uri(location)
-    return _bucket(bucket), key
-
-
-def join(base: str, *parts: str) -> str:
-    if is_s3(base):
-        return "/".join([base.rstrip("/"), *parts])
-    return str(Path(base).joinpath(*parts))
-
-
-def parent(location: str) -> str:
-    if is_s3(location):
-        return location.rsplit("/", 1)[0]
-    return str(Path(location).parent)
-
-
-def resolve(base_dir: str, path: str) -> str:
-    """A record's path: s3:// and absolute paths as they are, relative ones against the file's folder."""
-    if is_s3(path) or Path(path).is_absolute():
-        return path
-    return join(base_dir, path)
+@contextmanager
+def _data_errors() -> Iterator[None]:
+    try:
+        yield
+    except StoreError as error:
+        raise DataError(str(error)) from None
 
 
 def read_bytes(location: str) -> bytes:
-    if is_s3(location):
-        store, key = _s3(location)
-        data = store.get_bytes(key)
-        if data is None:
-            raise DataError(f"{location}: no such object")
-        return data
-    try:
-        return Path(location).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{location}: file not found") from None
-    except OSError as error:
-        raise DataError(f"{location}: cannot read: {error}") from None
-
-
-def write_bytes(location: str, data: bytes) -> None:
-    if is_s3(location):
-        store, key = _s3(location)
-        store.put_bytes(data, key)
-        return
-    path = Path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def remove(location: str) -> None:
-    """Delete a file if it is there."""
-    if is_s3(location):
-        store, key = _s3(location)
-        store.delete(key)
-    else:
-        Path(location).unlink(missing_ok=True)
-
-
-def exists(location: str) -> bool:
-    if is_s3(location):
-        store, key = _s3(location)
-        return store.exists(key)
-    return Path(location).is_file()
+    """The bytes of a data file or object; DataError when it is missing or unreadable."""
+    with _data_errors():
+        return store_location.read_bytes(location)
 
 
 def list_files(root: str) -> list[str]:
-    """Every file under a folder or S3 prefix, recursively, as paths relative to it, sorted."""
-    if is_s3(root):
-        store, prefix = _s3(root.rstrip("/"))
-        prefix = prefix + "/" if prefix else ""
-        keys = [key[len(prefix):] for key in store.list_keys(prefix) if not key.endswith("/")]
-        if not keys:
-            raise DataError(f"{root}: no objects under this S3 prefix")
-        return sorted(keys)
-    path = Path(root)
-    if not path.is_dir():
-        raise DataError(f"{root}: folder not found")
-    return sorted(str(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file())
+    """Every file under a folder or S3 prefix, recursively, relative to it, sorted; DataError when there is none."""
+    with _data_errors():
+        return store_location.list_files(root)
 
 
 # ---------------------------------------------------------------- images: data.images, with the source named

@@ -29,6 +29,7 @@ from po_cluster.config import Strict
 from po_cluster.data import pairs as io_
 from po_cluster.data.images import square
 from po_cluster.data.pairs import DataError, LabelledImage
+from po_cluster.store.location import join, remove, write_bytes
 
 FORMAT = "po-cluster.preference-dataset"
 FORMAT_VERSION = 1
@@ -150,7 +151,7 @@ def _build_one(index: int, item: LabelledImage, classes: tuple[str, ...], cfg: T
     others = np.array([c for c in range(len(classes)) if c != true])  # never the image's own class
     written = rng.choice(others, size=cfg.variants, replace=False)
     clean_name = f"clean/{index:06d}.png"
-    io_.write_bytes(io_.join(cfg.out, clean_name), _png(clean))
+    write_bytes(join(cfg.out, clean_name), _png(clean))
     chosen = cfg.prompt_template.format(item.label)
     pairs = []
     for variant, word_class in enumerate(written):
@@ -158,7 +159,7 @@ def _build_one(index: int, item: LabelledImage, classes: tuple[str, ...], cfg: T
         word = classes[int(word_class)]
         drawn = write_word(attacked, word, rng, cfg)
         name = f"attacked/{index:06d}-{variant}.png"
-        io_.write_bytes(io_.join(cfg.out, name), _png(attacked))
+        write_bytes(join(cfg.out, name), _png(attacked))
         pairs.append({"id": f"{index:06d}-{variant}", "image": name, "chosen": chosen,
                       "rejected": cfg.prompt_template.format(word), "label": item.label, "written": word,
                       "source": item.name, **drawn})
@@ -186,16 +187,16 @@ def build_typographic(cfg: TypographicConfig) -> BuildSummary:
     if len(classes) <= cfg.variants:
         raise DataError(f"{cfg.source}: {len(classes)} classes ({', '.join(classes)}) leave fewer than "
                         f"variants={cfg.variants} other classes to write on each image")
-    meta_location = io_.join(cfg.out, io_.DATASET_JSON)
-    io_.remove(meta_location)  # a rebuild in progress is not a complete dataset
+    meta_location = join(cfg.out, io_.DATASET_JSON)
+    remove(meta_location)  # a rebuild in progress is not a complete dataset
     with ThreadPoolExecutor(cfg.workers) as pool:
         built = list(pool.map(lambda job: _build_one(job[0], job[1], classes, cfg), enumerate(items)))
     pair_rows = [row for one in built for row in one.pairs]
-    io_.write_bytes(io_.join(cfg.out, io_.PAIRS_JSONL), _jsonl(pair_rows))
-    io_.write_bytes(io_.join(cfg.out, io_.REG_JSONL), _jsonl([one.reg for one in built]))
+    write_bytes(join(cfg.out, io_.PAIRS_JSONL), _jsonl(pair_rows))
+    write_bytes(join(cfg.out, io_.REG_JSONL), _jsonl([one.reg for one in built]))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "classes": list(classes),
             "candidates": [cfg.prompt_template.format(c) for c in classes], "image_size": cfg.image_size,
             "counts": {"images": len(items), "pairs": len(pair_rows)},
             "config": cfg.model_dump(mode="json", exclude={"out", "workers"})}
-    io_.write_bytes(meta_location, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(meta_location, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return BuildSummary(cfg.out, classes, len(items), len(pair_rows))

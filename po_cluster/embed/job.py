@@ -12,6 +12,10 @@ renamed on a local disk; on S3 an object appears whole), so its presence means
 the shard is complete and a re-run skips it. Reading the output back sorted by
 id gives the same rows whether or not the job was interrupted, each id once.
 
+Inputs are listed in po_cluster.embed.inputs, decoded in po_cluster.embed.decode,
+and planned, named and written in po_cluster.embed.shards; this module is the
+pipeline and its driver.
+
 Bad inputs (unreadable, not an image, a refused format, over the byte or pixel
 limit, truncated) are rows of the errors file with a code and a reason; they
 never stop the job. Nothing read from storage is unpickled: images go through
@@ -19,19 +23,10 @@ Pillow's allowed decoders, manifests are JSON or Parquet, weights safetensors.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import itertools
-import json
 import math
-import re
-import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,37 +34,15 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from po_cluster.config import Strict
-from po_cluster.data.pairs import is_s3
-from po_cluster.serving.limits import ApiError, ImageFormat, Limits
-from po_cluster.store.artifacts import StoreSettings
+from po_cluster.embed.decode import DecodeLimits, Preprocess, decode_batch
+from po_cluster.embed.inputs import EmbedError, is_manifest, list_inputs, within
+from po_cluster.embed.shards import EMBEDDINGS, ERRORS, OutputDir, Shard, foreign_shards, plan_shards, shard_tables
+from po_cluster.store.location import StoreSettings
 
 if TYPE_CHECKING:
     import ray.data
 
-EMBEDDINGS, ERRORS = "embeddings", "errors"
-_READ_THREADS = 8  # reads are I/O (S3 GETs); threads overlap them inside one decode task
-_NAME = re.compile(r"^(?P<release>[A-Za-z0-9][A-Za-z0-9._-]*)_t(?P<t>[^_]+)_(?P<index>\d{6})-(?P<digest>[0-9a-f]{12})"
-                   r"\.parquet$")
-_SERVING = Limits()
-
-
-class EmbedError(RuntimeError):
-    """A job that cannot run as configured (bad input listing, foreign shards in the output); one line."""
-
-
 # ---------------------------------------------------------------- config, validated once at the edge
-
-
-class DecodeLimits(Strict):
-    """What an image file may be; the defaults are the serving endpoint's, so both accept the same files."""
-
-    max_image_bytes: int = Field(_SERVING.max_image_bytes, gt=0)
-    max_image_pixels: int = Field(_SERVING.max_image_pixels, gt=0, description="width × height, before decoding")
-    image_formats: tuple[ImageFormat, ...] = Field(_SERVING.image_formats, min_length=1)
-
-    def serving(self) -> Limits:
-        return Limits(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
-                      image_formats=self.image_formats)
 
 
 class EmbedConfig(Strict):
@@ -99,217 +72,9 @@ class EmbedConfig(Strict):
     @model_validator(mode="after")
     def _output_outside_input(self) -> "EmbedConfig":
         # Shard files written inside an input folder would be inputs of the re-run, and change its shards.
-        if not _is_manifest(self.input) and _within(self.output, self.input):
+        if not is_manifest(self.input) and within(self.output, self.input):
             raise ValueError(f"output {self.output} is inside the input folder {self.input}; write it elsewhere")
         return self
-
-
-def _is_manifest(source: str) -> bool:
-    return source.lower().endswith((".jsonl", ".parquet"))
-
-
-def _within(child: str, parent: str) -> bool:
-    def normal(uri: str) -> str:
-        return uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().absolute())
-
-    return normal(child) == normal(parent) or normal(child).startswith(normal(parent) + "/")
-
-
-# ---------------------------------------------------------------- inputs: (id, source_uri), sorted by id
-
-
-@lru_cache(maxsize=16)
-def _bucket_store(bucket: str, settings: StoreSettings):  # -> S3Store; one per bucket and process
-    from po_cluster.store.artifacts import open_store
-
-    return open_store(f"s3://{bucket}", settings)
-
-
-def read_source(location: str, settings: StoreSettings) -> bytes:
-    """The bytes of a local file or an s3:// object; OSError / StoreError when unreadable."""
-    if not is_s3(location):
-        return Path(location).read_bytes()
-    from po_cluster.store.artifacts import ObjectMissing, parse_s3_uri
-
-    bucket, key = parse_s3_uri(location)
-    data = _bucket_store(bucket, settings).get_bytes(key)
-    if data is None:
-        raise ObjectMissing(f"{location}: no such object")
-    return data
-
-
-def _hidden(relative: str) -> bool:
-    # .DS_Store, editors' swap files, our own temporary files: never inputs.
-    return any(part.startswith(".") for part in PurePosixPath(relative).parts)
-
-
-def _folder_inputs(root: str, settings: StoreSettings) -> list[tuple[str, str]]:
-    """Every non-hidden file under a folder or S3 prefix: id = its path relative to the root."""
-    if is_s3(root):
-        from po_cluster.store.artifacts import open_store
-
-        names = [key for key in open_store(root.rstrip("/"), settings).list_keys("") if not key.endswith("/")]
-        base = root.rstrip("/")
-        return [(name, f"{base}/{name}") for name in names if not _hidden(name)]
-    path = Path(root).expanduser().absolute()
-    if not path.is_dir():
-        raise EmbedError(f"input {root}: no such folder (or a manifest ending in .jsonl / .parquet)")
-    files = (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-    return [(name, str(path / name)) for name in files if not _hidden(name)]
-
-
-def _manifest_rows(manifest: str, settings: StoreSettings) -> list[dict]:
-    data = read_source(manifest, settings)
-    if manifest.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    rows = []
-    for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise EmbedError(f"{manifest}:{number}: not valid JSON ({error.msg})") from None
-    return rows
-
-
-def _manifest_inputs(manifest: str, settings: StoreSettings) -> list[tuple[str, str]]:
-    """Rows with `path` or `uri` (relative paths against the manifest's folder) and an optional `id`."""
-    from po_cluster.data.pairs import parent, resolve
-
-    base, items = parent(manifest), []
-    for number, row in enumerate(_manifest_rows(manifest, settings), start=1):
-        location = (row.get("uri") or row.get("path")) if isinstance(row, dict) else None
-        if not isinstance(location, str) or not location:
-            raise EmbedError(f"{manifest}: row {number} has no path or uri")
-        item_id = row.get("id")
-        items.append((str(item_id) if item_id not in (None, "") else location, resolve(base, location)))
-    return items
-
-
-def list_inputs(source: str, settings: StoreSettings | None = None) -> pa.Table:
-    """(id, source_uri) of every input, sorted by id; EmbedError on duplicate ids or nothing to do."""
-    settings = settings or StoreSettings()
-    try:
-        items = (_manifest_inputs if _is_manifest(source) else _folder_inputs)(source, settings)
-    except OSError as error:
-        raise EmbedError(f"input {source}: cannot read: {error}") from None
-    if not items:
-        raise EmbedError(f"input {source}: no files")
-    items.sort()
-    for (a, _), (b, _) in itertools.pairwise(items):
-        if a == b:
-            raise EmbedError(f"input {source}: id {a!r} appears twice; ids must be unique")
-    ids, uris = zip(*items)
-    return pa.table({"id": pa.array(ids, pa.string()), "source_uri": pa.array(uris, pa.string())})
-
-
-# ---------------------------------------------------------------- shards: the unit of writing and resuming
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    name: str  # the file name of both its embeddings and errors
-    items: pa.Table  # id, source_uri: its inputs, sorted by id
-
-
-def t_tag(t: float) -> str:
-    """repr of the float: exact (0.1234567 and 0.123457 do not collide) and file-name safe."""
-    return repr(float(t))
-
-
-def shard_name(release_id: str, t: float, index: int, items: pa.Table) -> str:
-    # The digest ties the name to the shard's content: a changed input cannot pass for a finished shard.
-    digest = hashlib.sha256()
-    for item_id, uri in zip(items.column("id").to_pylist(), items.column("source_uri").to_pylist()):
-        digest.update(f"{item_id}\0{uri}\n".encode())
-    return f"{release_id}_t{t_tag(t)}_{index:06d}-{digest.hexdigest()[:12]}.parquet"
-
-
-def plan_shards(items: pa.Table, shard_size: int, release_id: str, t: float) -> list[Shard]:
-    """Consecutive runs of `shard_size` sorted inputs: the same input always gives the same shards."""
-    shards = []
-    for index, start in enumerate(range(0, items.num_rows, shard_size)):
-        part = items.slice(start, shard_size)
-        shards.append(Shard(index, shard_name(release_id, t, index, part), part))
-    return shards
-
-
-def foreign_shards(existing: set[str], shards: list[Shard], release_id: str, t: float) -> list[str]:
-    """Files of this (release, t) in the output that this plan does not name: another input or shard size."""
-    planned = {s.name for s in shards}
-    found = (_NAME.match(name) for name in existing)
-    return sorted(m.group(0) for m in found if m and m.group("release") == release_id
-                  and m.group("t") == t_tag(t) and m.group(0) not in planned)
-
-
-# ---------------------------------------------------------------- decoding (CPU tasks)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The model input conversion of a release (AlignedCLIP.pixels), as plain values for the CPU tasks."""
-
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-class BadInput(Exception):
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
-def decode_file(raw: bytes, limits: Limits) -> np.ndarray:
-    """uint8 [H, W, 3] by the serving endpoint's own rules (limits.decode_image_bytes), or BadInput."""
-    from po_cluster.serving.limits import decode_image_bytes
-
-    try:
-        return decode_image_bytes(raw, "image", limits)
-    except ApiError as error:
-        raise BadInput(error.code, error.message) from None
-
-
-def _read(location: str, settings: StoreSettings, max_bytes: int) -> bytes | BadInput:
-    from po_cluster.store.artifacts import StoreError
-
-    try:
-        if not is_s3(location) and Path(location).stat().st_size > max_bytes:
-            return BadInput("image_too_large", f"the file is over the limit of {max_bytes} bytes")
-        return read_source(location, settings)
-    except (OSError, StoreError) as error:
-        return BadInput("unreadable", f"cannot read {location}: {getattr(error, 'strerror', None) or error}")
-
-
-def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: DecodeLimits,
-                 settings: StoreSettings) -> dict[str, np.ndarray]:
-    """Inputs → model input [N, 3, S, S] float32; a bad row gets zeros, a code and a reason."""
-    from po_cluster.model.loading import to_model_input
-
-    rules, size = limits.serving(), preprocess.image_size
-    uris = [str(u) for u in batch["source_uri"]]
-    with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
-        raws = list(pool.map(lambda uri: _read(uri, settings, rules.max_image_bytes), uris))
-    codes, reasons = [""] * len(uris), [""] * len(uris)
-    by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-    for i, raw in enumerate(raws):
-        try:
-            if isinstance(raw, BadInput):
-                raise raw
-            image = decode_file(raw, rules)
-            by_shape.setdefault(image.shape, []).append((i, image))
-        except BadInput as bad:
-            codes[i], reasons[i] = bad.code, bad.reason
-    pixels = np.zeros((len(uris), 3, size, size), dtype=np.float32)
-    for group in by_shape.values():  # one conversion per shape, as the serving engine's image_features
-        rows = [i for i, _ in group]
-        pixels[rows] = to_model_input(np.stack([image for _, image in group]), size, preprocess.mean,
-                                      preprocess.std).numpy()
-    return {"id": batch["id"], "source_uri": batch["source_uri"], "shard": batch["shard"], "pixels": pixels,
-            "code": np.array(codes, dtype=object), "reason": np.array(reasons, dtype=object)}
 
 
 # ---------------------------------------------------------------- the model (actor pool)
@@ -381,91 +146,6 @@ def build_dataset(shards: list[Shard], cfg: EmbedConfig, release_id: str, prepro
     # Shards then finish in order, so the driver holds about one shard's rows at a time.
     ds.context.execution_options.preserve_order = True
     return ds
-
-
-# ---------------------------------------------------------------- output: a folder or an S3 prefix
-
-
-class OutputDir:
-    """embeddings/ and errors/ under a folder or S3 prefix, through one pyarrow filesystem."""
-
-    def __init__(self, uri: str, settings: StoreSettings | None = None) -> None:
-        from pyarrow import fs
-
-        self.uri = uri.rstrip("/")
-        if is_s3(uri):
-            from po_cluster.store.artifacts import pyarrow_fs
-
-            self.fs, self.root = pyarrow_fs(self.uri, settings)
-            self.local = False
-        else:
-            self.fs, self.root = fs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
-            self.local = True
-
-    def names(self, sub: str) -> set[str]:
-        from pyarrow import fs
-
-        infos = self.fs.get_file_info(fs.FileSelector(f"{self.root}/{sub}", allow_not_found=True))
-        # Hidden names are writes in progress (or left by a killed run), never finished shards.
-        return {info.base_name for info in infos
-                if info.type == fs.FileType.File and not info.base_name.startswith(".")}
-
-    def write(self, sub: str, name: str, table: pa.Table) -> str:
-        """Write a table so that the file appears whole or not at all; returns its URI."""
-        import pyarrow.parquet as pq
-
-        buffer = pa.BufferOutputStream()  # serialised first: a failed write never reaches the target
-        pq.write_table(table, buffer)
-        folder, final = f"{self.root}/{sub}", f"{self.root}/{sub}/{name}"
-        target = f"{folder}/.{name}.{secrets.token_hex(4)}.tmp" if self.local else final
-        if self.local:
-            self.fs.create_dir(folder, recursive=True)
-        with self.fs.open_output_stream(target) as out:  # S3: one object, visible once complete
-            out.write(buffer.getvalue())
-        if self.local:
-            self.fs.move(target, final)  # rename: atomic on one filesystem
-        return f"{self.uri}/{sub}/{name}"
-
-    def rows(self, sub: str, name: str) -> int:
-        import pyarrow.parquet as pq
-
-        with self.fs.open_input_file(f"{self.root}/{sub}/{name}") as f:
-            return pq.ParquetFile(f).metadata.num_rows  # the footer only
-
-    def remove_temporaries(self, names: set[str]) -> None:
-        """Left over by a killed run (local disk only: S3 keeps no partial objects)."""
-        if not self.local:
-            return
-        for sub in (EMBEDDINGS, ERRORS):
-            folder = Path(self.root) / sub
-            for path in folder.glob(".*.tmp") if folder.is_dir() else ():
-                if path.name[1:].rsplit(".", 2)[0] in names:
-                    path.unlink(missing_ok=True)
-
-
-EMBEDDING_SCHEMA = pa.schema([("id", pa.string()), ("source_uri", pa.string()), ("embedding", pa.list_(pa.float32())),
-                              ("release_id", pa.string()), ("t", pa.float64()), ("embed_dim", pa.int32())])
-ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source_uri", pa.string()), ("code", pa.string()),
-                          ("reason", pa.string())])
-
-
-def shard_tables(rows: dict[str, np.ndarray], release_id: str, t: float) -> tuple[pa.Table, pa.Table]:
-    """(embeddings, errors) of one shard's rows, each sorted by id."""
-    order = np.argsort(rows["id"].astype(str), kind="stable")
-    ids, uris = rows["id"][order].astype(str), rows["source_uri"][order].astype(str)
-    bad = rows["code"][order] != ""
-    good = ~bad
-    vectors = np.ascontiguousarray(rows["embedding"][order][good], dtype=np.float32)
-    n, dim = vectors.shape
-    offsets = pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32))
-    embeddings = pa.table({"id": ids[good].tolist(), "source_uri": uris[good].tolist(),
-                           "embedding": pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1))),
-                           "release_id": [release_id] * n, "t": [float(t)] * n, "embed_dim": [dim] * n},
-                          schema=EMBEDDING_SCHEMA)
-    errors = pa.table({"id": ids[bad].tolist(), "source_uri": uris[bad].tolist(),
-                       "code": rows["code"][order][bad].astype(str).tolist(),
-                       "reason": rows["reason"][order][bad].astype(str).tolist()}, schema=ERROR_SCHEMA)
-    return embeddings, errors
 
 
 # ---------------------------------------------------------------- the driver

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from po_cluster.data.images import is_image_name
-from po_cluster.data.pairs import DataError, display_name, join, list_files, load_images
+from po_cluster.data.pairs import DataError, display_name, list_files, load_images
 from po_cluster.data.records import ImageSet
 from po_cluster.evaluate.metrics import embed_images, embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.store.location import join
 
 ATTACK_TEMPLATE = "a photo of a {}."
 _NAME = re.compile(r"^label=(?P<label>.+?)_text=(?P<text>.+?)(?:_(?P<copy>\d+))?$")

@@ -6,7 +6,6 @@ loaded; nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,54 +15,16 @@ from safetensors.torch import load_file, save_file
 from po_cluster.config import LastBlocks, ModelConfig
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import load_clip
+from po_cluster.store.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
 
 WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 TRAINING_JSON = "training.json"
 METRICS_JSON = "metrics.json"
-MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or release that must not be loaded; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path) -> dict:
-    """sha256 and size of every file in the folder; written last, so its presence means complete."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"files": {str(p.relative_to(folder)): {"sha256": sha256_file(p), "size": p.stat().st_size}
-                          for p in files}}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(folder / MANIFEST)  # atomic on one filesystem
-    return manifest
-
-
-def verify_manifest(folder: Path) -> dict:
-    """Check every file against the manifest; raise CheckpointError naming the first that differs."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {MANIFEST}; the checkpoint is incomplete and will not be loaded")
-    try:
-        manifest = json.loads(path.read_text())
-        entries = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{path}: not a valid manifest") from None
-    for name, entry in entries.items():
-        file = folder / name
-        if not file.is_file():
-            raise CheckpointError(f"{folder}: {name} is listed in the manifest but missing")
-        if file.stat().st_size != entry.get("size") or sha256_file(file) != entry.get("sha256"):
-            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest")
-    return manifest
+# One error for every checkpoint that must not be loaded, whether the manifest check or the loader finds out.
+CheckpointError = ManifestError
 
 
 def model_description(model: AlignedCLIP, model_cfg: ModelConfig, classnames: tuple[str, ...],

@@ -1,6 +1,7 @@
-"""Where a sweep lives: a local folder or s3://bucket/prefix, reached through one
-pyarrow filesystem that Ray Tune, Ray Train and po-cluster all use, so trial
-checkpoints, the experiment state and our own results land in the same place."""
+"""Where a sweep lives: a local folder or s3://bucket/prefix. Ray Tune and Ray Train
+reach it through one pyarrow filesystem (po_cluster.store.location.pyarrow_fs);
+our own results, uploads and checkpoint fetches go through po_cluster.store.location
+to the same place, so everything of one sweep lands together."""
 from __future__ import annotations
 
 import json
@@ -11,14 +12,15 @@ from pathlib import Path
 from pyarrow import fs as pafs
 
 from po_cluster.config import SweepConfig
+from po_cluster.store import location
 
 
 @dataclass(frozen=True)
 class Experiment:
-    filesystem: pafs.FileSystem
+    filesystem: pafs.FileSystem  # what Ray Tune and Ray Train write through
     root: str  # storage_path as the filesystem sees it: an absolute folder, or "bucket/prefix"
     name: str
-    uri: str  # for messages
+    uri: str  # the experiment as a location: a folder, or s3://bucket/prefix/name
 
     @property
     def path(self) -> str:
@@ -29,47 +31,42 @@ class Experiment:
         return isinstance(self.filesystem, pafs.LocalFileSystem)
 
     def file(self, name: str) -> str:
+        """`<experiment>/<name>` as the filesystem sees it (for Ray)."""
         return f"{self.path}/{name}"
 
+    def location_of(self, name: str) -> str:
+        """`<experiment>/<name>` as a location (for po_cluster.store.location)."""
+        return location.join(self.uri, name)
+
     def exists(self, name: str) -> bool:
-        return self.filesystem.get_file_info(self.file(name)).type == pafs.FileType.File
+        return location.exists(self.location_of(name))
 
     def read_json(self, name: str) -> dict:
-        with self.filesystem.open_input_stream(self.file(name)) as stream:
-            return json.loads(stream.read())
+        return json.loads(location.read_bytes(self.location_of(name)))
 
     def write_json(self, name: str, content: dict) -> str:
-        self.filesystem.create_dir(self.path, recursive=True)
-        with self.filesystem.open_output_stream(self.file(name)) as stream:
-            stream.write((json.dumps(content, indent=2) + "\n").encode())
-        return f"{self.uri}/{name}"
+        location.write_bytes(self.location_of(name), (json.dumps(content, indent=2) + "\n").encode())
+        return self.location_of(name)
 
     def upload(self, local: Path, name: str) -> None:
         """A local file or folder to `<experiment>/<name>`."""
-        self.filesystem.create_dir(self.path, recursive=True)
-        pafs.copy_files(str(local), self.file(name), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.filesystem)
+        location.upload(local, self.location_of(name))
 
     def fetch(self, path: str, local: Path) -> Path:
-        """A folder of this filesystem (a trial checkpoint) as a local folder."""
+        """A folder of this filesystem (a trial checkpoint, "bucket/key" on S3) as a local folder."""
         if self.is_local:
             return Path(path)
         local.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(path, str(local), source_filesystem=self.filesystem,
-                        destination_filesystem=pafs.LocalFileSystem())
-        return local
+        return location.download_folder(f"s3://{path.lstrip('/')}", local)
 
 
 def open_experiment(cfg: SweepConfig) -> Experiment:
-    if cfg.storage_path.startswith("s3://"):
-        from po_cluster.store.artifacts import pyarrow_fs
-
-        filesystem, root = pyarrow_fs(cfg.storage_path)
-        return Experiment(filesystem, root, cfg.name, f"{cfg.storage_path.rstrip('/')}/{cfg.name}")
-    if "://" in cfg.storage_path:
+    if "://" in cfg.storage_path and not location.is_s3(cfg.storage_path):
         raise ValueError(f"storage_path {cfg.storage_path!r}: use a local folder or s3://bucket/prefix")
-    root = str(Path(cfg.storage_path).expanduser().resolve())
-    return Experiment(pafs.LocalFileSystem(), root, cfg.name, f"{root}/{cfg.name}")
+    filesystem, root = location.pyarrow_fs(cfg.storage_path)
+    uri = location.join(cfg.storage_path.rstrip("/"), cfg.name) if location.is_s3(cfg.storage_path) \
+        else f"{root}/{cfg.name}"
+    return Experiment(filesystem, root, cfg.name, uri)
 
 
 def work_dir(experiment: Experiment) -> Path:

@@ -155,7 +155,10 @@ def test_embeddings_equal_the_serving_engine_and_the_in_process_model(corpus, re
 
 
 def test_decoding_runs_in_cpu_tasks_apart_from_the_model_actors(ray_cluster, corpus, capsys):
-    from po_cluster.embed.job import Preprocess, build_dataset, list_inputs, plan_shards
+    from po_cluster.embed.decode import Preprocess
+    from po_cluster.embed.inputs import list_inputs
+    from po_cluster.embed.job import build_dataset
+    from po_cluster.embed.shards import plan_shards
 
     shards = plan_shards(list_inputs(str(corpus["images"])), SHARD_SIZE, RELEASE, T)
     cfg = _config(corpus, corpus["root"] / "unused")
@@ -250,7 +253,7 @@ def test_cli_on_a_manifest_with_ids(corpus, reference, capsys):
 
 def test_s3_prefix_in_and_out(corpus, reference, moto_s3, bucket):
     from po_cluster.embed.job import run_embed
-    from po_cluster.store.artifacts import StoreSettings, pyarrow_fs
+    from po_cluster.store.location import StoreSettings, pyarrow_fs
 
     client = moto_s3.client()
     names = corpus["good"][:10] + ["bad/anim-a.gif", "bad/truncated-a.png"]

@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from po_cluster import cli
-from po_cluster.store.artifacts import S3Store, StoreError, StoreSettings, fetch_file, open_store, pyarrow_fs
+from po_cluster.store.artifacts import S3Store, fetch_file, open_store
+from po_cluster.store.location import StoreError, StoreSettings, pyarrow_fs
 
 pytestmark = pytest.mark.integration
 WEIGHTS = "model.safetensors"
@@ -28,7 +29,7 @@ def store(moto_s3, bucket, tmp_path) -> S3Store:
 
 
 def test_round_trip_publish_list_show_pull_latest(store, release_folder, moto_s3, bucket):
-    from po_cluster.model.checkpoint import verify_manifest
+    from po_cluster.store.manifest import verify_manifest
 
     assert store.list_releases() == [] and store.latest() is None
     first = store.publish_release(release_folder)
@@ -154,7 +155,7 @@ def test_loading_a_release_never_unpickles(store, release_folder, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the aws CLI is not installed")
 def test_the_aws_cli_lists_and_downloads_a_release(store, moto_s3, bucket, release_folder, tmp_path):
-    from po_cluster.model.checkpoint import verify_manifest
+    from po_cluster.store.manifest import verify_manifest
 
     store.publish_release(release_folder, "r-plain")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "dummy", "AWS_SECRET_ACCESS_KEY": "dummy"}
@@ -193,3 +194,24 @@ def test_environment_endpoint_pyarrow_and_fetch_file(moto_s3, bucket, release_fo
     assert fetch_file(uri, tmp_path / "weights-cache") == cached and cached.stat().st_mtime_ns == mtime
     with pytest.raises(StoreError, match="no such object"):
         fetch_file(f"s3://{bucket}/weights/absent.safetensors", tmp_path / "weights-cache")
+
+
+def test_experiment_files_go_through_the_location_layer(moto_s3, bucket, monkeypatch, tmp_path):
+    from po_cluster.config import SweepConfig
+    from po_cluster.sweep.experiment import open_experiment
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint_url)  # as a sweep's driver gets it
+    experiment = open_experiment(SweepConfig(name="exp", storage_path=f"s3://{bucket}/sweeps/"))
+    assert (experiment.uri, experiment.path) == (f"s3://{bucket}/sweeps/exp", f"{bucket}/sweeps/exp")
+    assert not experiment.is_local and not experiment.exists("results.json")
+    assert experiment.write_json("results.json", {"trials": [1]}) == f"s3://{bucket}/sweeps/exp/results.json"
+    assert experiment.exists("results.json") and experiment.read_json("results.json") == {"trials": [1]}
+    (tmp_path / "report" / "img").mkdir(parents=True)
+    (tmp_path / "report" / "report.html").write_text("<html></html>")
+    (tmp_path / "report" / "img" / "a.png").write_bytes(b"png")
+    experiment.upload(tmp_path / "report", "report")
+    keys = {o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket, Prefix="sweeps/exp/")["Contents"]}
+    assert keys == {"sweeps/exp/results.json", "sweeps/exp/report/report.html", "sweeps/exp/report/img/a.png"}
+    # A trial checkpoint path as Ray reports it: the filesystem's "bucket/key", no scheme.
+    local = experiment.fetch(experiment.file("report"), tmp_path / "fetched")
+    assert (local / "img" / "a.png").read_bytes() == b"png" and (local / "report.html").is_file()

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from po_cluster.cli import main as cli_main
-from po_cluster.store.artifacts import StoreSettings, open_store
+from po_cluster.store.artifacts import open_store
+from po_cluster.store.location import StoreSettings
 from test_sweep import STEPS, sweep_command, terminated_trials
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

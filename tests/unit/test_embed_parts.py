@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from po_cluster.config import ConfigError, parse_config
-from po_cluster.embed.job import (EMBEDDINGS, ERRORS, BadInput, DecodeLimits, EmbedConfig, EmbedError, OutputDir,
-                              Preprocess, decode_batch, decode_file, foreign_shards, list_inputs, plan_shards,
-                              shard_tables, t_tag)
+from po_cluster.embed.decode import BadInput, DecodeLimits, Preprocess, decode_batch, decode_file
+from po_cluster.embed.inputs import EmbedError, list_inputs
+from po_cluster.embed.job import EmbedConfig
+from po_cluster.embed.shards import EMBEDDINGS, ERRORS, OutputDir, foreign_shards, plan_shards, shard_tables, t_tag
 
 
 def _png(image: np.ndarray, fmt: str = "PNG") -> bytes:

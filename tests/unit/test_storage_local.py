@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from po_cluster import cli
-from po_cluster.store.artifacts import (LATEST, LocalStore, StoreError, fetch_file, new_release_id, open_store,
-                                pull_release_uri)
+from po_cluster.store.artifacts import LATEST, LocalStore, fetch_file, new_release_id, open_store, pull_release_uri
+from po_cluster.store.location import StoreError
+from po_cluster.store.manifest import verify_manifest, write_manifest
 
 WEIGHTS = "model.safetensors"
 CARD = "# test release\n\nA tiny random po-tiny-rn, for storage tests.\n"
@@ -29,8 +30,6 @@ def store(tmp_path) -> LocalStore:
 
 
 def test_round_trip_publish_list_show_pull_latest(store, folder, tmp_path):
-    from po_cluster.model.checkpoint import verify_manifest
-
     assert store.list_releases() == [] and store.latest() is None
     first = store.publish_release(folder)
     second = store.publish_release(folder, "r-custom.2")
@@ -98,8 +97,6 @@ def test_interrupted_publish_is_invisible_and_a_rerun_completes_it(store, folder
         store.pull_release("r-half", cache_dir=tmp_path / "cache")
     other = Path(shutil.copytree(folder, tmp_path / "other"))
     (other / "card.md").write_text("different content\n")
-    from po_cluster.model.checkpoint import write_manifest
-
     write_manifest(other)
     with pytest.raises(StoreError, match="half-published from different content"):
         store.publish_release(other, "r-half")
@@ -160,12 +157,16 @@ def test_cached_copy_is_reused_without_downloading(store, folder, tmp_path):
 
 
 def test_manifest_from_storage_cannot_write_outside_the_release(store, tmp_path):
+    # The download folder is <cache>/releases/.r-evil-<random>/, so "../../escape.txt" would land in
+    # <cache>/escape.txt; the store holds that key (at its root), so an unchecked name would be fetched.
     evil = {"files": {"../../escape.txt": {"sha256": "0" * 64, "size": 1}}}
     (store.root / "releases" / "r-evil").mkdir(parents=True)
     (store.root / "releases" / "r-evil" / "manifest.json").write_text(json.dumps(evil))
+    (store.root / "escape.txt").write_bytes(b"x")
     with pytest.raises(StoreError, match="not a valid manifest"):
         store.pull_release("r-evil", cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "escape.txt").exists()
+    assert not (tmp_path / "cache" / "escape.txt").exists()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("escape.txt")) == ["store/escape.txt"]
 
 
 def test_unknown_release_and_empty_store(store, tmp_path):

@@ -1,0 +1,94 @@
+"""The embed job's decoding (CPU tasks): read each input, decode it by the serving endpoint's
+rules, convert it to the release's model input. A bad input is a row with a code and a reason,
+never an exception that stops the job."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from po_cluster.config import Strict
+from po_cluster.serving.limits import ApiError, ImageFormat, Limits
+from po_cluster.store import location
+from po_cluster.store.location import StoreError, StoreSettings
+
+_READ_THREADS = 8  # reads are I/O (S3 GETs); threads overlap them inside one decode task
+_SERVING = Limits()
+
+
+class DecodeLimits(Strict):
+    """What an image file may be; the defaults are the serving endpoint's, so both accept the same files."""
+
+    max_image_bytes: int = Field(_SERVING.max_image_bytes, gt=0)
+    max_image_pixels: int = Field(_SERVING.max_image_pixels, gt=0, description="width × height, before decoding")
+    image_formats: tuple[ImageFormat, ...] = Field(_SERVING.image_formats, min_length=1)
+
+    def serving(self) -> Limits:
+        return Limits(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
+                      image_formats=self.image_formats)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The model input conversion of a release (AlignedCLIP.pixels), as plain values for the CPU tasks."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class BadInput(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def decode_file(raw: bytes, limits: Limits) -> np.ndarray:
+    """uint8 [H, W, 3] by the serving endpoint's own rules (limits.decode_image_bytes), or BadInput."""
+    from po_cluster.serving.limits import decode_image_bytes
+
+    try:
+        return decode_image_bytes(raw, "image", limits)
+    except ApiError as error:
+        raise BadInput(error.code, error.message) from None
+
+
+def _read(source: str, settings: StoreSettings, max_bytes: int) -> bytes | BadInput:
+    try:
+        # Local files are measured before they are read: an oversized one costs no memory.
+        if not location.is_s3(source) and Path(source).stat().st_size > max_bytes:
+            return BadInput("image_too_large", f"the file is over the limit of {max_bytes} bytes")
+        return location.read_bytes(source, settings)
+    except (OSError, StoreError) as error:
+        return BadInput("unreadable", f"cannot read {source}: {getattr(error, 'strerror', None) or error}")
+
+
+def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: DecodeLimits,
+                 settings: StoreSettings) -> dict[str, np.ndarray]:
+    """Inputs → model input [N, 3, S, S] float32; a bad row gets zeros, a code and a reason."""
+    from po_cluster.model.loading import to_model_input
+
+    rules, size = limits.serving(), preprocess.image_size
+    uris = [str(u) for u in batch["source_uri"]]
+    with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
+        raws = list(pool.map(lambda uri: _read(uri, settings, rules.max_image_bytes), uris))
+    codes, reasons = [""] * len(uris), [""] * len(uris)
+    by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    for i, raw in enumerate(raws):
+        try:
+            if isinstance(raw, BadInput):
+                raise raw
+            image = decode_file(raw, rules)
+            by_shape.setdefault(image.shape, []).append((i, image))
+        except BadInput as bad:
+            codes[i], reasons[i] = bad.code, bad.reason
+    pixels = np.zeros((len(uris), 3, size, size), dtype=np.float32)
+    for group in by_shape.values():  # one conversion per shape, as the serving engine's image_features
+        rows = [i for i, _ in group]
+        pixels[rows] = to_model_input(np.stack([image for _, image in group]), size, preprocess.mean,
+                                      preprocess.std).numpy()
+    return {"id": batch["id"], "source_uri": batch["source_uri"], "shard": batch["shard"], "pixels": pixels,
+            "code": np.array(codes, dtype=object), "reason": np.array(reasons, dtype=object)}
