@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from po_cluster.config import SHIPPED_BASE, CompareConfig, ConfigError, RunConfig, json_schema, load_config
 
@@ -34,16 +33,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from po_cluster.cli.common import default_store
     from po_cluster.evaluate.targets import evaluate_target
 
-    target = args.target
-    if target != SHIPPED_BASE and not target.startswith("s3://") and not Path(target).exists():
-        # Not a folder: a release id (or "latest") in the artifact store, pulled and verified.
-        from po_cluster.cli.releases import default_store
-        from po_cluster.store.artifacts import open_store
-
-        target = str(open_store(default_store(args.store)).pull_release(target))
-    report = evaluate_target(target, t=args.t, ts=not args.json, plot=args.plot)
+    report = evaluate_target(args.target, t=args.t, ts=not args.json, plot=args.plot, store=default_store(args.store))
     if args.json:
         print(json.dumps(report["at_t"]))
     else:
@@ -52,9 +45,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from po_cluster.cli.progress import RunBars
     from po_cluster.pipelines.compare import compare_losses
 
-    print(compare_losses(load_config(args.config, CompareConfig), args.output_dir))
+    cfg = load_config(args.config, CompareConfig)
+    with RunBars() as bars:
+        result = compare_losses(cfg, args.output_dir, progress=bars)
+    print(result.table())
     return 0
 
 

@@ -11,7 +11,8 @@ from typing import Any
 _FLAGS: dict[str, tuple[type, str]] = {  # field: (type, help); each is --field-with-dashes
     "input": (str, "folder, .jsonl/.parquet manifest (id, path or uri), or s3:// prefix"),
     "output": (str, "folder or s3:// prefix; embeddings/ and errors/ are written under it"),
-    "store": (str, "release store: folder or s3://bucket/prefix (default $PO_CLUSTER_STORE, else ./artifacts)"),
+    "store": (str, "release store: folder or s3://bucket/prefix (default $PO_CLUSTER_STORE, else the "
+                   "config's store, else ./artifacts)"),
     "release": (str, "release id or latest (default latest)"),
     "t": (float, "σ_i ← σ_i^t (default 1)"),
     "shard_size": (int, "images per output file and decoding task; the unit a re-run skips (default 1000)"),
@@ -41,7 +42,7 @@ def config_from_args(args: argparse.Namespace) -> Any:  # -> EmbedConfig
 
     data: dict[str, Any] = load_yaml(args.config) if args.config else {}
     data.update({name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None})
-    data.setdefault("store", default_store())
+    data["store"] = default_store(args.store, data.get("store"))  # flag > $PO_CLUSTER_STORE > config
     if args.max_image_pixels is not None:
         data["limits"] = {**data.get("limits", {}), "max_image_pixels": args.max_image_pixels}
     for name in ("endpoint_url", "cache_dir"):
@@ -56,8 +57,8 @@ def print_shard(report: Any) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from po_cluster.cli.cluster import connect_ray
     from po_cluster.embed.job import run_embed
+    from po_cluster.pipelines.cluster import connect_ray
 
     cfg = config_from_args(args)  # before Ray starts: a bad flag costs nothing
     connect_ray(args.address)

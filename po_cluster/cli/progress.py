@@ -19,3 +19,28 @@ class StepBar:
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
+
+
+class RunBars:
+    """One StepBar per run, for a callback that trains several runs in turn (compare_losses's)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.bar: StepBar | None = None
+
+    def __enter__(self) -> "RunBars":
+        return self
+
+    def __call__(self, run, step: int, metrics: dict[str, float]) -> None:  # run: a RunConfig
+        if run.name != self.name:
+            self.close()
+            self.name, self.bar = run.name, StepBar(run.training.steps, run.name).__enter__()
+        self.bar.update(step, metrics)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.name, self.bar = None, None
+
+    def __exit__(self, *exc) -> None:
+        self.close()

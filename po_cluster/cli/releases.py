@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
-DEFAULT_STORE = "./artifacts"
-
-
-def default_store(uri: str | None = None) -> str:
-    """`uri`, else $PO_CLUSTER_STORE, else ./artifacts: the release store of every command.
-
-    Entry points read the environment; the library never does (boto3 reads the AWS chain itself)."""
-    return uri or os.environ.get("PO_CLUSTER_STORE") or DEFAULT_STORE
+from po_cluster.cli.common import DEFAULT_STORE, default_store  # noqa: F401 (cli.embed imports it from here)
 
 
 def _store(args: argparse.Namespace):  # -> ArtifactStore

@@ -11,7 +11,7 @@ import threading
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from po_cluster.cli.releases import default_store
+    from po_cluster.cli.common import default_store
     from po_cluster.serving.local import start_local
 
     app_args = {"store": default_store(args.store),

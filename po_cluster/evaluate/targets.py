@@ -1,5 +1,5 @@
-"""`po-cluster evaluate`: load a checkpoint (or the shipped base), evaluate it on
-the fixed sets at one t and over the trade-off range, plot, and format."""
+"""`po-cluster evaluate`: load a checkpoint, a release (by folder, s3:// URI or id in a store) or the
+shipped base, evaluate it on the fixed sets at one t and over the trade-off range, plot, and format."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,18 @@ from po_cluster.data import world
 from po_cluster.evaluate.metrics import DEFAULT_TS, METRIC_KEYS, Evaluator, format_table, plot_tradeoff
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import load_clip
+
+
+def resolve_target(target: str, store: str | None = None) -> str:
+    """A target as load_target takes it: the shipped base, a folder or an s3:// release pass as they
+    are; anything else is a release id (or "latest") in `store`, pulled, verified and cached."""
+    if target == SHIPPED_BASE or target.startswith("s3://") or Path(target).exists():
+        return target
+    if store is None:
+        raise FileNotFoundError(f"no checkpoint folder at {target} (and no store given to look it up as a release)")
+    from po_cluster.store.artifacts import open_store
+
+    return str(open_store(store).pull_release(target))
 
 
 def load_target(target: str) -> tuple[AlignedCLIP, AlignedCLIP | None, str]:
@@ -31,8 +43,11 @@ def load_target(target: str) -> tuple[AlignedCLIP, AlignedCLIP | None, str]:
     return model, reference, folder.name
 
 
-def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | None = None) -> dict:
-    model, reference, label = load_target(target)
+def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | None = None,
+                    store: str | None = None) -> dict:
+    """Metrics at `t` ("at_t"), and with `ts` the trade-off over t ("tradeoff"), its plot and a text
+    report ("text"). `target` is anything resolve_target takes; release ids are looked up in `store`."""
+    model, reference, label = load_target(resolve_target(target, store))
     evaluator = Evaluator.build(model, world.evaluation_sets(), reference)
     at_t = {key: evaluator.metrics(t)[key] for key in METRIC_KEYS}
     report: dict = {"at_t": at_t, "t": t}

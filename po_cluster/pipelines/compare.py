@@ -1,27 +1,45 @@
 """`po-cluster compare`: train each loss from the base model and compare them in one table."""
 from __future__ import annotations
 
-from po_cluster.config import CompareConfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from po_cluster.config import CompareConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import format_table
-from po_cluster.cli.progress import StepBar
 from po_cluster.train.loop import run_training
 
 COLUMNS = ("model", "clean", "attacked", "word_only", "attack_success", "kl", "seconds")
 
+# (the run being trained, its step, the metrics of that step): how a caller shows progress
+Progress = Callable[[RunConfig, int, dict[str, float]], None]
 
-def compare_losses(cfg: CompareConfig, output_dir: str | None = None) -> str:
+
+@dataclass(frozen=True)
+class CompareResult:
+    rows: tuple[dict, ...]  # "base" first, then one per loss, in COLUMNS
+    checkpoints: dict[str, Path]  # loss → its checkpoint folder
+
+    def table(self) -> str:
+        lines = [f"  {loss}: {folder}" for loss, folder in self.checkpoints.items()]
+        return "\n".join([format_table(list(self.rows), COLUMNS), "", "checkpoints:", *lines])
+
+
+def compare_losses(cfg: CompareConfig, output_dir: str | None = None,
+                   progress: Progress | None = None) -> CompareResult:
+    """One run per loss from the same base run, all evaluated on the fixed evaluation sets."""
     eval_sets = world.evaluation_sets()
-    rows, checkpoints = [], []
+    rows, checkpoints = [], {}
     for loss_type in cfg.losses:
         run = cfg.run_for(loss_type)
         if output_dir:
             run = run.model_copy(update={"output_dir": output_dir})
-        with StepBar(run.training.steps, run.name) as bar:
-            result = run_training(run, bar.update, eval_sets)
+        step_done = None if progress is None else (lambda step, metrics, run=run: progress(run, step, metrics))
+        result = run_training(run, step_done, eval_sets)
         if not rows:
             rows.append({"model": "base", **result.before, "seconds": 0.0})
         settings = ", ".join(f"{k}={v:g}" for k, v in (("beta", run.loss.beta), ("kl_weight", run.loss.kl_weight)))
         rows.append({"model": f"{loss_type} ({settings})", **result.after, "seconds": result.seconds})
-        checkpoints.append(f"  {loss_type}: {result.checkpoint}")
-    return "\n".join([format_table(rows, COLUMNS), "", "checkpoints:", *checkpoints])
+        checkpoints[loss_type] = Path(result.checkpoint)
+    return CompareResult(tuple(rows), checkpoints)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -22,6 +24,9 @@ from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import load_clip
 from po_cluster.train.worker import objective
+
+if TYPE_CHECKING:  # the driver imports Tune and Optuna, which averaging does not need
+    from po_cluster.sweep.driver import TrialRecord
 
 
 @dataclass
@@ -92,10 +97,37 @@ def _fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def ranked_trials(records: list[dict]) -> list[dict]:
+def ranked_trials(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Finished trials with a checkpoint, best validation objective first."""
-    usable = [r for r in records if r.get("checkpoint_path") and "objective" in r.get("metrics", {})]
-    return sorted(usable, key=lambda r: r["metrics"]["objective"], reverse=True)
+    usable = [r for r in records if r.checkpoint_path and r.objective is not None]
+    return sorted(usable, key=lambda r: r.objective, reverse=True)
+
+
+@dataclass(frozen=True)
+class AverageResult:
+    """The release candidate chosen among the best trial and the soups, and where it went."""
+
+    chosen: str  # "best_trial", "uniform_soup" or "greedy_soup"
+    release_folder: Path
+    top_k: int  # trials actually combined (fewer than asked when fewer finished)
+    trials: tuple[str, ...]  # their ids, best first
+    greedy_members: tuple[str, ...]
+    validation: dict[str, dict[str, float]]  # candidate → validation metrics and objective
+    test: dict[str, dict[str, float]]  # "base" and each candidate → fixed evaluation sets, t = 1
+    tradeoff: tuple[dict[str, float], ...] = field(default=())  # the chosen candidate over t
+    release_id: str | None = None  # set once published
+    store: str | None = None  # where it was published
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The chosen candidate on the fixed evaluation sets at t = 1."""
+        return self.test[self.chosen]
+
+    def to_json(self) -> dict:
+        """The content of average.json (what `report` reads)."""
+        return {"chosen": self.chosen, "top_k": self.top_k, "trials": list(self.trials),
+                "greedy_members": list(self.greedy_members), "validation": self.validation, "test": self.test,
+                "tradeoff": list(self.tradeoff), "release_folder": str(self.release_folder)}
 
 
 def _card(release: dict) -> str:
@@ -113,8 +145,9 @@ Reported below on the fixed evaluation sets (held out from every choice), at t =
 """
 
 
-def average_trials(records: list[dict], top_k: int, out_dir: str | Path, n_val: int = 500,
-                   tolerance: float = 0.02, penalty: float = 5.0, locate=Path) -> dict:
+def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Path, n_val: int = 500,
+                   tolerance: float = 0.02, penalty: float = 5.0,
+                   locate: Callable[[str], Path] = Path) -> AverageResult:
     """Soups of the top-k trials; writes `out_dir/release` (manifest last) and `out_dir/average.json`.
 
     `locate` turns a trial's checkpoint path into a local folder (a download, for S3).
@@ -122,7 +155,7 @@ def average_trials(records: list[dict], top_k: int, out_dir: str | Path, n_val: 
     top = ranked_trials(records)[:top_k]
     if not top:
         raise ValueError("no finished trial with a checkpoint to average")
-    candidates = [read_candidate(r["trial_id"], locate(r["checkpoint_path"])) for r in top]
+    candidates = [read_candidate(r.trial_id, locate(r.checkpoint_path)) for r in top]
     check_same_architecture(candidates)
     scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)
     states = {"best_trial": candidates[0].state, "uniform_soup": uniform_soup([c.state for c in candidates])}
@@ -139,8 +172,10 @@ def average_trials(records: list[dict], top_k: int, out_dir: str | Path, n_val: 
     release = {"chosen": chosen, "top_k": len(candidates), "trials": [c.name for c in candidates],
                "greedy_members": members, "validation": validation, "test": test, "tradeoff": tradeoff}
     folder = _write_release(Path(out_dir) / "release", scorer, states[chosen], candidates[0], release)
-    (Path(out_dir) / "average.json").write_text(json.dumps({**release, "release_folder": str(folder)}, indent=2))
-    return {**release, "release_folder": str(folder)}
+    result = AverageResult(chosen, folder, len(candidates), tuple(release["trials"]), tuple(members), validation,
+                           test, tuple(tradeoff))
+    (Path(out_dir) / "average.json").write_text(json.dumps(result.to_json(), indent=2))
+    return result
 
 
 def _write_release(folder: Path, scorer: Scorer, state: dict, source: Candidate, release: dict) -> Path:

@@ -6,6 +6,7 @@ resume after the driver dies.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -186,8 +187,62 @@ def build_tuner(cfg: SweepConfig, experiment: Experiment) -> tune.Tuner:
     )
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False) -> list[dict]:
-    """Run (or resume) the sweep; returns and writes one record per trial."""
+@dataclass(frozen=True)
+class TrialRecord:
+    """What `average` and `report` need of a trial; its JSON is one entry of sweep_results.json."""
+
+    trial_id: str | None
+    config: dict = field(default_factory=dict)  # the sampled parameters
+    metrics: dict = field(default_factory=dict)  # the last report: validation metrics, objective, step
+    checkpoint_path: str | None = None
+    error: str | None = None
+
+    @property
+    def objective(self) -> float | None:
+        return self.metrics.get(METRIC)
+
+    def to_json(self) -> dict:
+        return {"trial_id": self.trial_id, "config": self.config, "metrics": self.metrics,
+                "checkpoint_path": self.checkpoint_path, "error": self.error}
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> "TrialRecord":
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: a trial must be a JSON object, not {type(data).__name__}")
+        for key in ("config", "metrics"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ValueError(f"{where}: trial {data.get('trial_id')!r} has a non-object {key!r}")
+        return cls(data.get("trial_id"), data.get("config", {}), data.get("metrics", {}),
+                   data.get("checkpoint_path"), data.get("error"))
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    name: str
+    uri: str  # the experiment folder
+    trials: tuple[TrialRecord, ...]
+    ran: bool = True  # False: a finished sweep read back from its results file, not run again
+
+    @property
+    def with_checkpoint(self) -> int:
+        return sum(1 for trial in self.trials if trial.checkpoint_path)
+
+
+def read_sweep(cfg: SweepConfig) -> SweepResult:
+    """The sweep's results as written by run_sweep; FileNotFoundError before the sweep has finished."""
+    experiment = open_experiment(cfg)
+    if not experiment.exists(RESULTS_FILE):
+        raise FileNotFoundError(f"no {RESULTS_FILE} in {experiment.uri}: run (or resume) the sweep first")
+    where = f"{experiment.uri}/{RESULTS_FILE}"
+    trials = experiment.read_json(RESULTS_FILE).get("trials")
+    if not isinstance(trials, list):
+        raise ValueError(f"{where}: expected a list of trials under 'trials'")
+    return SweepResult(cfg.name, experiment.uri, tuple(TrialRecord.from_json(t, where) for t in trials), ran=False)
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
+    """Run (or resume) the sweep on the connected Ray cluster; writes one record per trial to
+    sweep_results.json in the experiment folder and returns them."""
     experiment = open_experiment(cfg)
     restorable = tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.filesystem)
     if resume:
@@ -205,13 +260,14 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> list[dict]:
     grid = tuner.fit()
     if not experiment.is_local:
         experiment.upload(_study_file(experiment), STUDY_FILE)
-    records = [trial_record(result) for result in grid]
-    experiment.write_json(RESULTS_FILE, {"sweep": cfg.model_dump(mode="json"), "trials": records})
-    return records
+    trials = tuple(trial_record(result) for result in grid)
+    experiment.write_json(RESULTS_FILE, {"sweep": cfg.model_dump(mode="json"),
+                                         "trials": [trial.to_json() for trial in trials]})
+    return SweepResult(cfg.name, experiment.uri, trials)
 
 
-def trial_record(result) -> dict:
-    """What `average` and `report` need of a trial, in plain JSON."""
+def trial_record(result) -> TrialRecord:
+    """A Tune result in plain JSON values."""
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
-    return {"trial_id": metrics.get("trial_id"), "config": result.config, "metrics": metrics,
-            "checkpoint_path": metrics.get("checkpoint_path"), "error": str(result.error) if result.error else None}
+    return TrialRecord(metrics.get("trial_id"), result.config, metrics, metrics.get("checkpoint_path"),
+                       str(result.error) if result.error else None)

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from po_cluster.model.checkpoint import load_checkpoint, verify_manifest
 from po_cluster.cli import main as cli_main
+from po_cluster.config import SweepConfig, load_config
+from po_cluster.model.checkpoint import load_checkpoint, verify_manifest
+from po_cluster.pipelines import run_average
 from po_cluster.store.artifacts import open_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -81,6 +83,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
     resumed = subprocess.run(sweep_command(config, ray_cluster, "--resume"), env=env, capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"sweep killed: {NUM_SAMPLES} trials ({NUM_SAMPLES} with a checkpoint) in {experiment}" in resumed.stdout
     records = json.loads((experiment / "sweep_results.json").read_text())["trials"]
     assert len(records) == NUM_SAMPLES
     assert all(r["checkpoint_path"] for r in records), records
@@ -93,19 +96,26 @@ def test_average_publishes_a_verified_release_and_report(sweep_config, capsys):
     config, experiment = sweep_config
     if not (experiment / "sweep_results.json").is_file():
         pytest.skip("needs the sweep of the previous test")
-    assert cli_main(["average", "--config", str(config)]) == 0
+    cfg = load_config(config, SweepConfig)
+    result = run_average(cfg, cfg.store)
     average = json.loads((experiment / "average.json").read_text())
+    assert average == result.to_json()  # the typed result is what average.json holds
     release = Path(average["release_folder"])
+    assert release == result.release_folder
     verify_manifest(release)
     model, description = load_checkpoint(release)
     assert description["architecture"] == "po-tiny-rn" and (release / "card.md").is_file()
     store = open_store(yaml.safe_load(config.read_text())["store"])
     assert [r.release_id for r in store.list_releases()] == [store.latest()]
+    assert result.release_id == store.latest() and result.store == cfg.store
     assert set(average["test"]) == {"base", "best_trial", "uniform_soup", "greedy_soup"}
+    assert result.metrics == average["test"][result.chosen] and result.trials[0] == result.greedy_members[0]
     # greedy soup starts from the best trial and only adds what does not lower validation
     assert average["validation"]["greedy_soup"]["objective"] >= average["validation"]["best_trial"]["objective"]
     assert cli_main(["report", "--config", str(config)]) == 0
     report = experiment / "report"
+    assert capsys.readouterr().out.splitlines()[:2] == [f"report: {report / 'report.md'}",
+                                                        f"        {report / 'report.html'}"]
     for name in ("report.md", "report.html", "beta_lambda.png", "tradeoff.png"):
         assert (report / name).is_file() and (report / name).stat().st_size > 0
     text = (report / "report.md").read_text()

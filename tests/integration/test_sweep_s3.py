@@ -24,8 +24,9 @@ def _latest_state(client, bucket: str, prefix: str) -> str | None:
 
 
 def test_sweep_on_s3_is_killed_resumes_from_the_bucket_and_publishes(ray_cluster, moto_s3, bucket, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, capsys):
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint_url)
+    monkeypatch.delenv("PO_CLUSTER_STORE", raising=False)  # the config's store is the one published to
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({
         "name": "s3sweep", "storage_path": f"s3://{bucket}/sweeps", "store": f"s3://{bucket}/store",
@@ -58,11 +59,16 @@ def test_sweep_on_s3_is_killed_resumes_from_the_bucket_and_publishes(ray_cluster
     assert len(created) >= 3, "the stored study holds the trials of both runs"
 
     monkeypatch.chdir(tmp_path)  # local scratch (release folder) goes under tmp_path
+    capsys.readouterr()
     assert cli_main(["average", "--config", str(config)]) == 0
     store = open_store(f"s3://{bucket}/store", StoreSettings(endpoint_url=moto_s3.endpoint_url))
     releases = store.list_releases()
     assert len(releases) == 1 and store.latest() == releases[0].release_id
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("release candidate: ") and printed[0].endswith("runs/sweeps/s3sweep/release")
+    assert printed[1] == f"published release {store.latest()} to s3://{bucket}/store"
     assert (store.pull_release("latest") / "card.md").is_file()
     assert cli_main(["report", "--config", str(config)]) == 0  # written locally, uploaded beside the sweep
+    assert capsys.readouterr().out.splitlines()[-1] == f"        s3://{bucket}/sweeps/s3sweep/report/"
     assert client.head_object(Bucket=bucket, Key=prefix + "report/report.html")
     assert client.head_object(Bucket=bucket, Key=prefix + "average.json")

@@ -1,0 +1,23 @@
+"""What several commands share: where the artifact store is.
+
+Every command that touches a store (evaluate, embed, serve, releases, average, pipeline) resolves it
+here, so that a pipeline publishes to the store that `serve` and `evaluate` then read:
+
+    the --store flag  >  $PO_CLUSTER_STORE (when non-empty)  >  the config's `store`  >  ./artifacts
+
+The environment outranks a config file on purpose: the variable says where this machine's (or this
+cluster's) releases live, for every command at once, while a config travels between machines.
+Entry points read the environment; the library never does (boto3 reads the AWS chain itself).
+"""
+from __future__ import annotations
+
+import os
+
+DEFAULT_STORE = "./artifacts"
+STORE_ENV = "PO_CLUSTER_STORE"
+
+
+def default_store(explicit: str | None = None, configured: str | None = None) -> str:
+    """`explicit` (a flag), else $PO_CLUSTER_STORE if non-empty, else `configured` (a config's
+    `store`), else ./artifacts."""
+    return explicit or os.environ.get(STORE_ENV) or configured or DEFAULT_STORE

@@ -1,0 +1,142 @@
+"""The pipelines' typed results, without Ray: what the stages read and write in an experiment folder,
+how run_pipeline chains them, and compare_losses's progress callback."""
+import json
+from pathlib import Path
+
+import pytest
+
+from po_cluster.config import CompareConfig, SweepConfig
+from po_cluster.pipelines import cluster
+from po_cluster.pipelines.demo import DemoAnswers
+from po_cluster.sweep.average import AverageResult, ranked_trials
+from po_cluster.sweep.driver import RESULTS_FILE, SweepResult, TrialRecord, read_sweep
+
+TRIALS = [
+    {"trial_id": "a", "config": {"loss_type": "dpo", "beta": 0.1, "kl_weight": 0.2},
+     "metrics": {"objective": 0.4, "val_clean": 0.9, "step": 40}, "checkpoint_path": "/ckpt/a", "error": None},
+    {"trial_id": "b", "config": {"loss_type": "ipo", "beta": 0.3, "kl_weight": 0.1},
+     "metrics": {"objective": 0.7, "val_clean": 0.8, "step": 40}, "checkpoint_path": "/ckpt/b", "error": None},
+    {"trial_id": "c", "config": {"loss_type": "kto", "beta": 0.2, "kl_weight": 0.3},
+     "metrics": {"step": 0}, "checkpoint_path": None, "error": "RuntimeError('boom')"},
+]
+
+
+def _metrics(clean: float) -> dict[str, float]:
+    return {"clean": clean, "attacked": 0.6, "word_only": 0.5, "attack_success": 0.3, "kl": 0.01}
+
+
+def average_result(**changes) -> AverageResult:
+    fields = dict(chosen="greedy_soup", release_folder=Path("/exp/release"), top_k=2, trials=("b", "a"),
+                  greedy_members=("b",), validation={"greedy_soup": {**_metrics(0.9), "objective": 0.7}},
+                  test={"base": _metrics(0.95), "greedy_soup": _metrics(0.9)},
+                  tradeoff=({"t": 0.0, **_metrics(0.95)}, {"t": 1.0, **_metrics(0.9)}))
+    return AverageResult(**{**fields, **changes})
+
+
+@pytest.fixture
+def sweep_cfg(tmp_path) -> SweepConfig:
+    """A finished sweep's experiment folder (results and average written), as the stages leave it."""
+    cfg = SweepConfig(name="unit", storage_path=str(tmp_path / "sweeps"), store=str(tmp_path / "store"))
+    folder = tmp_path / "sweeps" / "unit"
+    folder.mkdir(parents=True)
+    (folder / RESULTS_FILE).write_text(json.dumps({"sweep": cfg.model_dump(mode="json"), "trials": TRIALS}))
+    (folder / cluster.AVERAGE_FILE).write_text(json.dumps(average_result().to_json()))
+    return cfg
+
+
+def test_trial_records_round_trip_the_results_file_format():
+    records = [TrialRecord.from_json(t, "test") for t in TRIALS]
+    assert [r.to_json() for r in records] == TRIALS
+    assert records[1].objective == 0.7 and records[2].objective is None
+    assert [r.trial_id for r in ranked_trials(records)] == ["b", "a"]  # no checkpoint, no objective: left out
+
+
+def test_bad_trial_records_are_refused_naming_the_file():
+    with pytest.raises(ValueError, match="results.json: a trial must be a JSON object"):
+        TrialRecord.from_json(["a"], "results.json")
+    with pytest.raises(ValueError, match="results.json: trial 'a' has a non-object 'metrics'"):
+        TrialRecord.from_json({"trial_id": "a", "metrics": 0.5}, "results.json")
+
+
+def test_read_sweep_returns_the_finished_sweep(sweep_cfg):
+    result = read_sweep(sweep_cfg)
+    assert isinstance(result, SweepResult) and not result.ran  # read back, not run
+    assert result.name == "unit" and result.uri.endswith("/sweeps/unit")
+    assert [t.trial_id for t in result.trials] == ["a", "b", "c"] and result.with_checkpoint == 2
+
+
+def test_read_sweep_before_the_sweep_says_so(tmp_path):
+    cfg = SweepConfig(name="none", storage_path=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"no {RESULTS_FILE} in .*none: run \\(or resume\\) the sweep"):
+        read_sweep(cfg)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / RESULTS_FILE).write_text(json.dumps({"trials": {"a": 1}}))
+    with pytest.raises(ValueError, match="expected a list of trials"):
+        read_sweep(cfg)
+
+
+def test_average_result_is_written_as_average_json_was():
+    result = average_result()
+    assert result.metrics == _metrics(0.9)  # the chosen candidate on the evaluation sets
+    assert result.release_id is None and result.store is None  # not published
+    assert list(result.to_json()) == ["chosen", "top_k", "trials", "greedy_members", "validation", "test",
+                                      "tradeoff", "release_folder"]
+    assert result.to_json()["release_folder"] == "/exp/release" and result.to_json()["trials"] == ["b", "a"]
+    with pytest.raises(AttributeError):
+        result.chosen = "best_trial"  # frozen
+
+
+def test_run_report_writes_the_report_of_a_local_experiment(sweep_cfg, tmp_path):
+    report = cluster.run_report(sweep_cfg)
+    assert isinstance(report, cluster.ReportResult) and report.uri is None  # local: nothing uploaded
+    assert report.markdown == tmp_path / "sweeps" / "unit" / "report" / "report.md"
+    assert report.html.is_file() and (report.markdown.parent / "tradeoff.png").stat().st_size > 0
+    text = report.markdown.read_text()
+    assert "3 trials." in text and "Release: **greedy_soup**" in text
+
+
+def _fake_stages(monkeypatch, calls: list) -> None:
+    sweep = SweepResult("unit", "/exp", (), ran=False)
+    monkeypatch.setattr(cluster, "sweep_or_resume", lambda cfg, rerun: calls.append(("sweep", rerun)) or sweep)
+    monkeypatch.setattr(cluster, "run_average", lambda cfg, store: calls.append(("average", store)) or
+                        average_result(release_id="r-1", store=store))
+    monkeypatch.setattr(cluster, "run_report", lambda cfg: calls.append(("report",)) or
+                        cluster.ReportResult(Path("r.md"), Path("r.html")))
+    answers = DemoAnswers("r-1", "http://127.0.0.1:1", "s", "square", "circle", (("circle", 0.9),), {}, {})
+    monkeypatch.setattr("po_cluster.pipelines.demo.ask_release",
+                        lambda store, release_id: calls.append(("ask", store, release_id)) or answers)
+
+
+def test_run_pipeline_chains_the_stages_and_reports_each(monkeypatch, sweep_cfg):
+    calls, seen = [], []
+    _fake_stages(monkeypatch, calls)
+    result = cluster.run_pipeline(sweep_cfg, "/the/store", rerun=True, on_stage=seen.append)
+    assert calls == [("sweep", True), ("average", "/the/store"), ("report",)]  # nothing served unless asked
+    assert isinstance(result, cluster.PipelineResult) and result.served is None
+    assert seen == [result.sweep, result.average, result.report]
+    assert result.average.release_id == "r-1" and result.average.store == "/the/store"
+
+    calls.clear()
+    served = cluster.run_pipeline(sweep_cfg, "/the/store", ask_served=True)
+    assert calls[-1] == ("ask", "/the/store", "r-1")  # the release just published, from that store
+    assert served.served.release_id == "r-1"
+
+
+def test_compare_losses_reports_progress_per_run_and_returns_rows(monkeypatch, tmp_path):
+    from po_cluster.pipelines import compare
+    from po_cluster.train.loop import RunResult
+
+    def fake_training(run, progress, eval_sets):
+        for step in (1, 2):
+            progress(step, {"loss": 1.0 / step})
+        return RunResult(Path(run.output_dir) / run.name, {"clean": 0.5}, {"clean": 0.8}, {}, 1.5)
+
+    monkeypatch.setattr(compare, "run_training", fake_training)
+    monkeypatch.setattr(compare.world, "evaluation_sets", lambda: {})
+    steps = []
+    cfg = CompareConfig(base={"name": "cmp"}, losses={"dpo": {"beta": 0.2}, "ipo": {}})
+    result = compare.compare_losses(cfg, str(tmp_path), progress=lambda run, step, m: steps.append((run.name, step)))
+    assert steps == [("cmp-dpo", 1), ("cmp-dpo", 2), ("cmp-ipo", 1), ("cmp-ipo", 2)]
+    assert [row["model"] for row in result.rows][:2] == ["base", "dpo (beta=0.2, kl_weight=0.3)"]
+    assert result.checkpoints == {"dpo": tmp_path / "cmp-dpo", "ipo": tmp_path / "cmp-ipo"}
+    assert "checkpoints:" in result.table() and f"  ipo: {tmp_path / 'cmp-ipo'}" in result.table()
