@@ -1,6 +1,6 @@
 """The gateway's view of the release store: which releases exist, and what each one is.
 
-A release id names one content forever (storage.py), so what we learn about an
+A release id names one content forever (po_cluster.store.artifacts), so what we learn about an
 id is cached for good; only the `latest` pointer and the list of releases can
 change, and they are re-read after `ttl_s`. Calls block (S3): run them off the
 event loop.
