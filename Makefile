@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-output
 
-.PHONY: demo compare test unit install clean browser-deps
+.PHONY: demo compare test unit lint install clean browser-deps
 
 install: $(STAMP)
 
@@ -23,7 +23,7 @@ demo: $(STAMP)
 compare: $(STAMP)
 	$(VENV)/bin/po-cluster compare --config configs/compare.yaml --output-dir $(DEMO_DIR)
 
-test: $(STAMP) browser-deps
+test: $(STAMP) lint browser-deps
 	$(PY) -m pytest -q
 
 # The serving playground's browser test (tests/integration/test_serving.py) drives Debian's chromium
@@ -44,6 +44,11 @@ browser-deps:
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit -m "not slow"
+
+# Lint (ruff, the whole repository) and type-check (mypy, the po_cluster package); settings in
+# pyproject.toml. Any finding fails, so `make test` stops before pytest.
+lint: $(STAMP)
+	@status=0; $(VENV)/bin/ruff check . || status=1; $(VENV)/bin/mypy || status=1; exit $$status
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) runs artifacts .pytest_cache

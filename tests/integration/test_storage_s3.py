@@ -13,7 +13,6 @@ import pytest
 from po_cluster import cli
 from po_cluster.store.artifacts import S3Store, StoreError, StoreSettings, fetch_file, open_store, pyarrow_fs
 
-pytestmark = pytest.mark.integration
 WEIGHTS = "model.safetensors"
 
 

@@ -13,7 +13,7 @@ from po_cluster.cli import main as cli_main
 from po_cluster.store.artifacts import StoreSettings, open_store
 from test_sweep import STEPS, sweep_command, terminated_trials
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def _latest_state(client, bucket: str, prefix: str) -> str | None:

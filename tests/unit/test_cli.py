@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-
 from po_cluster.cli import main
 
 PO = [sys.executable, "-m", "po_cluster.cli"]

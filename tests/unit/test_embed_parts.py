@@ -12,9 +12,23 @@ import pytest
 from PIL import Image
 
 from po_cluster.config import ConfigError, parse_config
-from po_cluster.embed.job import (EMBEDDINGS, ERRORS, BadInput, DecodeLimits, EmbedConfig, EmbedError, OutputDir,
-                              Preprocess, decode_batch, decode_file, foreign_shards, list_inputs, plan_shards,
-                              shard_tables, t_tag)
+from po_cluster.embed.job import (
+    EMBEDDINGS,
+    ERRORS,
+    BadInput,
+    DecodeLimits,
+    EmbedConfig,
+    EmbedError,
+    OutputDir,
+    Preprocess,
+    decode_batch,
+    decode_file,
+    foreign_shards,
+    list_inputs,
+    plan_shards,
+    shard_tables,
+    t_tag,
+)
 
 
 def _png(image: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from po_cluster import cli
-from po_cluster.store.artifacts import (LATEST, LocalStore, StoreError, fetch_file, new_release_id, open_store,
-                                pull_release_uri)
+from po_cluster.store.artifacts import (
+    LATEST,
+    LocalStore,
+    StoreError,
+    fetch_file,
+    new_release_id,
+    open_store,
+    pull_release_uri,
+)
 
 WEIGHTS = "model.safetensors"
 CARD = "# test release\n\nA tiny random po-tiny-rn, for storage tests.\n"
