@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= demo-output
 
-.PHONY: demo compare test unit install clean browser-deps
+.PHONY: demo compare test unit lint install clean browser-deps
 
 install: $(STAMP)
 
@@ -28,10 +28,10 @@ compare: $(STAMP)
 BROWSER ?= 1
 BROWSER_TEST := tests/integration/test_serving.py::test_playground_upload_slider_scores_change
 ifeq ($(BROWSER),0)
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q --deselect $(BROWSER_TEST)
 else
-test: $(STAMP) browser-deps
+test: $(STAMP) lint browser-deps
 	$(PY) -m pytest -q
 endif
 
@@ -53,6 +53,11 @@ browser-deps:
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit -m "not slow"
+
+# Lint (ruff, the whole repository) and type-check (mypy, the po_cluster package); settings in
+# pyproject.toml. Any finding fails, so `make test` stops before pytest.
+lint: $(STAMP)
+	@status=0; $(VENV)/bin/ruff check . || status=1; $(VENV)/bin/mypy || status=1; exit $$status
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) runs artifacts .pytest_cache

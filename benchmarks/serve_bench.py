@@ -179,7 +179,7 @@ def measure_batched(url: str, images: np.ndarray,
     t1, t05 = merged(rounds[0]), merged(rounds[1])
     n = len(t1.latencies) + len(t05.latencies)
     cpu = {name: 1000 * (used - cpu_before[name]) / max(n, 1) for name, used in replica_cpu(url).items()}
-    relative = statistics.median(h.throughput / o.throughput for o, h in zip(*rounds) if o.throughput)
+    relative = statistics.median(h.throughput / o.throughput for o, h in zip(*rounds, strict=True) if o.throughput)
     return t1, t05, relative, cpu
 
 

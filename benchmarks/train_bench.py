@@ -100,13 +100,17 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     ratio, per_step = po_vs_floor(args.steps)
-    print(f"PO step throughput / floor (image tower fwd+bwd alone): {ratio:.2f}  (target ≥ 0.8; PO step {per_step*1e3:.0f} ms)")
+    print(f"PO step throughput / floor (image tower fwd+bwd alone): {ratio:.2f}  "
+          f"(target ≥ 0.8; PO step {per_step*1e3:.0f} ms)")
     ratio, plain, ray_sps = trainer_vs_plain(args.steps)
-    print(f"1-worker TorchTrainer / plain process steps/s: {ratio:.2f}  (target ≥ 0.9; {ray_sps:.2f} vs {plain:.2f} steps/s)")
+    print(f"1-worker TorchTrainer / plain process steps/s: {ratio:.2f}  "
+          f"(target ≥ 0.9; {ray_sps:.2f} vs {plain:.2f} steps/s)")
     t = spectral_vs_full(args.steps)
-    print(f"spectral-only / full fine-tuning, {args.steps} steps each: whole trial {t['frozen']['trial'] / t['full']['trial']:.3f} "
-          f"({t['frozen']['trial']:.1f} s vs {t['full']['trial']:.1f} s), training steps alone "
-          f"{t['frozen']['steps'] / t['full']['steps']:.3f} ({t['frozen']['steps']:.2f} s vs {t['full']['steps']:.1f} s)")
+    frozen, full = t["frozen"], t["full"]
+    print(f"spectral-only / full fine-tuning, {args.steps} steps each: "
+          f"whole trial {frozen['trial'] / full['trial']:.3f} ({frozen['trial']:.1f} s vs {full['trial']:.1f} s), "
+          f"training steps alone {frozen['steps'] / full['steps']:.3f} "
+          f"({frozen['steps']:.2f} s vs {full['steps']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# A test's markers say what it needs, and follow from the fixtures it uses (directly or through
+# another fixture), so they cannot drift: `-m "not integration"` runs without Ray, `-m "not s3"`
+# without moto. `slow` (minutes) stays by hand.
+NEEDS = {"ray_cluster": "integration", "moto_s3": "s3"}
+UNIT = ROOT / "tests" / "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        needs = sorted(NEEDS[name] for name in NEEDS if name in getattr(item, "fixturenames", ()))
+        if needs and item.path.is_relative_to(UNIT):
+            # `make unit` must stay fast and start no cluster or server
+            raise pytest.UsageError(f"{item.nodeid} needs {' and '.join(needs)}: move it to tests/integration")
+        for marker in needs:
+            item.add_marker(marker)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -59,10 +74,10 @@ def release_template(tmp_path_factory) -> Path:
     """A real checkpoint folder (tiny random model) plus a card, with its manifest rewritten."""
     import torch
 
-    from po_cluster.model.checkpoint import model_description, save_checkpoint, write_manifest
     from po_cluster.config import ModelConfig
     from po_cluster.data import world
     from po_cluster.model.aligned import AlignedCLIP
+    from po_cluster.model.checkpoint import model_description, save_checkpoint, write_manifest
     from po_cluster.model.loading import load_clip
 
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -31,10 +32,9 @@ def request(url: str, method: str, path: str, body: bytes | dict | None = None, 
         elif data is not None and "content-length" not in {k.lower() for k in sent}:
             conn.putheader("content-length", str(len(data)))
         conn.endheaders()
-        try:
+        # the server may answer before reading everything (413): the answer is what counts
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             _send(conn, data or b"", chunked)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server answered before reading everything (413): the answer is what counts
         response = conn.getresponse()
         raw = response.read()
         return response.status, json.loads(raw) if raw else {}

@@ -23,7 +23,6 @@ import torch
 from po_cluster.data import world
 from serving_helpers import bomb_png, encode
 
-pytestmark = pytest.mark.integration
 RELEASE, T, SHARD_SIZE = "r-embed", 0.75, 25
 N_GOOD_PNG = 480
 # file name → the code its error must carry
@@ -122,9 +121,9 @@ def test_every_good_image_has_a_row_and_every_bad_one_an_error(corpus, reference
     vectors = np.array(rows.column("embedding").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     errors = _read(reference["output"], "errors")
-    assert dict(zip(errors.column("id").to_pylist(), errors.column("code").to_pylist())) == BAD_FILES
+    assert dict(zip(errors.column("id").to_pylist(), errors.column("code").to_pylist(), strict=True)) == BAD_FILES
     assert all(errors.column("reason").to_pylist())
-    reasons = dict(zip(errors.column("id").to_pylist(), errors.column("reason").to_pylist()))
+    reasons = dict(zip(errors.column("id").to_pylist(), errors.column("reason").to_pylist(), strict=True))
     assert "GIF" in reasons["bad/anim-a.gif"] and "TIFF" in reasons["bad/scan-a.tiff"]
     assert "16777216 pixels" in reasons["bad/bomb-a.png"] and "5000×4000" in reasons["bad/bomb-b.png"]
     assert summary.images_per_s > 0 and "images/s" in summary.line()
@@ -141,7 +140,7 @@ def test_embeddings_equal_the_serving_engine_and_the_in_process_model(corpus, re
     engine = ReleaseModel.load(RELEASE, folder)
     model, _ = load_checkpoint(folder)
     rows = _read(reference["output"], "embeddings")
-    by_id = dict(zip(rows.column("id").to_pylist(), rows.column("embedding").to_pylist()))
+    by_id = dict(zip(rows.column("id").to_pylist(), rows.column("embedding").to_pylist(), strict=True))
     names = [n for n in corpus["good"] if n.startswith("photos/")] + corpus["good"][::61]
     for name in names:
         raw = (corpus["images"] / name).read_bytes()
@@ -244,7 +243,7 @@ def test_cli_on_a_manifest_with_ids(corpus, reference, capsys):
     rows = _read(output, "embeddings")
     assert rows.column("id").to_pylist() == [f"item-{i}" for i in range(6)]
     expected = _read(reference["output"], "embeddings")
-    want = dict(zip(expected.column("id").to_pylist(), expected.column("embedding").to_pylist()))
+    want = dict(zip(expected.column("id").to_pylist(), expected.column("embedding").to_pylist(), strict=True))
     np.testing.assert_allclose(np.array(rows.column("embedding").to_pylist()),
                                np.array([want[name] for name in chosen[:6]]), atol=1e-6)
     assert _read(output, "errors").column("id").to_pylist() == ["item-6"]
@@ -271,7 +270,7 @@ def test_s3_prefix_in_and_out(corpus, reference, moto_s3, bucket):
     assert rows.column("id").to_pylist() == sorted(corpus["good"][:10])
     assert rows.column("source_uri").to_pylist()[0] == f"s3://{bucket}/in/{sorted(corpus['good'][:10])[0]}"
     expected = _read(reference["output"], "embeddings")
-    want = dict(zip(expected.column("id").to_pylist(), expected.column("embedding").to_pylist()))
+    want = dict(zip(expected.column("id").to_pylist(), expected.column("embedding").to_pylist(), strict=True))
     np.testing.assert_allclose(np.array(rows.column("embedding").to_pylist()),
                                np.array([want[name] for name in rows.column("id").to_pylist()]), atol=1e-6)
     errors = _read(path, "errors", filesystem)

@@ -19,7 +19,7 @@ import torch
 from po_cluster.data import world
 from serving_helpers import b64, bomb_png, encode, listener_process, listening_ports, request
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.integration  # `served` starts (or joins) Ray itself, not through ray_cluster
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-7f3a9c"
 LABELS = list(world.SHAPES)
@@ -278,7 +278,7 @@ def test_concurrent_requests_each_get_their_own_answer(served, images, release):
     for _ in range(2):
         with ThreadPoolExecutor(len(cases)) as pool:
             together = list(pool.map(lambda case: served.post(*case), cases))
-        for (path, body), (status, answer), (_, want) in zip(cases, together, alone):
+        for (path, body), (status, answer), (_, want) in zip(cases, together, alone, strict=True):
             assert status == 200, answer
             assert answer["model"] == body["model"]
             if path == "/v1/classify":
@@ -300,7 +300,7 @@ def test_a_broken_release_fails_only_its_own_requests(served, images):
               for i in range(12)]
     with ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(lambda body: served.post("/v1/classify", body), bodies))
-    for body, (status, answer) in zip(bodies, answers):
+    for body, (status, answer) in zip(bodies, answers, strict=True):
         if body["model"] == "r-broken":
             assert status == 503, answer
             assert (answer["error"]["param"], answer["error"]["code"]) == ("model", "release_unavailable")

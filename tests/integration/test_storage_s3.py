@@ -14,7 +14,6 @@ from po_cluster import cli
 from po_cluster.store.artifacts import S3Store, fetch_file, open_store
 from po_cluster.store.location import StoreError, StoreSettings, pyarrow_fs
 
-pytestmark = pytest.mark.integration
 WEIGHTS = "model.safetensors"
 
 

@@ -16,7 +16,7 @@ from po_cluster.model.checkpoint import load_checkpoint, verify_manifest
 from po_cluster.pipelines import run_average
 from po_cluster.store.artifacts import open_store
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 NUM_SAMPLES = 4
 STEPS = 40
@@ -92,10 +92,22 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
     assert len({r["trial_id"] for r in records}) == NUM_SAMPLES
 
 
-def test_average_publishes_a_verified_release_and_report(sweep_config, capsys):
-    config, experiment = sweep_config
-    if not (experiment / "sweep_results.json").is_file():
-        pytest.skip("needs the sweep of the previous test")
+@pytest.fixture(scope="module")
+def finished_sweep(ray_cluster, sweep_config, tmp_path_factory):
+    """The same sweep under its own name and folders, run to the end: averaging depends on no other test."""
+    root = tmp_path_factory.mktemp("averaged")
+    cfg = yaml.safe_load(sweep_config[0].read_text()) | {
+        "name": "averaged", "storage_path": str(root / "sweeps"), "store": str(root / "store")}
+    config = root / "sweep.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run(sweep_command(config, ray_cluster), env={**os.environ, "RAY_AUTH_MODE": "token"},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, root / "sweeps" / "averaged"
+
+
+def test_average_publishes_a_verified_release_and_report(finished_sweep, capsys):
+    config, experiment = finished_sweep
     cfg = load_config(config, SweepConfig)
     result = run_average(cfg, cfg.store)
     average = json.loads((experiment / "average.json").read_text())

@@ -14,7 +14,7 @@ from po_cluster.store.artifacts import open_store
 from po_cluster.store.location import StoreSettings
 from test_sweep import STEPS, sweep_command, terminated_trials
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def _latest_state(client, bucket: str, prefix: str) -> str | None:

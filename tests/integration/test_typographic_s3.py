@@ -7,13 +7,10 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from typo_helpers import labelled_folder, tree_bytes  # noqa: E402
-
-from po_cluster.evaluate.attack_sets import read_attack_set  # noqa: E402
 from po_cluster.data.pairs import DataError, load_preference_data  # noqa: E402
 from po_cluster.data.typographic import TypographicConfig, build_typographic  # noqa: E402
-
-pytestmark = pytest.mark.integration
+from po_cluster.evaluate.attack_sets import read_attack_set  # noqa: E402
+from typo_helpers import labelled_folder, tree_bytes  # noqa: E402
 
 
 @pytest.fixture()

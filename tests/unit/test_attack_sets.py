@@ -9,10 +9,10 @@ from PIL import Image
 from torch import nn
 
 from po_cluster import cli
-from po_cluster.evaluate.attack_sets import evaluate_attack_set, parse_attack_name, read_attack_set, score
 from po_cluster.data import world
 from po_cluster.data.pairs import DataError
 from po_cluster.data.records import ImageSet
+from po_cluster.evaluate.attack_sets import evaluate_attack_set, parse_attack_name, read_attack_set, score
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.spectral import SpectralLayer
@@ -86,7 +86,7 @@ def test_score_on_crafted_logprobs():
 def test_agrees_with_the_evaluator_on_the_shipped_base(tmp_path, base_model, capsys):
     attacked = world.image_set("attacked", 48, seed=5)
     names = world.SHAPES
-    for i, (image, label, text) in enumerate(zip(attacked.images, attacked.labels, attacked.written)):
+    for i, (image, label, text) in enumerate(zip(attacked.images, attacked.labels, attacked.written, strict=True)):
         Image.fromarray(image).save(tmp_path / f"label={names[label]}_text={names[text]}_{i}.png")
     attack_set = read_attack_set(str(tmp_path), base_model.image_size)
     assert set(attack_set.images.classnames) == set(names)  # every shape occurs, so candidates match

@@ -4,11 +4,17 @@ import pickle
 import pytest
 import torch
 
-from po_cluster.model.checkpoint import (MANIFEST, WEIGHTS, CheckpointError, load_checkpoint, model_description,
-                                   save_checkpoint)
 from po_cluster.config import ModelConfig
 from po_cluster.data import world
 from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.checkpoint import (
+    MANIFEST,
+    WEIGHTS,
+    CheckpointError,
+    load_checkpoint,
+    model_description,
+    save_checkpoint,
+)
 from po_cluster.model.loading import load_clip
 
 

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from po_cluster import cli
-from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.config import ModelConfig
 from po_cluster.data import world
-from po_cluster.model.export import export_open_clip
 from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.checkpoint import model_description, save_checkpoint
+from po_cluster.model.export import export_open_clip
 from po_cluster.model.loading import CONFIG_DIR, load_clip
 
 PROMPTS = ["a photo of a circle.", "a photo of a star.", "a hexagon on a noisy background."]

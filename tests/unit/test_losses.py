@@ -7,6 +7,7 @@ by calling the function under test.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,7 +260,7 @@ def test_losses_module_imports_nothing_from_the_model() -> None:
 
     import po_cluster.losses as mod
 
-    tree = ast.parse(open(mod.__file__, encoding="utf-8").read())
+    tree = ast.parse(Path(mod.__file__).read_text(encoding="utf-8"))
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

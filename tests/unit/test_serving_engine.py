@@ -52,7 +52,7 @@ def test_projection_per_knob_equals_the_model(model, images):
     release = engine(model)
     knobs = [KNOBS[i % len(KNOBS)] for i in range(len(images))]
     rows = release.project(release.image_features(list(images)), knobs).numpy()
-    for image, knob, row in zip(images, knobs, rows):
+    for image, knob, row in zip(images, knobs, rows, strict=True):
         np.testing.assert_allclose(row, expected_image(model, image, knob), atol=1e-5)
 
 
@@ -83,7 +83,8 @@ def test_tower_passes_are_bounded_and_give_the_same_rows(model, images):
     sliced = engine(model, max_forward=2)  # 7 images → passes of 2, 2, 2, 1
     knobs = [Knob(1.0)] * len(images)
     prompts = [PROMPTS] * len(images)
-    for a, b in zip(whole.classify_many(list(images), prompts, knobs), sliced.classify_many(list(images), prompts, knobs)):
+    whole_answers = whole.classify_many(list(images), prompts, knobs)
+    for a, b in zip(whole_answers, sliced.classify_many(list(images), prompts, knobs), strict=True):
         np.testing.assert_allclose(a[0], b[0], atol=1e-4)
         np.testing.assert_allclose(a[1], b[1], atol=1e-6)
     features, counts = sliced.text_features(PROMPTS + ["a photo of a ring."])
@@ -98,11 +99,11 @@ def test_embed_many_answers_each_request_as_alone(model, images):
                 ([images[3]], [PROMPTS[3], PROMPTS[0]], Knob(2.0, ((1, 3.0),)))]
     results = release.embed_many(requests)
     assert len(results) == len(requests)
-    for (request_images, texts, knob), (image_rows, text_rows, tokens) in zip(requests, results):
+    for (request_images, texts, knob), (image_rows, text_rows, tokens) in zip(requests, results, strict=True):
         assert len(image_rows) == len(request_images) and len(text_rows) == len(texts)
-        for image, row in zip(request_images, image_rows):
+        for image, row in zip(request_images, image_rows, strict=True):
             np.testing.assert_allclose(row, expected_image(model, image, knob), atol=1e-5)
-        for text, row in zip(texts, text_rows):
+        for text, row in zip(texts, text_rows, strict=True):
             np.testing.assert_allclose(row, expected_text(model, text, knob), atol=1e-5)
         assert tokens == sum(int((model.tokens([text]) != 0).sum()) for text in texts)
 
@@ -111,7 +112,7 @@ def test_classify_many_mixed_knobs_equal_one_at_a_time(model, images):
     release = engine(model)
     knobs = KNOBS[:4]
     batch = release.classify_many(list(images[:4]), [PROMPTS] * 4, knobs)
-    for image, knob, (logits, probabilities) in zip(images, knobs, batch):
+    for image, knob, (logits, probabilities) in zip(images, knobs, batch, strict=True):
         alone = release.classify_many([image], [PROMPTS], [knob])[0]
         np.testing.assert_allclose(logits, alone[0], atol=1e-4)
         np.testing.assert_allclose(probabilities, alone[1], atol=1e-5)

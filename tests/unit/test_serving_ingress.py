@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def test_reap_stops_only_the_haproxy_of_that_node():
     ours, theirs = _lookalike(NODE), _lookalike(OTHER)
     try:
         deadline = time.monotonic() + 10
-        while not all(open(f"/proc/{p.pid}/cmdline", "rb").read().split(b"\0")[0].endswith(b"haproxy")
+        while not all(Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"haproxy")
                       for p in (ours, theirs)):  # until bash has exec'd the lookalikes
             assert time.monotonic() < deadline
             time.sleep(0.05)

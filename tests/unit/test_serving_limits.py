@@ -18,8 +18,15 @@ from pydantic import ValidationError
 
 from po_cluster.serving.args import ServeArgs
 from po_cluster.serving.auth import ApiKeys, AuthArgs
-from po_cluster.serving.limits import (ApiError, Limits, RequestGuard, check_overrides, check_t, decode_image,
-                                       fill_template)
+from po_cluster.serving.limits import (
+    ApiError,
+    Limits,
+    RequestGuard,
+    check_overrides,
+    check_t,
+    decode_image,
+    fill_template,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = Limits(max_image_pixels=10_000, max_image_bytes=50_000)

@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typo_helpers import CLASSES, labelled_folder, tree_bytes
 
 from po_cluster import cli
 from po_cluster.config import ConfigError, parse_config
 from po_cluster.data.pairs import DataError, load_preference_data
 from po_cluster.data.typographic import TypographicConfig, build_typographic
+from typo_helpers import CLASSES, labelled_folder, tree_bytes
 
 
 def _cfg(source, out, **extra) -> TypographicConfig:

@@ -15,7 +15,7 @@ def labelled_folder(root: Path, per_class: int = 2, classes: tuple[str, ...] = C
                     sizes: tuple[tuple[int, int], ...] = ((64, 64), (80, 56))) -> Path:
     """root/<class>/<i>.png: clean shapes of varying sizes (not square, to exercise the crop)."""
     rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
+    for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             shape = world.SHAPES.index(name)

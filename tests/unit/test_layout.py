@@ -1,0 +1,249 @@
+"""The package's shape, read from its source with `ast` (nothing is imported):
+no import cycle, no module over 400 lines, no function over 60 lines.
+
+Imports inside functions count (a lazy import still ties the two modules together);
+imports under `if TYPE_CHECKING:` do not, as they never run.
+"""
+from __future__ import annotations
+
+import ast
+import itertools
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "po_cluster"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# Functions allowed over MAX_FUNCTION_LINES, as "module:qualified.name". None today: keep it that way.
+LONG_FUNCTIONS: frozenset[str] = frozenset()
+
+
+def module_name(path: Path, root: Path) -> str:
+    """`root/a/b.py` -> `<root name>.a.b`; a package's `__init__.py` is the package itself."""
+    parts = [root.name, *path.relative_to(root).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules_of(root: Path) -> dict[str, Path]:
+    return {module_name(path, root): path for path in sorted(root.rglob("*.py"))}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except the bodies of `if TYPE_CHECKING:` (their `else:` runs, so it is kept)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _from_base(node: ast.ImportFrom, importer: str, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    # `from . import x` in a.b.c (module) is relative to a.b; in package a.b (its __init__), to a.b.
+    anchor = importer.split(".") if is_package else importer.split(".")[:-1]
+    anchor = anchor[: len(anchor) - (node.level - 1)]
+    return ".".join([*anchor, node.module] if node.module else anchor)
+
+
+def imports_of(path: Path, importer: str, known: set[str]) -> dict[str, int]:
+    """The package modules that `importer` (the module at `path`) imports at run time -> first line."""
+    found: dict[str, int] = {}
+    is_package = path.name == "__init__.py"
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _from_base(node, importer, is_package)
+            # `from pkg import sub` imports the submodule pkg.sub; `from mod import name`, the module.
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        for target in targets:
+            if target in known and target != importer:
+                found[target] = min(found.get(target, node.lineno), node.lineno)
+    return found
+
+
+def import_graph(root: Path) -> dict[str, dict[str, int]]:
+    """module -> {imported module -> line of its first import}, for the package at `root`."""
+    modules = modules_of(root)
+    known = set(modules)
+    return {name: imports_of(path, name, known) for name, path in modules.items()}
+
+
+def tangles(graph: dict[str, dict[str, int]]) -> list[set[str]]:
+    """The strongly connected components that hold a cycle (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, {}):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:  # node is the root of a component: pop it
+            component = {stack.pop()}
+            while node not in component:
+                component.add(stack.pop())
+            if len(component) > 1 or node in graph.get(node, {}):
+                components.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One cycle per tangle, as [a, b, ..., a]."""
+    return [_cycle_in(graph, component) for component in tangles(graph)]
+
+
+def _cycle_in(graph: dict[str, dict[str, int]], component: set[str]) -> list[str]:
+    """A shortest cycle through the component's first module (breadth-first within the component)."""
+    start = min(component)
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [start, *reversed(path[:-1]), start]
+                if nxt in component and nxt not in parents:
+                    parents[nxt] = node
+                    following.append(nxt)
+        frontier = following
+    raise AssertionError(f"no cycle through {start} in {sorted(component)}")  # a bug in find_cycles
+
+
+def describe_cycle(graph: dict[str, dict[str, int]], cycle: list[str]) -> str:
+    edges = "".join(f"\n  {a} line {graph[a][b]} imports {b}" for a, b in itertools.pairwise(cycle))
+    return " -> ".join(cycle) + ":" + edges
+
+
+def cycle_report(graph: dict[str, dict[str, int]]) -> str:
+    """Each tangle as one of its cycles, import by import, plus the modules it also takes in."""
+    problems = []
+    for component in tangles(graph):
+        cycle = _cycle_in(graph, component)
+        problems.append(describe_cycle(graph, cycle))
+        if len(component) > len(cycle) - 1:
+            problems.append(f"  (and in the same loop: {', '.join(sorted(component - set(cycle)))})")
+    return "\n".join(problems)
+
+
+def _function_lengths(node: ast.AST, prefix: str = ""):
+    """(qualified name, lines with decorators) of every function under `node`, nested ones included."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = f"{prefix}{child.name}"
+            if not isinstance(child, ast.ClassDef):
+                first = min([child.lineno, *(d.lineno for d in child.decorator_list)])
+                yield name, child.end_lineno - first + 1
+            yield from _function_lengths(child, name + ".")
+        else:
+            yield from _function_lengths(child, prefix)
+
+
+def long_functions(root: Path, limit: int) -> dict[str, int]:
+    """"module:qualified.name" -> lines, for every function over `limit` lines."""
+    return {f"{module}:{name}": lines
+            for module, path in modules_of(root).items()
+            for name, lines in _function_lengths(ast.parse(path.read_text(), str(path)))
+            if lines > limit}
+
+
+# ---------------------------------------------------------------- the package
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 30 and graph["po_cluster.cli"], "the import graph looks empty: is PACKAGE right?"
+    report = cycle_report(graph)
+    assert not report, "import cycles in po_cluster:\n" + report
+
+
+def test_no_module_is_over_400_lines():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules_of(PACKAGE).items()}
+    over = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines: " + ", ".join(
+        f"{modules_of(PACKAGE)[name].relative_to(PACKAGE.parent)} ({n})" for name, n in sorted(over.items()))
+
+
+def test_no_function_over_60_lines_beyond_the_allow_list():
+    found = long_functions(PACKAGE, MAX_FUNCTION_LINES)
+    added = {name: n for name, n in found.items() if name not in LONG_FUNCTIONS}
+    assert not added, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(
+        f"{name} ({n})" for name, n in sorted(added.items()))
+    stale = LONG_FUNCTIONS - set(found)
+    assert not stale, f"no longer over {MAX_FUNCTION_LINES} lines, drop from LONG_FUNCTIONS: {sorted(stale)}"
+
+
+# ---------------------------------------------------------------- the checks themselves
+
+
+def _package(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "pkg"
+    for relative, text in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text)
+    return root
+
+
+def test_graph_counts_lazy_submodule_and_relative_imports_but_not_type_checking(tmp_path):
+    root = _package(tmp_path, {
+        "__init__.py": "",
+        "a.py": "def f():\n    from pkg.sub import b\n",
+        "sub/__init__.py": "from .b import thing\n",
+        "sub/b.py": "from typing import TYPE_CHECKING\nimport os\nif TYPE_CHECKING:\n    import pkg.a\n"
+                    "else:\n    from .. import c\nthing = 1\n",
+        "c.py": "from pkg.sub.b import thing\nimport pkg.sub as s\n",
+    })
+    assert import_graph(root) == {
+        "pkg": {}, "pkg.a": {"pkg.sub.b": 2}, "pkg.sub": {"pkg.sub.b": 1},
+        "pkg.sub.b": {"pkg.c": 6}, "pkg.c": {"pkg.sub.b": 1, "pkg.sub": 2},
+    }
+
+
+def test_cycles_are_found_and_named_in_order():
+    graph = {"m.a": {"m.b": 3}, "m.b": {"m.c": 5}, "m.c": {"m.a": 7, "m.d": 8}, "m.d": {}, "m.e": {"m.e": 1}}
+    cycles = find_cycles(graph)
+    assert sorted(cycles) == [["m.a", "m.b", "m.c", "m.a"], ["m.e", "m.e"]]
+    assert sorted(map(sorted, tangles(graph))) == [["m.a", "m.b", "m.c"], ["m.e"]]
+    assert describe_cycle(graph, ["m.a", "m.b", "m.c", "m.a"]) == (
+        "m.a -> m.b -> m.c -> m.a:\n  m.a line 3 imports m.b\n  m.b line 5 imports m.c\n  m.c line 7 imports m.a")
+    assert find_cycles({"m.a": {"m.b": 1}, "m.b": {}}) == []
+    # a tangle wider than its shortest cycle is reported whole
+    wide = {"m.a": {"m.b": 1, "m.c": 1}, "m.b": {"m.a": 2}, "m.c": {"m.b": 3}}
+    assert find_cycles(wide) == [["m.a", "m.b", "m.a"]] and tangles(wide) == [{"m.a", "m.b", "m.c"}]
+    assert cycle_report(wide).endswith("m.b line 2 imports m.a\n  (and in the same loop: m.c)")
+    assert cycle_report({"m.a": {}}) == ""
+
+
+def test_long_functions_are_measured_with_their_decorators_and_nesting(tmp_path):
+    def body(n: int, indent: str) -> str:
+        return "".join(f"{indent}x{i} = {i}\n" for i in range(n))
+
+    root = _package(tmp_path, {"__init__.py": "", "m.py": (
+        f"def short():\n{body(59, '    ')}"                                   # 60 lines: allowed
+        f"@staticmethod\ndef decorated():\n{body(59, '    ')}"                # 61 with its decorator
+        f"class K:\n    def method(self):\n        def inner():\n{body(59, ' ' * 12)}"  # 61 and 60
+    )})
+    assert long_functions(root, 60) == {"pkg.m:decorated": 61, "pkg.m:K.method": 61}
