@@ -85,7 +85,7 @@ class RunConfig(Strict):
     training: TrainingConfig = TrainingConfig()
 
     @model_validator(mode="after")
-    def _batch_fits(self) -> "RunConfig":
+    def _batch_fits(self) -> RunConfig:
         if self.training.batch_size > self.data.n_pairs:
             raise ValueError(f"training.batch_size {self.training.batch_size} > data.n_pairs {self.data.n_pairs}")
         return self
@@ -159,7 +159,7 @@ class LogRange(Strict):
     high: float = Field(gt=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "LogRange":
+    def _ordered(self) -> LogRange:
         if self.low >= self.high:
             raise ValueError(f"low {self.low} must be < high {self.high}")
         return self
@@ -215,7 +215,7 @@ class CompareConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _overrides_valid(self) -> "CompareConfig":
+    def _overrides_valid(self) -> CompareConfig:
         for loss_type, overrides in self.losses.items():
             LossConfig.model_validate({**self.base.loss.model_dump(), **overrides, "loss_type": loss_type})
         return self

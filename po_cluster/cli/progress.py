@@ -8,7 +8,7 @@ class StepBar:
     def __init__(self, total: int, name: str) -> None:
         self.total, self.name = total, name
 
-    def __enter__(self) -> "StepBar":
+    def __enter__(self) -> StepBar:
         self.bar = tqdm(total=self.total, desc=self.name, unit="step", dynamic_ncols=True, leave=True)
         return self
 
@@ -28,7 +28,7 @@ class RunBars:
         self.name: str | None = None
         self.bar: StepBar | None = None
 
-    def __enter__(self) -> "RunBars":
+    def __enter__(self) -> RunBars:
         return self
 
     def __call__(self, run, step: int, metrics: dict[str, float]) -> None:  # run: a RunConfig

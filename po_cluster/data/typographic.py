@@ -80,7 +80,7 @@ class TypographicConfig(Strict):
         return values
 
     @model_validator(mode="after")
-    def _size_range(self) -> "TypographicConfig":
+    def _size_range(self) -> TypographicConfig:
         if self.font_size[0] > self.font_size[1]:
             raise ValueError(f"font_size range {self.font_size} is reversed")
         return self

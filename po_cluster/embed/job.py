@@ -70,7 +70,7 @@ class EmbedConfig(Strict):
         return float(t)
 
     @model_validator(mode="after")
-    def _output_outside_input(self) -> "EmbedConfig":
+    def _output_outside_input(self) -> EmbedConfig:
         # Shard files written inside an input folder would be inputs of the re-run, and change its shards.
         if not is_manifest(self.input) and within(self.output, self.input):
             raise ValueError(f"output {self.output} is inside the input folder {self.input}; write it elsewhere")
@@ -126,7 +126,7 @@ def shard_block(shard: Shard) -> pa.Table:
 
 
 def build_dataset(shards: list[Shard], cfg: EmbedConfig, release_id: str, preprocess: Preprocess,
-                  use_gpu: bool, runtime_env: dict[str, Any] | None = None) -> "ray.data.Dataset":
+                  use_gpu: bool, runtime_env: dict[str, Any] | None = None) -> ray.data.Dataset:
     """Inputs (with their shard index) → decoded on CPU tasks → embedded by the actor pool, in input order."""
     import ray.data
 
@@ -207,7 +207,7 @@ def _write_shard(output: OutputDir, shard: Shard, parts: list[dict[str, np.ndarr
     return ShardReport(shard.index, total, embeddings.num_rows, errors.num_rows, uri)
 
 
-def _collect(ds: "ray.data.Dataset", pending: list[Shard], output: OutputDir, summary: EmbedSummary,
+def _collect(ds: ray.data.Dataset, pending: list[Shard], output: OutputDir, summary: EmbedSummary,
              on_shard: Callable[[ShardReport], None] | None) -> None:
     """Gather the pipeline's rows by shard; write each shard as soon as all its rows are in."""
     by_index = {s.index: s for s in pending}

@@ -47,7 +47,7 @@ class Evaluator:
 
     @classmethod
     def build(cls, model: AlignedCLIP, sets: dict[str, ImageSet], reference: AlignedCLIP | None = None,
-              template: str = world.PROMPT_TEMPLATE, ref_clean_logps: torch.Tensor | None = None) -> "Evaluator":
+              template: str = world.PROMPT_TEMPLATE, ref_clean_logps: torch.Tensor | None = None) -> Evaluator:
         classnames = next(iter(sets.values())).classnames
         text_emb = embed_prompts(model, world.prompts(classnames, template))
         image_emb = {name: embed_images(model, s.images) for name, s in sets.items()}
@@ -61,7 +61,7 @@ class Evaluator:
             ref = candidate_logprobs(embed_images(reference, sets["clean"].images), ref_text, reference.logit_scale)
         return cls(model, sets, image_emb, text_emb, ref)
 
-    def with_model(self, model: AlignedCLIP) -> "Evaluator":
+    def with_model(self, model: AlignedCLIP) -> Evaluator:
         """This evaluator for `model`, the same starting model later in training (its weights changed in
         place, or another copy of it). The text tower is never trained, so its embeddings are kept; the
         images are embedded again only when the image tower is trained. π_ref stays the start's."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from po_cluster.model.checkpoint import load_checkpoint
 from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import DEFAULT_TS, METRIC_KEYS, Evaluator, format_table, plot_tradeoff
 from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.checkpoint import load_checkpoint
 from po_cluster.model.loading import load_clip
 
 

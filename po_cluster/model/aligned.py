@@ -6,7 +6,7 @@ over a candidate set; losses only ever see its output.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ class AlignedCLIP(nn.Module):
     def trainable_image_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.clip.visual.parameters() if p.requires_grad)
 
-    def train(self, mode: bool = True) -> "AlignedCLIP":
+    def train(self, mode: bool = True) -> AlignedCLIP:
         super().train(mode)
         # The towers keep eval behaviour while fine-tuning: BatchNorm statistics stay
         # those of pretraining (attacked-only batches would skew them) and at step 0

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from po_cluster.model.checkpoint import load_checkpoint
 from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.checkpoint import load_checkpoint
 
 
 class ExportError(RuntimeError):

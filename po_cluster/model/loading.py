@@ -7,10 +7,10 @@ safetensors only: nothing read from disk or storage is ever unpickled.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import open_clip

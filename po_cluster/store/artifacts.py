@@ -27,14 +27,21 @@ import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from po_cluster.store import location
 from po_cluster.store.location import ObjectMissing, StoreError, StoreSettings, join, parse_s3_uri
-from po_cluster.store.manifest import (MANIFEST, ManifestError, file_matches, parse_manifest, sha256_bytes,
-                                       verified_manifest, verify_manifest)
+from po_cluster.store.manifest import (
+    MANIFEST,
+    ManifestError,
+    file_matches,
+    parse_manifest,
+    sha256_bytes,
+    verified_manifest,
+    verify_manifest,
+)
 
 RELEASES = "releases"
 LATEST = f"{RELEASES}/latest.json"
@@ -54,7 +61,7 @@ class ReleaseInfo:
 
 def new_release_id(now: datetime | None = None) -> str:
     """`r-YYYYMMDD-HHMMSS-<6 hex>`: sortable by time, and the random tail keeps ids unique."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return f"r-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
@@ -166,7 +173,7 @@ class ArtifactStore:
                 raise StoreError(f"{self.uri}: {base}/ holds objects without a claim; "
                                  f"release ids are never reused, publish under a new id")
             claim = json.dumps({"release_id": release_id, "manifest_sha256": manifest_sha,
-                                "started": datetime.now(timezone.utc).isoformat()}).encode()
+                                "started": datetime.now(UTC).isoformat()}).encode()
             self.put_bytes(claim, pending, if_absent=True)
         elif claimed_sha != manifest_sha:
             raise StoreError(f"release {release_id} was half-published from different content; "
@@ -215,7 +222,7 @@ class ArtifactStore:
             entries = parse_manifest(data, f"{self.uri}/{RELEASES}/{release_id}/{MANIFEST}")
             infos.append(ReleaseInfo(release_id, modified, len(entries), sum(e["size"] for e in entries.values()),
                                      sha256_bytes(data), release_id == latest))
-        return sorted(infos, key=lambda info: (info.created or datetime.min.replace(tzinfo=timezone.utc),
+        return sorted(infos, key=lambda info: (info.created or datetime.min.replace(tzinfo=UTC),
                                                info.release_id))
 
     def show_release(self, id_or_latest: str) -> dict:

@@ -13,14 +13,22 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from po_cluster.store.s3 import MISSING_CODES, error_code, parse_s3_uri, s3_call, s3_client, s3_filesystem, \
-    transfer_config
+from po_cluster.store.s3 import (
+    MISSING_CODES,
+    error_code,
+    parse_s3_uri,
+    s3_call,
+    s3_client,
+    s3_filesystem,
+    transfer_config,
+)
 from po_cluster.store.settings import ObjectMissing, StoreError, StoreSettings
 
 __all__ = ["ObjectInfo", "ObjectMissing", "StoreError", "StoreSettings", "download_file", "download_folder",
@@ -120,7 +128,7 @@ def read_object(location: str, settings: StoreSettings | None = None) -> tuple[b
             data, modified = path.read_bytes(), path.stat().st_mtime
         except FileNotFoundError:
             raise ObjectMissing(f"{location}: file not found") from None
-        return data, datetime.fromtimestamp(modified, timezone.utc)
+        return data, datetime.fromtimestamp(modified, UTC)
 
 
 def read_bytes(location: str, settings: StoreSettings | None = None) -> bytes:

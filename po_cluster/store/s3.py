@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from po_cluster.store.settings import ObjectMissing, StoreError, StoreSettings
 

@@ -15,14 +15,22 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file
 
-from po_cluster.sweep.soup import greedy_soup, uniform_soup
-from po_cluster.model.checkpoint import (MODEL_JSON, TRAINING_JSON, WEIGHTS, CheckpointError, read_json, save_checkpoint,
-                                   verify_manifest, write_manifest)
 from po_cluster.config import ModelConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.checkpoint import (
+    MODEL_JSON,
+    TRAINING_JSON,
+    WEIGHTS,
+    CheckpointError,
+    read_json,
+    save_checkpoint,
+    verify_manifest,
+    write_manifest,
+)
 from po_cluster.model.loading import load_clip
+from po_cluster.sweep.soup import greedy_soup, uniform_soup
 from po_cluster.train.worker import objective
 
 if TYPE_CHECKING:  # the driver imports Tune and Optuna, which averaging does not need

@@ -206,7 +206,7 @@ class TrialRecord:
                 "checkpoint_path": self.checkpoint_path, "error": self.error}
 
     @classmethod
-    def from_json(cls, data: object, where: str) -> "TrialRecord":
+    def from_json(cls, data: object, where: str) -> TrialRecord:
         if not isinstance(data, dict):
             raise ValueError(f"{where}: a trial must be a JSON object, not {type(data).__name__}")
         for key in ("config", "metrics"):

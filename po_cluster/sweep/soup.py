@@ -6,7 +6,7 @@ fine-tuned weights lie in one basin (Wortsman et al. 2022).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor

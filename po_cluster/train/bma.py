@@ -9,7 +9,7 @@ holds what was learned). Averages across trials (soups) are in po_cluster.sweep.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor

@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from po_cluster.train.bma import BetaMovingAverage
-from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.config import DataConfig, LossConfig, OptimizerConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.data.records import ImageSet, PreferenceSet
 from po_cluster.evaluate.metrics import Evaluator, embed_images, embed_prompts
 from po_cluster.losses import LossSettings, PreferenceLogps, kl_ref_policy, preference_objective
 from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.model.loading import load_clip
+from po_cluster.train.bma import BetaMovingAverage
 
 
 @dataclass
@@ -184,7 +184,7 @@ class TrainState:
     step: int = 0
 
     @classmethod
-    def start(cls, model: AlignedCLIP, cfg: RunConfig) -> "TrainState":
+    def start(cls, model: AlignedCLIP, cfg: RunConfig) -> TrainState:
         """A fresh optimizer, and a BMA whose iterate 0 is the model as it is now."""
         t = cfg.training
         bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None

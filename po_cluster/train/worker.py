@@ -20,14 +20,25 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from po_cluster.train.bma import BetaMovingAverage
-from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.config import DataConfig, RunConfig, WorkerConfig
 from po_cluster.data import world
-from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.data.records import ImageSet, PreferenceSet
-from po_cluster.train.loop import (Callback, TrainState, build_model, build_records, default_eval_sets, fit,
-                                   load_average, prepare_data, prompt_template, trainable_state, unwrap)
+from po_cluster.evaluate.metrics import Evaluator
+from po_cluster.model.checkpoint import model_description, save_checkpoint
+from po_cluster.train.bma import BetaMovingAverage
+from po_cluster.train.loop import (
+    Callback,
+    TrainState,
+    build_model,
+    build_records,
+    default_eval_sets,
+    fit,
+    load_average,
+    prepare_data,
+    prompt_template,
+    trainable_state,
+    unwrap,
+)
 from po_cluster.train.state import load_train_state, save_train_state
 
 
@@ -96,7 +107,7 @@ class Validation:
         return self.start.sets
 
     @classmethod
-    def of_start(cls, model, data: DataConfig, pref: PreferenceSet, reg: ImageSet) -> "Validation":
+    def of_start(cls, model, data: DataConfig, pref: PreferenceSet, reg: ImageSet) -> Validation:
         # The world has validation sets apart from the evaluation sets; a dataset's are in-sample.
         sets = world.validation_sets(data.n_val) if data.dataset is None else default_eval_sets(data, pref, reg)
         evaluator = Evaluator.build(unwrap(model), sets, template=prompt_template(data))

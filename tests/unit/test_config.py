@@ -3,8 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from po_cluster.config import (ConfigError, LastBlocks, PretrainConfig, RunConfig, json_schema, load_config,
-                               load_yaml, parse_config)
+from po_cluster.config import (
+    ConfigError,
+    LastBlocks,
+    PretrainConfig,
+    RunConfig,
+    json_schema,
+    load_config,
+    load_yaml,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

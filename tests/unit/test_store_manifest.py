@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from po_cluster.store.location import StoreError
-from po_cluster.store.manifest import (MANIFEST, ManifestError, parse_manifest, sha256_bytes, sha256_file,
-                                       verified_manifest, verify_manifest, write_manifest)
+from po_cluster.store.manifest import (
+    MANIFEST,
+    ManifestError,
+    parse_manifest,
+    sha256_bytes,
+    sha256_file,
+    verified_manifest,
+    verify_manifest,
+    write_manifest,
+)
 
 
 @pytest.fixture()

@@ -6,8 +6,19 @@ import torch
 from po_cluster.config import parse_config
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.losses import LossSettings
-from po_cluster.train.loop import (Callback, ProgressCallback, TrainState, batch_indices, build_model, build_records,
-                                   fit, load_average, loss_settings, prepare_data, train_step)
+from po_cluster.train.loop import (
+    Callback,
+    ProgressCallback,
+    TrainState,
+    batch_indices,
+    build_model,
+    build_records,
+    fit,
+    load_average,
+    loss_settings,
+    prepare_data,
+    train_step,
+)
 from po_cluster.train.state import load_train_state, save_train_state
 
 
