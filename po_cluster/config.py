@@ -6,7 +6,7 @@ models once, at the edge; past that the code trusts its inputs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, TypeVar, get_args, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,7 +26,7 @@ class LastBlocks(Strict):
     last_blocks: Annotated[int, Field(gt=0, description="train only the last k blocks of the image tower")]
 
 
-ImageTowerMode = Union[Literal["full", "frozen"], LastBlocks]
+ImageTowerMode = Literal["full", "frozen"] | LastBlocks
 
 
 class ModelConfig(Strict):
@@ -50,8 +50,11 @@ class DataConfig(Strict):
         "used instead of the world; n_pairs / n_reg then cap the records used (a seeded subset)")
 
 
+LossType = Literal["dpo", "ipo", "kto", "ce"]
+
+
 class LossConfig(Strict):
-    loss_type: Literal["dpo", "ipo", "kto", "ce"] = "dpo"
+    loss_type: LossType = "dpo"
     beta: float = Field(1.0, gt=0)
     kl_weight: float = Field(0.3, ge=0, description="λ, weight of KL(π_ref ‖ π) on clean images")
     desirable_weight: float = Field(1.0, gt=0)
@@ -99,6 +102,16 @@ def _format_errors(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+# The config class a caller asks for is the type it gets back; without a model it is a RunConfig.
+M = TypeVar("M", bound=Strict)
+
+
+@overload
+def parse_config(data: object, source: str = ...) -> RunConfig: ...
+@overload
+def parse_config(data: object, source: str, model: type[M]) -> M: ...
+@overload
+def parse_config(data: object, source: str = ..., *, model: type[M]) -> M: ...
 def parse_config(data: object, source: str = "<dict>", model: type[Strict] = RunConfig) -> Strict:
     """Validate a mapping; raise ConfigError naming each bad field and why."""
     if not isinstance(data, dict):
@@ -130,6 +143,10 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+@overload
+def load_config(path: str | Path) -> RunConfig: ...
+@overload
+def load_config(path: str | Path, model: type[M]) -> M: ...
 def load_config(path: str | Path, model: type[Strict] = RunConfig) -> Strict:
     """Read a YAML file into a validated config."""
     return parse_config(load_yaml(path), str(path), model)
@@ -166,7 +183,7 @@ class LogRange(Strict):
 
 
 class SearchSpace(Strict):
-    loss_type: list[Literal["dpo", "ipo", "kto", "ce"]] = Field(["dpo", "ipo", "kto"], min_length=1)
+    loss_type: list[LossType] = Field(["dpo", "ipo", "kto"], min_length=1)
     beta: LogRange = LogRange(low=0.05, high=2.0)
     kl_weight: LogRange = LogRange(low=0.01, high=1.0)
     lr: LogRange | None = Field(None, description="log-uniform; None keeps base.optimizer.lr")
@@ -205,12 +222,16 @@ class SweepConfig(Strict):
     store: str = Field("artifacts", description="artifact store for the release: local folder or s3://")
 
 
+def _every_loss() -> dict[LossType, dict[str, float]]:
+    return {loss_type: {} for loss_type in get_args(LossType)}
+
+
 class CompareConfig(Strict):
     """`po-cluster compare`: one base run, trained once per loss with that loss's settings."""
 
     base: RunConfig = RunConfig()
-    losses: dict[Literal["dpo", "ipo", "kto", "ce"], dict[str, float]] = Field(
-        default_factory=lambda: {"dpo": {}, "ipo": {}, "kto": {}, "ce": {}},
+    losses: dict[LossType, dict[str, float]] = Field(
+        default_factory=_every_loss,
         description="loss_type → overrides of the loss section (beta, kl_weight, …)",
     )
 
@@ -220,7 +241,7 @@ class CompareConfig(Strict):
             LossConfig.model_validate({**self.base.loss.model_dump(), **overrides, "loss_type": loss_type})
         return self
 
-    def run_for(self, loss_type: str) -> RunConfig:
+    def run_for(self, loss_type: LossType) -> RunConfig:
         loss = {**self.base.loss.model_dump(), **self.losses[loss_type], "loss_type": loss_type}
         data = self.base.model_dump(mode="json")
         data.update(name=f"{self.base.name}-{loss_type}", loss=loss)
