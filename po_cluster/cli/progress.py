@@ -32,7 +32,7 @@ class RunBars:
         return self
 
     def __call__(self, run, step: int, metrics: dict[str, float]) -> None:  # run: a RunConfig
-        if run.name != self.name:
+        if self.bar is None or run.name != self.name:
             self.close()
             self.name, self.bar = run.name, StepBar(run.training.steps, run.name).__enter__()
         self.bar.update(step, metrics)

@@ -21,7 +21,7 @@ def _store(args: argparse.Namespace):  # -> ArtifactStore
     return open_store(default_store(args.store), StoreSettings(endpoint_url=args.endpoint_url))
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

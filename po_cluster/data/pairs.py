@@ -111,10 +111,7 @@ def display_name(raw: str) -> str:
 
 def read_labelled(source: str) -> list[LabelledImage]:
     """A labelled image set: a folder with one sub-folder per class, or a .jsonl / .csv manifest."""
-    if source.lower().endswith((".jsonl", ".csv")):
-        items = _read_manifest(source)
-    else:
-        items = _read_class_folders(source)
+    items = _read_manifest(source) if source.lower().endswith((".jsonl", ".csv")) else _read_class_folders(source)
     if not items:
         raise DataError(f"{source}: no images found")
     return sorted(items, key=lambda item: (item.label, item.name))
@@ -231,7 +228,10 @@ def read_records(jsonl: str) -> tuple[list[PairLine], list[RegLine]]:
     for number, row in _jsonl_objects(jsonl, text):
         record = parse_record(row, f"{jsonl}:{number}")
         record = record.model_copy(update={"image": resolve(base, record.image)})
-        (pairs if isinstance(record, PairLine) else regs).append(record)
+        if isinstance(record, PairLine):
+            pairs.append(record)
+        else:
+            regs.append(record)
     return pairs, regs
 
 

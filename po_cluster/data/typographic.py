@@ -98,7 +98,7 @@ def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
 
 
 def _fit_font(draw: ImageDraw.ImageDraw, word: str, path: str | None, size: int, stroke: int,
-              room: int) -> tuple[ImageFont.FreeTypeFont, tuple[int, int, int, int]]:
+              room: int) -> tuple[ImageFont.FreeTypeFont, tuple[float, float, float, float]]:
     """The font at `size`, shrunk until the word fits in `room` pixels (long class names)."""
     while True:
         font = _font(path, size)

@@ -34,7 +34,7 @@ def prompts(classnames: tuple[str, ...] = SHAPES, template: str = PROMPT_TEMPLAT
 
 
 @lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     # Pillow's bundled font: no font file to ship or find, same glyphs everywhere.
     return ImageFont.load_default(size=size)
 
@@ -87,7 +87,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 def _draw_word(draw: ImageDraw.ImageDraw, word: str, rng: np.random.Generator, size: int) -> None:
     font = _font(int(rng.integers(11, 14)))
-    left, top, right, bottom = draw.textbbox((0, 0), word, font=font, stroke_width=1)
+    # Pillow types boxes as float; a font's boxes are whole pixels.
+    left, top, right, bottom = (int(edge) for edge in draw.textbbox((0, 0), word, font=font, stroke_width=1))
     width, height = right - left, bottom - top
     x = int(rng.integers(1, max(2, size - width - 1))) - left
     y = int(rng.integers(1, max(2, size - height - 1))) - top
@@ -118,7 +119,7 @@ def _other(label: np.ndarray, rng: np.random.Generator, n_classes: int) -> np.nd
 
 def _render_many(shapes: np.ndarray, words: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = np.empty((len(shapes), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for i, (shape, word) in enumerate(zip(shapes, words)):
+    for i, (shape, word) in enumerate(zip(shapes, words, strict=True)):
         out[i] = render(None if shape == NO_WORD else int(shape), None if word == NO_WORD else int(word), rng)
     return out
 
@@ -179,5 +180,5 @@ def pretraining_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, lis
     words = np.where(kinds == names.index("clean"), NO_WORD, labels)
     images = _render_many(shapes, words, rng)
     templates = rng.integers(0, len(CAPTION_TEMPLATES), size=n)
-    captions = [CAPTION_TEMPLATES[t].format(SHAPES[c]) for t, c in zip(templates, labels)]
+    captions = [CAPTION_TEMPLATES[t].format(SHAPES[c]) for t, c in zip(templates, labels, strict=True)]
     return images, captions, labels.astype(np.int64)

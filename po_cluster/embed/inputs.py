@@ -89,5 +89,5 @@ def list_inputs(source: str, settings: StoreSettings | None = None) -> pa.Table:
     for (a, _), (b, _) in itertools.pairwise(items):
         if a == b:
             raise EmbedError(f"input {source}: id {a!r} appears twice; ids must be unique")
-    ids, uris = zip(*items)
+    ids, uris = zip(*items, strict=True)
     return pa.table({"id": pa.array(ids, pa.string()), "source_uri": pa.array(uris, pa.string())})

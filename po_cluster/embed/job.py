@@ -132,8 +132,10 @@ def build_dataset(shards: list[Shard], cfg: EmbedConfig, release_id: str, prepro
 
     # One block per shard: shards decode in parallel tasks, each in decode_batch_size batches. Finer blocks
     # would cost the driver a remote metadata call each (seconds per thousand) before anything runs.
-    ds = ray.data.from_arrow([shard_block(shard) for shard in shards])
-    ds = ds.map_batches(decode_batch, batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=1,
+    ds: ray.data.Dataset = ray.data.from_arrow([shard_block(shard) for shard in shards])
+    # Ray types a map's function as taking the batch alone, though it passes fn_kwargs too.
+    ds = ds.map_batches(decode_batch,  # type: ignore[arg-type]
+                        batch_size=cfg.decode_batch_size, batch_format="numpy", num_cpus=1,
                         memory=decode_task_memory(cfg, preprocess), runtime_env=runtime_env,
                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
                         fn_kwargs={"preprocess": preprocess, "limits": cfg.limits, "settings": cfg.store_settings})

@@ -40,7 +40,7 @@ def t_tag(t: float) -> str:
 def shard_name(release_id: str, t: float, index: int, items: pa.Table) -> str:
     # The digest ties the name to the shard's content: a changed input cannot pass for a finished shard.
     digest = hashlib.sha256()
-    for item_id, uri in zip(items.column("id").to_pylist(), items.column("source_uri").to_pylist()):
+    for item_id, uri in zip(items.column("id").to_pylist(), items.column("source_uri").to_pylist(), strict=True):
         digest.update(f"{item_id}\0{uri}\n".encode())
     return f"{release_id}_t{t_tag(t)}_{index:06d}-{digest.hexdigest()[:12]}.parquet"
 

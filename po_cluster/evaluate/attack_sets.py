@@ -96,5 +96,6 @@ def evaluate_attack_set(model: AlignedCLIP, attack_set: AttackSet, t: float = 1.
     predicted = logps.argmax(-1).numpy()
     names = images.classnames
     rows = [{"file": file, "label": names[label], "text": names[text], "predicted": names[pred]}
-            for file, label, text, pred in zip(attack_set.files, images.labels, images.written, predicted)]
+            for file, label, text, pred in zip(attack_set.files, images.labels, images.written, predicted,
+                                               strict=True)]
     return AttackResult(score(logps, images.labels, images.written), rows)

@@ -12,15 +12,20 @@ TRIAL_COLUMNS = ("trial", "loss", "beta", "kl_weight", "lr", "image_tower", "val
 
 
 def trial_rows(records: list[dict]) -> list[dict]:
-    rows = []
+    rows: list[dict] = []
     for r in records:
         m, c = r.get("metrics", {}), r.get("config", {})
         rows.append({"trial": r.get("trial_id"), "loss": c.get("loss_type"), "beta": c.get("beta"),
                      "kl_weight": c.get("kl_weight"), "lr": c.get("lr", ""), "image_tower": c.get("image_tower", ""),
                      **{k: m.get(k) for k in TRIAL_COLUMNS[6:] if k in m},
                      "error": r.get("error") or ""})
-    return sorted(rows, key=lambda row: row.get("objective") if row.get("objective") is not None else -1e9,
-                  reverse=True)
+    return sorted(rows, key=_objective_or_last, reverse=True)
+
+
+def _objective_or_last(row: dict) -> float:
+    """A row's objective; a trial without one (failed before reporting) sorts last."""
+    objective = row.get("objective")
+    return -1e9 if objective is None else objective
 
 
 def best_per_loss(rows: list[dict]) -> list[dict]:
@@ -111,6 +116,7 @@ def _html(markdown: str, title: str) -> str:
             body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
     if in_table:
         body.append("</table>")
-    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"

@@ -7,6 +7,7 @@ over a candidate set; losses only ever see its output.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,12 @@ def candidate_logprobs(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_sc
     return F.log_softmax(logit_scale * image_emb @ text_emb.T, dim=-1)
 
 
-def _image_blocks(visual: nn.Module) -> list[nn.Module]:
-    """The image tower's blocks in forward order, for `last_blocks: k`."""
+def _image_blocks(visual: Any) -> list[nn.Module]:
+    """The image tower's blocks in forward order, for `last_blocks: k`.
+
+    `visual` is any of open_clip's towers, told apart by their submodules: as an nn.Module, each
+    attribute would only be known as a Tensor or a Module.
+    """
     if hasattr(visual, "transformer"):  # open_clip VisionTransformer
         return [*visual.transformer.resblocks, *(m for m in (visual.ln_post,) if m is not None)]
     if hasattr(visual, "layer4"):  # open_clip ModifiedResNet

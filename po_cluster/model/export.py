@@ -16,6 +16,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -44,7 +45,8 @@ def _fold(owner: nn.Module, attr: str, matrix: torch.Tensor, where: str) -> None
         raise ExportError(f"{where}: no projection to fold W into ({type(proj).__name__})")
 
 
-def _image_projection(visual: nn.Module) -> tuple[nn.Module, str]:
+def _image_projection(visual: Any) -> tuple[nn.Module, str]:
+    # `visual` is any of open_clip's towers, told apart by their submodules (see aligned._image_blocks).
     if hasattr(visual, "attnpool"):  # ModifiedResNet: attention pooling ends in c_proj
         return visual.attnpool, "c_proj"
     if getattr(visual, "proj", None) is not None:  # VisionTransformer

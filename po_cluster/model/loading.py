@@ -99,15 +99,15 @@ def load_clip(cfg: ModelConfig) -> LoadedCLIP:
     if cfg.name not in open_clip.list_models():
         raise ModelLoadError(f"unknown open_clip architecture {cfg.name!r}")
     pretrained = cfg.pretrained
-    local = pretrained is not None and (pretrained == SHIPPED_BASE or pretrained.startswith("s3://")
-                                        or _is_local_file(pretrained))
-    tag = None if (pretrained is None or local) else pretrained
+    local = pretrained if pretrained is not None and (
+        pretrained == SHIPPED_BASE or pretrained.startswith("s3://") or _is_local_file(pretrained)) else None
+    tag = pretrained if local is None else None
     # Tags go through open_clip's own loader (it downloads from the hub); files through ours.
     with _quiet_root_logger():
         model, _, _ = open_clip.create_model_and_transforms(cfg.name, pretrained=tag, cache_dir=cfg.cache_dir)
         tokenizer = open_clip.get_tokenizer(cfg.name)
-    if local:
-        load_weights(model, resolve_weights(pretrained, cfg.cache_dir))
+    if local is not None:
+        load_weights(model, resolve_weights(local, cfg.cache_dir))
     model.eval()
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]

@@ -7,6 +7,7 @@ before the stages that need Ray (the sweep; serving at the end of the demo).
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -38,7 +39,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
         if own:
             ingress.enable()  # a local Ray of ours: the demo ends by serving on it
         ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                 include_dashboard=True, log_to_driver=False, logging_level="WARNING")
+                 include_dashboard=True, log_to_driver=False, logging_level=logging.WARNING)
     return own
 
 

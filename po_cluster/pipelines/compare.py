@@ -30,7 +30,8 @@ def compare_losses(cfg: CompareConfig, output_dir: str | None = None,
                    progress: Progress | None = None) -> CompareResult:
     """One run per loss from the same base run, all evaluated on the fixed evaluation sets."""
     eval_sets = world.evaluation_sets()
-    rows, checkpoints = [], {}
+    rows: list[dict] = []
+    checkpoints: dict[str, Path] = {}
     for loss_type in cfg.losses:
         run = cfg.run_for(loss_type)
         if output_dir:

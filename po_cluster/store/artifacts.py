@@ -21,6 +21,7 @@ with one clear line, never a raw botocore traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -152,10 +153,9 @@ class ArtifactStore:
             # if_absent: should two publishers race on one id, only one manifest ever lands.
             self.put_bytes(manifest, f"{base}/{MANIFEST}", if_absent=True)
         self.put_bytes(json.dumps({"release_id": release_id}).encode(), LATEST)
-        try:
+        # A leftover claim is harmless: the manifest decides, and a re-run removes it.
+        with contextlib.suppress(StoreError):
             self.delete(f"{PENDING}/{release_id}.json")
-        except StoreError:
-            pass  # a leftover claim is harmless: the manifest decides, and a re-run removes it
         return release_id
 
     def _claim(self, release_id: str, manifest_sha: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -101,14 +102,15 @@ def _fingerprint(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(state):
         digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        # numpy's stubs declare ndarray's buffer protocol (__buffer__) only for Python >= 3.12.
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return digest.hexdigest()
 
 
 def ranked_trials(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Finished trials with a checkpoint, best validation objective first."""
     usable = [r for r in records if r.checkpoint_path and r.objective is not None]
-    return sorted(usable, key=lambda r: r.objective, reverse=True)
+    return sorted(usable, key=lambda r: -math.inf if r.objective is None else r.objective, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,13 @@ Reported below on the fixed evaluation sets (held out from every choice), at t =
 """
 
 
+def _candidate(record: TrialRecord, locate: Callable[[str], Path]) -> Candidate:
+    """A ranked trial's checkpoint; a soup's members are named by their trial ids."""
+    if record.trial_id is None or record.checkpoint_path is None:
+        raise ValueError(f"trial {record.trial_id!r} has no id or no checkpoint to average")
+    return read_candidate(record.trial_id, locate(record.checkpoint_path))
+
+
 def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Path, n_val: int = 500,
                    tolerance: float = 0.02, penalty: float = 5.0,
                    locate: Callable[[str], Path] = Path) -> AverageResult:
@@ -163,7 +172,7 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
     top = ranked_trials(records)[:top_k]
     if not top:
         raise ValueError("no finished trial with a checkpoint to average")
-    candidates = [read_candidate(r.trial_id, locate(r.checkpoint_path)) for r in top]
+    candidates = [_candidate(r, locate) for r in top]
     check_same_architecture(candidates)
     scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)
     states = {"best_trial": candidates[0].state, "uniform_soup": uniform_soup([c.state for c in candidates])}
@@ -180,8 +189,8 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
     release = {"chosen": chosen, "top_k": len(candidates), "trials": [c.name for c in candidates],
                "greedy_members": members, "validation": validation, "test": test, "tradeoff": tradeoff}
     folder = _write_release(Path(out_dir) / "release", scorer, states[chosen], candidates[0], release)
-    result = AverageResult(chosen, folder, len(candidates), tuple(release["trials"]), tuple(members), validation,
-                           test, tuple(tradeoff))
+    result = AverageResult(chosen, folder, len(candidates), tuple(c.name for c in candidates), tuple(members),
+                           validation, test, tuple(tradeoff))
     (Path(out_dir) / "average.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
 

@@ -57,7 +57,7 @@ def starting_points(cfg: SweepConfig) -> list[dict]:
     space = cfg.space
     points = []
     for loss_type in space.loss_type[:cfg.num_samples]:
-        point = {"loss_type": loss_type, "beta": math.sqrt(space.beta.low * space.beta.high),
+        point: dict[str, object] = {"loss_type": loss_type, "beta": math.sqrt(space.beta.low * space.beta.high),
                  "kl_weight": math.sqrt(space.kl_weight.low * space.kl_weight.high)}
         if space.lr is not None:
             point["lr"] = math.sqrt(space.lr.low * space.lr.high)
@@ -260,14 +260,18 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     grid = tuner.fit()
     if not experiment.is_local:
         experiment.upload(_study_file(experiment), STUDY_FILE)
-    trials = tuple(trial_record(result) for result in grid)
+    trials = tuple(trial_record(grid[i]) for i in range(len(grid)))  # ResultGrid indexes but declares no __iter__
     experiment.write_json(RESULTS_FILE, {"sweep": cfg.model_dump(mode="json"),
                                          "trials": [trial.to_json() for trial in trials]})
     return SweepResult(cfg.name, experiment.uri, trials)
 
 
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
 def trial_record(result) -> TrialRecord:
     """A Tune result in plain JSON values."""
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
-    return TrialRecord(metrics.get("trial_id"), result.config, metrics, metrics.get("checkpoint_path"),
+    return TrialRecord(_text(metrics.get("trial_id")), result.config, metrics, _text(metrics.get("checkpoint_path")),
                        str(result.error) if result.error else None)

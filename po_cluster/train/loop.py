@@ -79,7 +79,10 @@ def prepare_data(model: AlignedCLIP, pref: PreferenceSet, reg: ImageSet,
 
 def unwrap(model: torch.nn.Module) -> AlignedCLIP:
     """The AlignedCLIP inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if not isinstance(inner, AlignedCLIP):
+        raise TypeError(f"expected an AlignedCLIP (or one wrapped in DDP), got {type(inner).__name__}")
+    return inner
 
 
 def _inputs(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None, idx: np.ndarray) -> torch.Tensor:

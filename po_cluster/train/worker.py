@@ -54,7 +54,7 @@ def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict
     keys = sorted(values)
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return dict(zip(keys, (tensor / dist.get_world_size()).tolist()))
+    return dict(zip(keys, (tensor / dist.get_world_size()).tolist(), strict=True))
 
 
 def replica_divergence(model: torch.nn.Module) -> float:
@@ -137,7 +137,7 @@ def _resume(model: torch.nn.Module, state: TrainState) -> None:
             state.step = load_train_state(Path(folder), unwrap(model), state.optimizer, state.bma)
 
 
-def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation, train_metrics: dict,
+def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation | None, train_metrics: dict,
             resumed_from: int) -> None:
     """All workers call report (it is a collective); rank 0 evaluates and writes the checkpoint."""
     step = state.step
@@ -145,6 +145,7 @@ def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation,
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report({"step": step})
         return
+    assert validation is not None, "rank 0 builds the validation sets (train_loop_per_worker)"
     metrics = validation.metrics(model, state.bma)
     score = objective(metrics, validation.base["clean"], cfg.clean_tolerance, cfg.clean_penalty)
     out = {**{f"val_{k}": v for k, v in metrics.items()}, "objective": score, "step": step,

@@ -137,7 +137,7 @@ def test_training_serving_and_the_embed_job_give_one_embedding(trained, served, 
 
 
 def test_that_embedding_is_the_upright_picture(trained, photos, model):
-    for i, (name, orientation) in enumerate(zip(photos["names"], ORIENTATIONS)):
+    for i, (name, orientation) in enumerate(zip(photos["names"], ORIENTATIONS, strict=True)):
         raw = (photos["root"] / "images" / name).read_bytes()
         as_stored = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))  # a reader that ignores EXIF
         assert as_stored.shape == ((192, 80, 3) if orientation == 3 else (80, 192, 3))

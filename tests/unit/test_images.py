@@ -18,6 +18,7 @@ from po_cluster.model.loading import to_model_input
 from po_cluster.serving.limits import ApiError, Limits, decode_image_bytes
 
 ORIENTATION = 0x0112  # the EXIF tag
+SERVED_LIMITS = Limits()  # the endpoint's defaults
 
 
 def photo(height: int = 48, width: int = 32, seed: int = 0) -> np.ndarray:
@@ -50,7 +51,7 @@ def encode(pixels: np.ndarray, fmt: str, orientation: int | None = None, **optio
     return buffer.getvalue()
 
 
-def served(raw: bytes, limits: Limits = Limits()) -> np.ndarray:
+def served(raw: bytes, limits: Limits = SERVED_LIMITS) -> np.ndarray:
     return decode_image_bytes(raw, "image", limits)
 
 
@@ -111,7 +112,8 @@ def test_modes_convert_to_rgb_as_before(tmp_path):
     files = {
         "rgba": encode(rgba, "PNG"), "la": encode(np.dstack([grey, grey // 2]), "PNG"), "grey": encode(grey, "PNG"),
         "palette": _save(palette, "PNG"), "16-bit": encode(grey.astype(np.uint16) * 3, "PNG"),
-        "cmyk": _save(Image.fromarray(rgb).convert("CMYK"), "JPEG"), "bilevel": _save(Image.fromarray(grey > 99), "PNG"),
+        "cmyk": _save(Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+        "bilevel": _save(Image.fromarray(grey > 99), "PNG"),
     }
     for name, raw in files.items():
         want = _converted_as_before(raw)

@@ -267,4 +267,4 @@ def test_losses_module_imports_nothing_from_the_model() -> None:
             roots |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             roots.add((node.module or "").split(".")[0])
-    assert roots <= {"__future__", "dataclasses", "typing", "torch"}, roots
+    assert roots <= {"__future__", "collections", "dataclasses", "typing", "torch"}, roots

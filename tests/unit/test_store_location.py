@@ -134,9 +134,8 @@ def test_s3_errors_are_one_line_and_name_the_reason():
     from botocore.exceptions import ClientError
 
     def raised(code: str, missing: str | None = None) -> StoreError:
-        with pytest.raises(StoreError) as caught:
-            with s3.s3_errors("cannot read s3://b/k", "http://endpoint", missing):
-                raise ClientError({"Error": {"Code": code, "Message": "m"}}, "GetObject")
+        with pytest.raises(StoreError) as caught, s3.s3_errors("cannot read s3://b/k", "http://endpoint", missing):
+            raise ClientError({"Error": {"Code": code, "Message": "m"}}, "GetObject")
         return caught.value
 
     assert str(raised("NoSuchBucket")) == "cannot read s3://b/k: the bucket does not exist (endpoint http://endpoint)"
