@@ -28,10 +28,10 @@ compare: $(STAMP)
 BROWSER ?= 1
 BROWSER_TEST := tests/integration/test_serving.py::test_playground_upload_slider_scores_change
 ifeq ($(BROWSER),0)
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q --deselect $(BROWSER_TEST)
 else
-test: $(STAMP) browser-deps
+test: $(STAMP) lint browser-deps
 	$(PY) -m pytest -q
 endif
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -17,8 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from po_cluster.serving.gateway import GatewayService
 from po_cluster.serving.limits import ApiError, RequestGuard
-from po_cluster.serving.schemas import (ClassifyRequest, ClassifyResponse, EmbeddingsRequest, EmbeddingsResponse,
-                                        ErrorResponse, Health, ModelList)
+from po_cluster.serving.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ErrorResponse,
+    Health,
+    ModelList,
+)
 
 log = logging.getLogger("po_cluster.serving")
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -97,7 +105,7 @@ def make_api(service: GatewayService) -> FastAPI:
         "(σ_i ← σ_i^t; 0 = base model, 1 = the release) and optional σ overrides."))
     app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes, check_key=service.check_key)
     _handlers(app)
-    secured = {"dependencies": [Security(_bearer)], "responses": _ERRORS}
+    secured: dict[str, Any] = {"dependencies": [Security(_bearer)], "responses": _ERRORS}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 from po_cluster.serving.api import make_api
@@ -60,7 +61,9 @@ class AlignedModel:
         self.release = serve.multiplexed(max_num_models_per_replica=settings.max_releases_per_replica)(load)
         # Calls arrive as chunks already coalesced by the gateways; chunks that queue while a forward
         # runs are merged into the next one (no waiting: the gateways did that).
-        for batched in (self._classify_chunks, self._embed_chunks):
+        # Serve's batch wrappers carry this setter; its type stubs do not declare it.
+        wrappers: tuple[Any, ...] = (self._classify_chunks, self._embed_chunks)
+        for batched in wrappers:
             batched.set_max_batch_size(self.args.batching.max_batch_size)
 
     async def _run(self, fn: Callable, *args: Any) -> Any:
@@ -81,7 +84,7 @@ class AlignedModel:
         """Serve splits batches by release: every chunk here is for the current one."""
         release = await self._current()
         items = [item for chunk in chunks for item in chunk]
-        scores = await self._run(release.classify_many, *map(list, zip(*items)))
+        scores = await self._run(release.classify_many, *map(list, zip(*items, strict=True)))
         return _split(scores, [len(chunk) for chunk in chunks])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0)
@@ -129,8 +132,11 @@ def build_app(args: dict[str, Any]) -> Application:
     model, gateway = parsed.model, parsed.gateway
     scaling: dict[str, Any] = ({"autoscaling_config": model.autoscaling.model_dump(exclude_none=True)}
                                if model.autoscaling else {"num_replicas": model.num_replicas})
-    model_app = AlignedModel.options(
+    # @serve.deployment turned both classes into Deployments; mypy does not apply class decorators.
+    model_deployment, gateway_deployment = cast(Deployment, AlignedModel), cast(Deployment, GatewayDeployment)
+    model_app = model_deployment.options(
         ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
         max_ongoing_requests=model.max_ongoing_requests, **scaling).bind(plain)
-    return GatewayDeployment.options(ray_actor_options={"num_cpus": gateway.num_cpus}, num_replicas=gateway.num_replicas,
-                           max_ongoing_requests=gateway.max_ongoing_requests).bind(model_app, plain)
+    return gateway_deployment.options(
+        ray_actor_options={"num_cpus": gateway.num_cpus}, num_replicas=gateway.num_replicas,
+        max_ongoing_requests=gateway.max_ongoing_requests).bind(model_app, plain)

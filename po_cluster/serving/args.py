@@ -30,7 +30,7 @@ class Autoscaling(Strict):
     downscale_delay_s: float = Field(300, ge=0)
 
     @model_validator(mode="after")
-    def _order(self) -> "Autoscaling":
+    def _order(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be ≤ max_replicas")
         return self
@@ -77,7 +77,7 @@ class ServeArgs(Strict):
         return value
 
     @model_validator(mode="after")
-    def _batches_can_fill(self) -> "ServeArgs":
+    def _batches_can_fill(self) -> ServeArgs:
         if self.model.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("model.max_ongoing_requests must be ≥ batching.max_batch_size")
         return self

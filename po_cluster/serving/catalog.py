@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeGuard, TypeVar
 
 from po_cluster.serving.limits import ApiError
 from po_cluster.store.artifacts import MANIFEST, RELEASES, ArtifactStore, ReleaseInfo, StoreError, check_release_id
-
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ class ReleaseCatalog:
     def _unavailable(self, error: StoreError) -> ApiError:
         return ApiError(503, None, f"the release store is unavailable: {error}", "store_unavailable")
 
-    def _fresh(self, entry: tuple[float, T] | None, now: float) -> bool:
+    def _fresh(self, entry: tuple[float, T] | None, now: float) -> TypeGuard[tuple[float, T]]:
         return entry is not None and now - entry[0] < self.ttl_s
 
     def _within_ttl(self, slot: str, read: Callable[[], T]) -> T:

@@ -25,7 +25,9 @@ from po_cluster.store.artifacts import StoreError
 class HandleClient:
     def __init__(self, handle: DeploymentHandle, batching: Batching) -> None:
         self.handle = handle
-        for batched in (self._classify, self._embed):
+        # Serve's batch wrappers carry these setters; its type stubs do not declare them.
+        wrappers: tuple[Any, ...] = (self._classify, self._embed)
+        for batched in wrappers:
             batched.set_max_batch_size(batching.max_batch_size)
             batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
@@ -40,11 +42,12 @@ class HandleClient:
             raise ApiError(503, "model", f"release {release_id} cannot be served: {error}",
                            "release_unavailable") from None
 
-    async def _per_release(self, method: str, release_ids: list[str], items: list) -> list:
+    async def _per_release(self, method: str, batch: list[tuple[str, tuple]]) -> list:
         """One call per release in the batch; a release that cannot be served fails only its own requests."""
         groups: dict[str, list[int]] = {}
-        for i, release_id in enumerate(release_ids):
+        for i, (release_id, _) in enumerate(batch):
             groups.setdefault(release_id, []).append(i)
+        items = [item for _, item in batch]
 
         async def one(release_id: str, rows: list[int]) -> list:
             try:
@@ -54,25 +57,26 @@ class HandleClient:
 
         answers = await asyncio.gather(*(one(release_id, rows) for release_id, rows in groups.items()))
         out: list[Any] = [None] * len(items)
-        for rows, answer in zip(groups.values(), answers):
-            for i, value in zip(rows, answer):
+        for rows, answer in zip(groups.values(), answers, strict=True):
+            for i, value in zip(rows, answer, strict=True):
                 out[i] = value
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
-    async def _classify(self, release_ids: list[str], items: list[tuple]) -> list[Scores | ApiError]:
-        return await self._per_release("classify", release_ids, items)
+    async def _classify(self, batch: list[tuple[str, tuple]]) -> list[Scores | ApiError]:
+        # One argument per request, (release id, item): the form Serve's batch types describe.
+        return await self._per_release("classify", batch)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
-    async def _embed(self, release_ids: list[str], requests: list[tuple]) -> list[EmbedResult | ApiError]:
-        return await self._per_release("embed", release_ids, requests)
+    async def _embed(self, batch: list[tuple[str, tuple]]) -> list[EmbedResult | ApiError]:
+        return await self._per_release("embed", batch)
 
     async def classify(self, release_id: str, image: np.ndarray, prompts: list[str], knob: Knob) -> Scores:
-        return _answer(await self._classify(release_id, (image, prompts, knob)))
+        return _answer(await self._classify((release_id, (image, prompts, knob))))
 
     async def embed(self, release_id: str, images: list[np.ndarray], texts: list[str],
                     knob: Knob) -> EmbedResult:
-        return _answer(await self._embed(release_id, (images, texts, knob)))
+        return _answer(await self._embed((release_id, (images, texts, knob))))
 
     async def health(self) -> dict[str, Any]:
         return await self.handle.health.remote()

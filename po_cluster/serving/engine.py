@@ -60,7 +60,7 @@ class ReleaseModel:
 
     @classmethod
     def load(cls, release_id: str, folder: Path, text_cache_size: int = 4096, device: str = "cpu",
-             max_forward: int = 64, verify: bool = True) -> "ReleaseModel":
+             max_forward: int = 64, verify: bool = True) -> ReleaseModel:
         """verify=False for a folder pull_release has just returned (and verified)."""
         from po_cluster.model.checkpoint import load_checkpoint
 
@@ -89,7 +89,7 @@ class ReleaseModel:
             tokens = self.model.tokens(part).to(self.device)
             features = self.model.encode_text(tokens)
             counts = (tokens != 0).sum(dim=1).tolist()  # open_clip pads with 0
-            for text, feature, count in zip(part, features, counts):
+            for text, feature, count in zip(part, features, counts, strict=True):
                 self._texts[text] = (feature, int(count))
         found = [self._texts[t] for t in texts]
         for text in texts:
@@ -134,9 +134,10 @@ class ReleaseModel:
         image_rows = self.project(self.image_features(images), knobs)
         flat = [text for group in prompts for text in group]
         text_features, _ = self.text_features(flat)
-        text_rows = self.project(text_features, [knob for group, knob in zip(prompts, knobs) for _ in group])
+        text_knobs = [knob for group, knob in zip(prompts, knobs, strict=True) for _ in group]
+        text_rows = self.project(text_features, text_knobs)
         out, start = [], 0
-        for image_row, group in zip(image_rows, prompts):
+        for image_row, group in zip(image_rows, prompts, strict=True):
             logits, probabilities = self.scores(image_row, text_rows[start:start + len(group)])
             out.append((logits.tolist(), probabilities.tolist()))
             start += len(group)
@@ -150,16 +151,17 @@ class ReleaseModel:
         image_knobs = [knob for request_images, _, knob in requests for _ in request_images]
         texts = [text for _, request_texts, _ in requests for text in request_texts]
         text_knobs = [knob for _, request_texts, knob in requests for _ in request_texts]
-        image_rows = self.project(self.image_features(images), image_knobs).numpy() if images else None
-        text_rows, counts = None, []
+        empty = np.zeros((0, 0), dtype=np.float32)  # sliced to [] for a request with no images (or texts)
+        image_rows = self.project(self.image_features(images), image_knobs).numpy() if images else empty
+        text_rows, counts = empty, list[int]()
         if texts:
             features, counts = self.text_features(texts)
             text_rows = self.project(features, text_knobs).numpy()
         out, image_start, text_start = [], 0, 0
         for request_images, request_texts, _ in requests:
             n, m = len(request_images), len(request_texts)
-            out.append((list(image_rows[image_start:image_start + n]) if n else [],
-                        list(text_rows[text_start:text_start + m]) if m else [],
+            out.append((list(image_rows[image_start:image_start + n]),
+                        list(text_rows[text_start:text_start + m]),
                         int(sum(counts[text_start:text_start + m]))))
             image_start, text_start = image_start + n, text_start + m
         return out

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,11 +18,33 @@ from po_cluster.serving.args import ServeArgs
 from po_cluster.serving.auth import ApiKeys
 from po_cluster.serving.catalog import ReleaseCatalog, ReleaseMeta
 from po_cluster.serving.engine import Knob
-from po_cluster.serving.limits import (ApiError, check_input_count, check_labels, check_overrides, check_t,
-                                       check_template, check_text, decode_image, fill_template, rss_bytes)
-from po_cluster.serving.schemas import (ClassifyRequest, ClassifyResponse, Embedding, EmbeddingsRequest,
-                                        EmbeddingsResponse, Health, ImageInput, Knobs, ModelCard, ModelList,
-                                        ProcessInfo, Score, Usage)
+from po_cluster.serving.limits import (
+    ApiError,
+    check_input_count,
+    check_labels,
+    check_overrides,
+    check_t,
+    check_template,
+    check_text,
+    decode_image,
+    fill_template,
+    rss_bytes,
+)
+from po_cluster.serving.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    Embedding,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    Health,
+    ImageInput,
+    Knobs,
+    ModelCard,
+    ModelList,
+    ProcessInfo,
+    Score,
+    Usage,
+)
 from po_cluster.store.artifacts import open_store
 
 INLINE_DECODE_CHARS = 64 << 10  # base64 characters of an image decoded on the event loop itself
@@ -60,7 +83,9 @@ class GatewayService:
         t = check_t(request.t, self.limits)
         name = self.args.default_release if request.model == "latest" else request.model
         # The store is asked (off the event loop) only when the cache cannot answer.
-        meta = self.catalog.cached(name) or await asyncio.to_thread(self.catalog.resolve, name)
+        meta = self.catalog.cached(name)
+        if meta is None:
+            meta = await asyncio.to_thread(self.catalog.resolve, name)
         return meta, Knob(t, check_overrides(request.sigma_overrides, meta.embed_dim, self.limits))
 
     async def _image(self, value: str, param: str) -> np.ndarray:
@@ -102,7 +127,8 @@ class GatewayService:
         images = [await self._image(data, f"input.{i}.image") for i, data in encoded]
         image_vectors, text_vectors, tokens = await self.model.embed(
             meta.release_id, images, [text for _, text in texts], knob)
-        vectors = dict(zip([i for i, _ in encoded], image_vectors)) | dict(zip([i for i, _ in texts], text_vectors))
+        vectors = (dict(zip([i for i, _ in encoded], image_vectors, strict=True))
+                   | dict(zip([i for i, _ in texts], text_vectors, strict=True)))
         data = [Embedding(index=i, embedding=_vector(vectors[i], request.encoding_format)) for i in sorted(vectors)]
         return EmbeddingsResponse(data=data, model=meta.release_id,
                                   usage=Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -31,7 +31,7 @@ SERVE_ENV = {
 LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
-def enable(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> dict[str, str]:
+def enable(environ: os._Environ[str] | dict[str, str] = os.environ) -> dict[str, str]:
     """Set the high-throughput ingress variables for a local Ray where they are unset; returns what is now
     in effect."""
     for name, value in {**SERVE_ENV, **LOCAL_ENV}.items():

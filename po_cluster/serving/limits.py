@@ -13,7 +13,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,7 +43,7 @@ class Limits(BaseModel):
     max_sigma: float = Field(1e4, gt=0, allow_inf_nan=False, description="largest σ override value")
 
     @model_validator(mode="after")
-    def _t_range(self) -> "Limits":
+    def _t_range(self) -> Limits:
         if not self.t_min <= 0 < 1 <= self.t_max:
             raise ValueError("t_min ≤ 0 and t_max ≥ 1 are required (t = 0 and t = 1 must be servable)")
         return self

@@ -182,10 +182,10 @@ def publish_example_release(store_uri: str, release_id: str, workdir: str, seed:
 
     import torch
 
-    from po_cluster.model.checkpoint import model_description, save_checkpoint
     from po_cluster.config import ModelConfig
     from po_cluster.data import world
     from po_cluster.model.aligned import AlignedCLIP
+    from po_cluster.model.checkpoint import model_description, save_checkpoint
     from po_cluster.model.loading import load_clip
     from po_cluster.store.artifacts import open_store
 

@@ -9,7 +9,7 @@ refused (the server never fetches anything a request names).
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,12 +42,12 @@ class ImageInput(Strict):
     image: str = Field(description="base64 of a PNG/JPEG/WebP file, or a data:image/…;base64,… URL")
 
 
-InputObject = Annotated[Union[TextInput, ImageInput], Field(discriminator="type")]
-InputItem = Union[str, InputObject]
+InputObject = Annotated[TextInput | ImageInput, Field(discriminator="type")]
+InputItem = str | InputObject
 
 
 class EmbeddingsRequest(Knobs):
-    input: Union[str, list[InputItem]] = Field(
+    input: str | list[InputItem] = Field(
         description='a text, or a list of texts (strings or {"type":"text"}) and images ({"type":"image"})')
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="float: a JSON list; base64: little-endian float32 bytes (as OpenAI clients ask)")
@@ -64,7 +64,7 @@ class ClassifyRequest(Knobs):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[list[float], str]
+    embedding: list[float] | str
 
 
 class Usage(BaseModel):
