@@ -76,8 +76,7 @@ def _validation_error(error: RequestValidationError) -> ApiError:
 
 
 def _json_error(error: ApiError) -> JSONResponse:
-    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers() or None)
 
 
 def _handlers(app: FastAPI) -> None:

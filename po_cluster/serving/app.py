@@ -134,9 +134,13 @@ def build_app(args: dict[str, Any]) -> Application:
                                if model.autoscaling else {"num_replicas": model.num_replicas})
     # @serve.deployment turned both classes into Deployments; mypy does not apply class decorators.
     model_deployment, gateway_deployment = cast(Deployment, AlignedModel), cast(Deployment, GatewayDeployment)
+    # max_queued_requests: past that, Serve answers BackPressureError at once instead of queueing
+    # without bound (the client maps it to a 503 with Retry-After; the proxy does the same for HTTP).
     model_app = model_deployment.options(
         ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
-        max_ongoing_requests=model.max_ongoing_requests, **scaling).bind(plain)
+        max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
+        **model.draining.model_dump(), **scaling).bind(plain)
     return gateway_deployment.options(
         ray_actor_options={"num_cpus": gateway.num_cpus}, num_replicas=gateway.num_replicas,
-        max_ongoing_requests=gateway.max_ongoing_requests).bind(model_app, plain)
+        max_ongoing_requests=gateway.max_ongoing_requests, max_queued_requests=gateway.max_queued_requests,
+        **gateway.draining.model_dump()).bind(model_app, plain)

@@ -6,6 +6,7 @@ from pydantic import Field, field_validator, model_validator
 from po_cluster.config import Strict
 from po_cluster.serving.auth import AuthArgs
 from po_cluster.serving.limits import Limits
+from po_cluster.serving.ratelimit import RateLimit
 from po_cluster.store.artifacts import StoreError, StoreSettings, check_release_id
 
 
@@ -36,22 +37,37 @@ class Autoscaling(Strict):
         return self
 
 
+class Draining(Strict):
+    """How a replica that is being stopped (rolling update, downscale) drains: Serve stops routing to it,
+    then waits until it has nothing in flight (checked every wait_loop_s), at most timeout_s."""
+
+    graceful_shutdown_wait_loop_s: float = Field(2, ge=0)
+    graceful_shutdown_timeout_s: float = Field(30, ge=0)
+
+
 class ModelDeploymentArgs(Strict):
     num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per model replica")
     num_gpus: float = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own)")
-    num_replicas: int = Field(1, ge=1, description="fixed replica count, used when autoscaling is not set")
+    num_replicas: int = Field(2, ge=1, description="fixed replica count, used when autoscaling is not set; "
+                                                   "2 so that losing one drops nothing")
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: int = Field(64, ge=1, description="calls in flight per replica, each a gateway "
                                                              "batch; ≥ max_batch_size")
+    max_queued_requests: int = Field(64, ge=1, description="calls a gateway replica queues for the model "
+                                     "deployment beyond those in flight; more are a 503 at once")
+    draining: Draining = Draining()
     max_releases_per_replica: int = Field(2, ge=1, description="releases held in memory (LRU), multiplexing")
     text_cache_size: int = Field(4096, ge=0, description="text embeddings g(y) cached per release")
 
 
 class GatewayArgs(Strict):
     num_cpus: float = Field(0.5, ge=0)
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(2, ge=1, description="2 so that losing one (or a rolling update) drops nothing")
     max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(512, ge=1, description="requests the proxy queues for the gateway "
+                                     "beyond those in flight; more are a 503 at once")
+    draining: Draining = Draining()
 
 
 class ServeArgs(Strict):
@@ -65,6 +81,7 @@ class ServeArgs(Strict):
     model: ModelDeploymentArgs = ModelDeploymentArgs()
     gateway: GatewayArgs = GatewayArgs()
     auth: AuthArgs = AuthArgs()
+    rate_limit: RateLimit = RateLimit()
 
     @field_validator("default_release")
     @classmethod

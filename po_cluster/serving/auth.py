@@ -71,9 +71,10 @@ class ApiKeys:
                     raise ValueError(f"api keys: cannot read the secret file {path}: {error.strerror}") from None
                 # later (a secret being swapped): keep the keys we had
 
-    def check(self, authorization: str | None) -> None:
+    def check(self, authorization: str | None) -> str:
+        """The id of the request's key (a digest prefix, safe to log), "anonymous" when no keys are asked."""
         if not self.enabled:
-            return
+            return "anonymous"
         self._refresh()
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
@@ -82,3 +83,4 @@ class ApiKeys:
         given = _digest(key.strip())
         if not any([hmac.compare_digest(given, digest) for digest in self._digests]):  # no early exit
             raise ApiError(401, "authorization", "the API key is not valid", "invalid_api_key")
+        return given.hex()[:16]

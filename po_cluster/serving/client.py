@@ -6,6 +6,10 @@ deployment, routed there by `multiplexed_model_id`. A call's cost (routing,
 serialisation, the replica's request machinery) is then paid once per batch
 instead of once per request. Several batches may be in flight at once, so the
 gateway keeps decoding and validating while the model computes.
+
+A call whose replica died or was draining is sent once more (classify and embed are
+idempotent), and Serve's router picks a live replica for it; a call that still
+cannot be placed, or that Serve's back-pressure refuses, is a 503 with Retry-After.
 """
 from __future__ import annotations
 
@@ -14,12 +18,22 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 
 from po_cluster.serving.args import Batching
 from po_cluster.serving.engine import EmbedResult, Knob, Scores
 from po_cluster.serving.limits import ApiError
 from po_cluster.store.artifacts import StoreError
+
+# A replica that died (ActorDiedError is a RayActorError) or is going away: another may answer.
+_LOST_REPLICA = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
+RETRY_AFTER_S = 1.0
 
 
 class HandleClient:
@@ -37,10 +51,19 @@ class HandleClient:
 
         target = getattr(self.handle.options(multiplexed_model_id=release_id), method)
         try:
-            return await target.remote(items)
+            try:
+                return await target.remote(items)
+            except _LOST_REPLICA:
+                return await target.remote(items)  # once more: the router has dropped the lost replica
         except (StoreError, CheckpointError, ModelLoadError) as error:  # a broken release: ours, not the caller's
             raise ApiError(503, "model", f"release {release_id} cannot be served: {error}",
-                           "release_unavailable") from None
+                           "release_unavailable", retry_after_s=RETRY_AFTER_S) from None
+        except BackPressureError:
+            raise ApiError(503, None, "the model deployment is at capacity, retry shortly", "overloaded",
+                           retry_after_s=RETRY_AFTER_S) from None
+        except (*_LOST_REPLICA, DeploymentUnavailableError) as error:
+            raise ApiError(503, None, f"no model replica could answer ({type(error).__name__}), retry shortly",
+                           "replica_unavailable", retry_after_s=RETRY_AFTER_S) from None
 
     async def _per_release(self, method: str, batch: list[tuple[str, tuple]]) -> list:
         """One call per release in the batch; a release that cannot be served fails only its own requests."""

@@ -30,6 +30,7 @@ from po_cluster.serving.limits import (
     fill_template,
     rss_bytes,
 )
+from po_cluster.serving.ratelimit import TokenBuckets
 from po_cluster.serving.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -74,10 +75,12 @@ class GatewayService:
         # Pillow's own bomb guard at our limit too (it raises above twice this), should a path skip ours.
         Image.MAX_IMAGE_PIXELS = args.limits.max_image_pixels
         self.keys = ApiKeys(args.auth, environ)
+        self.buckets = TokenBuckets(args.rate_limit)
         self.catalog = ReleaseCatalog(open_store(args.store, args.store_settings), args.latest_ttl_s)
 
     def check_key(self, authorization: str | None) -> None:
-        self.keys.check(authorization)
+        """The key (401), then its rate (429): both before anything of the request is read."""
+        self.buckets.take(self.keys.check(authorization))
 
     async def _knob(self, request: Knobs) -> tuple[ReleaseMeta, Knob]:
         t = check_t(request.t, self.limits)

@@ -3,7 +3,8 @@
 Each check raises `ApiError(status, param, message, code)`; the HTTP layer writes it
 as `{"error": {"message", "type", "param", "code"}}`, `param` naming the field.
 Status codes: 400 unreadable body, 401 key, 404 release, 413 too large,
-415 image format, 422 anything else about a field.
+415 image format, 422 anything else about a field, 429 over the key's rate,
+503 no replica can take it now (both with Retry-After).
 """
 from __future__ import annotations
 
@@ -54,11 +55,20 @@ class ApiError(Exception):
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_request_error",
-             503: "service_unavailable"}
+             429: "rate_limit_error", 503: "service_unavailable"}
 
-    def __init__(self, status: int, param: str | None, message: str, code: str) -> None:
+    def __init__(self, status: int, param: str | None, message: str, code: str,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status, self.param, self.message, self.code = status, param, message, code
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        """The HTTP headers the status asks for: the scheme of a 401, when to come back after a 429/503."""
+        out = {"www-authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after_s is not None:  # whole seconds (RFC 9110), at least 1
+            out["retry-after"] = str(max(1, math.ceil(self.retry_after_s)))
+        return out
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
@@ -191,9 +201,8 @@ class RequestGuard:
     async def _refuse(self, send: Any, error: ApiError) -> None:
         body = json.dumps(error.body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if error.status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
-        else:  # the rest of an oversized body is not read: this connection cannot carry another request
+        headers += [(name.encode(), value.encode()) for name, value in error.headers().items()]
+        if error.status != 401:  # the rest of the body is not read: this connection cannot carry another request
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
