@@ -32,7 +32,7 @@ log = logging.getLogger("po_cluster.serving")
 PLAYGROUND = Path(__file__).with_name("playground.html")
 # Documents the scheme in the OpenAPI document only; RequestGuard does the checking, before any parsing.
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the server is configured with keys")
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503)}
 _PAGE_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; "
                  "style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'; form-action 'none'"}
 
@@ -90,7 +90,9 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _json_error(ApiError(error.status_code, None, str(error.detail), f"http_{error.status_code}"))
+        answer = _json_error(ApiError(error.status_code, None, str(error.detail), f"http_{error.status_code}"))
+        answer.headers.update(error.headers or {})  # a 405's Allow, Starlette's
+        return answer
 
     @app.exception_handler(Exception)
     async def crash(request: Request, error: Exception) -> JSONResponse:
@@ -104,7 +106,9 @@ def make_api(service: GatewayService) -> FastAPI:
         "(σ_i ← σ_i^t; 0 = base model, 1 = the release) and optional σ overrides."))
     app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes, check_key=service.check_key)
     _handlers(app)
-    secured: dict[str, Any] = {"dependencies": [Security(_bearer)], "responses": _ERRORS}
+    # The bearer scheme is in the document only when keys are asked: otherwise it would be a false promise.
+    secured: dict[str, Any] = {"dependencies": [Security(_bearer)] if service.keys.enabled else [],
+                               "responses": _ERRORS}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:

@@ -49,8 +49,8 @@ class ModelDeploymentArgs(Strict):
     num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per model replica")
     num_gpus: float = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own)")
-    num_replicas: int = Field(2, ge=1, description="fixed replica count, used when autoscaling is not set; "
-                                                   "2 so that losing one drops nothing")
+    num_replicas: int = Field(1, ge=1, description="fixed replica count, used when autoscaling is not set "
+                              "(1 for a laptop's `po-cluster serve`; the shipped configs run ≥ 2)")
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: int = Field(64, ge=1, description="calls in flight per replica, each a gateway "
                                                              "batch; ≥ max_batch_size")
@@ -63,7 +63,8 @@ class ModelDeploymentArgs(Strict):
 
 class GatewayArgs(Strict):
     num_cpus: float = Field(0.5, ge=0)
-    num_replicas: int = Field(2, ge=1, description="2 so that losing one (or a rolling update) drops nothing")
+    num_replicas: int = Field(1, ge=1, description="the shipped configs run 2, so that losing one (or a "
+                              "rolling update) drops nothing")
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(512, ge=1, description="requests the proxy queues for the gateway "
                                      "beyond those in flight; more are a 503 at once")

@@ -27,6 +27,7 @@ from po_cluster.serving.limits import (
     decode_image,
     fill_template,
 )
+from po_cluster.serving.ratelimit import RateLimit, TokenBuckets
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = Limits(max_image_pixels=10_000, max_image_bytes=50_000)
@@ -182,3 +183,69 @@ def test_serve_config_yaml_is_a_serve_deploy_config_whose_args_build_the_app():
     assert args.model.autoscaling is not None and args.auth.api_keys_file
     application = build_app(app_config.args)  # binds the deployments; needs no cluster
     assert type(application).__name__ == "Application"
+
+
+def test_refusals_carry_their_headers():
+    assert ApiError(401, "authorization", "no", "missing_api_key").headers() == {"www-authenticate": "Bearer"}
+    assert ApiError(429, None, "slow down", "rate_limited", retry_after_s=0.2).headers() == {"retry-after": "1"}
+    assert ApiError(503, None, "later", "overloaded", retry_after_s=2.5).headers() == {"retry-after": "3"}
+    assert ApiError(422, "t", "bad", "t_out_of_range").headers() == {}
+
+
+def test_token_bucket_per_key_id_refuses_with_the_wait():
+    now = [0.0]
+    buckets = TokenBuckets(RateLimit(rate_per_s=2, burst=3), clock=lambda: now[0])
+    for _ in range(3):
+        buckets.take("a")
+    with pytest.raises(ApiError) as caught:
+        buckets.take("a")
+    assert caught.value.status == 429 and caught.value.headers()["retry-after"] == "1"
+    assert caught.value.retry_after_s == pytest.approx(0.5)
+    buckets.take("b")  # another key has its own bucket
+    now[0] = 0.5  # one token back after 1/rate s
+    buckets.take("a")
+    with pytest.raises(ApiError):
+        buckets.take("a")
+    unlimited = TokenBuckets(RateLimit())
+    for _ in range(1000):
+        unlimited.take("anonymous")
+
+
+def test_key_id_is_a_digest_not_the_key(tmp_path):
+    secret = tmp_path / "keys"
+    secret.write_text("key-one\nkey-two\n")
+    keys = ApiKeys(AuthArgs(api_keys_file=str(secret)))
+    one, two = keys.check("Bearer key-one"), keys.check("Bearer key-two")
+    assert one != two and "key-one" not in one and len(one) == 16
+    assert ApiKeys(AuthArgs()).check(None) == "anonymous"
+
+
+def test_rate_limited_request_is_refused_before_its_body_is_read():
+    buckets = TokenBuckets(RateLimit(rate_per_s=1, burst=1))
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not run")
+
+    async def receive():
+        raise AssertionError("the body must not be read")
+
+    async def send(message):
+        sent.append(message)
+
+    guard = RequestGuard(app, 100, check_key=lambda header: buckets.take("anonymous"))
+    buckets.take("anonymous")
+    scope = {"type": "http", "path": "/v1/classify", "headers": []}
+    asyncio.run(guard(scope, receive, send))
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 429 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+
+
+def test_shipped_configs_run_two_of_each_and_drain():
+    for args in (ServeArgs.model_validate(yaml.safe_load((ROOT / "serve/config.yaml").read_text())
+                                          ["applications"][0]["args"]),):
+        model = args.model
+        assert (model.autoscaling.min_replicas if model.autoscaling else model.num_replicas) >= 2
+        assert args.gateway.num_replicas >= 2
+        assert model.draining.graceful_shutdown_timeout_s > 0 and args.gateway.draining.graceful_shutdown_timeout_s > 0
+        assert args.rate_limit.rate_per_s is not None
