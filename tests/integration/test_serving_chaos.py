@@ -1,0 +1,118 @@
+"""Losing replicas under load: a real Serve app on 127.0.0.1, 16 client threads, replicas killed with ray.kill.
+
+With 2 gateway and 2 model replicas no client sees an error; with 1 of each, what fails is a 503
+with Retry-After, never a 500 or a dropped connection. Bounded: ≤ 25 s of load per case.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from po_cluster.data import world
+from serving_helpers import b64, encode
+
+pytestmark = pytest.mark.integration
+THREADS, LOAD_S = 16, 20.0
+
+
+def _classify_body() -> bytes:
+    image = b64(encode(world.image_set("clean", 1, seed=5).images[0]))
+    return json.dumps({"image": image, "labels": list(world.SHAPES)[:3]}).encode()
+
+
+def _one(port: int, body: bytes) -> str:
+    """'200', '503+retry-after', or what else happened (a status, or the exception's name)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v1/classify", body, {"content-type": "application/json"})
+        response = conn.getresponse()
+        raw = response.read()
+        if response.status not in (200, 503):
+            print(f"{time.monotonic():.1f} {response.status} {raw[:200]!r}")
+        if response.status == 503 and response.getheader("retry-after"):
+            return "503+retry-after"
+        return str(response.status)
+    except (OSError, http.client.HTTPException) as error:
+        print(f"{time.monotonic():.1f} {type(error).__name__}")
+        return type(error).__name__
+    finally:
+        conn.close()
+
+
+def _replica_actor(deployment: str):
+    """A live replica actor of `deployment`, by its Serve name (no dashboard needed for named actors)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"]]
+    assert names, f"no live {deployment} replica"
+    return ray.get_actor(names[0], namespace="serve")
+
+
+def _load_and_kill(port: int, kills: list[tuple[float, str]]) -> Counter:
+    """THREADS clients for LOAD_S seconds; at each (second, deployment) one replica of it is killed."""
+    import ray
+
+    body, outcomes, lock = _classify_body(), Counter(), threading.Lock()
+    stop = time.monotonic() + LOAD_S
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            outcome = _one(port, body)
+            with lock:
+                outcomes[outcome] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(THREADS)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for at, deployment in kills:
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        ray.kill(_replica_actor(deployment), no_restart=False)
+        print(f"{time.monotonic():.1f} killed a {deployment} replica")
+    for thread in threads:
+        thread.join(timeout=LOAD_S + 60)
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from po_cluster.serving.local import publish_example_release
+
+    root = tmp_path_factory.mktemp("chaos")
+    publish_example_release(str(root / "store"), "r-main", str(root / "checkpoints"), seed=0)
+    return root
+
+
+def _start(store, replicas: int):
+    from po_cluster.serving.local import start_local
+
+    args = {"store": str(store / "store"), "store_settings": {"cache_dir": str(store / "cache")},
+            "batching": {"max_batch_size": 8},
+            "model": {"num_cpus": 0, "torch_threads": 1, "num_replicas": replicas},
+            "gateway": {"num_cpus": 0, "num_replicas": replicas}}
+    return start_local(args, num_cpus=2)
+
+
+@pytest.mark.parametrize("replicas", [2, 1])
+def test_killing_replicas_under_load(store, replicas):
+    from urllib.parse import urlsplit
+
+    server = _start(store, replicas)
+    try:
+        port = urlsplit(server.url).port
+        outcomes = _load_and_kill(port, [(5.0, "AlignedModel"), (12.0, "Gateway")])
+    finally:
+        server.stop()
+    print(f"{replicas}+{replicas} replicas: {dict(outcomes)}")
+    assert outcomes["200"] > 0
+    failures = {k: v for k, v in outcomes.items() if k != "200"}
+    if replicas >= 2:
+        assert failures == {}, f"client errors with 2 of each replica: {failures}"
+    else:
+        assert set(failures) <= {"503+retry-after"}, f"failures other than 503 + Retry-After: {failures}"
