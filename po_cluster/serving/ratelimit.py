@@ -11,14 +11,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from po_cluster.config import Strict
 from po_cluster.serving.limits import ApiError
 
 
-class RateLimit(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class RateLimit(Strict):
     rate_per_s: float | None = Field(None, gt=0, description="requests a second per key and gateway replica; "
                                                              "unset: no rate limit")
     burst: int = Field(32, ge=1, description="requests a key may send at once after being idle")

@@ -242,10 +242,9 @@ def test_rate_limited_request_is_refused_before_its_body_is_read():
 
 
 def test_shipped_configs_run_two_of_each_and_drain():
-    for args in (ServeArgs.model_validate(yaml.safe_load((ROOT / "serve/config.yaml").read_text())
-                                          ["applications"][0]["args"]),):
-        model = args.model
-        assert (model.autoscaling.min_replicas if model.autoscaling else model.num_replicas) >= 2
-        assert args.gateway.num_replicas >= 2
-        assert model.draining.graceful_shutdown_timeout_s > 0 and args.gateway.draining.graceful_shutdown_timeout_s > 0
-        assert args.rate_limit.rate_per_s is not None
+    args = ServeArgs.model_validate(yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"][0]["args"])
+    model = args.model
+    assert (model.autoscaling.min_replicas if model.autoscaling else model.num_replicas) >= 2
+    assert args.gateway.num_replicas >= 2
+    assert model.draining.graceful_shutdown_timeout_s > 0 and args.gateway.draining.graceful_shutdown_timeout_s > 0
+    assert args.rate_limit.rate_per_s is not None
