@@ -26,13 +26,23 @@ from po_cluster.serving.schemas import (
     ErrorResponse,
     Health,
     ModelList,
+    request_models,
 )
 
 log = logging.getLogger("po_cluster.serving")
 PLAYGROUND = Path(__file__).with_name("playground.html")
 # Documents the scheme in the OpenAPI document only; RequestGuard does the checking, before any parsing.
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the server is configured with keys")
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503)}
+_WHY = {400: "the body is not JSON, or Content-Length is not a number", 401: "API key missing or not valid",
+        404: "no such release", 413: "body, image bytes or image pixels over the limit (the connection is closed)",
+        415: "image format not allowed", 422: "a field breaks a rule (error.param names it)",
+        429: "over the API key's rate", 503: "no model replica can answer now, or a release cannot be loaded"}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer",
+                                                                                            "minimum": 1}}}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    413: {"Connection": {"description": "close", "schema": {"type": "string"}}},
+    429: _RETRY_AFTER, 503: _RETRY_AFTER}
 _PAGE_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; "
                  "style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'; form-action 'none'"}
 
@@ -52,7 +62,7 @@ def _param(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-_BRANCH_MISMATCH = ("string_type", "dict_type", "model_attributes_type")
+_BRANCH_MISMATCH = ("string_type", "list_type", "dict_type", "model_attributes_type")
 
 
 def _precision(error: dict) -> tuple[int, bool]:
@@ -100,35 +110,49 @@ def _handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(500, None, "internal error", "internal_error").body(), status_code=500)
 
 
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers an operation really gives, each with its headers."""
+    return {code: {"model": ErrorResponse, "description": _WHY[code], "headers": _HEADERS.get(code, {})}
+            for code in sorted(codes)}
+
+
 def make_api(service: GatewayService) -> FastAPI:
     app = FastAPI(title="po-cluster serving", version="1", description=(
         "Aligned CLIP (adjustable σ) embeddings and zero-shot classification. Every call takes t "
-        "(σ_i ← σ_i^t; 0 = base model, 1 = the release) and optional σ overrides."))
+        "(σ_i ← σ_i^t; 0 = base model, 1 = the release) and optional σ overrides. A method a path does "
+        "not serve is a 405 with Allow."))
     app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes, check_key=service.check_key)
     _handlers(app)
-    # The bearer scheme is in the document only when keys are asked: otherwise it would be a false promise.
-    secured: dict[str, Any] = {"dependencies": [Security(_bearer)] if service.keys.enabled else [],
-                               "responses": _ERRORS}
+    # Every path's body is read by the guard (400, 413); keys (401) and rates (429) only where configured:
+    # a status or scheme the server cannot give would be a false promise.
+    guarded = (400, 413) + ((401,) if service.keys.enabled else ()) + \
+        ((429,) if service.args.rate_limit.rate_per_s is not None else ())
+    security: dict[str, Any] = {"dependencies": [Security(_bearer)] if service.keys.enabled else []}
+    # This server's limits as the request bodies' constraints: what /openapi.json says is what is validated.
+    requests = request_models(service.limits)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
 
-    @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
+    @app.get("/healthz", response_model=Health, responses=_errors(400, 413, 503))
     async def healthz() -> Health:
         return await service.health()
 
-    @app.get("/v1/models", response_model=ModelList, **secured)
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(*guarded, 503), **security)
     async def models() -> ModelList:
         return await service.models()
 
-    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, **secured)
     async def embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
         return await service.embeddings(body)
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, **secured)
     async def classify(body: ClassifyRequest) -> ClassifyResponse:
         return await service.classify(body)
 
+    # FastAPI reads the body's model from the annotation: this app's classes, bound before registering.
+    embeddings.__annotations__["body"], classify.__annotations__["body"] = requests.embeddings, requests.classify
+    for path, endpoint, response in (("/v1/embeddings", embeddings, EmbeddingsResponse),
+                                     ("/v1/classify", classify, ClassifyResponse)):
+        app.post(path, response_model=response, responses=_errors(*guarded, 404, 415, 422, 503),
+                 **security)(endpoint)
     return app
-

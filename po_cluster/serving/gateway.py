@@ -20,12 +20,7 @@ from po_cluster.serving.catalog import ReleaseCatalog, ReleaseMeta
 from po_cluster.serving.engine import Knob
 from po_cluster.serving.limits import (
     ApiError,
-    check_input_count,
-    check_labels,
     check_overrides,
-    check_t,
-    check_template,
-    check_text,
     decode_image,
     fill_template,
     rss_bytes,
@@ -83,13 +78,12 @@ class GatewayService:
         self.buckets.take(self.keys.check(authorization))
 
     async def _knob(self, request: Knobs) -> tuple[ReleaseMeta, Knob]:
-        t = check_t(request.t, self.limits)
         name = self.args.default_release if request.model == "latest" else request.model
         # The store is asked (off the event loop) only when the cache cannot answer.
         meta = self.catalog.cached(name)
         if meta is None:
             meta = await asyncio.to_thread(self.catalog.resolve, name)
-        return meta, Knob(t, check_overrides(request.sigma_overrides, meta.embed_dim, self.limits))
+        return meta, Knob(float(request.t), check_overrides(request.sigma_overrides, meta.embed_dim))
 
     async def _image(self, value: str, param: str) -> np.ndarray:
         if len(value) <= INLINE_DECODE_CHARS:  # small: a thread hop would cost more than the decode
@@ -97,9 +91,7 @@ class GatewayService:
         return await asyncio.to_thread(decode_image, value, param, self.limits)
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
-        labels = check_labels(request.labels, self.limits)
-        if request.prompt_template is not None:
-            check_template(request.prompt_template, self.limits)
+        labels = request.labels
         meta, knob = await self._knob(request)
         template = request.prompt_template or meta.prompt_template
         image = await self._image(request.image, "image")
@@ -109,19 +101,17 @@ class GatewayService:
         return ClassifyResponse(model=meta.release_id, t=knob.t, prompt_template=template, scores=[
             Score(label=labels[i], index=i, probability=probabilities[i], logit=logits[i]) for i in order])
 
-    def _split_inputs(self, request: EmbeddingsRequest) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-        """(index, text) and (index, base64) pairs, each text checked; images are decoded later."""
+    @staticmethod
+    def _split_inputs(request: EmbeddingsRequest) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """(index, text) and (index, base64) pairs (the texts were checked with the request); images are
+        decoded later."""
         items = [request.input] if isinstance(request.input, str) else request.input
-        check_input_count(len(items), self.limits)
         texts, images = [], []
         for i, item in enumerate(items):
             if isinstance(item, ImageInput):
                 images.append((i, item.image))
             else:
-                text = item if isinstance(item, str) else item.text
-                param = "input" if isinstance(request.input, str) else \
-                    (f"input.{i}" if isinstance(item, str) else f"input.{i}.text")
-                texts.append((i, check_text(text, param, self.limits)))
+                texts.append((i, item if isinstance(item, str) else item.text))
         return texts, images
 
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:

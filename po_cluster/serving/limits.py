@@ -24,7 +24,8 @@ from po_cluster.data import images
 
 ImageFormat = Literal["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]
 _URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
-_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+# Lower case, as browsers write it and as the OpenAPI document's pattern says (it cannot say "any case").
+_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
 # The image path's refusals that are not 422: too many pixels (413), a format not allowed (415).
 _REFUSED_STATUS = {"image_too_many_pixels": 413, "unsupported_image_format": 415}
 
@@ -78,71 +79,21 @@ class ApiError(Exception):
 # ---------------------------------------------------------------- knobs and texts
 
 
-def check_t(t: float, limits: Limits) -> float:
-    if not math.isfinite(t) or not limits.t_min <= t <= limits.t_max:
-        raise ApiError(422, "t", f"t must be a finite number in [{limits.t_min:g}, {limits.t_max:g}], got {t}",
-                       "t_out_of_range")
-    return float(t)
-
-
-def check_overrides(overrides: dict[int, float] | None, dim: int, limits: Limits) -> tuple[tuple[int, float], ...]:
-    """σ overrides as a sorted tuple (hashable: requests with equal knobs share one projection)."""
+def check_overrides(overrides: dict[int, float] | None, dim: int) -> tuple[tuple[int, float], ...]:
+    """σ overrides as a sorted tuple (hashable: requests with equal knobs share one projection). Their
+    values were checked with the request (schemas.request_models); the index range is the release's."""
     checked = []
     for index, value in sorted((overrides or {}).items()):
-        param = f"sigma_overrides.{index}"
         if not 0 <= index < dim:
-            raise ApiError(422, param, f"σ override index {index} is out of range 0..{dim - 1} for this release",
-                           "sigma_index_out_of_range")
-        if not (math.isfinite(value) and 0 < value <= limits.max_sigma):
-            raise ApiError(422, param, f"σ override values must be finite, > 0 and ≤ {limits.max_sigma:g}, "
-                                       f"got {value}", "sigma_value_out_of_range")
+            raise ApiError(422, f"sigma_overrides.{index}", f"σ override index {index} is out of range "
+                           f"0..{dim - 1} for this release", "sigma_index_out_of_range")
         checked.append((int(index), float(value)))
     return tuple(checked)
-
-
-def check_text(text: str, param: str, limits: Limits, what: str = "text") -> str:
-    if not text.strip():
-        raise ApiError(422, param, f"the {what} is empty", "empty_text")
-    if len(text) > limits.max_text_chars:
-        raise ApiError(422, param, f"the {what} has {len(text)} characters, over the limit of "
-                                   f"{limits.max_text_chars}", "text_too_long")
-    return text
-
-
-def check_labels(labels: list[str], limits: Limits) -> list[str]:
-    if not labels:
-        raise ApiError(422, "labels", "give at least one label", "no_labels")
-    if len(labels) > limits.max_labels:
-        raise ApiError(422, "labels", f"{len(labels)} labels, over the limit of {limits.max_labels}",
-                       "too_many_labels")
-    seen: set[str] = set()
-    for i, label in enumerate(labels):
-        check_text(label, f"labels.{i}", limits, "label")
-        if label in seen:
-            raise ApiError(422, f"labels.{i}", f"label {label!r} is given twice; labels must be distinct",
-                           "duplicate_label")
-        seen.add(label)
-    return labels
-
-
-def check_template(template: str, limits: Limits) -> str:
-    check_text(template, "prompt_template", limits, "prompt template")
-    if template.count("{}") != 1:
-        raise ApiError(422, "prompt_template", 'the prompt template must contain "{}" exactly once, '
-                                               'e.g. "a photo of a {}."', "bad_prompt_template")
-    return template
 
 
 def fill_template(template: str, label: str) -> str:
     # replace, not str.format: a template from a request must not reach format's attribute lookups.
     return template.replace("{}", label, 1)
-
-
-def check_input_count(n: int, limits: Limits) -> None:
-    if n == 0:
-        raise ApiError(422, "input", "input is empty: give at least one text or image", "empty_input")
-    if n > limits.max_inputs:
-        raise ApiError(422, "input", f"{n} inputs, over the limit of {limits.max_inputs}", "too_many_inputs")
 
 
 # ---------------------------------------------------------------- images
@@ -155,7 +106,7 @@ def _base64_bytes(value: str, param: str, limits: Limits) -> bytes:
     text = _DATA_URL.sub("", value, count=1)
     if text.startswith("data:"):
         raise ApiError(422, param, "only data:image/<type>;base64,… data URLs are accepted", "bad_data_url")
-    text = "".join(text.split())  # MIME-style line breaks are fine
+    text = text.replace("\r", "").replace("\n", "")  # MIME-style line breaks are fine; nothing else but base64
     if len(text) > 4 * math.ceil(limits.max_image_bytes / 3):  # refuse before decoding anything
         raise ApiError(413, param, f"the image is over the limit of {limits.max_image_bytes} bytes",
                        "image_too_large")

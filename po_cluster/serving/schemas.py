@@ -6,30 +6,102 @@ Embeddings follow the OpenAI shape. How a request tells texts from images: an
 where the image is base64 of the file bytes (PNG, JPEG or WebP by default) or
 a `data:image/…;base64,…` URL. Nothing else is an image: an `http(s)://` URL is
 refused (the server never fetches anything a request names).
+
+The request classes here are the types the gateway works with; what a server
+validates, and documents, is `request_models(limits)`: the same classes with that
+server's limits as field constraints, so the OpenAPI document states every rule
+the validation applies (lengths, counts, ranges, patterns, distinct labels).
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic_core import PydanticCustomError
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-SigmaValue = Annotated[float, Field(gt=0, allow_inf_nan=False, description="a value of σ_i (not of log σ_i)")]
-ReleaseName = Annotated[str, Field(min_length=1, max_length=200, description='a release id, or "latest"')]
+from po_cluster.serving.limits import Limits
+
+# JSON Schema patterns (searched, not anchored, as JSON Schema does), and the validation uses the same ones.
+# Not blank: a character that no regex engine counts as white space. Spelt out, since \S differs between
+# Python (which counts \x1c-\x1f), Rust and ECMA-262 (\ufeff, and not \x85).
+NON_BLANK = r"[^\t\n\x0b\x0c\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+# "{}" exactly once: what may stand around it is any text in which no "{" is followed by "}".
+_NO_PLACEHOLDER = r"(?:[^{]|\{+[^{}])*\{*"
+ONE_PLACEHOLDER = rf"^{_NO_PLACEHOLDER}\{{\}}{_NO_PLACEHOLDER}$"
+# A release id (the store's rule: letters, digits, ".", "_", "-", no "..", ≤ 128) or "latest".
+RELEASE_NAME = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?$"
+SIGMA_INDEX = r"^(?:0|[1-9][0-9]*)$"
+# A format of our own: base64 of an image file (MIME line breaks allowed), or the same as a lower-case
+# data:image/<type>;base64, URL. No pattern: none can say "a PNG", and the decoder is what checks it.
+IMAGE_FORMAT = "image-base64"
 
 
 class Strict(BaseModel):
-    # Unknown fields are refused by name: a misspelt knob must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are refused by name: a misspelt knob must not be silently ignored. Strict: a number
+    # is a JSON number, not a string that parses as one, as the document says. Python's regex engine:
+    # the one the document's readers (and schema-driven fuzzers) use for the same patterns.
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
+
+
+def _matching(pattern: str, code: str, message: str) -> AfterValidator:
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.search(value):
+            raise PydanticCustomError(code, message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _index(value: object) -> object:
+    """A JSON object key "12" → 12; anything else is left to fail as not an integer."""
+    return int(value) if isinstance(value, str) and re.fullmatch(SIGMA_INDEX, value) else value
+
+
+def _distinct(labels: list[str]) -> list[str]:
+    first: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        if label in first:
+            raise PydanticCustomError("duplicate_label", f"labels.{i} repeats labels.{first[label]} "
+                                      f"({label!r}); labels must be distinct")
+        first[label] = i
+    return labels
+
+
+def _text(limits: Limits, what: str) -> Any:
+    return Annotated[str, Field(max_length=limits.max_text_chars, json_schema_extra={"pattern": NON_BLANK}),
+                     _matching(NON_BLANK, "empty_text", f"the {what} is empty")]
+
+
+def _image(limits: Limits) -> Any:
+    formats = "/".join(limits.image_formats)
+    return Annotated[str, Field(
+        json_schema_extra={"format": IMAGE_FORMAT},
+        description=f"base64 of a {formats} file (at most {limits.max_image_bytes} bytes and "
+                    f"{limits.max_image_pixels} pixels, else 413; another format: 415), or a "
+                    "data:image/…;base64,… URL; checked by decoding it")]
+
+
+SigmaIndex = Annotated[int, BeforeValidator(_index), Field(ge=0)]
+ReleaseName = Annotated[str, Field(min_length=1, max_length=128, json_schema_extra={"pattern": RELEASE_NAME},
+                                   description='a release id, or "latest"'),
+                        _matching(RELEASE_NAME, "invalid_release_id",
+                                  "not a release id: letters, digits, '.', '_' and '-', no '..'")]
 
 
 class Knobs(Strict):
     """What every call takes: the release, t, and σ overrides."""
 
     model: ReleaseName = Field("latest", description='release id, or "latest" (the store\'s latest pointer)')
-    t: Finite = Field(1.0, description="σ_i ← σ_i^t: 0 is the base model, 1 the release, >1 amplifies")
-    sigma_overrides: dict[int, SigmaValue] | None = Field(
-        None, description="index → σ value, applied after t; indices 0..d-1 of the release's spectral layer")
+    t: float = Field(1.0, allow_inf_nan=False,
+                     description="σ_i ← σ_i^t: 0 is the base model, 1 the release, >1 amplifies")
+    sigma_overrides: dict[SigmaIndex, float] | None = Field(
+        None, description="index → σ value, applied after t; indices 0..d-1 of the release's spectral layer "
+                          "(d differs per release: a larger index is a 422)")
 
 
 class TextInput(Strict):
@@ -59,6 +131,46 @@ class ClassifyRequest(Knobs):
     labels: list[str] = Field(min_length=1, description="candidate labels, distinct")
     prompt_template: str | None = Field(
         None, description='contains "{}" once, replaced by each label; default: the release\'s template')
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    embeddings: type[EmbeddingsRequest]
+    classify: type[ClassifyRequest]
+
+
+@lru_cache(maxsize=8)
+def request_models(limits: Limits) -> RequestModels:
+    """The request classes with `limits` as their fields' constraints (subclasses of the ones above, under
+    the same names: the OpenAPI document is the server's own)."""
+    text = _text(limits, "text")
+    t = Annotated[float, Field(ge=limits.t_min, le=limits.t_max, allow_inf_nan=False)]
+    sigma = Annotated[float, Field(gt=0, le=limits.max_sigma, allow_inf_nan=False,
+                                   description="a value of σ_i (not of log σ_i)")]
+    knobs: dict[str, Any] = {
+        "t": (t, Knobs.model_fields["t"]),
+        "sigma_overrides": (Annotated[dict[SigmaIndex, sigma], Field(
+            json_schema_extra={"propertyNames": {"pattern": SIGMA_INDEX}})] | None,
+            Knobs.model_fields["sigma_overrides"])}
+    text_input = create_model("TextInput", __base__=TextInput, text=(text, ...))
+    image_input = create_model("ImageInput", __base__=ImageInput, image=(_image(limits), ...))
+    item: Any = text | Annotated[text_input | image_input, Field(discriminator="type")]
+    items: Any = Annotated[list[item], Field(min_length=1, max_length=limits.max_inputs)]
+    embeddings = create_model("EmbeddingsRequest", __base__=EmbeddingsRequest, **knobs,
+                              input=(text | items, EmbeddingsRequest.model_fields["input"]))
+    label: Any = _text(limits, "label")
+    labels: Any = Annotated[list[label], Field(
+        min_length=1, max_length=limits.max_labels, json_schema_extra={"uniqueItems": True}),
+        AfterValidator(_distinct)]
+    template = Annotated[str, Field(max_length=limits.max_text_chars, json_schema_extra={
+        "pattern": ONE_PLACEHOLDER}), _matching(ONE_PLACEHOLDER, "bad_prompt_template",
+                                               'the prompt template must contain "{}" exactly once, e.g. '
+                                               '"a photo of a {}."')]
+    classify = create_model(
+        "ClassifyRequest", __base__=ClassifyRequest, **knobs, image=(_image(limits), ...),
+        labels=(labels, Field(description="candidate labels, distinct")),
+        prompt_template=(template | None, ClassifyRequest.model_fields["prompt_template"]))
+    return RequestModels(cast(type[EmbeddingsRequest], embeddings), cast(type[ClassifyRequest], classify))
 
 
 class Embedding(BaseModel):

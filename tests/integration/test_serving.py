@@ -177,7 +177,27 @@ def test_models_list_and_openapi(served):
     assert status == 200
     assert {"/v1/embeddings", "/v1/classify", "/v1/models", "/healthz"} <= set(openapi["paths"])
     assert "HTTPBearer" in openapi["components"]["securitySchemes"]
-    assert "ClassifyRequest" in openapi["components"]["schemas"]
+    _document_states_the_limits(openapi)
+
+
+def _document_states_the_limits(openapi: dict) -> None:
+    """This server's LIMITS are in its document, with the statuses each operation can answer."""
+    schemas = openapi["components"]["schemas"]
+    classify, embeddings = schemas["ClassifyRequest"]["properties"], schemas["EmbeddingsRequest"]["properties"]
+    labels = classify["labels"]
+    assert (labels["minItems"], labels["maxItems"], labels["uniqueItems"]) == (1, LIMITS["max_labels"], True)
+    assert labels["items"]["maxLength"] == LIMITS["max_text_chars"] and "pattern" in labels["items"]
+    assert (classify["t"]["minimum"], classify["t"]["maximum"]) == (LIMITS["t_min"], LIMITS["t_max"])
+    assert '\\{\\}' in classify["prompt_template"]["anyOf"][0]["pattern"]
+    assert classify["image"]["format"] == "image-base64" and "pattern" in classify["model"]
+    sigma = classify["sigma_overrides"]["anyOf"][0]
+    assert "propertyNames" in sigma and sigma["additionalProperties"]["exclusiveMinimum"] == 0
+    text, items = embeddings["input"]["anyOf"]
+    assert text["maxLength"] == LIMITS["max_text_chars"] and items["maxItems"] == LIMITS["max_inputs"]
+    post = openapi["paths"]["/v1/classify"]["post"]["responses"]
+    assert set(post) == {"200", "400", "401", "404", "413", "415", "422", "503"}  # no rate limit here: no 429
+    assert "Retry-After" in post["503"]["headers"] and "WWW-Authenticate" in post["401"]["headers"]
+    assert set(openapi["paths"]["/v1/models"]["get"]["responses"]) == {"200", "400", "401", "413", "503"}
 
 
 # ---------------------------------------------------------------- bad requests: a 4xx naming the field
@@ -210,32 +230,43 @@ BAD_REQUESTS = {
     "body_too_large": ("/v1/classify", b"x" * (2 << 20), {}, 413, "body", "body_too_large"),
     "body_too_large_chunked": ("/v1/classify", b"x" * (2 << 20), {"chunked": True}, 413, "body", "body_too_large"),
     "too_many_labels": ("/v1/classify", _classify(labels=[f"label {i}" for i in range(17)]), {}, 422, "labels",
-                        "too_many_labels"),
+                        "too_long"),
+    "blank_label": ("/v1/classify", _classify(labels=["circle", " \t"]), {}, 422, "labels.1", "empty_text"),
     "empty_labels": ("/v1/classify", _classify(labels=[]), {}, 422, "labels", "too_short"),
-    "duplicate_labels": ("/v1/classify", _classify(labels=["circle", "circle"]), {}, 422, "labels.1",
+    "duplicate_labels": ("/v1/classify", _classify(labels=["circle", "circle"]), {}, 422, "labels",
                          "duplicate_label"),
     "bad_prompt_template": ("/v1/classify", _classify(prompt_template="no placeholder"), {}, 422, "prompt_template",
                             "bad_prompt_template"),
+    "format_string_template": ("/v1/classify", _classify(prompt_template="{0.__class__} {} {}"), {}, 422,
+                               "prompt_template", "bad_prompt_template"),
     "nan_t": ("/v1/classify", json.dumps(_classify()).replace("{", '{"t": NaN, ', 1).encode(), {}, 422, "t",
               "finite_number"),
     "infinite_t": ("/v1/classify", json.dumps(_classify()).replace("{", '{"t": 1e999, ', 1).encode(), {}, 422, "t",
                    "finite_number"),
-    "t_out_of_range": ("/v1/classify", _classify(t=10), {}, 422, "t", "t_out_of_range"),
-    "t_not_a_number": ("/v1/classify", _classify(t="warm"), {}, 422, "t", "float_parsing"),
+    "t_out_of_range": ("/v1/classify", _classify(t=10), {}, 422, "t", "less_than_equal"),
+    "t_not_a_number": ("/v1/classify", _classify(t="warm"), {}, 422, "t", "float_type"),
+    "t_a_numeric_string": ("/v1/classify", _classify(t="0.5"), {}, 422, "t", "float_type"),  # JSON numbers only
     "sigma_index_out_of_range": ("/v1/classify", _classify(sigma_overrides={"64": 1.5}), {}, 422,
                                  "sigma_overrides.64", "sigma_index_out_of_range"),
     "sigma_value_not_positive": ("/v1/classify", _classify(sigma_overrides={"3": 0}), {}, 422, "sigma_overrides.3",
                                  "greater_than"),
     "sigma_index_not_an_int": ("/v1/classify", _classify(sigma_overrides={"x": 1}), {}, 422, "sigma_overrides.x",
-                               "int_parsing"),
+                               "int_type"),
+    "sigma_index_not_canonical": ("/v1/classify", _classify(sigma_overrides={"03": 1}), {}, 422,
+                                  "sigma_overrides.03", "int_type"),
+    "sigma_value_too_large": ("/v1/classify", _classify(sigma_overrides={"3": 1e5}), {}, 422, "sigma_overrides.3",
+                              "less_than_equal"),
     "unknown_release": ("/v1/classify", _classify(model="r-does-not-exist"), {}, 404, "model", "unknown_release"),
-    "invalid_release_id": ("/v1/classify", _classify(model="../../etc"), {}, 404, "model", "unknown_release"),
+    "invalid_release_id": ("/v1/classify", _classify(model="../../etc"), {}, 422, "model", "invalid_release_id"),
     "unknown_field": ("/v1/classify", _classify(temperature=0.5), {}, 422, "temperature", "extra_forbidden"),
     "missing_key": ("/v1/classify", _classify(), {"key": None}, 401, "authorization", "missing_api_key"),
     "wrong_key": ("/v1/classify", _classify(), {"key": "not-the-key"}, 401, "authorization", "invalid_api_key"),
-    "text_too_long": ("/v1/embeddings", {"input": ["x" * 201]}, {}, 422, "input.0", "text_too_long"),
-    "too_many_inputs": ("/v1/embeddings", {"input": ["a"] * 9}, {}, 422, "input", "too_many_inputs"),
-    "empty_input": ("/v1/embeddings", {"input": []}, {}, 422, "input", "empty_input"),
+    "text_too_long": ("/v1/embeddings", {"input": ["x" * 201]}, {}, 422, "input.0", "string_too_long"),
+    "too_many_inputs": ("/v1/embeddings", {"input": ["a"] * 9}, {}, 422, "input", "too_long"),
+    "empty_input": ("/v1/embeddings", {"input": []}, {}, 422, "input", "too_short"),
+    "empty_string_input": ("/v1/embeddings", {"input": ""}, {}, 422, "input", "empty_text"),
+    "blank_text_object": ("/v1/embeddings", {"input": [{"type": "text", "text": "\u3000"}]}, {}, 422,
+                          "input.0.text", "empty_text"),
     "unknown_input_type": ("/v1/embeddings", {"input": [{"type": "audio", "audio": "x"}]}, {}, 422, "input.0",
                            "union_tag_invalid"),
     "url_in_embeddings": ("/v1/embeddings", {"input": [{"type": "image", "image": "http://10.0.0.1/x.png"}]}, {},
