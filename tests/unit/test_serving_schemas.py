@@ -74,3 +74,25 @@ def test_empty_and_blank_texts_are_refused_as_the_document_says():
     for body in ({"input": ""}, {"input": [" "]}, {"input": [{"type": "text", "text": "\u3000"}]}):
         assert "empty_text" in {kind for kind, _, _ in _errors(MODELS.embeddings, body)}
     assert MODELS.embeddings.model_validate({"input": [" a "]}).input == [" a "]
+
+
+def _document(tmp_path, **args) -> dict:
+    from po_cluster.serving.api import make_api
+    from po_cluster.serving.args import ServeArgs
+    from po_cluster.serving.gateway import GatewayService
+
+    # The document is built from the args alone: no model is ever asked (None where the handle would be).
+    return make_api(GatewayService(ServeArgs(store=str(tmp_path), **args), None)).openapi()
+
+
+def test_statuses_and_security_only_where_configured(tmp_path, monkeypatch):
+    plain = _document(tmp_path)
+    assert "securitySchemes" not in plain.get("components", {})
+    assert set(plain["paths"]["/v1/classify"]["post"]["responses"]) == {"200", "400", "404", "413", "415", "422",
+                                                                        "503"}
+    monkeypatch.setenv("SCHEMA_TEST_KEYS", "k1")
+    keyed = _document(tmp_path, auth={"api_keys_env": "SCHEMA_TEST_KEYS"}, rate_limit={"rate_per_s": 5})
+    responses = keyed["paths"]["/v1/embeddings"]["post"]["responses"]
+    assert {"401", "429"} <= set(responses) and "Retry-After" in responses["429"]["headers"]
+    assert keyed["paths"]["/v1/models"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert "401" not in keyed["paths"]["/healthz"]["get"]["responses"]  # the probe needs no key
