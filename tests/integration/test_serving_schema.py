@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 KEY = "schema-key-41d0"
 LIMITS = {"max_body_bytes": 1 << 20, "max_image_pixels": 1_000_000, "max_inputs": 8, "max_labels": 16,
           "max_text_chars": 200}
-MAX_EXAMPLES = 60
+MAX_EXAMPLES = 150
 
 
 @pytest.fixture(scope="module")
