@@ -1,6 +1,7 @@
 """Serving benchmark: /v1/classify over HTTP on 127.0.0.1 at a fixed concurrency, against the in-process limit.
 
     .venv/bin/python benchmarks/serve_bench.py [--concurrency 16] [--load-seconds 60]
+    .venv/bin/python benchmarks/serve_bench.py --overload [--overload-seconds 30]
 
 Prints, in one run:
   - throughput with @serve.batch relative to the in-process batched forward of the same
@@ -10,6 +11,8 @@ Prints, in one run:
   - t = 0.5 relative to t = 1 (interleaved rounds; target < 5 % slower);
   - a load run of --load-seconds: errors (target 0) and the model replica's RSS at its end
     relative to its start (read from /healthz; target within 10 %).
+With --overload: the throughput (t = 1, as above), then 4 × that rate offered open loop for
+--overload-seconds against the app with a token bucket (benchmarks/serve_overload.py says what it prints).
 Every loop is bounded (a request count or a deadline). Nothing leaves 127.0.0.1.
 """
 from __future__ import annotations
@@ -156,6 +159,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--arch", default=None, help="serve an open_clip architecture with random weights (e.g. "
                    "ViT-B-32) instead of the shipped base model: a forward of production size")
     p.add_argument("--json-out", help="also write the figures to this JSON file")
+    p.add_argument("--overload", action="store_true", help="throughput, then 4 × it offered open loop")
+    p.add_argument("--overload-seconds", type=float, default=30, help="how long the overload lasts")
+    p.add_argument("--overload-factor", type=float, default=4.0, help="offered rate / sustainable rate")
     return p.parse_args()
 
 
@@ -262,8 +268,36 @@ def report(f: dict, a: argparse.Namespace) -> bool:
     return all(ok for _, ok in checks)
 
 
+def overload(a: argparse.Namespace, tmp: str) -> bool:
+    from serve_overload import measure_overload, report_overload
+
+    from po_cluster.data import world
+    from po_cluster.serving.local import publish_example_release, start_local
+
+    store, cache = f"{tmp}/store", f"{tmp}/cache"
+    publish_example_release(store, "r-bench", f"{tmp}/checkpoints", architecture=a.arch)
+    images = world.image_set("attacked", 64, seed=7).images
+
+    def args_for(rate_limit: dict | None = None) -> dict:
+        return {**app_args(store, cache, a.batch, a.torch_threads, a.batch_wait), "rate_limit": rate_limit or {}}
+
+    server = start_local(args_for(), num_cpus=2)
+    try:
+        t1, _, _, _ = measure_batched(server.url, images, a)
+        print(f"throughput (closed loop, concurrency {a.concurrency}, t = 1)  {t1.throughput:8.1f} req/s, "
+              f"p50 {t1.percentile(50):.1f} ms, p99 {t1.percentile(99):.1f} ms", flush=True)
+        figures = measure_overload(server, args_for, bodies_for(images, 1.0), t1.throughput,
+                                   a.overload_seconds, a.overload_factor)
+    finally:
+        server.stop()
+    return report_overload(figures)
+
+
 def main() -> int:
     a = parse()
+    if a.overload:
+        with tempfile.TemporaryDirectory(prefix="po-serve-bench-") as tmp:
+            return 0 if overload(a, tmp) else 1
     with tempfile.TemporaryDirectory(prefix="po-serve-bench-") as tmp:
         figures = measure(a, tmp)
     if a.json_out:
