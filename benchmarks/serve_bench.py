@@ -162,6 +162,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--overload", action="store_true", help="throughput, then 4 × it offered open loop")
     p.add_argument("--overload-seconds", type=float, default=30, help="how long the overload lasts")
     p.add_argument("--overload-factor", type=float, default=4.0, help="offered rate / sustainable rate")
+    p.add_argument("--overload-share", type=float, default=0.5,
+                   help="token bucket rate / sustainable rate (what is left of the cores after the refusals)")
     return p.parse_args()
 
 
@@ -287,7 +289,7 @@ def overload(a: argparse.Namespace, tmp: str) -> bool:
         print(f"throughput (closed loop, concurrency {a.concurrency}, t = 1)  {t1.throughput:8.1f} req/s, "
               f"p50 {t1.percentile(50):.1f} ms, p99 {t1.percentile(99):.1f} ms", flush=True)
         figures = measure_overload(server, args_for, bodies_for(images, 1.0), t1.throughput,
-                                   a.overload_seconds, a.overload_factor)
+                                   a.overload_seconds, a.overload_factor, a.overload_share)
     finally:
         server.stop()
     return report_overload(figures)
