@@ -4,7 +4,8 @@ The limits on fields (lengths, counts, ranges) are constraints of the request mo
 `schemas.request_models(limits)` builds from them; here are the checks a schema cannot
 express: the body's size, image files, σ indices against the release. Each check raises
 `ApiError(status, param, message, code)`; the HTTP layer writes it as
-`{"error": {"message", "type", "param", "code"}}`, `param` naming the field. Status codes: 400 unreadable body, 401 key, 404 release, 413 too large,
+`{"error": {"message", "type", "param", "code"}}`, `param` naming the field.
+Status codes: 400 unreadable body, 401 key, 404 release, 413 too large,
 415 image format, 422 anything else about a field, 429 over the key's rate,
 503 no replica can take it now (both with Retry-After).
 """
