@@ -102,8 +102,9 @@ class Embedder:
         if ok.any():
             with torch.no_grad():
                 pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.release.device)
-                features = self.release.model.encode_image(pixels)  # = ReleaseModel.image_features after pixels
-                embedding[ok] = self.release.project(features, [self.knob] * int(ok.sum())).numpy()
+                knobs = [self.knob] * int(ok.sum())
+                features = self.release.pixel_features(pixels, [knob.t for knob in knobs])
+                embedding[ok] = self.release.project(features, knobs).numpy()
         return {key: batch[key] for key in ("id", "source_uri", "shard", "code", "reason")} | {"embedding": embedding}
 
 

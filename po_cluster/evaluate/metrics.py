@@ -1,7 +1,8 @@
 """Accuracies, attack success, KL to the reference, and σ trade-off curves.
 
-Image embeddings (before W) are computed once per set; every t then costs only
-the spectral layer, so a whole trade-off curve is as cheap as one evaluation.
+Image embeddings (before W) are computed once per set and t. When the image
+tower did not train, f does not depend on t and every t costs only the spectral
+layer; when it did, each t is one pass of the tower with θ(t) over the sets.
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ DEFAULT_TS = tuple(np.round(np.arange(-1.0, 2.01, 0.25), 2).tolist())
 
 
 @torch.no_grad()
-def embed_images(model: AlignedCLIP, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """f(x) for uint8 images, in batches, L2-normalised, before W."""
+def embed_images(model: AlignedCLIP, images: np.ndarray, batch_size: int = 256, t: float = 1.0) -> torch.Tensor:
+    """f_t(x) for uint8 images, in batches, L2-normalised, before W."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model.encode_image(model.pixels(images[i:i + batch_size]).to(device)).float().cpu()
+    tower = model.tower_state(t) if t != 1.0 and model.reference else None  # θ(t) once, not per batch
+    out = [model.encode_image(model.pixels(images[i:i + batch_size]).to(device), t, tower).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
@@ -46,19 +48,18 @@ class Evaluator:
     ref_clean_logps: torch.Tensor
 
     @classmethod
-    def build(cls, model: AlignedCLIP, sets: dict[str, ImageSet], reference: AlignedCLIP | None = None,
-              template: str = world.PROMPT_TEMPLATE, ref_clean_logps: torch.Tensor | None = None) -> Evaluator:
+    def build(cls, model: AlignedCLIP, sets: dict[str, ImageSet], template: str = world.PROMPT_TEMPLATE,
+              ref_clean_logps: torch.Tensor | None = None) -> Evaluator:
+        """`ref_clean_logps` is π_ref on the clean set; without it, π_ref is this model at t = 0,
+        which is exactly its starting model (docs/design.md, "The knob t")."""
         classnames = next(iter(sets.values())).classnames
         text_emb = embed_prompts(model, world.prompts(classnames, template))
         image_emb = {name: embed_images(model, s.images) for name, s in sets.items()}
-        # Reference = the starting model; without one given it is this model at t = 0.
         if ref_clean_logps is not None:
             ref = ref_clean_logps
-        elif reference is None:
-            ref = candidate_logprobs(image_emb["clean"], text_emb, model.logit_scale)
         else:
-            ref_text = embed_prompts(reference, world.prompts(classnames, template))
-            ref = candidate_logprobs(embed_images(reference, sets["clean"].images), ref_text, reference.logit_scale)
+            clean = image_emb["clean"] if not model.reference else embed_images(model, sets["clean"].images, t=0.0)
+            ref = candidate_logprobs(clean, text_emb, model.logit_scale)
         return cls(model, sets, image_emb, text_emb, ref)
 
     def with_model(self, model: AlignedCLIP) -> Evaluator:
@@ -69,12 +70,18 @@ class Evaluator:
             {name: embed_images(model, s.images) for name, s in self.sets.items()}
         return Evaluator(model, self.sets, image_emb, self.text_emb, self.ref_clean_logps)
 
+    def embeddings(self, t: float = 1.0) -> dict[str, torch.Tensor]:
+        """f_t of every set: those kept at build time unless the tower trained and t ≠ 1."""
+        if t == 1.0 or not self.model.reference:
+            return self.image_emb
+        return {name: embed_images(self.model, s.images, t=t) for name, s in self.sets.items()}
+
     @torch.no_grad()
     def metrics(self, t: float = 1.0, overrides: dict[int, float] | None = None) -> dict[str, float]:
         device = next(self.model.spectral.parameters()).device
         text = self.text_emb.to(device)
         out: dict[str, float] = {}
-        for name, emb in self.image_emb.items():
+        for name, emb in self.embeddings(t).items():
             logps = self.model.logprobs(emb.to(device), text, t, overrides).cpu()
             pred = logps.argmax(-1).numpy()
             image_set = self.sets[name]

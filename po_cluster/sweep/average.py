@@ -25,6 +25,7 @@ from po_cluster.model.checkpoint import (
     TRAINING_JSON,
     WEIGHTS,
     CheckpointError,
+    image_tower_mode,
     read_json,
     save_checkpoint,
     verify_manifest,
@@ -58,7 +59,7 @@ def check_same_architecture(candidates: list[Candidate]) -> None:
     """Soups only make sense between checkpoints of one architecture from one start."""
     first = candidates[0]
     for other in candidates[1:]:
-        for key in ("architecture", "pretrained", "embed_dim"):
+        for key in ("architecture", "pretrained", "embed_dim", "image_tower"):
             if other.description.get(key) != first.description.get(key):
                 raise CheckpointError(
                     f"cannot average {first.name} ({key}={first.description.get(key)}) with "
@@ -71,7 +72,9 @@ class Scorer:
     def __init__(self, description: dict, n_val: int, tolerance: float, penalty: float) -> None:
         cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
         self.base = AlignedCLIP(load_clip(cfg), "frozen")
-        self.model = AlignedCLIP(load_clip(cfg.model_copy(update={"pretrained": None})), "frozen")
+        # Built from the base's weights in the trials' mode, so its θ_ref (what t = 0 serves) is the
+        # start every trial shared; the states scored and released are then loaded into it.
+        self.model = AlignedCLIP(load_clip(cfg), image_tower_mode(description))
         self.val_sets, self.test_sets = world.validation_sets(n_val), world.evaluation_sets()
         base_val = Evaluator.build(self.base, self.val_sets)
         base_test = Evaluator.build(self.base, self.test_sets)

@@ -1,4 +1,5 @@
-"""Export: W(t) folded into both projections gives stock open_clip the aligned embeddings."""
+"""Export: the tower at θ(t) and W(t) folded into both projections give stock open_clip the aligned
+embeddings at t."""
 import subprocess
 import sys
 import textwrap
@@ -43,12 +44,14 @@ def _aligned(name: str, image_tower: str = "full") -> tuple[AlignedCLIP, ModelCo
     with torch.no_grad():  # a non-trivial W: rotated basis, σ spread over ~e^±0.5
         model.spectral.skew.normal_(0, 0.2)
         model.spectral.log_sigma.normal_(0, 0.25)
+        for p in model.trainable_image_parameters():  # θ ≠ θ_ref, so t also moves the tower
+            p.add_(torch.randn_like(p) * 0.02)
     return model.eval(), cfg
 
 
 @torch.no_grad()
 def _po_cluster_embeddings(model: AlignedCLIP, pixels: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return (model.project(model.encode_image(pixels), t),
+    return (model.project(model.encode_image(pixels, t), t),
             model.project(model.encode_text(model.tokens(PROMPTS)), t))
 
 
