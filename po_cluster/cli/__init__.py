@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"checkpoint or release folder, s3://…/releases/<id>, or a release id / 'latest' in --store "
                         f"(default: {SHIPPED_BASE})")
     p.add_argument("--store", help="artifact store for release ids (default $PO_CLUSTER_STORE, else ./artifacts)")
-    p.add_argument("--t", type=float, default=1.0, help="σ_i ← σ_i^t (default 1)")
+    p.add_argument("--t", type=float, default=1.0, help="the knob: 0 the starting model, 1 the release (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object at --t")
     p.add_argument("--plot", help="write the trade-off curve to this PNG (default: next to the checkpoint)")
     p.set_defaults(func=cmd_evaluate)

@@ -50,7 +50,7 @@ class EmbedConfig(Strict):
     output: str = Field(min_length=1, description="folder or s3:// prefix for embeddings/ and errors/")
     store: str = Field(min_length=1, description="release store: folder or s3://bucket/prefix")
     release: str = Field("latest", description="release id, or latest (resolved once, at the start)")
-    t: float = Field(1.0, description="σ_i ← σ_i^t, as the serving endpoint's t")
+    t: float = Field(1.0, description="the knob, as the serving endpoints' t: 0 the starting model, 1 the release")
     shard_size: int = Field(1000, gt=0, description="images per output file and per decoding task; the unit a "
                             "re-run skips")
     batch_size: int = Field(64, gt=0, description="images per model call in an actor")

@@ -110,7 +110,7 @@ def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "σ trad
         ax.plot(ts, [row[key] for row in rows], marker="o", label=label)
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.axvline(1, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="t  (σ_i ← σ_i^t)", ylabel="accuracy", ylim=(0, 1.02), title=title)
+    ax.set(xlabel="t  (θ_ref + t·(θ − θ_ref), σ_i^t)", ylabel="accuracy", ylim=(0, 1.02), title=title)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

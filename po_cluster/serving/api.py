@@ -103,7 +103,8 @@ def _handlers(app: FastAPI) -> None:
 def make_api(service: GatewayService) -> FastAPI:
     app = FastAPI(title="po-cluster serving", version="1", description=(
         "Aligned CLIP (adjustable σ) embeddings and zero-shot classification. Every call takes t "
-        "(σ_i ← σ_i^t; 0 = base model, 1 = the release) and optional σ overrides."))
+        "(0 = the starting model, 1 = the release, every trained weight on the path between) and optional "
+        "σ overrides."))
     app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes, check_key=service.check_key)
     _handlers(app)
     # The bearer scheme is in the document only when keys are asked: otherwise it would be a false promise.

@@ -26,6 +26,14 @@ class ReleaseMeta:
     embed_dim: int
     prompt_template: str
     classnames: tuple[str, ...]
+    image_tower: str = "frozen"  # what t moves besides W: "frozen" (W only), "full", "last_blocks:k"
+
+
+def image_tower_name(mode: object) -> str:
+    """model.json's image_tower ("full", "frozen" or {"last_blocks": k}) as one string."""
+    if isinstance(mode, dict) and "last_blocks" in mode:
+        return f"last_blocks:{mode['last_blocks']}"
+    return str(mode or "frozen")
 
 
 class ReleaseCatalog:
@@ -113,7 +121,7 @@ class ReleaseCatalog:
             raise self._unavailable(error) from None
         model = shown.get("model") or {}
         return ReleaseMeta(release_id, int(model.get("embed_dim", 0)), str(model.get("prompt_template") or "{}"),
-                           tuple(model.get("classnames") or ()))
+                           tuple(model.get("classnames") or ()), image_tower_name(model.get("image_tower")))
 
     def releases(self) -> list[ReleaseInfo]:
         return self._within_ttl("_listing", self.store.list_releases)

@@ -72,20 +72,15 @@ class ReleaseModel:
         self._tower_cache_size = tower_cache_size
         self.interpolations = 0  # θ(t) computed so far (the benchmark and tests read it)
 
-    @property
-    def mode(self) -> str:
-        """The image tower mode, as /v1/models shows it: "frozen", "full" or "last_blocks:k"."""
-        mode = self.description.get("image_tower", "frozen")
-        return f"last_blocks:{mode['last_blocks']}" if isinstance(mode, dict) else str(mode)
-
     @classmethod
     def load(cls, release_id: str, folder: Path, text_cache_size: int = 4096, device: str = "cpu",
-             max_forward: int = 64, verify: bool = True) -> ReleaseModel:
+             max_forward: int = 64, verify: bool = True, tower_cache_size: int = 4) -> ReleaseModel:
         """verify=False for a folder pull_release has just returned (and verified)."""
         from po_cluster.model.checkpoint import load_checkpoint
 
         model, description = load_checkpoint(folder, device, verify)
-        return cls(release_id, model, description, text_cache_size, max_forward)
+        return cls(release_id, model, description, text_cache_size, max_forward,
+                   tower_cache_size=tower_cache_size)
 
     @torch.no_grad()
     def image_features(self, images: list[np.ndarray], ts: list[float] | None = None) -> torch.Tensor:

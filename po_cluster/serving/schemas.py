@@ -27,7 +27,8 @@ class Knobs(Strict):
     """What every call takes: the release, t, and σ overrides."""
 
     model: ReleaseName = Field("latest", description='release id, or "latest" (the store\'s latest pointer)')
-    t: Finite = Field(1.0, description="σ_i ← σ_i^t: 0 is the base model, 1 the release, >1 amplifies")
+    t: Finite = Field(1.0, description="the knob: 0 is the starting model, 1 the release, "
+                    "between a path, >1 amplifies (trained tower weights θ_ref + t·(θ − θ_ref), σ_i^t)")
     sigma_overrides: dict[int, SigmaValue] | None = Field(
         None, description="index → σ value, applied after t; indices 0..d-1 of the release's spectral layer")
 
@@ -100,6 +101,9 @@ class ModelCard(BaseModel):
     created: int = Field(description="unix time of the release's manifest")
     owned_by: str = "po-cluster"
     latest: bool
+    image_tower: str = Field(description="what t moves besides W's σ: frozen (only W), full or last_blocks:k "
+                             "(those image-tower weights, θ_ref + t·(θ − θ_ref))")
+    size_bytes: int = Field(description="bytes of the release's files in the store")
 
 
 class ModelList(BaseModel):

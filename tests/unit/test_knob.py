@@ -121,7 +121,6 @@ def test_a_reference_of_the_wrong_shape_or_with_nan_is_refused(trained):
 def test_engine_interpolates_once_per_rounded_t_and_mixes_ts_in_one_batch(trained, base_model):
     release = ReleaseModel("r", trained, {"prompt_template": "a photo of a {}.", "image_tower": "full"},
                            tower_cache_size=2)
-    assert release.mode == "full"
     images = list(world.image_set("attacked", 4, seed=2).images)
     prompts = [world.prompts()] * 4
     knobs = [Knob(0.0), Knob(1.0), Knob(0.5), Knob(0.501)]  # 0.501 runs the tower at 0.5, W at 0.501
