@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--output-dir", help="override output_dir of the config")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("evaluate", help="accuracies, attack success and KL, and their σ trade-off in t")
+    p = sub.add_parser("evaluate", help="accuracies, attack success and KL, and their trade-off over t")
     p.add_argument("target", nargs="?", default=SHIPPED_BASE,
                    help=f"checkpoint or release folder, s3://…/releases/<id>, or a release id / 'latest' in --store "
                         f"(default: {SHIPPED_BASE})")

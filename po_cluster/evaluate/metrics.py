@@ -1,4 +1,4 @@
-"""Accuracies, attack success, KL to the reference, and σ trade-off curves.
+"""Accuracies, attack success, KL to the reference, and trade-off curves over t.
 
 Image embeddings (before W) are computed once per set and t. When the image
 tower did not train, f does not depend on t and every t costs only the spectral
@@ -17,7 +17,9 @@ from po_cluster.losses import kl_ref_policy
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 
 METRIC_KEYS = ("clean", "attacked", "word_only", "attack_success", "kl")
-DEFAULT_TS = tuple(np.round(np.arange(-1.0, 2.01, 0.25), 2).tolist())
+# Each t is a pass of the image tower over the sets when it trained: the path from the start (0) to
+# the release (1) in quarters, and a little on either side.
+DEFAULT_TS = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 @torch.no_grad()
@@ -25,7 +27,7 @@ def embed_images(model: AlignedCLIP, images: np.ndarray, batch_size: int = 256, 
     """f_t(x) for uint8 images, in batches, L2-normalised, before W."""
     model.eval()
     device = next(model.parameters()).device
-    tower = model.tower_state(t) if t != 1.0 and model.reference else None  # θ(t) once, not per batch
+    tower = model.tower_at(t)  # θ(t) once, not per batch
     out = [model.encode_image(model.pixels(images[i:i + batch_size]).to(device), t, tower).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
@@ -96,7 +98,7 @@ class Evaluator:
         return [{"t": t, **self.metrics(t)} for t in ts]
 
 
-def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "σ trade-off") -> None:
+def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "trade-off over t") -> None:
     """Accuracies against t as a PNG."""
     import matplotlib
 

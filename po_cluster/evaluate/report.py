@@ -77,12 +77,12 @@ def write_report(records: list[dict], average: dict | None, out_dir: str | Path,
                 "![β–λ map](beta_lambda.png)", "", "## Best trial per loss", "",
                 format_table([{k: _fmt(v) for k, v in r.items()} for r in best_per_loss(rows)], TRIAL_COLUMNS)]
     if average:
-        plot_tradeoff(average["tradeoff"], str(out / "tradeoff.png"), f"σ trade-off: release ({average['chosen']})")
+        plot_tradeoff(average["tradeoff"], str(out / "tradeoff.png"), f"over t: release ({average['chosen']})")
         test_rows = [{"model": name, **metrics} for name, metrics in average["test"].items()]
         sections += ["", "## Base vs best trial vs soups (fixed evaluation sets, t = 1)", "",
                      format_table(test_rows, ("model",) + METRIC_KEYS), "",
                      f"Release: **{average['chosen']}** (chosen on validation), greedy soup members: "
-                     f"{', '.join(average['greedy_members'])}.", "", "## σ trade-off of the release", "",
+                     f"{', '.join(average['greedy_members'])}.", "", "## The release over t (0: its start)", "",
                      format_table(average["tradeoff"], ("t",) + METRIC_KEYS), "", "![trade-off](tradeoff.png)"]
     markdown = "\n".join(sections) + "\n"
     (out / "report.md").write_text(markdown)

@@ -49,7 +49,7 @@ def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | No
     if ts:
         rows = evaluator.tradeoff(DEFAULT_TS)
         plot_path = plot or f"{label}-tradeoff.png"
-        plot_tradeoff(rows, plot_path, f"σ trade-off: {label}")
+        plot_tradeoff(rows, plot_path, f"trade-off over t: {label}")
         report["tradeoff"] = rows
         report["text"] = "\n".join([
             f"{label} at t = {t:g}:", format_table([{"model": label, **at_t}], ("model",) + METRIC_KEYS), "",

@@ -11,13 +11,13 @@ trained one. θ_ref is kept beside the model (`reference`), not in its state dic
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from po_cluster.config import ImageTowerMode, LastBlocks
 from po_cluster.model.loading import LoadedCLIP, to_model_input
@@ -106,6 +106,22 @@ class AlignedCLIP(nn.Module):
         return self
 
     @torch.no_grad()
+    def tower_at(self, t: float) -> nn.Module:
+        """The image tower with θ(t): a copy holding the interpolated weights and sharing every tensor t
+        does not move (untrained weights, BatchNorm statistics). At t = 1, or with nothing trained, the
+        tower itself."""
+        visual = self.clip.visual
+        if t == 1.0 or not self.reference:
+            return visual
+        state = self.tower_state(t)
+        own = dict(visual.named_parameters())
+        # deepcopy takes what the memo holds for an object instead of copying it.
+        memo: dict[int, object] = {id(b): b for b in visual.buffers()}
+        memo.update({id(p): p for name, p in own.items() if name not in state})
+        memo.update({id(own[name]): nn.Parameter(value, requires_grad=False) for name, value in state.items()})
+        return copy.deepcopy(visual, memo).eval()
+
+    @torch.no_grad()
     def tower_state(self, t: float) -> dict[str, torch.Tensor]:
         """θ(t) for the trained tower parameters (names within `clip.visual`). torch.lerp is exact at
         both ends, so t = 0 gives θ_ref and t = 1 the trained weights bit for bit."""
@@ -131,14 +147,10 @@ class AlignedCLIP(nn.Module):
     def tokens(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)
 
-    def encode_image(self, pixels: torch.Tensor, t: float = 1.0,
-                     tower: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """f_t(x), L2-normalised, before W: the tower with θ(t) (`tower`, when the caller keeps
-        `tower_state(t)` for many batches). At t = 1, or with nothing trained, the module as it is."""
-        if t == 1.0 or not self.reference:
-            return F.normalize(self.clip.encode_image(pixels), dim=-1)
-        state = self.tower_state(t) if tower is None else tower
-        return F.normalize(functional_call(self.clip.visual, state, (pixels,)), dim=-1)
+    def encode_image(self, pixels: torch.Tensor, t: float = 1.0, tower: nn.Module | None = None) -> torch.Tensor:
+        """f_t(x), L2-normalised, before W: through `tower` (a caller's `tower_at(t)`, kept for many
+        batches), else through tower_at(t). open_clip's encode_image is its image tower's forward."""
+        return F.normalize((self.tower_at(t) if tower is None else tower)(pixels), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

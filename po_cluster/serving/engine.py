@@ -68,7 +68,7 @@ class ReleaseModel:
         self._projections: OrderedDict[Knob, torch.Tensor] = OrderedDict()
         self._projection_cache_size = projection_cache_size
         # Each entry is a copy of the trained tower weights: bounded by memory, not by request count.
-        self._towers: OrderedDict[float, dict[str, torch.Tensor]] = OrderedDict()
+        self._towers: OrderedDict[float, torch.nn.Module] = OrderedDict()
         self._tower_cache_size = tower_cache_size
         self.interpolations = 0  # θ(t) computed so far (the benchmark and tests read it)
 
@@ -110,20 +110,18 @@ class ReleaseModel:
         return out
 
     @torch.no_grad()
-    def tower(self, t: float) -> dict[str, torch.Tensor] | None:
-        """θ(t) of the trained tower weights (LRU); None where the module itself serves (t = 1, or frozen)."""
+    def tower(self, t: float) -> torch.nn.Module:
+        """The image tower at θ(t) (LRU of copies); at t = 1, or when it did not train, the tower itself."""
         if t == 1.0 or not self.model.reference:
-            return None
-        if t == 0.0:  # θ_ref itself: nothing to compute or keep
-            return self.model.reference
-        state = self._towers.get(t)
-        if state is None:
-            state = self._towers[t] = self.model.tower_state(t)
+            return self.model.tower_at(1.0)
+        tower = self._towers.get(t)
+        if tower is None:
+            tower = self._towers[t] = self.model.tower_at(t)
             self.interpolations += 1
             while len(self._towers) > self._tower_cache_size:
                 self._towers.popitem(last=False)
         self._towers.move_to_end(t)
-        return state
+        return tower
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:

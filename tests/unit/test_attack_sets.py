@@ -41,6 +41,9 @@ class RedChannelReader(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.one_hot(tokens, len(VOCAB)).float()
 
+    def tower_at(self, t: float) -> None:
+        return None  # no tower: encode_image reads the pixels
+
     def encode_image(self, pixels: torch.Tensor, t: float = 1.0, tower=None) -> torch.Tensor:
         return F.one_hot(pixels[:, 0, 0, 0].long(), len(VOCAB)).float()
 

@@ -125,15 +125,15 @@ def test_engine_interpolates_once_per_rounded_t_and_mixes_ts_in_one_batch(traine
     prompts = [world.prompts()] * 4
     knobs = [Knob(0.0), Knob(1.0), Knob(0.5), Knob(0.501)]  # 0.501 runs the tower at 0.5, W at 0.501
     mixed = release.classify_many(images, prompts, knobs)
-    assert release.interpolations == 1  # 0 and 1 need none; 0.5 and 0.501 share one
+    assert release.interpolations == 2  # 1 needs none; 0.5 and 0.501 share one
     for image, knob, (logits, _) in zip(images, knobs, mixed, strict=True):
         alone = release.classify_many([image], [world.prompts()], [knob])[0][0]
         assert np.allclose(logits, alone, atol=1e-4)
     base = ReleaseModel("b", base_model, {"prompt_template": "a photo of a {}."})
     assert np.allclose(mixed[0][0], base.classify_many([images[0]], [world.prompts()], [Knob(1.0)])[0][0],
                        atol=1e-5)  # t = 0 is the base model
-    assert release.interpolations == 1
+    assert release.interpolations == 2
     release.classify_many(images[:1], prompts[:1], [Knob(0.7)])
     release.classify_many(images[:1], prompts[:1], [Knob(0.9)])  # evicts 0.5 (bound 2)
     release.classify_many(images[:1], prompts[:1], [Knob(0.5)])
-    assert release.interpolations == 4
+    assert release.interpolations == 5
