@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from po_cluster.config import ImageTowerMode, LastBlocks
+from po_cluster.config import ImageTowerMode, LastBlocks, Lora
 from po_cluster.model.loading import LoadedCLIP, to_model_input
+from po_cluster.model.lora import AdapterScale, add_adapters
 from po_cluster.model.spectral import SpectralLayer
 
 
@@ -58,10 +59,12 @@ class AlignedCLIP(nn.Module):
         # The scale is that of the loaded model and is not trained (docs/design.md, "Policy").
         self.logit_scale = float(clip.logit_scale.exp().clamp(max=100).item())
         self.image_tower = image_tower
+        # With LoRA, t scales the adapters' output, which is the whole path (model/lora.py): no θ_ref.
+        self.adapter_scale: AdapterScale | None = None
         self._set_trainable(image_tower)
         # θ_ref: the values the trained tower parameters start from. A model is built from its
         # starting weights (or gets the saved ones from load_checkpoint), so a snapshot now is θ_ref.
-        self.reference: dict[str, torch.Tensor] = {
+        self.reference: dict[str, torch.Tensor] = {} if self.adapter_scale is not None else {
             name: p.detach().clone() for name, p in self.clip.visual.named_parameters() if p.requires_grad}
 
     def _set_trainable(self, mode: ImageTowerMode) -> None:
@@ -77,6 +80,16 @@ class AlignedCLIP(nn.Module):
             for block in blocks[-mode.last_blocks:]:
                 for p in block.parameters():
                     p.requires_grad_(True)
+        elif isinstance(mode, Lora):
+            self.adapter_scale = add_adapters(self.clip.visual, mode.lora)  # new parameters: trainable
+
+    def trained_keys(self) -> set[str]:
+        """The state-dict entries training can change: with LoRA the adapters and W (a release stores
+        only those, the base tower comes from `pretrained`), otherwise every entry."""
+        keys = set(self.state_dict())
+        if self.adapter_scale is None:
+            return keys
+        return {k for k in keys if ".lora_A" in k or ".lora_B" in k or k.startswith("spectral.")}
 
     @property
     def image_tower_frozen(self) -> bool:
@@ -111,7 +124,7 @@ class AlignedCLIP(nn.Module):
         does not move (untrained weights, BatchNorm statistics). At t = 1, or with nothing trained, the
         tower itself."""
         visual = self.clip.visual
-        if t == 1.0 or not self.reference:
+        if t == 1.0 or not self.reference:  # LoRA: the tower itself, encode_image sets its t
             return visual
         state = self.tower_state(t)
         own = dict(visual.named_parameters())
@@ -147,9 +160,16 @@ class AlignedCLIP(nn.Module):
     def tokens(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)
 
-    def encode_image(self, pixels: torch.Tensor, t: float = 1.0, tower: nn.Module | None = None) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, t: float | torch.Tensor = 1.0,
+                     tower: nn.Module | None = None) -> torch.Tensor:
         """f_t(x), L2-normalised, before W: through `tower` (a caller's `tower_at(t)`, kept for many
-        batches), else through tower_at(t). open_clip's encode_image is its image tower's forward."""
+        batches), else through tower_at(t). open_clip's encode_image is its image tower's forward.
+        With LoRA, t may be one value per row: the adapters scale each sample by its own t."""
+        if self.adapter_scale is not None:
+            with self.adapter_scale.at(t):
+                return F.normalize(self.clip.visual(pixels), dim=-1)
+        if isinstance(t, torch.Tensor):
+            raise ValueError("one t per row needs a LoRA image tower; group rows by t instead")
         return F.normalize((self.tower_at(t) if tower is None else tower)(pixels), dim=-1)
 
     @torch.no_grad()

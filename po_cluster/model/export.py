@@ -25,6 +25,7 @@ from torch import nn
 
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import load_checkpoint
+from po_cluster.model.lora import merge_adapters
 
 
 class ExportError(RuntimeError):
@@ -74,6 +75,7 @@ def folded_clip(model: AlignedCLIP, t: float = 1.0) -> nn.Module:
     last linear maps: its embeddings are the aligned model's at t."""
     matrix = model.spectral.matrix(t).detach().double().cpu()
     clip = copy.deepcopy(model.clip).cpu().float()
+    merge_adapters(clip.visual, t)  # LoRA: W0 + t·s·B·A, and the stock layers put back
     if t != 1.0 and model.reference:
         with torch.no_grad():
             own = dict(clip.visual.named_parameters())

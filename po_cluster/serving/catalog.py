@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeGuard, TypeVar
 
+from pydantic import TypeAdapter, ValidationError
+
+from po_cluster.config import ImageTowerMode, image_tower_label
 from po_cluster.serving.limits import ApiError
 from po_cluster.store.artifacts import MANIFEST, RELEASES, ArtifactStore, ReleaseInfo, StoreError, check_release_id
 
@@ -30,10 +33,12 @@ class ReleaseMeta:
 
 
 def image_tower_name(mode: object) -> str:
-    """model.json's image_tower ("full", "frozen" or {"last_blocks": k}) as one string."""
-    if isinstance(mode, dict) and "last_blocks" in mode:
-        return f"last_blocks:{mode['last_blocks']}"
-    return str(mode or "frozen")
+    """model.json's image_tower as its label (frozen, full, last_blocks:k, lora:r8a16); "unknown" when
+    it is none of them."""
+    try:
+        return image_tower_label(TypeAdapter(ImageTowerMode).validate_python(mode or "frozen"))
+    except ValidationError:
+        return "unknown"
 
 
 class ReleaseCatalog:

@@ -2,7 +2,8 @@
 
 A batch holds rows from many requests. The text tower never trains, so every
 text goes through it together. The image tower is served at θ(t) (docs/design.md,
-"The knob t"): when it trained, rows are grouped by t rounded to 0.01, each group
+"The knob t"): with LoRA adapters, every row in one pass, each scaled by its own
+t; when it trained otherwise, rows are grouped by t rounded to 0.01, each group
 runs through the tower with that t's weights, kept in a small LRU (one
 interpolation per new t, none after); when it did not, all rows go together. The
 projection W(t) then runs once per distinct (t, σ overrides) in the batch.
@@ -97,6 +98,12 @@ class ReleaseModel:
     def pixel_features(self, pixels: torch.Tensor, ts: list[float] | None = None) -> torch.Tensor:
         """f_t(x) [N, d] from model input [N, 3, S, S]: one tower pass per distinct tower t, in chunks
         of max_forward rows."""
+        if self.model.adapter_scale is not None:  # LoRA: each row's own t, all rows in one pass
+            row_t = torch.tensor(ts if ts is not None else [1.0] * len(pixels), dtype=torch.float32,
+                                 device=self.device)
+            return torch.cat([self.model.encode_image(pixels[start:start + self.max_forward],
+                                                      row_t[start:start + self.max_forward])
+                              for start in range(0, len(pixels), self.max_forward)])
         trained = bool(self.model.reference)
         keys = [tower_t(t, trained) for t in ts] if ts is not None else [1.0] * len(pixels)
         groups: dict[float, list[int]] = {}

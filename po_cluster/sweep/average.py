@@ -26,6 +26,7 @@ from po_cluster.model.checkpoint import (
     WEIGHTS,
     CheckpointError,
     image_tower_mode,
+    load_trained_state,
     read_json,
     save_checkpoint,
     verify_manifest,
@@ -84,7 +85,7 @@ class Scorer:
         self._validated: dict[str, dict[str, float]] = {}
 
     def _load(self, state: dict[str, torch.Tensor]) -> AlignedCLIP:
-        self.model.load_state_dict(state, strict=True)
+        load_trained_state(self.model, state, "a candidate's weights")
         return self.model
 
     def validation(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -172,9 +173,13 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
 
     `locate` turns a trial's checkpoint path into a local folder (a download, for S3).
     """
-    top = ranked_trials(records)[:top_k]
-    if not top:
+    ranked = ranked_trials(records)
+    if not ranked:
         raise ValueError("no finished trial with a checkpoint to average")
+    # Soups average weights of one shape and one start: when the sweep searched the image tower mode,
+    # the top-k come from the best trial's mode (the report compares the modes).
+    mode = ranked[0].config.get("image_tower")
+    top = [r for r in ranked if r.config.get("image_tower") == mode][:top_k]
     candidates = [_candidate(r, locate) for r in top]
     check_same_architecture(candidates)
     scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)
