@@ -117,6 +117,16 @@ def ranked_trials(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     return sorted(usable, key=lambda r: -math.inf if r.objective is None else r.objective, reverse=True)
 
 
+def soup_candidates(records: Sequence[TrialRecord], top_k: int) -> list[TrialRecord]:
+    """The top-k trials that can be averaged together. Soups average weights of one shape and one
+    start: when the sweep searched the image tower mode, they come from the best trial's mode."""
+    ranked = ranked_trials(records)
+    if not ranked:
+        raise ValueError("no finished trial with a checkpoint to average")
+    mode = ranked[0].config.get("image_tower")
+    return [r for r in ranked if r.config.get("image_tower") == mode][:top_k]
+
+
 @dataclass(frozen=True)
 class AverageResult:
     """The release candidate chosen among the best trial and the soups, and where it went."""
@@ -173,13 +183,7 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
 
     `locate` turns a trial's checkpoint path into a local folder (a download, for S3).
     """
-    ranked = ranked_trials(records)
-    if not ranked:
-        raise ValueError("no finished trial with a checkpoint to average")
-    # Soups average weights of one shape and one start: when the sweep searched the image tower mode,
-    # the top-k come from the best trial's mode (the report compares the modes).
-    mode = ranked[0].config.get("image_tower")
-    top = [r for r in ranked if r.config.get("image_tower") == mode][:top_k]
+    top = soup_candidates(records, top_k)
     candidates = [_candidate(r, locate) for r in top]
     check_same_architecture(candidates)
     scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)
