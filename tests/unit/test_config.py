@@ -10,10 +10,10 @@ from po_cluster.config import (
     LoraSpec,
     PretrainConfig,
     RunConfig,
+    image_tower_label,
     json_schema,
     load_config,
     load_yaml,
-    image_tower_label,
     parse_config,
 )
 
