@@ -60,7 +60,7 @@ class Evaluator:
         if ref_clean_logps is not None:
             ref = ref_clean_logps
         else:
-            clean = image_emb["clean"] if not model.reference else embed_images(model, sets["clean"].images, t=0.0)
+            clean = embed_images(model, sets["clean"].images, t=0.0) if model.tower_moves_with_t else image_emb["clean"]
             ref = candidate_logprobs(clean, text_emb, model.logit_scale)
         return cls(model, sets, image_emb, text_emb, ref)
 
@@ -74,7 +74,7 @@ class Evaluator:
 
     def embeddings(self, t: float = 1.0) -> dict[str, torch.Tensor]:
         """f_t of every set: those kept at build time unless the tower trained and t ≠ 1."""
-        if t == 1.0 or not self.model.reference:
+        if t == 1.0 or not self.model.tower_moves_with_t:
             return self.image_emb
         return {name: embed_images(self.model, s.images, t=t) for name, s in self.sets.items()}
 

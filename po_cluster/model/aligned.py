@@ -95,6 +95,11 @@ class AlignedCLIP(nn.Module):
     def image_tower_frozen(self) -> bool:
         return self.image_tower == "frozen"
 
+    @property
+    def tower_moves_with_t(self) -> bool:
+        """Whether f depends on t: the tower trained (θ_ref kept) or carries adapters."""
+        return bool(self.reference) or self.adapter_scale is not None
+
     def set_reference(self, state: dict[str, torch.Tensor]) -> None:
         """θ_ref as saved with a checkpoint: exactly the trained tower parameters' names and shapes."""
         own = dict(self.clip.visual.named_parameters())

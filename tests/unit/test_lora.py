@@ -69,6 +69,15 @@ def test_t_scales_the_adapters_and_is_the_merged_weights_path(base_model, pixels
     assert not torch.allclose(model.encode_image(pixels, 1.0), base_model.encode_image(pixels), atol=1e-3)
 
 
+def test_scores_at_t0_are_the_base_models(base_model, small_sets):
+    from po_cluster.evaluate.metrics import Evaluator
+
+    release, base = Evaluator.build(lora_model(), small_sets), Evaluator.build(base_model, small_sets)
+    at0, want = release.metrics(0.0), base.metrics(1.0)
+    assert at0.keys() == want.keys() and all(abs(at0[k] - want[k]) < 1e-6 for k in want), (at0, want)
+    assert abs(at0["kl"]) < 1e-7 and release.metrics(1.0)["kl"] > 1e-5  # π_ref is the model at t = 0
+
+
 @torch.no_grad()
 def test_one_pass_serves_a_t_per_row(pixels):
     model = lora_model()
