@@ -26,7 +26,29 @@ class LastBlocks(Strict):
     last_blocks: Annotated[int, Field(gt=0, description="train only the last k blocks of the image tower")]
 
 
-ImageTowerMode = Literal["full", "frozen"] | LastBlocks
+class LoraSpec(Strict):
+    rank: int = Field(8, gt=0, description="rank r of each adapter B·A")
+    alpha: float = Field(16.0, gt=0, description="the adapter's output is scaled by alpha / rank")
+    targets: tuple[str, ...] | None = Field(
+        None, min_length=1, description="fnmatch patterns over the image tower's module names (Linear or "
+        "Conv2d layers); default per architecture: a ViT's MLPs, a ResNet's bottleneck convolutions")
+
+
+class Lora(Strict):
+    lora: LoraSpec = Field(description="train low-rank adapters on the image tower, its weights frozen")
+
+
+ImageTowerMode = Literal["full", "frozen"] | LastBlocks | Lora
+
+
+def image_tower_label(mode: ImageTowerMode) -> str:
+    """One short name per mode, for sweeps, reports and /v1/models: full, frozen, last_blocks:k, lora:r8a16."""
+    if isinstance(mode, LastBlocks):
+        return f"last_blocks:{mode.last_blocks}"
+    if isinstance(mode, Lora):
+        targets = "" if mode.lora.targets is None else "t" + ",".join(mode.lora.targets)
+        return f"lora:r{mode.lora.rank}a{mode.lora.alpha:g}{targets}"
+    return mode
 
 
 class ModelConfig(Strict):

@@ -67,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--output-dir", help="override output_dir of the config")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("evaluate", help="accuracies, attack success and KL, and their σ trade-off in t")
+    p = sub.add_parser("evaluate", help="accuracies, attack success and KL, and their trade-off over t")
     p.add_argument("target", nargs="?", default=SHIPPED_BASE,
                    help=f"checkpoint or release folder, s3://…/releases/<id>, or a release id / 'latest' in --store "
                         f"(default: {SHIPPED_BASE})")
     p.add_argument("--store", help="artifact store for release ids (default $PO_CLUSTER_STORE, else ./artifacts)")
-    p.add_argument("--t", type=float, default=1.0, help="σ_i ← σ_i^t (default 1)")
+    p.add_argument("--t", type=float, default=1.0, help="the knob: 0 the starting model, 1 the release (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object at --t")
     p.add_argument("--plot", help="write the trade-off curve to this PNG (default: next to the checkpoint)")
     p.set_defaults(func=cmd_evaluate)

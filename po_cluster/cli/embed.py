@@ -14,7 +14,7 @@ _FLAGS: dict[str, tuple[type, str]] = {  # field: (type, help); each is --field-
     "store": (str, "release store: folder or s3://bucket/prefix (default $PO_CLUSTER_STORE, else the "
                    "config's store, else ./artifacts)"),
     "release": (str, "release id or latest (default latest)"),
-    "t": (float, "σ_i ← σ_i^t (default 1)"),
+    "t": (float, "the knob, as the endpoints' t: 0 the starting model, 1 the release (default 1)"),
     "shard_size": (int, "images per output file and decoding task; the unit a re-run skips (default 1000)"),
     "batch_size": (int, "images per model call (default 64)"),
     "decode_batch_size": (int, "images per decoding task call (default 64)"),

@@ -50,7 +50,7 @@ class EmbedConfig(Strict):
     output: str = Field(min_length=1, description="folder or s3:// prefix for embeddings/ and errors/")
     store: str = Field(min_length=1, description="release store: folder or s3://bucket/prefix")
     release: str = Field("latest", description="release id, or latest (resolved once, at the start)")
-    t: float = Field(1.0, description="σ_i ← σ_i^t, as the serving endpoint's t")
+    t: float = Field(1.0, description="the knob, as the serving endpoints' t: 0 the starting model, 1 the release")
     shard_size: int = Field(1000, gt=0, description="images per output file and per decoding task; the unit a "
                             "re-run skips")
     batch_size: int = Field(64, gt=0, description="images per model call in an actor")
@@ -102,8 +102,9 @@ class Embedder:
         if ok.any():
             with torch.no_grad():
                 pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.release.device)
-                features = self.release.model.encode_image(pixels)  # = ReleaseModel.image_features after pixels
-                embedding[ok] = self.release.project(features, [self.knob] * int(ok.sum())).numpy()
+                knobs = [self.knob] * int(ok.sum())
+                features = self.release.pixel_features(pixels, [knob.t for knob in knobs])
+                embedding[ok] = self.release.project(features, knobs).numpy()
         return {key: batch[key] for key in ("id", "source_uri", "shard", "code", "reason")} | {"embedding": embedding}
 
 

@@ -87,10 +87,10 @@ class AttackResult:
 @torch.no_grad()
 def evaluate_attack_set(model: AlignedCLIP, attack_set: AttackSet, t: float = 1.0,
                         template: str = ATTACK_TEMPLATE) -> AttackResult:
-    """Zero-shot classification of every image over the union candidate set, at σ^t."""
+    """Zero-shot classification of every image over the union candidate set, at t (θ(t) and σ^t)."""
     images = attack_set.images
     text_emb = embed_prompts(model, [template.format(name) for name in images.classnames])
-    image_emb = embed_images(model, images.images)
+    image_emb = embed_images(model, images.images, t=t)
     device = next(model.spectral.parameters()).device
     logps = model.logprobs(image_emb.to(device), text_emb.to(device), t).cpu()
     predicted = logps.argmax(-1).numpy()

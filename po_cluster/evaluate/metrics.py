@@ -1,7 +1,8 @@
-"""Accuracies, attack success, KL to the reference, and σ trade-off curves.
+"""Accuracies, attack success, KL to the reference, and trade-off curves over t.
 
-Image embeddings (before W) are computed once per set; every t then costs only
-the spectral layer, so a whole trade-off curve is as cheap as one evaluation.
+Image embeddings (before W) are computed once per set and t. When the image
+tower did not train, f does not depend on t and every t costs only the spectral
+layer; when it did, each t is one pass of the tower with θ(t) over the sets.
 """
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ from po_cluster.losses import kl_ref_policy
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 
 METRIC_KEYS = ("clean", "attacked", "word_only", "attack_success", "kl")
-DEFAULT_TS = tuple(np.round(np.arange(-1.0, 2.01, 0.25), 2).tolist())
+# Each t is a pass of the image tower over the sets when it trained: the path from the start (0) to
+# the release (1) in quarters, and a little on either side.
+DEFAULT_TS = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 @torch.no_grad()
-def embed_images(model: AlignedCLIP, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """f(x) for uint8 images, in batches, L2-normalised, before W."""
+def embed_images(model: AlignedCLIP, images: np.ndarray, batch_size: int = 256, t: float = 1.0) -> torch.Tensor:
+    """f_t(x) for uint8 images, in batches, L2-normalised, before W."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model.encode_image(model.pixels(images[i:i + batch_size]).to(device)).float().cpu()
+    tower = model.tower_at(t)  # θ(t) once, not per batch
+    out = [model.encode_image(model.pixels(images[i:i + batch_size]).to(device), t, tower).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
@@ -46,19 +50,18 @@ class Evaluator:
     ref_clean_logps: torch.Tensor
 
     @classmethod
-    def build(cls, model: AlignedCLIP, sets: dict[str, ImageSet], reference: AlignedCLIP | None = None,
-              template: str = world.PROMPT_TEMPLATE, ref_clean_logps: torch.Tensor | None = None) -> Evaluator:
+    def build(cls, model: AlignedCLIP, sets: dict[str, ImageSet], template: str = world.PROMPT_TEMPLATE,
+              ref_clean_logps: torch.Tensor | None = None) -> Evaluator:
+        """`ref_clean_logps` is π_ref on the clean set; without it, π_ref is this model at t = 0,
+        which is exactly its starting model (docs/design.md, "The knob t")."""
         classnames = next(iter(sets.values())).classnames
         text_emb = embed_prompts(model, world.prompts(classnames, template))
         image_emb = {name: embed_images(model, s.images) for name, s in sets.items()}
-        # Reference = the starting model; without one given it is this model at t = 0.
         if ref_clean_logps is not None:
             ref = ref_clean_logps
-        elif reference is None:
-            ref = candidate_logprobs(image_emb["clean"], text_emb, model.logit_scale)
         else:
-            ref_text = embed_prompts(reference, world.prompts(classnames, template))
-            ref = candidate_logprobs(embed_images(reference, sets["clean"].images), ref_text, reference.logit_scale)
+            clean = embed_images(model, sets["clean"].images, t=0.0) if model.tower_moves_with_t else image_emb["clean"]
+            ref = candidate_logprobs(clean, text_emb, model.logit_scale)
         return cls(model, sets, image_emb, text_emb, ref)
 
     def with_model(self, model: AlignedCLIP) -> Evaluator:
@@ -69,12 +72,18 @@ class Evaluator:
             {name: embed_images(model, s.images) for name, s in self.sets.items()}
         return Evaluator(model, self.sets, image_emb, self.text_emb, self.ref_clean_logps)
 
+    def embeddings(self, t: float = 1.0) -> dict[str, torch.Tensor]:
+        """f_t of every set: those kept at build time unless the tower trained and t ≠ 1."""
+        if t == 1.0 or not self.model.tower_moves_with_t:
+            return self.image_emb
+        return {name: embed_images(self.model, s.images, t=t) for name, s in self.sets.items()}
+
     @torch.no_grad()
     def metrics(self, t: float = 1.0, overrides: dict[int, float] | None = None) -> dict[str, float]:
         device = next(self.model.spectral.parameters()).device
         text = self.text_emb.to(device)
         out: dict[str, float] = {}
-        for name, emb in self.image_emb.items():
+        for name, emb in self.embeddings(t).items():
             logps = self.model.logprobs(emb.to(device), text, t, overrides).cpu()
             pred = logps.argmax(-1).numpy()
             image_set = self.sets[name]
@@ -89,7 +98,7 @@ class Evaluator:
         return [{"t": t, **self.metrics(t)} for t in ts]
 
 
-def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "σ trade-off") -> None:
+def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "trade-off over t") -> None:
     """Accuracies against t as a PNG."""
     import matplotlib
 
@@ -103,7 +112,7 @@ def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "σ trad
         ax.plot(ts, [row[key] for row in rows], marker="o", label=label)
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.axvline(1, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="t  (σ_i ← σ_i^t)", ylabel="accuracy", ylim=(0, 1.02), title=title)
+    ax.set(xlabel="t  (θ_ref + t·(θ − θ_ref), σ_i^t)", ylabel="accuracy", ylim=(0, 1.02), title=title)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

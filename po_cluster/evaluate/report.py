@@ -28,11 +28,12 @@ def _objective_or_last(row: dict) -> float:
     return -1e9 if objective is None else objective
 
 
-def best_per_loss(rows: list[dict]) -> list[dict]:
+def best_per(rows: list[dict], column: str = "loss") -> list[dict]:
+    """The best row of each value of `column` (a loss, an image tower mode)."""
     best: dict[str, dict] = {}
     for row in rows:  # rows are sorted best first
         if row.get("objective") is not None:
-            best.setdefault(row["loss"], row)
+            best.setdefault(str(row.get(column)), row)
     return list(best.values())
 
 
@@ -75,14 +76,18 @@ def write_report(records: list[dict], average: dict | None, out_dir: str | Path,
     sections = [f"# {title}", "", f"{len(rows)} trials.", "", "## All trials (best first)", "",
                 format_table([{k: _fmt(v) for k, v in r.items()} for r in rows], TRIAL_COLUMNS), "",
                 "![β–λ map](beta_lambda.png)", "", "## Best trial per loss", "",
-                format_table([{k: _fmt(v) for k, v in r.items()} for r in best_per_loss(rows)], TRIAL_COLUMNS)]
+                format_table([{k: _fmt(v) for k, v in r.items()} for r in best_per(rows)], TRIAL_COLUMNS)]
+    if len({r.get("image_tower") for r in rows}) > 1:  # the sweep searched the mode: compare them
+        sections += ["", "## Best trial per image tower mode", "",
+                     format_table([{k: _fmt(v) for k, v in r.items()} for r in best_per(rows, "image_tower")],
+                                  TRIAL_COLUMNS)]
     if average:
-        plot_tradeoff(average["tradeoff"], str(out / "tradeoff.png"), f"σ trade-off: release ({average['chosen']})")
+        plot_tradeoff(average["tradeoff"], str(out / "tradeoff.png"), f"over t: release ({average['chosen']})")
         test_rows = [{"model": name, **metrics} for name, metrics in average["test"].items()]
         sections += ["", "## Base vs best trial vs soups (fixed evaluation sets, t = 1)", "",
                      format_table(test_rows, ("model",) + METRIC_KEYS), "",
                      f"Release: **{average['chosen']}** (chosen on validation), greedy soup members: "
-                     f"{', '.join(average['greedy_members'])}.", "", "## σ trade-off of the release", "",
+                     f"{', '.join(average['greedy_members'])}.", "", "## The release over t (0: its start)", "",
                      format_table(average["tradeoff"], ("t",) + METRIC_KEYS), "", "![trade-off](tradeoff.png)"]
     markdown = "\n".join(sections) + "\n"
     (out / "report.md").write_text(markdown)

@@ -24,10 +24,10 @@ def resolve_target(target: str, store: str | None = None) -> str:
     return str(open_store(store).pull_release(target))
 
 
-def load_target(target: str) -> tuple[AlignedCLIP, AlignedCLIP | None, str]:
-    """(model, reference or None when the model is its own reference at t = 0, label)."""
+def load_target(target: str) -> tuple[AlignedCLIP, str]:
+    """(model, label). A checkpoint is its own reference: at t = 0 it is exactly its starting model."""
     if target == SHIPPED_BASE:
-        return AlignedCLIP(load_clip(ModelConfig()), "frozen"), None, "typo-shapes-base"
+        return AlignedCLIP(load_clip(ModelConfig()), "frozen"), "typo-shapes-base"
     if target.startswith("s3://"):  # <store>/releases/<id|latest>: pulled, verified, cached
         from po_cluster.store.artifacts import pull_release_uri
 
@@ -35,30 +35,25 @@ def load_target(target: str) -> tuple[AlignedCLIP, AlignedCLIP | None, str]:
     folder = Path(target)
     if not folder.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {target}")
-    model, description = load_checkpoint(folder)
-    reference = None
-    if model.image_tower != "frozen":
-        ref_cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
-        reference = AlignedCLIP(load_clip(ref_cfg), "frozen")
-    return model, reference, folder.name
+    return load_checkpoint(folder)[0], folder.name
 
 
 def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | None = None,
                     store: str | None = None) -> dict:
     """Metrics at `t` ("at_t"), and with `ts` the trade-off over t ("tradeoff"), its plot and a text
     report ("text"). `target` is anything resolve_target takes; release ids are looked up in `store`."""
-    model, reference, label = load_target(resolve_target(target, store))
-    evaluator = Evaluator.build(model, world.evaluation_sets(), reference)
+    model, label = load_target(resolve_target(target, store))
+    evaluator = Evaluator.build(model, world.evaluation_sets())
     at_t = {key: evaluator.metrics(t)[key] for key in METRIC_KEYS}
     report: dict = {"at_t": at_t, "t": t}
     if ts:
         rows = evaluator.tradeoff(DEFAULT_TS)
         plot_path = plot or f"{label}-tradeoff.png"
-        plot_tradeoff(rows, plot_path, f"σ trade-off: {label}")
+        plot_tradeoff(rows, plot_path, f"trade-off over t: {label}")
         report["tradeoff"] = rows
         report["text"] = "\n".join([
             f"{label} at t = {t:g}:", format_table([{"model": label, **at_t}], ("model",) + METRIC_KEYS), "",
-            "trade-off over t (σ_i ← σ_i^t):", format_table(rows, ("t",) + METRIC_KEYS), "",
+            "trade-off over t (θ_ref + t·(θ − θ_ref), σ_i^t):", format_table(rows, ("t",) + METRIC_KEYS), "",
             f"plot: {plot_path}",
         ])
     return report

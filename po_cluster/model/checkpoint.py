@@ -1,5 +1,9 @@
 """Self-describing checkpoints: safetensors weights, model config, training
-config, metrics, and a sha256 manifest written last.
+config, metrics, and a sha256 manifest written last. A model whose image tower
+trained also keeps θ_ref, the starting values of those weights
+(`reference.safetensors`), so that t = 0 serves exactly the starting model.
+A LoRA checkpoint stores only the adapters and W: its base tower is loaded from
+`pretrained` (checked against the sha256 recorded at training, where it is a file).
 
 A folder without a valid manifest, or whose bytes differ from it, is never
 loaded; nothing is ever unpickled.
@@ -10,18 +14,22 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 
-from po_cluster.config import LastBlocks, ModelConfig
+from po_cluster.config import ImageTowerMode, Lora, ModelConfig
 from po_cluster.model.aligned import AlignedCLIP
-from po_cluster.model.loading import load_clip
-from po_cluster.store.manifest import MANIFEST, ManifestError, verify_manifest, write_manifest
+from po_cluster.model.loading import is_weights_file, load_clip, resolve_weights
+from po_cluster.store.manifest import MANIFEST, ManifestError, sha256_file, verify_manifest, write_manifest
 
 WEIGHTS = "model.safetensors"
+REFERENCE = "reference.safetensors"
 MODEL_JSON = "model.json"
 TRAINING_JSON = "training.json"
 METRICS_JSON = "metrics.json"
 
+
+ImageTowerAdapter: TypeAdapter[ImageTowerMode] = TypeAdapter(ImageTowerMode)
 
 # One error for every checkpoint that must not be loaded, whether the manifest check or the loader finds out.
 CheckpointError = ManifestError
@@ -30,10 +38,34 @@ CheckpointError = ManifestError
 def model_description(model: AlignedCLIP, model_cfg: ModelConfig, classnames: tuple[str, ...],
                       template: str) -> dict:
     mode = model.image_tower
-    return {"architecture": model.name, "pretrained": model_cfg.pretrained,
-            "image_tower": mode.model_dump() if isinstance(mode, LastBlocks) else mode,
-            "embed_dim": model.spectral.dim, "logit_scale": model.logit_scale,
-            "classnames": list(classnames), "prompt_template": template}
+    description = {"architecture": model.name, "pretrained": model_cfg.pretrained,
+                   "image_tower": mode if isinstance(mode, str) else mode.model_dump(mode="json"),
+                   "embed_dim": model.spectral.dim, "logit_scale": model.logit_scale,
+                   "classnames": list(classnames), "prompt_template": template}
+    if model.adapter_scale is not None:  # the release needs its base: say which bytes it was
+        description["pretrained_sha256"] = _base_sha256(model_cfg.pretrained, model_cfg.cache_dir)
+    return description
+
+
+def _base_sha256(pretrained: str | None, cache_dir: str | None) -> str | None:
+    """sha256 of the base weights when they are a file we read (shipped, local, s3://); None for an
+    open_clip tag, whose download open_clip itself checks."""
+    if pretrained is None or not is_weights_file(pretrained):
+        return None
+    return sha256_file(resolve_weights(pretrained, cache_dir))
+
+
+def load_trained_state(model: AlignedCLIP, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load the entries training changes (every entry, or with LoRA the adapters and W), exactly those."""
+    expected = model.trained_keys()
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{where} does not fit image_tower={model.image_tower!r}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=model.adapter_scale is None)
+    except Exception as error:
+        raise CheckpointError(f"{where} does not load into {model.name}: {error}") from None
 
 
 def save_checkpoint(folder: str | Path, model: AlignedCLIP, description: dict, training: dict,
@@ -41,12 +73,48 @@ def save_checkpoint(folder: str | Path, model: AlignedCLIP, description: dict, t
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # an overwrite in progress is incomplete
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    keys = model.trained_keys()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keys}
     save_file(state, str(folder / WEIGHTS))
+    if model.reference:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.reference.items()}, str(folder / REFERENCE))
+    else:
+        (folder / REFERENCE).unlink(missing_ok=True)
     for name, content in ((MODEL_JSON, description), (TRAINING_JSON, training), (METRICS_JSON, metrics)):
         (folder / name).write_text(json.dumps(content, indent=2, default=str) + "\n")
     write_manifest(folder)
     return folder
+
+
+def image_tower_mode(description: dict) -> ImageTowerMode:
+    """The image tower mode a model.json records (a checkpoint without one trained no tower)."""
+    mode = description.get("image_tower", "frozen")
+    try:
+        return ImageTowerAdapter.validate_python(mode)
+    except ValidationError as error:
+        raise CheckpointError(f"{MODEL_JSON}: image_tower {mode!r} is not a known mode: {error}") from None
+
+
+def _load_reference(model: AlignedCLIP, folder: Path) -> None:
+    if not (folder / REFERENCE).is_file():
+        raise CheckpointError(f"{folder}: image_tower={model.image_tower!r} trained the image tower, but "
+                              f"{REFERENCE} (its starting weights, which t = 0 serves) is missing")
+    try:
+        model.set_reference(load_file(str(folder / REFERENCE)))
+    except Exception as error:  # safetensors raises several types for corrupt headers
+        raise CheckpointError(f"{folder}: {REFERENCE} does not fit the model: {error}") from None
+
+
+def _architecture_config(description: dict, mode: ImageTowerMode, folder: Path) -> ModelConfig:
+    """What to build before loading the weights: the bare architecture, or for LoRA its base model."""
+    if not isinstance(mode, Lora):
+        return ModelConfig(name=description["architecture"], pretrained=None)
+    cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
+    recorded = description.get("pretrained_sha256")
+    if recorded is not None and _base_sha256(cfg.pretrained, cfg.cache_dir) != recorded:
+        raise CheckpointError(f"{folder}: a LoRA release of base {cfg.pretrained!r}, whose weights have changed "
+                              f"since it was trained (sha256 {recorded[:12]}… expected)")
+    return cfg
 
 
 def read_json(folder: Path, name: str) -> dict:
@@ -66,15 +134,14 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
     if verify:
         verify_manifest(folder)
     description = read_json(folder, MODEL_JSON)
-    mode = description.get("image_tower", "frozen")
-    mode = LastBlocks(**mode) if isinstance(mode, dict) else mode
-    loaded = load_clip(ModelConfig(name=description["architecture"], pretrained=None))
-    model = AlignedCLIP(loaded, mode)
+    mode = image_tower_mode(description)
+    model = AlignedCLIP(load_clip(_architecture_config(description, mode, folder)), mode)
     try:
         state = load_file(str(folder / WEIGHTS))
-        model.load_state_dict(state, strict=True)
-    except Exception as error:
-        raise CheckpointError(f"{folder}: {WEIGHTS} does not load into {description['architecture']}: {error}") \
-            from None
+    except Exception as error:  # safetensors raises several types for corrupt headers
+        raise CheckpointError(f"{folder}: cannot read {WEIGHTS}: {error}") from None
+    load_trained_state(model, state, f"{folder}: {WEIGHTS}")
+    if model.reference:
+        _load_reference(model, folder)
     model.logit_scale = float(description.get("logit_scale", model.logit_scale))
     return model.to(device).eval(), description

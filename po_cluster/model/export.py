@@ -1,4 +1,5 @@
-"""Export an aligned checkpoint as a stock open_clip checkpoint, W(t) folded in.
+"""Export an aligned checkpoint as a stock open_clip checkpoint at one t: the image
+tower's weights at θ(t) = θ_ref + t·(θ − θ_ref) and W(t) folded in.
 
 The aligned embedding is normalize(W·normalize(f)) = normalize(W·f) (the inner
 normalisation is a positive scale, which the outer one removes), and f ends in
@@ -24,6 +25,7 @@ from torch import nn
 
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import load_checkpoint
+from po_cluster.model.lora import merge_adapters
 
 
 class ExportError(RuntimeError):
@@ -69,9 +71,16 @@ def _text_projection(clip: nn.Module) -> tuple[nn.Module, str]:
 
 
 def folded_clip(model: AlignedCLIP, t: float = 1.0) -> nn.Module:
-    """A copy of the open_clip model with W(t) folded into both towers' last linear maps."""
+    """A copy of the open_clip model with the image tower at θ(t) and W(t) folded into both towers'
+    last linear maps: its embeddings are the aligned model's at t."""
     matrix = model.spectral.matrix(t).detach().double().cpu()
     clip = copy.deepcopy(model.clip).cpu().float()
+    merge_adapters(clip.visual, t)  # LoRA: W0 + t·s·B·A, and the stock layers put back
+    if t != 1.0 and model.reference:
+        with torch.no_grad():
+            own = dict(clip.visual.named_parameters())
+            for name, value in model.tower_state(t).items():
+                own[name].copy_(value)
     _fold(*_image_projection(clip.visual), matrix, "image tower")
     _fold(*_text_projection(clip), matrix, "text tower")
     return clip

@@ -50,6 +50,11 @@ def _is_local_file(pretrained: str) -> bool:
     return pretrained.endswith(".safetensors") or "/" in pretrained or pretrained.startswith(".")
 
 
+def is_weights_file(pretrained: str) -> bool:
+    """Whether `pretrained` names weights we read ourselves (shipped, s3:// or local), not an open_clip tag."""
+    return pretrained == SHIPPED_BASE or pretrained.startswith("s3://") or _is_local_file(pretrained)
+
+
 def resolve_weights(pretrained: str, cache_dir: str | None = None) -> Path:
     """A local safetensors path for `pretrained` (shipped, local or s3://)."""
     if pretrained == SHIPPED_BASE:
@@ -99,8 +104,7 @@ def load_clip(cfg: ModelConfig) -> LoadedCLIP:
     if cfg.name not in open_clip.list_models():
         raise ModelLoadError(f"unknown open_clip architecture {cfg.name!r}")
     pretrained = cfg.pretrained
-    local = pretrained if pretrained is not None and (
-        pretrained == SHIPPED_BASE or pretrained.startswith("s3://") or _is_local_file(pretrained)) else None
+    local = pretrained if pretrained is not None and is_weights_file(pretrained) else None
     tag = pretrained if local is None else None
     # Tags go through open_clip's own loader (it downloads from the hub); files through ours.
     with _quiet_root_logger():

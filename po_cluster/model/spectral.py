@@ -2,7 +2,8 @@
 
 V is orthogonal by construction (the matrix exponential of a skew-symmetric
 matrix), σ = exp(ρ) > 0. Both start at the identity, so an untrained layer is
-exactly W = I. The knob t raises σ to σ^t; single σ_i may be overridden.
+exactly W = I. The knob t raises σ to σ^t (the image tower's own path is in aligned.py);
+single σ_i may be overridden.
 """
 from __future__ import annotations
 

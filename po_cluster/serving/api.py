@@ -119,8 +119,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 def make_api(service: GatewayService) -> FastAPI:
     app = FastAPI(title="po-cluster serving", version="1", description=(
         "Aligned CLIP (adjustable σ) embeddings and zero-shot classification. Every call takes t "
-        "(σ_i ← σ_i^t; 0 = base model, 1 = the release) and optional σ overrides. A method a path does "
-        "not serve is a 405 with Allow."))
+        "(0 = the starting model, 1 = the release, every trained weight on the path between) and optional "
+        "σ overrides. A method a path does not serve is a 405 with Allow."))
     app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes, check_key=service.check_key)
     _handlers(app)
     # Every path's body is read by the guard (400, 413); keys (401) and rates (429) only where configured:

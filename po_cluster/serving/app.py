@@ -72,7 +72,8 @@ class AlignedModel:
     async def _load(self, release_id: str) -> ReleaseModel:
         folder = await asyncio.to_thread(self.store.pull_release, release_id)  # verified against its manifest
         release = await self._run(ReleaseModel.load, release_id, folder, self.args.model.text_cache_size,
-                                  self.device, self.args.batching.max_batch_size, False)
+                                  self.device, self.args.batching.max_batch_size, False,
+                                  self.args.model.tower_cache_size)
         self.loaded[release_id] = release
         return release
 

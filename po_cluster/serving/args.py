@@ -59,6 +59,8 @@ class ModelDeploymentArgs(Strict):
     draining: Draining = Draining()
     max_releases_per_replica: int = Field(2, ge=1, description="releases held in memory (LRU), multiplexing")
     text_cache_size: int = Field(4096, ge=0, description="text embeddings g(y) cached per release")
+    tower_cache_size: int = Field(4, ge=0, description="image towers at θ(t) kept per release (LRU, one per "
+                                  "t to 0.01; each a copy of the trained tower weights)")
 
 
 class GatewayArgs(Strict):

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeGuard, TypeVar
 
+from pydantic import TypeAdapter, ValidationError
+
+from po_cluster.config import ImageTowerMode, image_tower_label
 from po_cluster.serving.limits import ApiError
 from po_cluster.store.artifacts import MANIFEST, RELEASES, ArtifactStore, ReleaseInfo, StoreError, check_release_id
 
@@ -26,6 +29,16 @@ class ReleaseMeta:
     embed_dim: int
     prompt_template: str
     classnames: tuple[str, ...]
+    image_tower: str = "frozen"  # what t moves besides W: "frozen" (W only), "full", "last_blocks:k"
+
+
+def image_tower_name(mode: object) -> str:
+    """model.json's image_tower as its label (frozen, full, last_blocks:k, lora:r8a16); "unknown" when
+    it is none of them."""
+    try:
+        return image_tower_label(TypeAdapter(ImageTowerMode).validate_python(mode or "frozen"))
+    except ValidationError:
+        return "unknown"
 
 
 class ReleaseCatalog:
@@ -113,7 +126,7 @@ class ReleaseCatalog:
             raise self._unavailable(error) from None
         model = shown.get("model") or {}
         return ReleaseMeta(release_id, int(model.get("embed_dim", 0)), str(model.get("prompt_template") or "{}"),
-                           tuple(model.get("classnames") or ()))
+                           tuple(model.get("classnames") or ()), image_tower_name(model.get("image_tower")))
 
     def releases(self) -> list[ReleaseInfo]:
         return self._within_ttl("_listing", self.store.list_releases)

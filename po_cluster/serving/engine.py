@@ -1,8 +1,12 @@
 """The model-side math of serving, without Ray: one loaded release, batched towers, projections by knob.
 
-A batch holds rows from many requests. The towers (f, g) do not depend on t, so
-every row goes through them together; the projection W(t) then runs once per
-distinct (t, σ overrides) in the batch, on all of that knob's rows at once.
+A batch holds rows from many requests. The text tower never trains, so every
+text goes through it together. The image tower is served at θ(t) (docs/design.md,
+"The knob t"): with LoRA adapters, every row in one pass, each scaled by its own
+t; when it trained otherwise, rows are grouped by t rounded to 0.01, each group
+runs through the tower with that t's weights, kept in a small LRU (one
+interpolation per new t, none after); when it did not, all rows go together. The
+projection W(t) then runs once per distinct (t, σ overrides) in the batch.
 The benchmark's in-process baseline calls this same code.
 """
 from __future__ import annotations
@@ -37,15 +41,22 @@ EmbedRequest = tuple[list[np.ndarray], list[str], Knob]  # images, texts, knob o
 EmbedResult = tuple[list[np.ndarray], list[np.ndarray], int]  # image rows, text rows, token count
 
 
-class ReleaseModel:
-    """A release loaded for serving: the AlignedCLIP, its description, a bounded cache of g(y), and one of W(t).
+def tower_t(t: float, trained: bool) -> float:
+    """The t the image tower runs at: t to 0.01 when it trained (0 and 1 stay exact), else 1 (no path)."""
+    return round(float(t), 2) if trained else 1.0
 
-    A served release never changes, so V = exp(A − Aᵀ) is computed once at load and W(t) once
-    per distinct knob (LRU): a request's projection is then one matrix product, whatever its t.
+
+class ReleaseModel:
+    """A release loaded for serving: the AlignedCLIP, its description, a bounded cache of g(y), one of W(t),
+    and one of the image tower's θ(t).
+
+    A served release never changes, so V = exp(A − Aᵀ) is computed once at load, W(t) once per
+    distinct knob and θ(t) once per distinct rounded t (LRUs): after its first request, a t costs
+    no more than t = 1.
     """
 
     def __init__(self, release_id: str, model: AlignedCLIP, description: dict, text_cache_size: int = 4096,
-                 max_forward: int = 64, projection_cache_size: int = 64) -> None:
+                 max_forward: int = 64, projection_cache_size: int = 64, tower_cache_size: int = 4) -> None:
         self.release_id, self.model, self.description = release_id, model.eval(), description
         self.dim = model.spectral.dim
         self.device = next(model.parameters()).device
@@ -57,28 +68,67 @@ class ReleaseModel:
             self._basis = model.spectral.basis()
         self._projections: OrderedDict[Knob, torch.Tensor] = OrderedDict()
         self._projection_cache_size = projection_cache_size
+        # Each entry is a copy of the trained tower weights: bounded by memory, not by request count.
+        self._towers: OrderedDict[float, torch.nn.Module] = OrderedDict()
+        self._tower_cache_size = tower_cache_size
+        self.interpolations = 0  # θ(t) computed so far (the benchmark and tests read it)
 
     @classmethod
     def load(cls, release_id: str, folder: Path, text_cache_size: int = 4096, device: str = "cpu",
-             max_forward: int = 64, verify: bool = True) -> ReleaseModel:
+             max_forward: int = 64, verify: bool = True, tower_cache_size: int = 4) -> ReleaseModel:
         """verify=False for a folder pull_release has just returned (and verified)."""
         from po_cluster.model.checkpoint import load_checkpoint
 
         model, description = load_checkpoint(folder, device, verify)
-        return cls(release_id, model, description, text_cache_size, max_forward)
+        return cls(release_id, model, description, text_cache_size, max_forward,
+                   tower_cache_size=tower_cache_size)
 
     @torch.no_grad()
-    def image_features(self, images: list[np.ndarray]) -> torch.Tensor:
-        """f(x) [N, d] for uint8 [H, W, 3] images of any sizes, one tower pass for the whole batch."""
+    def image_features(self, images: list[np.ndarray], ts: list[float] | None = None) -> torch.Tensor:
+        """f_t(x) [N, d] for uint8 [H, W, 3] images of any sizes, row i at ts[i] (default 1)."""
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             by_shape.setdefault(image.shape, []).append(i)
         pixels = torch.empty((len(images), 3, self.model.image_size, self.model.image_size))
         for rows in by_shape.values():  # resizing works on equal shapes: one call per shape
             pixels[rows] = self.model.pixels(np.stack([images[i] for i in rows]))
-        pixels = pixels.to(self.device)
-        return torch.cat([self.model.encode_image(pixels[start:start + self.max_forward])
-                          for start in range(0, len(images), self.max_forward)])
+        return self.pixel_features(pixels.to(self.device), ts)
+
+    @torch.no_grad()
+    def pixel_features(self, pixels: torch.Tensor, ts: list[float] | None = None) -> torch.Tensor:
+        """f_t(x) [N, d] from model input [N, 3, S, S]: one tower pass per distinct tower t, in chunks
+        of max_forward rows."""
+        if self.model.adapter_scale is not None:  # LoRA: each row's own t, all rows in one pass
+            row_t = torch.tensor(ts if ts is not None else [1.0] * len(pixels), dtype=torch.float32,
+                                 device=self.device)
+            return torch.cat([self.model.encode_image(pixels[start:start + self.max_forward],
+                                                      row_t[start:start + self.max_forward])
+                              for start in range(0, len(pixels), self.max_forward)])
+        trained = bool(self.model.reference)
+        keys = [tower_t(t, trained) for t in ts] if ts is not None else [1.0] * len(pixels)
+        groups: dict[float, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        out = torch.empty((len(pixels), self.dim), device=self.device)
+        for key, rows in groups.items():
+            tower, part = self.tower(key), pixels[rows]
+            out[rows] = torch.cat([self.model.encode_image(part[start:start + self.max_forward], key, tower)
+                                   for start in range(0, len(rows), self.max_forward)])
+        return out
+
+    @torch.no_grad()
+    def tower(self, t: float) -> torch.nn.Module:
+        """The image tower at θ(t) (LRU of copies); at t = 1, or when it did not train, the tower itself."""
+        if t == 1.0 or not self.model.reference:
+            return self.model.tower_at(1.0)
+        tower = self._towers.get(t)
+        if tower is None:
+            tower = self._towers[t] = self.model.tower_at(t)
+            self.interpolations += 1
+            while len(self._towers) > self._tower_cache_size:
+                self._towers.popitem(last=False)
+        self._towers.move_to_end(t)
+        return tower
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
@@ -131,7 +181,7 @@ class ReleaseModel:
                       knobs: list[Knob]) -> list[Scores]:
         """(logits, probabilities) per request of a batch: one tower pass for all images, one for all
         uncached prompts, one projection per distinct knob on each side."""
-        image_rows = self.project(self.image_features(images), knobs)
+        image_rows = self.project(self.image_features(images, [knob.t for knob in knobs]), knobs)
         flat = [text for group in prompts for text in group]
         text_features, _ = self.text_features(flat)
         text_knobs = [knob for group, knob in zip(prompts, knobs, strict=True) for _ in group]
@@ -152,7 +202,8 @@ class ReleaseModel:
         texts = [text for _, request_texts, _ in requests for text in request_texts]
         text_knobs = [knob for _, request_texts, knob in requests for _ in request_texts]
         empty = np.zeros((0, 0), dtype=np.float32)  # sliced to [] for a request with no images (or texts)
-        image_rows = self.project(self.image_features(images), image_knobs).numpy() if images else empty
+        image_rows = self.project(self.image_features(images, [knob.t for knob in image_knobs]),
+                                  image_knobs).numpy() if images else empty
         text_rows, counts = empty, list[int]()
         if texts:
             features, counts = self.text_features(texts)

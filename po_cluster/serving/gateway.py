@@ -128,8 +128,18 @@ class GatewayService:
 
     async def models(self) -> ModelList:
         releases = await asyncio.to_thread(self.catalog.releases)
+        modes = [await asyncio.to_thread(self._image_tower, r.release_id) for r in releases]
         return ModelList(data=[ModelCard(id=r.release_id, created=int(r.created.timestamp()) if r.created else 0,
-                                         latest=r.latest) for r in releases])
+                                         latest=r.latest, image_tower=mode, size_bytes=r.size)
+                               for r, mode in zip(releases, modes, strict=True)])
+
+    def _image_tower(self, release_id: str) -> str:
+        # Each id's model.json is read once and cached for good (an id names one content). A release
+        # removed since the listing, or with an unreadable model.json, is still listed, as "unknown".
+        try:
+            return self.catalog.resolve(release_id).image_tower
+        except ApiError:
+            return "unknown"
 
     async def health(self) -> Health:
         try:

@@ -98,7 +98,8 @@ class Knobs(Strict):
 
     model: ReleaseName = Field("latest", description='release id, or "latest" (the store\'s latest pointer)')
     t: float = Field(1.0, allow_inf_nan=False,
-                     description="σ_i ← σ_i^t: 0 is the base model, 1 the release, >1 amplifies")
+                     description="the knob: 0 is the starting model, 1 the release, between a path, >1 "
+                     "amplifies (trained tower weights θ_ref + t·(θ − θ_ref), σ_i^t)")
     sigma_overrides: dict[SigmaIndex, float] | None = Field(
         None, description="index → σ value, applied after t; indices 0..d-1 of the release's spectral layer "
                           "(d differs per release: a larger index is a 422)")
@@ -212,6 +213,9 @@ class ModelCard(BaseModel):
     created: int = Field(description="unix time of the release's manifest")
     owned_by: str = "po-cluster"
     latest: bool
+    image_tower: str = Field(description="what t moves besides W's σ: frozen (only W), full, last_blocks:k or lora:… "
+                             "(those image-tower weights, θ_ref + t·(θ − θ_ref))")
+    size_bytes: int = Field(description="bytes of the release's files in the store")
 
 
 class ModelList(BaseModel):

@@ -25,6 +25,8 @@ from po_cluster.model.checkpoint import (
     TRAINING_JSON,
     WEIGHTS,
     CheckpointError,
+    image_tower_mode,
+    load_trained_state,
     read_json,
     save_checkpoint,
     verify_manifest,
@@ -58,7 +60,7 @@ def check_same_architecture(candidates: list[Candidate]) -> None:
     """Soups only make sense between checkpoints of one architecture from one start."""
     first = candidates[0]
     for other in candidates[1:]:
-        for key in ("architecture", "pretrained", "embed_dim"):
+        for key in ("architecture", "pretrained", "embed_dim", "image_tower"):
             if other.description.get(key) != first.description.get(key):
                 raise CheckpointError(
                     f"cannot average {first.name} ({key}={first.description.get(key)}) with "
@@ -71,7 +73,9 @@ class Scorer:
     def __init__(self, description: dict, n_val: int, tolerance: float, penalty: float) -> None:
         cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
         self.base = AlignedCLIP(load_clip(cfg), "frozen")
-        self.model = AlignedCLIP(load_clip(cfg.model_copy(update={"pretrained": None})), "frozen")
+        # Built from the base's weights in the trials' mode, so its θ_ref (what t = 0 serves) is the
+        # start every trial shared; the states scored and released are then loaded into it.
+        self.model = AlignedCLIP(load_clip(cfg), image_tower_mode(description))
         self.val_sets, self.test_sets = world.validation_sets(n_val), world.evaluation_sets()
         base_val = Evaluator.build(self.base, self.val_sets)
         base_test = Evaluator.build(self.base, self.test_sets)
@@ -81,7 +85,7 @@ class Scorer:
         self._validated: dict[str, dict[str, float]] = {}
 
     def _load(self, state: dict[str, torch.Tensor]) -> AlignedCLIP:
-        self.model.load_state_dict(state, strict=True)
+        load_trained_state(self.model, state, "a candidate's weights")
         return self.model
 
     def validation(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -111,6 +115,16 @@ def ranked_trials(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Finished trials with a checkpoint, best validation objective first."""
     usable = [r for r in records if r.checkpoint_path and r.objective is not None]
     return sorted(usable, key=lambda r: -math.inf if r.objective is None else r.objective, reverse=True)
+
+
+def soup_candidates(records: Sequence[TrialRecord], top_k: int) -> list[TrialRecord]:
+    """The top-k trials that can be averaged together. Soups average weights of one shape and one
+    start: when the sweep searched the image tower mode, they come from the best trial's mode."""
+    ranked = ranked_trials(records)
+    if not ranked:
+        raise ValueError("no finished trial with a checkpoint to average")
+    mode = ranked[0].config.get("image_tower")
+    return [r for r in ranked if r.config.get("image_tower") == mode][:top_k]
 
 
 @dataclass(frozen=True)
@@ -169,9 +183,7 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
 
     `locate` turns a trial's checkpoint path into a local folder (a download, for S3).
     """
-    top = ranked_trials(records)[:top_k]
-    if not top:
-        raise ValueError("no finished trial with a checkpoint to average")
+    top = soup_candidates(records, top_k)
     candidates = [_candidate(r, locate) for r in top]
     check_same_architecture(candidates)
     scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)

@@ -18,7 +18,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from po_cluster.config import LastBlocks, RunConfig, ScalingSettings, SweepConfig, WorkerConfig
+from po_cluster.config import (
+    ConfigError,
+    ImageTowerMode,
+    RunConfig,
+    ScalingSettings,
+    SweepConfig,
+    WorkerConfig,
+    image_tower_label,
+)
 from po_cluster.sweep.experiment import Experiment, open_experiment
 from po_cluster.train.worker import train_loop_per_worker
 
@@ -31,12 +39,13 @@ def local_or_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def _tower_label(mode) -> str:
-    return f"last_blocks:{mode.last_blocks}" if isinstance(mode, LastBlocks) else mode
-
-
-def _tower_from_label(label: str):
-    return LastBlocks(last_blocks=int(label.split(":")[1])) if label.startswith("last_blocks:") else label
+def _tower_choices(cfg: SweepConfig) -> dict[str, ImageTowerMode]:
+    """The sweep's image tower choices by label (Optuna samples the label)."""
+    choices = {image_tower_label(mode): mode for mode in cfg.space.image_tower or ()}
+    if len(choices) != len(cfg.space.image_tower or ()):
+        names = [image_tower_label(m) for m in cfg.space.image_tower or ()]
+        raise ConfigError(f"space.image_tower: two choices share a name: {names}")
+    return choices
 
 
 def optuna_space(cfg: SweepConfig) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -48,7 +57,7 @@ def optuna_space(cfg: SweepConfig) -> dict[str, optuna.distributions.BaseDistrib
     if space.lr is not None:
         out["lr"] = dist.FloatDistribution(space.lr.low, space.lr.high, log=True)
     if space.image_tower is not None:
-        out["image_tower"] = dist.CategoricalDistribution([_tower_label(m) for m in space.image_tower])
+        out["image_tower"] = dist.CategoricalDistribution(list(_tower_choices(cfg)))
     return out
 
 
@@ -62,7 +71,7 @@ def starting_points(cfg: SweepConfig) -> list[dict]:
         if space.lr is not None:
             point["lr"] = math.sqrt(space.lr.low * space.lr.high)
         if space.image_tower is not None:
-            point["image_tower"] = _tower_label(space.image_tower[0])
+            point["image_tower"] = image_tower_label(space.image_tower[0])
         points.append(point)
     return points
 
@@ -75,8 +84,8 @@ def trial_run_config(cfg: SweepConfig, sample: dict, trial_id: str) -> RunConfig
     if "lr" in sample:
         run["optimizer"]["lr"] = sample["lr"]
     if "image_tower" in sample:
-        tower = _tower_from_label(sample["image_tower"])
-        run["model"]["image_tower"] = tower.model_dump() if isinstance(tower, LastBlocks) else tower
+        tower = _tower_choices(cfg)[sample["image_tower"]]
+        run["model"]["image_tower"] = tower if isinstance(tower, str) else tower.model_dump(mode="json")
     return RunConfig.model_validate(run)
 
 

@@ -2,6 +2,13 @@
 
 Valid because every trial of a sweep starts from the same weights, so their
 fine-tuned weights lie in one basin (Wortsman et al. 2022).
+
+Low-rank adapters are averaged as what they add to the weights: the mean of the
+members' B_i·A_i (the mean of B times the mean of A is not that), truncated back
+to the adapters' rank by SVD. The soup then has the trials' shape, so it is
+scored, served and stored like one of them; what the truncation drops is in the
+score the greedy soup sees, so the soup chosen is the one that is served. A
+one-member soup is the trial, bit for bit.
 """
 
 from __future__ import annotations
@@ -52,7 +59,29 @@ def uniform_soup(state_dicts: list[StateDict]) -> StateDict:
             for sd in state_dicts:
                 total += sd[key].detach().to(device=t.device, dtype=torch.float32)
             soup[key] = (total / len(state_dicts)).to(t.dtype)
+    if len(state_dicts) > 1:
+        for prefix in _adapter_prefixes(first):
+            soup[prefix + "lora_A"], soup[prefix + "lora_B"] = _adapter_mean(state_dicts, prefix)
     return soup
+
+
+def _adapter_prefixes(state: Mapping[str, Tensor]) -> list[str]:
+    return [key.removesuffix("lora_A") for key in state
+            if key.endswith("lora_A") and key.removesuffix("lora_A") + "lora_B" in state]
+
+
+def _adapter_mean(state_dicts: list[StateDict], prefix: str) -> tuple[Tensor, Tensor]:
+    """(A, B) of rank r whose product is the best rank-r approximation of the mean of B_i·A_i.
+    A is [r, in, ...] (a Linear's or a conv kernel's), B is [out, r, ...]."""
+    a0, b0 = state_dicts[0][prefix + "lora_A"], state_dicts[0][prefix + "lora_B"]
+    rank = a0.shape[0]
+    delta = sum((sd[prefix + "lora_B"].double().reshape(b0.shape[0], rank) @
+                 sd[prefix + "lora_A"].double().reshape(rank, -1)) for sd in state_dicts) / len(state_dicts)
+    u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)
+    root = sigma[:rank].sqrt()  # split evenly, so neither factor carries the whole scale
+    b = (u[:, :rank] * root).reshape(b0.shape).to(b0.dtype)
+    a = (root[:, None] * vh[:rank]).reshape(a0.shape).to(a0.dtype)
+    return a, b
 
 
 def greedy_soup(

@@ -1,9 +1,9 @@
 // Drives the serving playground in headless Chromium (Debian's /usr/bin/chromium, through
 // playwright-core: no browser download). Run by tests/integration/test_serving.py:
 //
-//   node tests/browser/playground.js <base url> <api key> <png file> [chromium path]
+//   node tests/browser/playground.js <base url> <api key> <png file> [chromium path] [release id]
 //
-// Uploads the image, reads the scores, moves the t slider from 1 down to 0 with the keyboard,
+// Chooses the release in the list (when given), uploads the image, reads the scores, moves the t slider from 1 down to 0 with the keyboard,
 // reads the scores again, and prints one JSON object on stdout. Exits non-zero on failure.
 "use strict";
 const { chromium } = require("playwright-core");
@@ -26,7 +26,7 @@ async function waitForT(page, t) {
 }
 
 async function main() {
-  const [url, key, image, executable = "/usr/bin/chromium"] = process.argv.slice(2);
+  const [url, key, image, executable = "/usr/bin/chromium", release] = process.argv.slice(2);
   const browser = await chromium.launch({ executablePath: executable, args: ARGS, headless: true });
   const result = { requests: [], console_errors: [] };
   try {
@@ -36,6 +36,11 @@ async function main() {
     await page.goto(url + "/", { waitUntil: "load" });
     await page.fill("#key", key);
     await page.dispatchEvent("#key", "change");
+    if (release) {  // the list is filled from /v1/models once the key is set
+      await page.waitForSelector(`#model option[value="${release}"]`, { state: "attached", timeout: 30000 });
+      await page.selectOption("#model", release);
+      result.release_option = await page.textContent(`#model option[value="${release}"]`);
+    }
     await page.setInputFiles("#file", image);
     await waitForT(page, 1);
     result.t_before = await page.textContent("#t-value");

@@ -46,6 +46,7 @@ def served(tmp_path_factory) -> Served:
 
     root = tmp_path_factory.mktemp("serving")
     store, cache = root / "store", root / "cache"
+    store_trained_release(store, root / "trained")
     publish_example_release(str(store), "r-other", str(root / "checkpoints"), seed=1)
     publish_example_release(str(store), "r-broken", str(root / "checkpoints"), seed=2)
     _flip_one_byte(store / "releases" / "r-broken")  # in storage after publishing: its pull is refused
@@ -58,6 +59,23 @@ def served(tmp_path_factory) -> Served:
     server = start_local(args, num_cpus=2)  # joins this process's Ray if a fixture already started one
     yield Served(server.url, store, cache)
     server.stop()
+
+
+def store_trained_release(store: Path, workdir: Path) -> None:
+    """A release whose image tower really trained (full, 30 steps of DPO from the shipped base, ~1 min on
+    2 cores): enough to see the demo's attacked image as its shape at t = 1, while t = 0 is the base."""
+    from po_cluster.config import RunConfig
+    from po_cluster.store.artifacts import open_store
+    from po_cluster.train.loop import run_training
+
+    cfg = RunConfig.model_validate({
+        "name": "trained", "output_dir": str(workdir), "model": {"image_tower": "full"},
+        "data": {"n_pairs": 512, "n_reg": 256, "n_val": 50},
+        "loss": {"loss_type": "dpo", "beta": 1.0, "kl_weight": 0.3},
+        "optimizer": {"lr": 2e-3, "spectral_lr": 5e-3, "warmup_steps": 5},
+        "training": {"steps": 30, "batch_size": 64, "reg_batch_size": 64, "bma": False, "seed": 0}})
+    open_store(str(store)).publish_release(run_training(cfg, eval_sets=world.validation_sets(50)).checkpoint,
+                                           "r-trained")
 
 
 def _flip_one_byte(folder: Path) -> None:
@@ -76,7 +94,7 @@ def release(served):
 
     store = open_store(str(served.store))
     return {rid: load_checkpoint(store.pull_release(rid, cache_dir=served.cache / "tests"))[0]
-            for rid in ("r-main", "r-other")}
+            for rid in ("r-main", "r-other", "r-trained")}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +105,7 @@ def images() -> np.ndarray:
 @torch.no_grad()
 def in_process(model, image: np.ndarray, t: float, overrides: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits, probabilities) over LABELS, in label order, computed without the server."""
-    f = model.encode_image(model.pixels(image[None]))
+    f = model.encode_image(model.pixels(image[None]), t)
     g = model.encode_text(model.tokens(world.prompts(tuple(LABELS))))
     logits = model.logit_scale * model.project(f, t, overrides) @ model.project(g, t, overrides).T
     return logits[0].numpy(), model.logprobs(f, g, t, overrides)[0].exp().numpy()
@@ -133,6 +151,18 @@ def test_t1_and_other_knobs_equal_the_release_in_process(served, images, release
     assert np.abs(at0 - at1).max() > 1e-3
 
 
+def test_the_demo_attacked_example_is_the_written_word_at_t0_and_the_shape_at_t1(served, release):
+    from po_cluster.pipelines.demo import SHAPE, WORD, attacked_image
+
+    image, tops = attacked_image(), {}
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        answer = classify(served, image, model="r-trained", t=t)
+        tops[t] = answer["scores"][0]["label"]  # best first
+        want = in_process(release["r-trained"], image, t)[1]  # θ(t) and W(t), computed in this process
+        np.testing.assert_allclose(in_label_order(answer)[1], want, atol=1e-4)
+    assert (tops[0.0], tops[1.0]) == (WORD, SHAPE), tops
+
+
 @torch.no_grad()
 def test_embeddings_equal_the_in_process_projection(served, images, release):
     import base64
@@ -171,8 +201,11 @@ def test_release_chosen_per_request_multiplexed(served, images, release):
 def test_models_list_and_openapi(served):
     status, listing = served.get("/v1/models")
     assert status == 200 and listing["object"] == "list"
-    assert {(m["id"], m["latest"], m["object"]) for m in listing["data"]} == {
-        ("r-main", True, "model"), ("r-other", False, "model"), ("r-broken", False, "model")}
+    assert {(m["id"], m["latest"], m["object"], m["image_tower"]) for m in listing["data"]} == {
+        ("r-main", True, "model", "frozen"), ("r-other", False, "model", "frozen"),
+        ("r-broken", False, "model", "frozen"), ("r-trained", False, "model", "full")}
+    sizes = {m["id"]: m["size_bytes"] for m in listing["data"]}
+    assert sizes["r-trained"] > sizes["r-main"] > 0  # θ and θ_ref of the tower, against W alone
     status, openapi = served.get("/openapi.json", key=None)
     assert status == 200
     assert {"/v1/embeddings", "/v1/classify", "/v1/models", "/healthz"} <= set(openapi["paths"])
@@ -369,21 +402,26 @@ def _browser_or_skip() -> tuple[str, str]:
     return node, chromium
 
 
-def test_playground_upload_slider_scores_change(served, images, tmp_path):
+def test_playground_upload_slider_scores_change(served, tmp_path):
+    """The demo's attacked image on the trained release: the slider from t = 1 to 0 changes the answer
+    from the drawn shape to the written word."""
+    from po_cluster.pipelines.demo import SHAPE, WORD, attacked_image
+
     node, chromium = _browser_or_skip()
     image = tmp_path / "attacked.png"
-    image.write_bytes(encode(images[0]))
+    image.write_bytes(encode(attacked_image()))
     script = ROOT / "tests" / "browser" / "playground.js"
-    run = subprocess.run([node, str(script), served.url, KEY, str(image), chromium], capture_output=True,
-                         text=True, timeout=180)
+    run = subprocess.run([node, str(script), served.url, KEY, str(image), chromium, "r-trained"],
+                         capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["t_before"] == "1" and result["t_after"] == "0" and not result["error"]
     before = {s["label"]: s["probability"] for s in result["before"]}
     after = {s["label"]: s["probability"] for s in result["after"]}
     assert set(before) == set(after) == set(LABELS)
-    assert max(abs(before[x] - after[x]) for x in LABELS) > 1e-3  # the scores moved with t
-    api = in_label_order(classify(served, images[0], t=0))[1]  # and they are the API's answer at t = 0
+    assert max(before, key=before.__getitem__) == SHAPE and max(after, key=after.__getitem__) == WORD
+    assert "full" in result["release_option"]  # the list says what t moves
+    api = in_label_order(classify(served, attacked_image(), model="r-trained", t=0))[1]  # the API's answer
     np.testing.assert_allclose([after[x] for x in LABELS], api, atol=1e-6)
     assert all(u.startswith(served.url) or u.startswith("data:") for u in result["requests"]), result["requests"]
 

@@ -30,6 +30,7 @@ class RedChannelReader(nn.Module):
         super().__init__()
         self.spectral = SpectralLayer(len(VOCAB))
         self.logit_scale = 100.0
+        self.reference: dict[str, torch.Tensor] = {}  # nothing trained: t moves only W
 
     def pixels(self, images) -> torch.Tensor:
         return torch.as_tensor(np.asarray(images)).float()
@@ -40,7 +41,10 @@ class RedChannelReader(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.one_hot(tokens, len(VOCAB)).float()
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def tower_at(self, t: float) -> None:
+        return None  # no tower: encode_image reads the pixels
+
+    def encode_image(self, pixels: torch.Tensor, t: float = 1.0, tower=None) -> torch.Tensor:
         return F.one_hot(pixels[:, 0, 0, 0].long(), len(VOCAB)).float()
 
 

@@ -6,8 +6,11 @@ import pytest
 from po_cluster.config import (
     ConfigError,
     LastBlocks,
+    Lora,
+    LoraSpec,
     PretrainConfig,
     RunConfig,
+    image_tower_label,
     json_schema,
     load_config,
     load_yaml,
@@ -29,6 +32,31 @@ def test_last_blocks_mode_parses():
     assert cfg.model.image_tower == LastBlocks(last_blocks=2)
 
 
+def test_lora_mode_parses_and_every_mode_has_one_label():
+    cfg = parse_config({"model": {"image_tower": {"lora": {"rank": 4, "targets": ["layer4.*.conv2"]}}}})
+    assert cfg.model.image_tower == Lora(lora=LoraSpec(rank=4, alpha=16.0, targets=("layer4.*.conv2",)))
+    labels = [image_tower_label(m) for m in ("full", "frozen", LastBlocks(last_blocks=2), Lora(lora=LoraSpec()),
+                                             cfg.model.image_tower)]
+    assert labels == ["full", "frozen", "last_blocks:2", "lora:r8a16", "lora:r4a16tlayer4.*.conv2"]
+
+
+def test_sweep_searches_image_tower_modes_by_label():
+    from po_cluster.config import SweepConfig
+    from po_cluster.sweep.driver import optuna_space, trial_run_config
+
+    lora = {"lora": {"rank": 4}}
+    cfg = SweepConfig.model_validate({"space": {"loss_type": ["dpo"], "beta": {"low": 0.1, "high": 1},
+                                                "kl_weight": {"low": 0.1, "high": 1},
+                                                "image_tower": ["full", lora, {"last_blocks": 1}]}})
+    assert optuna_space(cfg)["image_tower"].choices == ("full", "lora:r4a16", "last_blocks:1")
+    sample = {"loss_type": "dpo", "beta": 0.5, "kl_weight": 0.5, "image_tower": "lora:r4a16"}
+    assert trial_run_config(cfg, sample, "t1").model.image_tower == Lora(lora=LoraSpec(rank=4))
+    twice = cfg.model_copy(update={"space": cfg.space.model_copy(update={"image_tower": [
+        Lora(lora=LoraSpec(rank=4)), Lora(lora=LoraSpec(rank=4))]})})
+    with pytest.raises(ConfigError, match="share a name"):
+        optuna_space(twice)
+
+
 @pytest.mark.parametrize("data, field, reason", [
     ({"loss": {"beta": 0}}, "loss.beta", "greater than 0"),
     ({"loss": {"loss_type": "ppo"}}, "loss.loss_type", "'dpo'"),
@@ -36,6 +64,8 @@ def test_last_blocks_mode_parses():
     ({"training": {"steps": "many"}}, "training.steps", "valid integer"),
     ({"model": {"image_tower": "half"}}, "model.image_tower", "full"),
     ({"model": {"image_tower": {"last_blocks": 0}}}, "last_blocks", "greater than 0"),
+    ({"model": {"image_tower": {"lora": {"rank": 0}}}}, "lora.rank", "greater than 0"),
+    ({"model": {"image_tower": {"lora": {"targets": []}}}}, "lora.targets", "at least 1"),
     ({"optimiser": {"lr": 1}}, "optimiser", "Extra inputs are not permitted"),
     ({"training": {"batch_size": 10}, "data": {"n_pairs": 5}}, "(top level)", "batch_size"),
 ])

@@ -1,4 +1,5 @@
-"""Export: W(t) folded into both projections gives stock open_clip the aligned embeddings."""
+"""Export: the tower at θ(t) and W(t) folded into both projections give stock open_clip the aligned
+embeddings at t."""
 import subprocess
 import sys
 import textwrap
@@ -43,12 +44,14 @@ def _aligned(name: str, image_tower: str = "full") -> tuple[AlignedCLIP, ModelCo
     with torch.no_grad():  # a non-trivial W: rotated basis, σ spread over ~e^±0.5
         model.spectral.skew.normal_(0, 0.2)
         model.spectral.log_sigma.normal_(0, 0.25)
+        for p in model.trainable_image_parameters():  # θ ≠ θ_ref, so t also moves the tower
+            p.add_(torch.randn_like(p) * 0.02)
     return model.eval(), cfg
 
 
 @torch.no_grad()
 def _po_cluster_embeddings(model: AlignedCLIP, pixels: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return (model.project(model.encode_image(pixels), t),
+    return (model.project(model.encode_image(pixels, t), t),
             model.project(model.encode_text(model.tokens(PROMPTS)), t))
 
 
@@ -96,5 +99,27 @@ def test_vit_b_32_export_matches_in_stock_open_clip(tmp_path):
     pixels = model.pixels(rng.integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8))
     stock = _stock_embeddings(tmp_path, "ViT-B-32", out, pixels, "-")
     image, text = _po_cluster_embeddings(model, pixels, 1.0)
+    assert torch.allclose(stock["image"], image, atol=1e-5), (stock["image"] - image).abs().max()
+    assert torch.allclose(stock["text"], text, atol=1e-5), (stock["text"] - text).abs().max()
+
+
+def test_lora_release_export_merges_the_adapters_at_t(tmp_path):
+    from po_cluster.config import Lora, LoraSpec
+    from po_cluster.model.lora import adapters
+
+    mode = Lora(lora=LoraSpec(rank=4))
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_tower=mode)  # LoRA needs its base: the shipped one
+    model = AlignedCLIP(load_clip(cfg), mode).eval()
+    with torch.no_grad():
+        for _, adapter in adapters(model.clip.visual):
+            adapter.lora_B.normal_(0, 0.05)
+        model.spectral.log_sigma.normal_(0, 0.25)
+    folder = _checkpoint(tmp_path, model, cfg)
+    pixels = model.pixels(world.image_set("attacked", 4, seed=2).images)
+    out = export_open_clip(folder, tmp_path / "lora.safetensors", t=0.5).path
+    assert not any("lora_" in key or ".base." in key for key in load_file(str(out)))  # stock open_clip names
+    stock = _stock_embeddings(tmp_path, "po-tiny-rn", out, pixels, str(CONFIG_DIR))
+    image, text = _po_cluster_embeddings(model, pixels, 0.5)
     assert torch.allclose(stock["image"], image, atol=1e-5), (stock["image"] - image).abs().max()
     assert torch.allclose(stock["text"], text, atol=1e-5), (stock["text"] - text).abs().max()

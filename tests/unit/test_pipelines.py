@@ -8,7 +8,7 @@ import pytest
 from po_cluster.config import CompareConfig, SweepConfig
 from po_cluster.pipelines import cluster
 from po_cluster.pipelines.demo import DemoAnswers
-from po_cluster.sweep.average import AverageResult, ranked_trials
+from po_cluster.sweep.average import AverageResult, ranked_trials, soup_candidates
 from po_cluster.sweep.driver import RESULTS_FILE, SweepResult, TrialRecord, read_sweep
 
 TRIALS = [
@@ -49,6 +49,18 @@ def test_trial_records_round_trip_the_results_file_format():
     assert [r.to_json() for r in records] == TRIALS
     assert records[1].objective == 0.7 and records[2].objective is None
     assert [r.trial_id for r in ranked_trials(records)] == ["b", "a"]  # no checkpoint, no objective: left out
+
+
+def test_soups_take_the_top_k_of_the_best_trials_image_tower_mode():
+    def trial(name: str, objective: float, mode: str) -> TrialRecord:
+        return TrialRecord(name, {"image_tower": mode}, {"objective": objective}, f"/ckpt/{name}")
+
+    records = [trial("a", 0.9, "lora:r8a16"), trial("b", 0.8, "full"), trial("c", 0.7, "lora:r8a16"),
+               trial("d", 0.6, "lora:r8a16")]
+    assert [r.trial_id for r in soup_candidates(records, 2)] == ["a", "c"]
+    assert [r.trial_id for r in soup_candidates(records[1:2], 3)] == ["b"]
+    with pytest.raises(ValueError, match="no finished trial"):
+        soup_candidates([], 3)
 
 
 def test_bad_trial_records_are_refused_naming_the_file():
