@@ -21,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from po_cluster.config import LastBlocks, RunConfig, ScalingSettings, SweepConfig, WorkerConfig
 from po_cluster.sweep.experiment import Experiment, open_experiment
-from po_cluster.tracking.sweep import finish_sweep, trial_callbacks
+from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
 from po_cluster.train.worker import train_loop_per_worker
 
 METRIC = "objective"
@@ -230,6 +230,7 @@ class SweepResult:
     uri: str  # the experiment folder
     trials: tuple[TrialRecord, ...]
     ran: bool = True  # False: a finished sweep read back from its results file, not run again
+    tracking_uri: str | None = None  # where its MLflow runs are; None: not tracked
 
     @property
     def with_checkpoint(self) -> int:
@@ -245,7 +246,9 @@ def read_sweep(cfg: SweepConfig) -> SweepResult:
     trials = experiment.read_json(RESULTS_FILE).get("trials")
     if not isinstance(trials, list):
         raise ValueError(f"{where}: expected a list of trials under 'trials'")
-    return SweepResult(cfg.name, experiment.uri, tuple(TrialRecord.from_json(t, where) for t in trials), ran=False)
+    tracked = experiment.read_json(TRACKING_FILE).get("uri") if experiment.exists(TRACKING_FILE) else None
+    return SweepResult(cfg.name, experiment.uri, tuple(TrialRecord.from_json(t, where) for t in trials), ran=False,
+                       tracking_uri=tracked)
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
@@ -276,7 +279,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     records = [trial.to_json() for trial in trials]
     results = experiment.write_json(RESULTS_FILE, {"sweep": cfg.model_dump(mode="json"), "trials": records})
     finish_sweep(tracker, parent, records, results)
-    return SweepResult(cfg.name, experiment.uri, trials)
+    return SweepResult(cfg.name, experiment.uri, trials, tracking_uri=tracker.uri if tracker else None)
 
 
 def _text(value: object) -> str | None:

@@ -3,6 +3,7 @@ client. Opening it probes the server once with a short timeout and no retries, s
 that is down costs seconds and one warning, not MLflow's minutes of retries and a failed sweep."""
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -119,6 +120,18 @@ def flat_params(values: dict[str, object], prefix: str = "") -> dict[str, str]:
         elif value is not None:
             out[name] = str(value)[:6000]  # MLflow's limit on a parameter's value
     return out
+
+
+def run_params(settings: dict) -> dict[str, str]:
+    """A run's settings (RunConfig as JSON) as parameters: every field dotted, and the ones a reader
+    compares runs by also at the top (loss_type, beta, kl_weight, lr, image_tower, seed, steps)."""
+    params = flat_params({k: v for k, v in settings.items() if k not in ("tracking", "name", "output_dir")})
+    loss, training = settings["loss"], settings["training"]
+    params.update({"loss_type": str(loss["loss_type"]), "beta": str(loss["beta"]),
+                   "kl_weight": str(loss["kl_weight"]), "lr": str(settings["optimizer"]["lr"]),
+                   "image_tower": json.dumps(settings["model"]["image_tower"]), "seed": str(training["seed"]),
+                   "steps": str(training["steps"])})
+    return params
 
 
 def log_params(client: Any, run_id: str, params: dict[str, str], tags: dict[str, str] | None = None) -> None:

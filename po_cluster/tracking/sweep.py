@@ -18,7 +18,15 @@ from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, TRAINING_ITERATION
 
 from po_cluster.config import SweepConfig
 from po_cluster.sweep.experiment import Experiment, work_dir
-from po_cluster.tracking.client import Tracker, flat_params, log_metrics, log_params, open_tracker, warn_once
+from po_cluster.tracking.client import (
+    Tracker,
+    flat_params,
+    log_metrics,
+    log_params,
+    open_tracker,
+    run_params,
+    warn_once,
+)
 
 if TYPE_CHECKING:
     from po_cluster.sweep.average import AverageResult
@@ -60,18 +68,6 @@ def parent_run(tracker: Tracker, cfg: SweepConfig, experiment: Experiment) -> st
     experiment.write_json(TRACKING_FILE, {"uri": tracker.uri, "experiment_id": tracker.experiment_id,
                                           "run_id": run.info.run_id})
     return run.info.run_id
-
-
-def trial_params(settings: dict) -> dict[str, str]:
-    """A trial's run settings (RunConfig as JSON) as parameters: every field dotted, and the ones a
-    reader compares trials by also at the top (loss_type, beta, kl_weight, lr, image_tower, seed)."""
-    params = flat_params({k: v for k, v in settings.items() if k not in ("tracking", "name", "output_dir")})
-    loss, training = settings["loss"], settings["training"]
-    params.update({"loss_type": str(loss["loss_type"]), "beta": str(loss["beta"]),
-                   "kl_weight": str(loss["kl_weight"]), "lr": str(settings["optimizer"]["lr"]),
-                   "image_tower": json.dumps(settings["model"]["image_tower"]), "seed": str(training["seed"]),
-                   "steps": str(training["steps"])})
-    return params
 
 
 class TrialRunsCallback(MLflowLoggerCallback):
@@ -121,7 +117,7 @@ class TrialRunsCallback(MLflowLoggerCallback):
                 self._trial_runs[trial] = earlier
             MLflowLoggerCallback.log_trial_start(self, trial)
             run_id = self._trial_runs[trial]
-            params = {k: v for k, v in trial_params(self.settings_of(trial.config)).items()
+            params = {k: v for k, v in run_params(self.settings_of(trial.config)).items()
                       if k not in trial.config}  # Tune logged the sampled ones
             self._client().log_batch(run_id, params=_params(params), tags=_tags({"trial_id": trial.trial_id}))
 
