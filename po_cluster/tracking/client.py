@@ -25,9 +25,17 @@ class TrackingUnavailable(UserWarning):
 
 
 _said: set[str] = set()  # URIs already warned about in this process: a pipeline says it once
+_down: set[str] = set()  # URIs that failed: not tried again by this process (each try may cost retries)
 
 
-def warn_once(uri: str, error: BaseException, what: str = "tracking") -> None:
+def is_down(uri: str) -> bool:
+    return uri in _down
+
+
+def warn_once(uri: str, error: BaseException, what: str = "tracking", down: bool = True) -> None:
+    """Say once per URI that tracking failed; `down`: and stop trying it in this process."""
+    if down:
+        _down.add(uri)
     if uri in _said:
         return
     _said.add(uri)
@@ -73,12 +81,15 @@ class Tracker:
     experiment_name: str
     client: Any  # mlflow.MlflowClient (imported on first use)
 
-    def guarded(self, action: Callable[[], T], what: str = "tracking") -> T | None:
-        """`action()`, or None with one warning when tracking fails: tracking never fails the run."""
+    def guarded(self, action: Callable[[], T], what: str = "tracking", down: bool = True) -> T | None:
+        """`action()`, or None with one warning when tracking fails (and, with `down`, no more tries
+        at this URI in this process): tracking never fails the run."""
+        if is_down(self.uri):
+            return None
         try:
             return action()
         except Exception as error:  # any failure of MLflow or the network, by design
-            warn_once(self.uri, error, what)
+            warn_once(self.uri, error, what, down)
             return None
 
 
@@ -88,6 +99,8 @@ def open_tracker(settings: TrackingConfig, folder: Path, default_name: str) -> T
     if not settings.enabled:
         return None
     uri = resolve_uri(settings, folder)
+    if is_down(uri):
+        return None  # said already
     name = settings.experiment or default_name
     # Creating the embedded database logs each migration step at INFO: not news on a command's output.
     for noisy in ("alembic", "mlflow.store.db.utils"):

@@ -21,6 +21,7 @@ from po_cluster.sweep.experiment import Experiment, work_dir
 from po_cluster.tracking.client import (
     Tracker,
     flat_params,
+    is_down,
     log_metrics,
     log_params,
     open_tracker,
@@ -90,7 +91,7 @@ class TrialRunsCallback(MLflowLoggerCallback):
         self.parent_run_id, self.settings_of, self.failed = parent_run_id, settings_of, False
 
     def _guard(self, action) -> None:
-        if self.failed:
+        if self.failed or is_down(self.tracking_uri or ""):
             return
         try:
             action()
@@ -201,7 +202,7 @@ def log_average(cfg: SweepConfig, experiment: Experiment, result: AverageResult)
     if result.release_id is not None and result.store is not None:
         uri = release_location(result.store, result.release_id)
         tracker.guarded(lambda: register_release(tracker, cfg.tracking.registered_model or cfg.name, parent,
-                                                 result, uri), "model registry")
+                                                 result, uri), "model registry", down=False)
 
 
 def _soups_table(result: AverageResult) -> str:

@@ -19,6 +19,7 @@ from po_cluster.tracking.client import TrackingUnavailable, open_tracker, run_pa
 def _fresh_warnings(monkeypatch):
     """Each test sees tracking's warn-once state empty (it is per process by design)."""
     monkeypatch.setattr(tracking, "_said", set())
+    monkeypatch.setattr(tracking, "_down", set())
 
 
 def closed_port_uri() -> str:
@@ -116,3 +117,50 @@ def test_train_goes_on_when_tracking_is_down(tmp_path, capsys):
         assert main(["train", "--config", str(config)]) == 0
     assert "tracked:" not in capsys.readouterr().out
     assert (tmp_path / "runs" / "tiny" / "model.safetensors").is_file()
+
+
+def average_result(tmp_path: Path, store: str):
+    """What `average` returns once published: its numbers, and a release folder with its card."""
+    from po_cluster.sweep.average import AverageResult
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "card.md").write_text("# po-cluster release: greedy_soup\n")
+    metrics = {"clean": 0.9, "attacked": 0.7, "word_only": 0.2, "attack_success": 0.1, "kl": 0.01}
+    return AverageResult("greedy_soup", folder, 2, ("t1", "t2"), ("t1",),
+                         {"greedy_soup": {**metrics, "objective": 0.7}}, {"base": metrics, "greedy_soup": metrics},
+                         release_id="20261202-000000-abcd", store=store)
+
+
+def test_average_registers_the_release_at_its_store_uri_on_the_sweeps_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from po_cluster.sweep.experiment import open_experiment
+    from po_cluster.tracking.sweep import TRACKING_FILE, log_average
+
+    cfg = SweepConfig(name="soups", storage_path=str(tmp_path / "sweeps"))
+    experiment = open_experiment(cfg)
+    result = average_result(tmp_path, str(tmp_path / "store"))
+    log_average(cfg, experiment, result)
+    log_average(cfg, experiment, result)  # a second average: the same run, a second version
+    recorded = experiment.read_json(TRACKING_FILE)
+    client = MlflowClient(recorded["uri"])
+    versions = client.search_model_versions("name = 'soups'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    expected = f"{(tmp_path / 'store').absolute()}/releases/{result.release_id}"
+    assert {v.source for v in versions} == {expected} and {v.run_id for v in versions} == {recorded["run_id"]}
+    assert versions[0].tags["test_attacked"] == "0.7" and versions[0].tags["chosen"] == "greedy_soup"
+    parent = client.get_run(recorded["run_id"])
+    assert parent.data.metrics["release_test_attacked"] == 0.7 and parent.data.tags["release_uri"] == expected
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "average")} == {
+        "average/average.json", "average/soups.md", "average/card.md"}
+    assert len(client.search_runs([parent.info.experiment_id])) == 1
+
+
+def test_a_server_is_not_given_a_local_release_folder(tmp_path):
+    from po_cluster.tracking.client import Tracker
+    from po_cluster.tracking.sweep import register_release
+
+    tracker = Tracker("http://127.0.0.1:1", "0", "x", client=None)  # refused before any call is made
+    with pytest.raises(ValueError, match="publish to an s3:// store"):
+        register_release(tracker, "m", "run", average_result(tmp_path, str(tmp_path)), str(tmp_path / "r"))
