@@ -61,6 +61,14 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """A sqlite store's artifacts go beside its database file, not into ./mlruns of wherever the
+    command ran (MLflow's default); a server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent.resolve() / ARTIFACTS_FOLDER).as_uri()
+
+
 def _probe(uri: str) -> None:
     """One request, no retries, a short timeout; raises when a tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -115,9 +123,7 @@ def open_tracker(settings: TrackingConfig, folder: Path, default_name: str) -> T
         found = client.get_experiment_by_name(name)
         if found is not None:
             return Tracker(uri, found.experiment_id, name, client)
-        # Embedded: artifacts beside the database, not in ./mlruns of wherever the command ran.
-        location = (folder / ARTIFACTS_FOLDER).resolve().as_uri() if settings.uri is None else None
-        return Tracker(uri, client.create_experiment(name, artifact_location=location), name, client)
+        return Tracker(uri, client.create_experiment(name, artifact_location=artifact_location(uri)), name, client)
     except Exception as error:  # unreachable, refused, a bad URI: the run goes on untracked
         warn_once(uri, error)
         return None

@@ -22,6 +22,14 @@ def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(tracking, "_down", set())
 
 
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory) -> str:
+    """One embedded store for the tests that only need one (creating its tables takes seconds)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    assert open_tracker(TrackingConfig(), folder, "created") is not None
+    return tracking.embedded_uri(folder)
+
+
 def closed_port_uri() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -132,19 +140,20 @@ def average_result(tmp_path: Path, store: str):
                          release_id="20261202-000000-abcd", store=store)
 
 
-def test_average_registers_the_release_at_its_store_uri_on_the_sweeps_run(tmp_path):
+def test_average_registers_the_release_at_its_store_uri_on_the_sweeps_run(tmp_path, shared_db):
     from mlflow import MlflowClient
 
     from po_cluster.sweep.experiment import open_experiment
     from po_cluster.tracking.sweep import TRACKING_FILE, log_average
 
-    cfg = SweepConfig(name="soups", storage_path=str(tmp_path / "sweeps"))
+    cfg = SweepConfig(name="soups", storage_path=str(tmp_path / "sweeps"), tracking=TrackingConfig(uri=shared_db))
     experiment = open_experiment(cfg)
     result = average_result(tmp_path, str(tmp_path / "store"))
     log_average(cfg, experiment, result)
     log_average(cfg, experiment, result)  # a second average: the same run, a second version
     recorded = experiment.read_json(TRACKING_FILE)
-    client = MlflowClient(recorded["uri"])
+    assert recorded["uri"] == shared_db
+    client = MlflowClient(shared_db)
     versions = client.search_model_versions("name = 'soups'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     expected = f"{(tmp_path / 'store').absolute()}/releases/{result.release_id}"
