@@ -3,10 +3,12 @@ with tracking off and on (the embedded sqlite store, or --uri for a server).
 
     .venv/bin/python benchmarks/tracking_bench.py [--trials 2] [--steps 40] [--repeats 1] [--uri URI]
 
-Each repeat runs off, then on, on one local Ray (started once, so neither pays its start-up), each
-in a fresh folder with its own sweep name. Printed: the seconds of each stage (sweep, average,
-report) per setting, their means, and on/off ratios. The tracked stages include creating the
-embedded database (a one-off of a few seconds) and every call made to MLflow.
+One untimed warm-up run first (the first sweep and average of a process pay for imports, Ray's
+workers and the evaluation sets), then the repeats in the order off, on, on, off, ... (so neither
+setting always goes first on a machine whose load drifts), all on one local Ray, each run in a
+fresh folder with its own sweep name. Printed: the seconds of each stage (sweep, average, report)
+per run, their means, and on/off ratios. The tracked stages include creating the embedded
+database (a one-off of a few seconds) and every call made to MLflow.
 """
 from __future__ import annotations
 
@@ -61,8 +63,11 @@ def main() -> None:
     settings = {"off": {"enabled": False}, "on": {"uri": args.uri} if args.uri else {}}
     runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory(prefix="po-tracking-bench-") as tmp:
+        timed_stages(sweep_config(Path(tmp) / "warm-up", "bench-warm-up", args.trials, args.steps,
+                                  settings["off"]))
         for repeat in range(args.repeats):
-            for label, tracking in settings.items():
+            for label in ("off", "on") if repeat % 2 == 0 else ("on", "off"):
+                tracking = settings[label]
                 root = Path(tmp) / f"{label}-{repeat}"
                 runs[label].append(timed_stages(sweep_config(root, f"bench-{label}-{repeat}", args.trials,
                                                              args.steps, tracking)))
