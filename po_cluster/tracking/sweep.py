@@ -120,7 +120,7 @@ class TrialRunsCallback(MLflowLoggerCallback):
             run_id = self._trial_runs[trial]
             params = {k: v for k, v in run_params(self.settings_of(trial.config)).items()
                       if k not in trial.config}  # Tune logged the sampled ones
-            self._client().log_batch(run_id, params=_params(params), tags=_tags({"trial_id": trial.trial_id}))
+            log_params(self._client(), run_id, params, {"trial_id": trial.trial_id})
 
         self._guard(start)
 
@@ -139,18 +139,6 @@ class TrialRunsCallback(MLflowLoggerCallback):
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial in self._trial_runs:
             self._guard(lambda: MLflowLoggerCallback.log_trial_end(self, trial, failed))
-
-
-def _params(values: dict[str, str]) -> list:
-    from mlflow.entities import Param
-
-    return [Param(k, v) for k, v in sorted(values.items())][:100]
-
-
-def _tags(values: dict[str, str]) -> list:
-    from mlflow.entities import RunTag
-
-    return [RunTag(k, v) for k, v in values.items()]
 
 
 def trial_callbacks(cfg: SweepConfig, experiment: Experiment,
