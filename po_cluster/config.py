@@ -100,6 +100,26 @@ class TrainingConfig(Strict):
     seed: int = 0
 
 
+class TrackingConfig(Strict):
+    """MLflow tracking of a sweep or a training run. Credentials for a server come from the usual
+    MLFLOW_* environment variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME, ...), never from here."""
+
+    enabled: bool = True
+    uri: str | None = Field(
+        None, description="tracking URI (http://host:5000, sqlite:///path.db, ...); default: a sqlite file "
+        "mlflow.db in the sweep's folder (a training run's output_dir), no server needed")
+    experiment: str | None = Field(None, description="MLflow experiment name (default: the sweep's or run's name)")
+    registered_model: str | None = Field(
+        None, description="registered model that `average` adds each release to as a version (default: the "
+        "sweep's name)")
+
+    @model_validator(mode="after")
+    def _uri_is_a_uri(self) -> TrackingConfig:
+        if self.uri is not None and "://" not in self.uri and self.uri != "databricks":
+            raise ValueError(f"uri {self.uri!r}: expected a URI such as http://127.0.0.1:5000 or sqlite:///mlflow.db")
+        return self
+
+
 class RunConfig(Strict):
     name: str = "run"
     output_dir: str = "runs"
@@ -108,6 +128,8 @@ class RunConfig(Strict):
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     training: TrainingConfig = TrainingConfig()
+    tracking: TrackingConfig = Field(TrackingConfig(), description="`po-cluster train` only: a sweep's "
+                                     "tracking is the sweep config's own `tracking` section")
 
     @model_validator(mode="after")
     def _batch_fits(self) -> RunConfig:
@@ -242,6 +264,7 @@ class SweepConfig(Strict):
     max_failures: int = Field(2, ge=-1, description="worker failures a trial recovers from")
     top_k: int = Field(4, gt=0, description="trials combined into soups by `average`")
     store: str = Field("artifacts", description="artifact store for the release: local folder or s3://")
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def _every_loss() -> dict[LossType, dict[str, float]]:

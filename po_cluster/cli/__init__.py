@@ -17,18 +17,22 @@ def _quiet_open_clip() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from po_cluster.cli.progress import StepBar
-    from po_cluster.train.loop import run_training
+    from po_cluster.pipelines.train import train
+    from po_cluster.tracking.client import ui_hint
 
     cfg = load_config(args.config)
     if args.output_dir:
         cfg = cfg.model_copy(update={"output_dir": args.output_dir})
     with StepBar(cfg.training.steps, cfg.name) as bar:
-        result = run_training(cfg, bar.update)
+        tracked = train(cfg, bar.update)
     from po_cluster.evaluate.metrics import format_table
 
+    result = tracked.run
     rows = [{"model": "before", **result.before}, {"model": "after", **result.after}]
     print(format_table(rows, ("model", "clean", "attacked", "word_only", "attack_success", "kl")))
     print(f"checkpoint: {result.checkpoint}  ({result.seconds:.0f} s)")
+    if tracked.tracking_uri is not None:
+        print(f"tracked: {ui_hint(tracked.tracking_uri)}")
     return 0
 
 

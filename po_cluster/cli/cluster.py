@@ -19,11 +19,8 @@ def print_stage(result: object) -> None:
     from po_cluster.sweep.average import AverageResult
     from po_cluster.sweep.driver import SweepResult
 
-    if isinstance(result, SweepResult) and result.ran:
-        print(f"sweep {result.name}: {len(result.trials)} trials ({result.with_checkpoint} with a checkpoint) "
-              f"in {result.uri}")
-    elif isinstance(result, SweepResult):
-        print(f"sweep {result.name} already complete in {result.uri} (use --rerun to resume it anyway)")
+    if isinstance(result, SweepResult):
+        print_sweep(result)
     elif isinstance(result, AverageResult):
         print(f"release candidate: {result.chosen} → {result.release_folder}")
         if result.release_id is not None:
@@ -34,6 +31,18 @@ def print_stage(result: object) -> None:
         print_answers(result)
     else:
         raise TypeError(f"no way to print a {type(result).__name__}")
+
+
+def print_sweep(result) -> None:  # a SweepResult
+    from po_cluster.tracking.client import ui_hint
+
+    if result.ran:
+        print(f"sweep {result.name}: {len(result.trials)} trials ({result.with_checkpoint} with a checkpoint) "
+              f"in {result.uri}")
+    else:
+        print(f"sweep {result.name} already complete in {result.uri} (use --rerun to resume it anyway)")
+    if result.tracking_uri is not None:
+        print(f"tracked: {ui_hint(result.tracking_uri)}")
 
 
 def print_answers(answers) -> None:  # a DemoAnswers

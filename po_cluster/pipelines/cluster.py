@@ -65,6 +65,7 @@ def run_average(cfg: SweepConfig, store: str, top_k: int | None = None, publish:
     from po_cluster.sweep.average import average_trials
     from po_cluster.sweep.driver import read_sweep
     from po_cluster.sweep.experiment import open_experiment, scratch, work_dir
+    from po_cluster.tracking.sweep import log_average
 
     trials = read_sweep(cfg).trials
     experiment = open_experiment(cfg)
@@ -74,9 +75,10 @@ def run_average(cfg: SweepConfig, store: str, top_k: int | None = None, publish:
                             locate=lambda path: experiment.fetch(path, downloads / Path(path).name))
     if not experiment.is_local:  # a local experiment is the work folder: average_trials wrote it there
         experiment.write_json(AVERAGE_FILE, result.to_json())
-    if not publish:
-        return result
-    return replace(result, release_id=open_store(store).publish_release(result.release_folder), store=store)
+    if publish:
+        result = replace(result, release_id=open_store(store).publish_release(result.release_folder), store=store)
+    log_average(cfg, experiment, result)  # after publishing: the registered version points at the release
+    return result
 
 
 def run_report(cfg: SweepConfig) -> ReportResult:
@@ -84,12 +86,14 @@ def run_report(cfg: SweepConfig) -> ReportResult:
     from po_cluster.evaluate.report import write_report
     from po_cluster.sweep.driver import read_sweep
     from po_cluster.sweep.experiment import open_experiment, work_dir
+    from po_cluster.tracking.sweep import log_report
 
     trials = read_sweep(cfg).trials
     experiment = open_experiment(cfg)
     average = experiment.read_json(AVERAGE_FILE) if experiment.exists(AVERAGE_FILE) else None
     folder = work_dir(experiment) / "report"
     markdown, page = write_report([t.to_json() for t in trials], average, folder, f"po-cluster sweep: {cfg.name}")
+    log_report(cfg, experiment, folder)
     if experiment.is_local:
         return ReportResult(markdown, page)
     experiment.upload(folder, "report")

@@ -5,6 +5,7 @@ resume after the driver dies.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from po_cluster.config import (
     image_tower_label,
 )
 from po_cluster.sweep.experiment import Experiment, open_experiment
+from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
 from po_cluster.train.worker import train_loop_per_worker
 
 METRIC = "objective"
@@ -87,6 +89,11 @@ def trial_run_config(cfg: SweepConfig, sample: dict, trial_id: str) -> RunConfig
         tower = _tower_choices(cfg)[sample["image_tower"]]
         run["model"]["image_tower"] = tower if isinstance(tower, str) else tower.model_dump(mode="json")
     return RunConfig.model_validate(run)
+
+
+def trial_settings(sweep: dict, sample: dict) -> dict:
+    """A trial's whole run settings as JSON (what its tracking run records as parameters)."""
+    return trial_run_config(SweepConfig.model_validate(sweep), sample, "trial").model_dump(mode="json")
 
 
 def scaling_config(s: ScalingSettings) -> ray.train.ScalingConfig:
@@ -179,7 +186,8 @@ def _study_storage(experiment: Experiment) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(_study_file(experiment))))
 
 
-def build_tuner(cfg: SweepConfig, experiment: Experiment) -> tune.Tuner:
+def build_tuner(cfg: SweepConfig, experiment: Experiment, callbacks: list | None = None) -> tune.Tuner:
+    """The sweep's Tuner; `callbacks` are Tune's (the tracking logger), run in this driver process."""
     searcher = OptunaSearch(space=optuna_space(cfg), metric=METRIC, mode="max",
                             points_to_evaluate=starting_points(cfg), sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                             study_name=cfg.name, storage=_study_storage(experiment), seed=cfg.seed)
@@ -192,7 +200,7 @@ def build_tuner(cfg: SweepConfig, experiment: Experiment) -> tune.Tuner:
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=cfg.num_samples, max_concurrent_trials=max_concurrent_trials(cfg)),
         run_config=tune.RunConfig(name=cfg.name, storage_path=experiment.root,
-                                  storage_filesystem=experiment.filesystem, verbose=1),
+                                  storage_filesystem=experiment.filesystem, verbose=1, callbacks=callbacks),
     )
 
 
@@ -231,6 +239,7 @@ class SweepResult:
     uri: str  # the experiment folder
     trials: tuple[TrialRecord, ...]
     ran: bool = True  # False: a finished sweep read back from its results file, not run again
+    tracking_uri: str | None = None  # where its MLflow runs are; None: not tracked
 
     @property
     def with_checkpoint(self) -> int:
@@ -246,7 +255,9 @@ def read_sweep(cfg: SweepConfig) -> SweepResult:
     trials = experiment.read_json(RESULTS_FILE).get("trials")
     if not isinstance(trials, list):
         raise ValueError(f"{where}: expected a list of trials under 'trials'")
-    return SweepResult(cfg.name, experiment.uri, tuple(TrialRecord.from_json(t, where) for t in trials), ran=False)
+    tracked = experiment.read_json(TRACKING_FILE).get("uri") if experiment.exists(TRACKING_FILE) else None
+    return SweepResult(cfg.name, experiment.uri, tuple(TrialRecord.from_json(t, where) for t in trials), ran=False,
+                       tracking_uri=tracked)
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
@@ -254,25 +265,30 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     sweep_results.json in the experiment folder and returns them."""
     experiment = open_experiment(cfg)
     restorable = tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.filesystem)
+    if resume and not restorable:
+        raise FileNotFoundError(f"no sweep to resume at {experiment.uri}")
+    if not resume and restorable:
+        raise FileExistsError(f"a sweep already exists at {experiment.uri}; use --resume or another name")
+    # The tracker and parent run also close a resumed sweep; its Tuner, though, keeps the callbacks it
+    # was made with (Tune pickles them with the experiment), so `callbacks` only goes to a new one.
+    callbacks, tracker, parent = trial_callbacks(cfg, experiment,
+                                                 functools.partial(trial_settings, cfg.model_dump(mode="json")))
     if resume:
-        if not restorable:
-            raise FileNotFoundError(f"no sweep to resume at {experiment.uri}")
         _prepare_study(experiment, resume=True)  # before Tune restores its searcher, which opens it
         tuner = tune.Tuner.restore(experiment.path, trainable=driver_trainable(cfg, experiment),
                                    resume_unfinished=True, restart_errored=True,
                                    storage_filesystem=experiment.filesystem)
     else:
-        if restorable:
-            raise FileExistsError(f"a sweep already exists at {experiment.uri}; use --resume or another name")
         _prepare_study(experiment, resume=False)
-        tuner = build_tuner(cfg, experiment)
+        tuner = build_tuner(cfg, experiment, callbacks)
     grid = tuner.fit()
     if not experiment.is_local:
         experiment.upload(_study_file(experiment), STUDY_FILE)
     trials = tuple(trial_record(grid[i]) for i in range(len(grid)))  # ResultGrid indexes but declares no __iter__
-    experiment.write_json(RESULTS_FILE, {"sweep": cfg.model_dump(mode="json"),
-                                         "trials": [trial.to_json() for trial in trials]})
-    return SweepResult(cfg.name, experiment.uri, trials)
+    records = [trial.to_json() for trial in trials]
+    results = experiment.write_json(RESULTS_FILE, {"sweep": cfg.model_dump(mode="json"), "trials": records})
+    finish_sweep(tracker, parent, records, results)
+    return SweepResult(cfg.name, experiment.uri, trials, tracking_uri=tracker.uri if tracker else None)
 
 
 def _text(value: object) -> str | None:

@@ -90,6 +90,19 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
     for trial, checkpoints in before.items():  # a finished trial wrote nothing new: it did not run again
         assert _checkpoints(experiment, trial) == checkpoints
     assert len({r["trial_id"] for r in records}) == NUM_SAMPLES
+    # Tracked in the embedded store: the resumed driver logged to the sweep's run and to the trials'
+    # runs of before (one run per trial, not one per driver), all finished.
+    from mlflow import MlflowClient
+
+    from po_cluster.tracking.sweep import PARENT_TAG
+
+    client = MlflowClient(f"sqlite:///{experiment / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    (parent,) = [run for run in runs if PARENT_TAG not in run.data.tags]
+    children = [run for run in runs if run.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    assert sorted(run.data.tags["trial_id"] for run in children) == sorted(r["trial_id"] for r in records)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert f"tracked: mlflow ui --backend-store-uri sqlite:///{experiment / 'mlflow.db'}" in resumed.stdout
 
 
 @pytest.fixture(scope="module")

@@ -221,7 +221,7 @@ def test_schema_prints_the_sections_the_readme_lists(capsys):
     assert code == 0
     properties = json.loads(out)["properties"]
     sections = config_sections()
-    assert sections == ["model", "data", "loss", "optimizer", "training"]
+    assert sections == ["model", "data", "loss", "optimizer", "training", "tracking"]
     assert set(sections) <= set(properties), sorted(properties)
 
 
