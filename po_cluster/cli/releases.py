@@ -44,7 +44,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    print(json.dumps(_store(args).show_release(args.release_id), indent=2, default=str))
+    shown = _store(args).show_release(args.release_id)
+    if args.json or not shown.get("card"):  # a release without a card is shown as its JSON
+        print(json.dumps(shown, indent=2, default=str))
+        return 0
+    print(shown["card"].rstrip())
+    print(f"\n---\nrelease {shown['release_id']} in {shown['store']}, created {shown['created']}, "
+          f"manifest sha256 {shown['manifest_sha256']} ({len(shown['manifest']['files'])} files); --json for all")
     return 0
 
 
@@ -83,8 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="published releases, oldest first")
     _store_options(p)
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("show", help="manifest, metrics and model description of a release")
+    p = sub.add_parser("show", help="a release's model card (metrics, trade-off over t, training settings, "
+                                    "lineage); --json: manifest, metrics, model description and card")
     p.add_argument("release_id", help="a release id or 'latest'")
+    p.add_argument("--json", action="store_true", help="everything as one JSON object")
     _store_options(p)
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("pull", help="download and verify a release; prints its local folder")

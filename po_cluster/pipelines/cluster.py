@@ -65,14 +65,17 @@ def run_average(cfg: SweepConfig, store: str, top_k: int | None = None, publish:
     from po_cluster.sweep.average import average_trials
     from po_cluster.sweep.driver import read_sweep
     from po_cluster.sweep.experiment import open_experiment, scratch, work_dir
-    from po_cluster.tracking.sweep import log_average
+    from po_cluster.tracking.sweep import TRACKING_FILE, log_average
 
     trials = read_sweep(cfg).trials
     experiment = open_experiment(cfg)
     downloads = scratch()  # trial checkpoints in S3 are read from local copies, verified there
+    tracked = experiment.read_json(TRACKING_FILE) if experiment.exists(TRACKING_FILE) else None
+    lineage = {"sweep": cfg.name, "experiment": experiment.uri,
+               "tracking": {k: tracked[k] for k in ("uri", "run_id") if k in tracked} if tracked else None}
     result = average_trials(trials, top_k or cfg.top_k, work_dir(experiment), cfg.base.data.n_val,
                             cfg.clean_tolerance, cfg.clean_penalty,
-                            locate=lambda path: experiment.fetch(path, downloads / Path(path).name))
+                            locate=lambda path: experiment.fetch(path, downloads / Path(path).name), lineage=lineage)
     if not experiment.is_local:  # a local experiment is the work folder: average_trials wrote it there
         experiment.write_json(AVERAGE_FILE, result.to_json())
     if publish:

@@ -226,15 +226,21 @@ class ArtifactStore:
                                                info.release_id))
 
     def show_release(self, id_or_latest: str) -> dict:
-        """Manifest, metrics and model description of a release (small files, checked against the manifest)."""
+        """Manifest, metrics, model description and model card (card.md text) of a release: small files,
+        each checked against the manifest."""
         release_id, data, entries, modified = self._manifest(id_or_latest)
         shown: dict[str, Any] = {"release_id": release_id, "store": self.uri, "created": modified.isoformat(),
                                  "manifest_sha256": sha256_bytes(data), "manifest": json.loads(data)}
-        for field, name in (("metrics", "metrics.json"), ("model", "model.json")):
+        for field, name in (("metrics", "metrics.json"), ("model", "model.json"), ("card", "card.md")):
             content = self.get_bytes(f"{RELEASES}/{release_id}/{name}") if name in entries else None
             if content is not None and sha256_bytes(content) != entries[name]["sha256"]:
                 raise ManifestError(f"release {release_id}: {name} differs from its sha256 in the manifest")
-            shown[field] = json.loads(content) if content is not None else None
+            if content is None:
+                shown[field] = None
+            elif name.endswith(".md"):
+                shown[field] = content.decode("utf-8", errors="replace")
+            else:
+                shown[field] = json.loads(content)
         return shown
 
     def pull_release(self, id_or_latest: str = "latest", cache_dir: str | Path | None = None) -> Path:

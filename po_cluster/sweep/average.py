@@ -33,6 +33,7 @@ from po_cluster.model.checkpoint import (
     write_manifest,
 )
 from po_cluster.model.loading import load_clip
+from po_cluster.sweep.card import release_card
 from po_cluster.sweep.soup import greedy_soup, uniform_soup
 from po_cluster.train.worker import objective
 
@@ -154,21 +155,6 @@ class AverageResult:
                 "tradeoff": list(self.tradeoff), "release_folder": str(self.release_folder)}
 
 
-def _card(release: dict) -> str:
-    rows = "\n".join(f"| {name} | {m['clean']:.3f} | {m['attacked']:.3f} | {m['word_only']:.3f} | "
-                     f"{m['attack_success']:.3f} | {m['kl']:.4f} |" for name, m in release["test"].items())
-    return f"""# po-cluster release: {release['chosen']}
-
-Chosen on the validation sets among the best single trial, the uniform soup of
-the top {release['top_k']} and the greedy soup ({', '.join(release['greedy_members'])}).
-Reported below on the fixed evaluation sets (held out from every choice), at t = 1.
-
-| model | clean | attacked | word-only | attack success | KL(ref‖π) |
-|---|---|---|---|---|---|
-{rows}
-"""
-
-
 def _candidate(record: TrialRecord, locate: Callable[[str], Path]) -> Candidate:
     """A ranked trial's checkpoint; a soup's members are named by their trial ids."""
     if record.trial_id is None or record.checkpoint_path is None:
@@ -178,10 +164,11 @@ def _candidate(record: TrialRecord, locate: Callable[[str], Path]) -> Candidate:
 
 def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Path, n_val: int = 500,
                    tolerance: float = 0.02, penalty: float = 5.0,
-                   locate: Callable[[str], Path] = Path) -> AverageResult:
+                   locate: Callable[[str], Path] = Path, lineage: dict | None = None) -> AverageResult:
     """Soups of the top-k trials; writes `out_dir/release` (manifest last) and `out_dir/average.json`.
 
-    `locate` turns a trial's checkpoint path into a local folder (a download, for S3).
+    `locate` turns a trial's checkpoint path into a local folder (a download, for S3); `lineage` (the
+    sweep, its experiment, its MLflow run) goes into the release's model.json and card.
     """
     top = soup_candidates(records, top_k)
     candidates = [_candidate(r, locate) for r in top]
@@ -200,24 +187,26 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
             tradeoff = evaluator.tradeoff()
     release = {"chosen": chosen, "top_k": len(candidates), "trials": [c.name for c in candidates],
                "greedy_members": members, "validation": validation, "test": test, "tradeoff": tradeoff}
-    folder = _write_release(Path(out_dir) / "release", scorer, states[chosen], candidates[0], release)
+    folder = _write_release(Path(out_dir) / "release", scorer, states[chosen], candidates[0], release,
+                            lineage or {})
     result = AverageResult(chosen, folder, len(candidates), tuple(c.name for c in candidates), tuple(members),
                            validation, test, tuple(tradeoff))
     (Path(out_dir) / "average.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
 
 
-def _write_release(folder: Path, scorer: Scorer, state: dict, source: Candidate, release: dict) -> Path:
+def _write_release(folder: Path, scorer: Scorer, state: dict, source: Candidate, release: dict,
+                   lineage: dict) -> Path:
     if folder.exists():
         shutil.rmtree(folder)
     model = scorer._load(state)
     description = {**source.description, "source": release["chosen"], "members": release["greedy_members"]
-                   if release["chosen"] == "greedy_soup" else release["trials"][:1]}
+                   if release["chosen"] == "greedy_soup" else release["trials"][:1], "lineage": lineage}
     if release["chosen"] == "uniform_soup":
         description["members"] = release["trials"]
     metrics = {"test": release["test"][release["chosen"]], "validation": release["validation"][release["chosen"]],
                "base_test": release["test"]["base"]}
     save_checkpoint(folder, model, description, source.training, metrics)
-    (folder / "card.md").write_text(_card(release))
+    (folder / "card.md").write_text(release_card(release, description, source.training, lineage))
     write_manifest(folder)  # again, last: the card is part of the release
     return folder

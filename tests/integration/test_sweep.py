@@ -130,6 +130,9 @@ def test_average_publishes_a_verified_release_and_report(finished_sweep, capsys)
     verify_manifest(release)
     model, description = load_checkpoint(release)
     assert description["architecture"] == "po-tiny-rn" and (release / "card.md").is_file()
+    card = (release / "card.md").read_text()  # a model card, with where the release came from
+    assert f"- sweep: `{cfg.name}`" in card and "## Over t" in card and "| loss.loss_type |" in card
+    assert description["lineage"]["sweep"] == cfg.name
     store = open_store(yaml.safe_load(config.read_text())["store"])
     assert [r.release_id for r in store.list_releases()] == [store.latest()]
     assert result.release_id == store.latest() and result.store == cfg.store

@@ -192,8 +192,12 @@ def test_cli_push_list_show_pull(store, folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PO_CLUSTER_STORE", store.uri)  # the default store of every command
     assert cli.main(["releases", "list"]) == 0
     assert re.search(r"r-cli .* 5 .*\(latest\)", capsys.readouterr().out)
-    assert cli.main(["releases", "show", "latest"]) == 0
-    assert json.loads(capsys.readouterr().out)["metrics"]["clean"] == 0.9
+    assert cli.main(["releases", "show", "latest", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["metrics"]["clean"] == 0.9 and shown["card"] == (folder / "card.md").read_text()
+    assert cli.main(["releases", "show", "latest"]) == 0  # the card, then where it is
+    out = capsys.readouterr().out
+    assert out.startswith((folder / "card.md").read_text().rstrip()) and "release r-cli in " in out
     assert cli.main(["releases", "pull", "r-cli", "--to", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out")
     assert (tmp_path / "out" / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
