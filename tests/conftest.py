@@ -38,6 +38,14 @@ def base_model():
 
 
 @pytest.fixture(scope="session")
+def pixels(base_model):
+    """Model input of a few attacked images of the world, for checks of the image tower."""
+    from po_cluster.data import world
+
+    return base_model.pixels(world.image_set("attacked", 8, seed=5).images)
+
+
+@pytest.fixture(scope="session")
 def small_sets():
     """Small validation-seeded sets for quick checks (the fixed evaluation sets are for reports)."""
     from po_cluster.data import world

@@ -35,11 +35,6 @@ def trained() -> AlignedCLIP:
     return moved()
 
 
-@pytest.fixture(scope="module")
-def pixels(base_model) -> torch.Tensor:
-    return base_model.pixels(world.image_set("attacked", 8, seed=5).images)
-
-
 @torch.no_grad()
 def by_hand(model: AlignedCLIP, pixels: torch.Tensor, t: float) -> torch.Tensor:
     """f_t from a deep copy of the tower with θ_ref + t·(θ − θ_ref) written into it."""

@@ -33,11 +33,6 @@ def lora_model(seed: int = 0, mode: Lora = LORA) -> AlignedCLIP:
     return model
 
 
-@pytest.fixture(scope="module")
-def pixels(base_model) -> torch.Tensor:
-    return base_model.pixels(world.image_set("attacked", 6, seed=4).images)
-
-
 @torch.no_grad()
 def merged(model: AlignedCLIP, pixels: torch.Tensor, t: float) -> torch.Tensor:
     visual = copy.deepcopy(model.clip.visual)
@@ -81,7 +76,7 @@ def test_scores_at_t0_are_the_base_models(base_model, small_sets):
 @torch.no_grad()
 def test_one_pass_serves_a_t_per_row(pixels):
     model = lora_model()
-    ts = torch.tensor([0.0, 1.0, 0.25, 0.5, 2.0, 1.0])
+    ts = torch.tensor([0.0, 1.0, 0.25, 0.5, 2.0, 1.0, 0.75, -0.5])  # one per row of `pixels`
     together = model.encode_image(pixels, ts)
     for i, t in enumerate(ts.tolist()):
         assert torch.allclose(together[i], model.encode_image(pixels[i:i + 1], t)[0], atol=1e-5)
