@@ -48,8 +48,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "po_serve_releases_loaded": ("gauge", (), "releases held by this model replica"),
     "po_serve_image_decode_failures": ("counter", ("code",), "images refused, by error code"),
 }
-BOUNDARIES: dict[str, list[float]] = {"po_serve_request_latency_ms": LATENCY_MS_BOUNDARIES, "po_serve_batch_size": BATCH_BOUNDARIES,
-              "po_serve_t": T_BOUNDARIES}
+BOUNDARIES: dict[str, list[float]] = {"po_serve_request_latency_ms": LATENCY_MS_BOUNDARIES,
+                                      "po_serve_batch_size": BATCH_BOUNDARIES, "po_serve_t": T_BOUNDARIES}
 # Serve's own metrics the k8s dashboard uses as well (replicas per deployment).
 SERVE_METRICS = ("ray_serve_deployment_replica_healthy",)
 
