@@ -27,6 +27,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from po_cluster.serving.limits import app_path
+
 REQUEST_ID = "x-request-id"
 MAX_REQUEST_ID = 128
 ACCESS_LOGGER = "po_cluster.serving.access"
@@ -213,9 +215,7 @@ class AccessLog:
         self.app, self.routes, self.echo, self.log = app, set(routes), echo, access_logger()
 
     def _route(self, scope: dict) -> str:
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        path = app_path(scope)
         return path if path in self.routes else OTHER_ROUTE  # never a raw path: unbounded labels
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

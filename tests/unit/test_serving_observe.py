@@ -16,10 +16,11 @@ import pytest
 from po_cluster.serving import observe
 
 
-def asgi_call(app, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> dict:
+def asgi_call(app, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
+              root_path: str = "") -> dict:
     """One HTTP request through the ASGI app: status, headers (a list: repeats show), body."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
-             "raw_path": path.encode(), "root_path": "", "scheme": "http", "query_string": b"",
+             "raw_path": path.encode(), "root_path": root_path, "scheme": "http", "query_string": b"",
              "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
              "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
              + [(b"content-length", str(len(body)).encode())]}
@@ -173,3 +174,12 @@ def test_exported_names_follow_rays_prometheus_naming():
     for name, (kind, tags, _) in observe.METRICS.items():
         assert not {"deployment", "replica", "application"} & set(tags), f"{name}: Serve's own tags"
         assert (kind == "histogram") == (name in observe.BOUNDARIES)
+
+
+def test_under_a_route_prefix_keys_are_still_asked_and_routes_still_named(published, access_lines):
+    """Serve passes the full path and the prefix as root_path: the guard and the labels use the app's path."""
+    app = make_app(published, keys="k1")
+    answer = asgi_call(app, "GET", "/po/v1/models", root_path="/po")
+    assert answer["status"] == 401 and access_lines[-1]["route"] == "/v1/models"
+    answer = asgi_call(app, "GET", "/po/v1/models", headers={"authorization": "Bearer k1"}, root_path="/po")
+    assert answer["status"] == 200
