@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from po_cluster.serving.limits import app_path
@@ -37,7 +38,9 @@ OTHER_ROUTE = "other"
 # Milliseconds: from a cache hit on the tiny model (~1 ms) to a cold release load (seconds).
 LATENCY_MS_BOUNDARIES: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_BOUNDARIES: list[float] = [1, 2, 4, 8, 16, 32, 64, 128]
-# t: 0 (base) and 1 (release) are the usual asks; buckets of 0.25 between, coarser outside.
+# t: 0 (base) and 1 (release) are the usual asks; buckets of 0.25 between, coarser outside. A counter
+# with the bucket as a label, not a Histogram: Ray's histograms take only boundaries above 0, and t
+# may be negative. Bucket (lo, hi] is labelled "lo..hi", below the first "le-2", above the last "gt4".
 T_BOUNDARIES: list[float] = [-2, -1, -0.5, -0.25, 0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4]
 
 # name → (kind, tag keys, description); Serve adds deployment, replica and application.
@@ -46,12 +49,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                           "HTTP requests answered, by route template, release, status class and API-key id"),
     "po_serve_request_latency_ms": ("histogram", ("route",), "time from the request's arrival to its answer"),
     "po_serve_batch_size": ("histogram", ("method",), "items in one forward of the model"),
-    "po_serve_t": ("histogram", ("route",), "the t a request asked for"),
+    "po_serve_t_requests": ("counter", ("route", "t_bucket"), "requests by the bucket of the t they asked for"),
     "po_serve_releases_loaded": ("gauge", (), "releases held by this model replica"),
     "po_serve_image_decode_failures": ("counter", ("code",), "images refused, by error code"),
 }
 BOUNDARIES: dict[str, list[float]] = {"po_serve_request_latency_ms": LATENCY_MS_BOUNDARIES,
-                                      "po_serve_batch_size": BATCH_BOUNDARIES, "po_serve_t": T_BOUNDARIES}
+                                      "po_serve_batch_size": BATCH_BOUNDARIES}
 # Serve's own metrics the k8s dashboard uses as well (replicas per deployment).
 SERVE_METRICS = ("ray_serve_deployment_replica_healthy",)
 
@@ -70,6 +73,7 @@ class Metrics:
     """The metric objects of this process, created on first use (inside a replica: Serve's tags apply)."""
 
     _instance: Metrics | None = None
+    _warned = False
 
     def __init__(self) -> None:
         from ray.serve import metrics
@@ -90,7 +94,10 @@ class Metrics:
         if cls._instance is None:
             try:
                 cls._instance = cls()
-            except Exception:  # no Ray in this process: the app still serves, it only says nothing
+            except Exception as error:  # no Ray here (unit tests): the app still serves, it only says nothing
+                if not cls._warned:
+                    cls._warned = True
+                    logging.getLogger("po_cluster.serving").warning("serving metrics are off: %s", error)
                 return None
         return cls._instance
 
@@ -114,10 +121,20 @@ def record_batch(method: str, size: int) -> None:
         metric.observe(size, tags={"method": method})
 
 
+def t_bucket(t: float) -> str:
+    """The label of t's bucket: "lo..hi" for lo < t ≤ hi, "le-2" / "gt4" outside T_BOUNDARIES."""
+    if t <= T_BOUNDARIES[0]:
+        return f"le{T_BOUNDARIES[0]:g}"
+    for lo, hi in pairwise(T_BOUNDARIES):
+        if t <= hi:
+            return f"{lo:g}..{hi:g}"
+    return f"gt{T_BOUNDARIES[-1]:g}"
+
+
 def record_t(route: str, t: float) -> None:
-    metric = _metric("po_serve_t")
+    metric = _metric("po_serve_t_requests")
     if metric is not None:
-        metric.observe(t, tags={"route": route})
+        metric.inc(tags={"route": route, "t_bucket": t_bucket(t)})
 
 
 def record_releases_loaded(count: int) -> None:

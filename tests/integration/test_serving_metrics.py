@@ -161,8 +161,9 @@ def test_requests_move_the_metrics_by_what_was_sent_and_every_answer_has_an_id(s
         _key(latency, route="/v1/embeddings"): 3,
         _key("ray_po_serve_batch_size_sum", method="classify"): 5,  # items reaching the model
         _key("ray_po_serve_batch_size_sum", method="embed"): 3,
-        _key("ray_po_serve_t_count", route="/v1/classify"): 6,  # the 5 answered and the bad image's
-        _key("ray_po_serve_t_sum", route="/v1/classify"): 4.5 + 1.0,
+        _key("ray_po_serve_t_requests_total", route="/v1/classify"): 6,  # the 5 answered and the bad image's
+        _key("ray_po_serve_t_requests_total", route="/v1/classify", t_bucket="0.75..1"): 3,  # t 1, 1 and 1
+        _key("ray_po_serve_t_requests_total", route="/v1/classify", t_bucket="-0.25..0"): 1,
         _key("ray_po_serve_image_decode_failures_total", code="invalid_base64"): 1,
     }
     series = wait_for(served.app, {(n, frozenset(ls)): v for (n, ls), v in expected.items()})

@@ -174,6 +174,12 @@ def test_exported_names_follow_rays_prometheus_naming():
     for name, (kind, tags, _) in observe.METRICS.items():
         assert not {"deployment", "replica", "application"} & set(tags), f"{name}: Serve's own tags"
         assert (kind == "histogram") == (name in observe.BOUNDARIES)
+        assert all(b > 0 for b in observe.BOUNDARIES.get(name, [1])), f"{name}: Ray takes only boundaries > 0"
+
+
+def test_t_buckets_are_bounded_and_cover_every_t():
+    assert [observe.t_bucket(t) for t in (-9, -2, -1.5, 0, 0.1, 1, 1.0001, 4, 40)] == \
+        ["le-2", "le-2", "-2..-1", "-0.25..0", "0..0.25", "0.75..1", "1..1.25", "3..4", "gt4"]
 
 
 def test_under_a_route_prefix_keys_are_still_asked_and_routes_still_named(published, access_lines):
