@@ -35,7 +35,7 @@ from po_cluster.serving.client import HandleClient
 from po_cluster.serving.engine import ClassifyItem, EmbedRequest, EmbedResult, ReleaseModel, Scores
 from po_cluster.serving.gateway import GatewayService
 from po_cluster.serving.limits import rss_bytes
-from po_cluster.serving.observe import record_batch, record_releases_loaded
+from po_cluster.serving.observe import keep_reporting_releases, record_batch, record_releases_loaded
 from po_cluster.store.artifacts import open_store
 
 
@@ -54,6 +54,7 @@ class AlignedModel:
         # and two concurrent forwards would only fight over the same cores.
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="po-forward")
         self.loaded: weakref.WeakValueDictionary[str, ReleaseModel] = weakref.WeakValueDictionary()
+        keep_reporting_releases(lambda: len(self.loaded))
 
         async def load(release_id: str) -> ReleaseModel:
             return await self._load(release_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Collection
@@ -141,6 +142,22 @@ def record_releases_loaded(count: int) -> None:
     metric = _metric("po_serve_releases_loaded")
     if metric is not None:
         metric.set(count)
+
+
+def keep_reporting_releases(count: Any, every_s: float = 5.0) -> threading.Thread:
+    """Re-set the releases gauge every few seconds from a daemon thread: Ray's metrics agent drops a
+    gauge's value some time after it was last set, and a replica that gets no requests sets nothing."""
+    def loop() -> None:
+        while True:  # until the replica's process ends (daemon thread)
+            try:
+                record_releases_loaded(int(count()))
+            except Exception:  # the count is only a reading; the next turn tries again
+                pass
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=loop, name="po-serve-gauges", daemon=True)
+    thread.start()
+    return thread
 
 
 def record_decode_failure(code: str) -> None:
