@@ -17,6 +17,7 @@ Nothing here imports Ray at import time: the gateway runs without it in unit tes
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -149,10 +150,8 @@ def keep_reporting_releases(count: Any, every_s: float = 5.0) -> threading.Threa
     gauge's value some time after it was last set, and a replica that gets no requests sets nothing."""
     def loop() -> None:
         while True:  # until the replica's process ends (daemon thread)
-            try:
+            with contextlib.suppress(Exception):  # the count is only a reading; the next turn tries again
                 record_releases_loaded(int(count()))
-            except Exception:  # the count is only a reading; the next turn tries again
-                pass
             time.sleep(every_s)
 
     thread = threading.Thread(target=loop, name="po-serve-gauges", daemon=True)
