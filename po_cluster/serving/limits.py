@@ -212,7 +212,7 @@ class RequestGuard:
 def app_path(scope: dict) -> str:
     """The request's path inside the app: Serve gives the full path with the route prefix as root_path, so
     under a prefix other than "/" the raw path would not start with /v1/ (and keys would not be asked)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
+    path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")  # a root of "/" is no prefix
     return (path[len(root):] or "/") if root and path.startswith(root) else path
 
 

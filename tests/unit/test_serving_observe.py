@@ -189,3 +189,6 @@ def test_under_a_route_prefix_keys_are_still_asked_and_routes_still_named(publis
     assert answer["status"] == 401 and access_lines[-1]["route"] == "/v1/models"
     answer = asgi_call(app, "GET", "/po/v1/models", headers={"authorization": "Bearer k1"}, root_path="/po")
     assert answer["status"] == 200
+    for root in ("", "/"):  # no prefix, however written
+        answer = asgi_call(app, "GET", "/v1/models", root_path=root)
+        assert answer["status"] == 401 and access_lines[-1]["route"] == "/v1/models"
