@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from po_cluster.serving.gateway import GatewayService
 from po_cluster.serving.limits import ApiError, RequestGuard
+from po_cluster.serving.observe import REQUEST_ID, AccessLog
 from po_cluster.serving.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -89,7 +90,7 @@ def _json_error(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers() or None)
 
 
-def _handlers(app: FastAPI) -> None:
+def _handlers(app: FastAPI, echo_request_id: bool) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
         return _json_error(error)
@@ -107,7 +108,11 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def crash(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)  # a bug of ours: the client gets no traceback
-        return JSONResponse(ApiError(500, None, "internal error", "internal_error").body(), status_code=500)
+        # This handler runs outside every middleware of ours: the id comes from the state AccessLog left.
+        request_id = getattr(request.state, "request_id", None)
+        headers = {REQUEST_ID: request_id} if echo_request_id and request_id else None
+        return JSONResponse(ApiError(500, None, "internal error", "internal_error").body(), status_code=500,
+                            headers=headers)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -116,13 +121,14 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
             for code in sorted(codes)}
 
 
-def make_api(service: GatewayService) -> FastAPI:
+def make_api(service: GatewayService, echo_request_id: bool = True) -> FastAPI:
+    """The app; `echo_request_id=False` in Serve, whose own middleware returns the x-request-id (observe.py)."""
     app = FastAPI(title="po-cluster serving", version="1", description=(
         "Aligned CLIP (adjustable σ) embeddings and zero-shot classification. Every call takes t "
         "(0 = the starting model, 1 = the release, every trained weight on the path between) and optional "
         "σ overrides. A method a path does not serve is a 405 with Allow."))
     app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes, check_key=service.check_key)
-    _handlers(app)
+    _handlers(app, echo_request_id)
     # Every path's body is read by the guard (400, 413); keys (401) and rates (429) only where configured:
     # a status or scheme the server cannot give would be a false promise.
     guarded = (400, 413) + ((401,) if service.keys.enabled else ()) + \
@@ -155,4 +161,7 @@ def make_api(service: GatewayService) -> FastAPI:
                                      ("/v1/classify", classify, ClassifyResponse)):
         app.post(path, response_model=response, responses=_errors(*guarded, 404, 415, 422, 503),
                  **security)(endpoint)
+    # Added last, so outermost: it sees the guard's refusals too. Routes as labels, never raw paths.
+    app.add_middleware(AccessLog, routes=[getattr(route, "path", "") for route in app.routes],
+                       echo=echo_request_id)
     return app

@@ -35,6 +35,7 @@ from po_cluster.serving.client import HandleClient
 from po_cluster.serving.engine import ClassifyItem, EmbedRequest, EmbedResult, ReleaseModel, Scores
 from po_cluster.serving.gateway import GatewayService
 from po_cluster.serving.limits import rss_bytes
+from po_cluster.serving.observe import keep_reporting_releases, record_batch, record_releases_loaded
 from po_cluster.store.artifacts import open_store
 
 
@@ -53,6 +54,7 @@ class AlignedModel:
         # and two concurrent forwards would only fight over the same cores.
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="po-forward")
         self.loaded: weakref.WeakValueDictionary[str, ReleaseModel] = weakref.WeakValueDictionary()
+        keep_reporting_releases(lambda: len(self.loaded))
 
         async def load(release_id: str) -> ReleaseModel:
             return await self._load(release_id)
@@ -75,6 +77,7 @@ class AlignedModel:
                                   self.device, self.args.batching.max_batch_size, False,
                                   self.args.model.tower_cache_size)
         self.loaded[release_id] = release
+        record_releases_loaded(len(self.loaded))
         return release
 
     async def _current(self) -> ReleaseModel:
@@ -85,14 +88,23 @@ class AlignedModel:
         """Serve splits batches by release: every chunk here is for the current one."""
         release = await self._current()
         items = [item for chunk in chunks for item in chunk]
+        self._handing("classify", len(items))
         scores = await self._run(release.classify_many, *map(list, zip(*items, strict=True)))
         return _split(scores, [len(chunk) for chunk in chunks])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0)
     async def _embed_chunks(self, chunks: list[list[EmbedRequest]]) -> list[list[EmbedResult]]:
         release = await self._current()
-        results = await self._run(release.embed_many, [request for chunk in chunks for request in chunk])
+        requests = [request for chunk in chunks for request in chunk]
+        self._handing("embed", len(requests))
+        results = await self._run(release.embed_many, requests)
         return _split(results, [len(chunk) for chunk in chunks])
+
+    def _handing(self, method: str, size: int) -> None:
+        """What one forward gets: the batch size, and the releases this replica now holds (the
+        multiplexer's evictions drop them from `loaded`, so the count is refreshed here too)."""
+        record_batch(method, size)
+        record_releases_loaded(len(self.loaded))
 
     async def classify(self, items: list[ClassifyItem]) -> list[Scores]:
         """(logits, probabilities) per (image, prompts, knob) item."""
@@ -123,7 +135,7 @@ class GatewayDeployment:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Late-bound ingress: the app is built per replica, with this replica's limits and keys.
-        return make_api(self.service)
+        return make_api(self.service, echo_request_id=False)  # Serve returns the x-request-id itself
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -25,6 +25,7 @@ from po_cluster.serving.limits import (
     fill_template,
     rss_bytes,
 )
+from po_cluster.serving.observe import current, record_decode_failure, record_t
 from po_cluster.serving.ratelimit import TokenBuckets
 from po_cluster.serving.schemas import (
     ClassifyRequest,
@@ -75,20 +76,39 @@ class GatewayService:
 
     def check_key(self, authorization: str | None) -> None:
         """The key (401), then its rate (429): both before anything of the request is read."""
-        self.buckets.take(self.keys.check(authorization))
+        record = current()
+        try:
+            key_id = self.keys.check(authorization)
+        except ApiError:
+            if record is not None:
+                record.key_id = "rejected"
+            raise
+        if record is not None:
+            record.key_id = key_id
+        self.buckets.take(key_id)
 
     async def _knob(self, request: Knobs) -> tuple[ReleaseMeta, Knob]:
         name = self.args.default_release if request.model == "latest" else request.model
+        record = current()
+        if record is not None:
+            record.t = float(request.t)
         # The store is asked (off the event loop) only when the cache cannot answer.
         meta = self.catalog.cached(name)
         if meta is None:
             meta = await asyncio.to_thread(self.catalog.resolve, name)
+        if record is not None:  # only an id that resolved: a label never holds what a client made up
+            record.release = meta.release_id
+            record_t(record.route, float(request.t))
         return meta, Knob(float(request.t), check_overrides(request.sigma_overrides, meta.embed_dim))
 
     async def _image(self, value: str, param: str) -> np.ndarray:
-        if len(value) <= INLINE_DECODE_CHARS:  # small: a thread hop would cost more than the decode
-            return decode_image(value, param, self.limits)
-        return await asyncio.to_thread(decode_image, value, param, self.limits)
+        try:
+            if len(value) <= INLINE_DECODE_CHARS:  # small: a thread hop would cost more than the decode
+                return decode_image(value, param, self.limits)
+            return await asyncio.to_thread(decode_image, value, param, self.limits)
+        except ApiError as error:
+            record_decode_failure(error.code)
+            raise
 
     async def classify(self, request: ClassifyRequest) -> ClassifyResponse:
         labels = request.labels

@@ -26,6 +26,9 @@ SERVE_ENV = {
     # replays only connection failures). Safe because every route is idempotent; HAProxy replays only
     # requests whose body fits its buffer (16 KiB by default), larger uploads still see the failure.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
+    # Middlewares around Serve's HTTP servers (outside Serve's request-id one): a client's x-request-id
+    # that is not a usable id is replaced before Serve logs it and returns it (serving/observe.py).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "po_cluster.serving.observe:serve_middlewares",
 }
 
 

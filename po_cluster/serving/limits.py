@@ -166,7 +166,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         try:
-            if self.check_key and scope.get("path", "").startswith(self.protected):
+            if self.check_key and app_path(scope).startswith(self.protected):
                 authorization = headers.get(b"authorization")
                 self.check_key(authorization.decode("latin-1") if authorization is not None else None)
             body = await self._read_body(headers.get(b"content-length"), receive)
@@ -208,6 +208,13 @@ class RequestGuard:
         if declared_too_big:
             raise too_big
         return b"".join(chunks)
+
+
+def app_path(scope: dict) -> str:
+    """The request's path inside the app: Serve gives the full path with the route prefix as root_path, so
+    under a prefix other than "/" the raw path would not start with /v1/ (and keys would not be asked)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")  # a root of "/" is no prefix
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
 
 
 def rss_bytes() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
 import shlex
 import tomllib
@@ -649,3 +650,111 @@ def test_dockerfile_builds_the_project_with_the_pinned_torch() -> None:
         for source in sources:
             assert (ROOT / source).exists(), f"k8s/Dockerfile copies {source}, which is not in the repository"
     assert "/tmp/build/po_cluster" in image_paths()
+
+
+# ---- monitoring: the PodMonitor and the Grafana dashboard ------------------------------------------
+
+PODMONITOR = K8S / "podmonitor.yaml"
+DASHBOARD = K8S / "grafana-dashboard.json"
+PROMQL_WORDS = {  # functions, aggregations and keywords: what in an expression is not a metric name
+    "sum", "min", "max", "avg", "count", "topk", "bottomk", "quantile", "stddev", "rate", "irate", "increase",
+    "histogram_quantile", "scalar", "vector", "by", "without", "on", "ignoring", "group_left", "group_right",
+    "and", "or", "unless", "bool", "offset", "label_values", "clamp_min", "clamp_max", "abs"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression (or a Grafana label_values query) reads.
+
+    Label matchers, ranges, grouping clauses and Grafana variables are dropped first; what is left
+    that is an identifier and not a PromQL word is a metric name."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values, regexes)
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors ([5m], [$__rate_interval])
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    text = re.sub(r"label_values\(([^,()]+),[^)]*\)", r"\1", text)  # label_values(metric, label)
+    text = re.sub(r"\$\w+", "", text)
+    return {word for word in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text) if word not in PROMQL_WORDS}
+
+
+def test_metric_names_are_found_in_promql() -> None:
+    expr = ('histogram_quantile(0.99, sum by (le, route) (rate(ray_a_bucket{x=~"4xx|5xx", route="/v1"}'
+            '[$__rate_interval]))) / scalar(sum(rate(ray_b_total[5m]))) + on(route) max(ray_c)')
+    assert metric_names(expr) == {"ray_a_bucket", "ray_b_total", "ray_c"}
+    assert metric_names("label_values(ray_d_total, ray_io_cluster)") == {"ray_d_total"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    queries += [(f"variable {v['name']}", v["definition"]) for v in dashboard["templating"]["list"]
+                if v.get("type") == "query"]
+    return queries
+
+
+def test_dashboard_queries_name_only_metrics_the_app_exports() -> None:
+    from po_cluster.serving.observe import exported_names
+
+    exported = exported_names()
+    for where, expr in dashboard_queries():
+        names = metric_names(expr)
+        assert names, f"{where}: no metric in {expr!r}"
+        assert names <= exported, f"{where}: {sorted(names - exported)} are not exported (observe.py)"
+
+
+def test_dashboard_charts_what_an_operator_asks_first() -> None:
+    exprs = [expr for _, expr in dashboard_queries()]
+    latency = [e for e in exprs if "ray_po_serve_request_latency_ms_bucket" in e]
+    assert any("histogram_quantile(0.5," in e for e in latency) and any("histogram_quantile(0.99," in e
+                                                                        for e in latency)
+    assert any("rate(ray_po_serve_requests_total" in e and "5xx" in e for e in exprs), "error rate"
+    assert any("ray_po_serve_batch_size" in e for e in exprs)
+    assert any("ray_serve_deployment_replica_healthy" in e for e in exprs), "replicas"
+    assert all("ray_io_cluster" in e for e in exprs), "every query follows the cluster variable"
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def podmonitor() -> dict:
+    [doc] = [d for d in yaml.safe_load_all(PODMONITOR.read_text()) if d is not None]
+    return doc
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Kubernetes' LabelSelector semantics (matchLabels and In / NotIn / Exists / DoesNotExist)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    tests = {"In": lambda e: labels.get(e["key"]) in e["values"],
+             "NotIn": lambda e: labels.get(e["key"]) not in e["values"],
+             "Exists": lambda e: e["key"] in labels, "DoesNotExist": lambda e: e["key"] not in labels}
+    return all(tests[e["operator"]](e) for e in selector.get("matchExpressions", []))
+
+
+def test_podmonitor_is_well_formed() -> None:
+    doc = podmonitor()
+    assert (doc["apiVersion"], doc["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert re.fullmatch(DNS1123_SUBDOMAIN, doc["metadata"]["name"])
+    assert set(doc["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
+    for endpoint in doc["spec"]["podMetricsEndpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"}
+        assert re.fullmatch(r"\d+[smh]", endpoint.get("interval", "30s"))
+    for expression in doc["spec"]["selector"].get("matchExpressions", []):
+        assert expression["operator"] in {"In", "NotIn", "Exists", "DoesNotExist"}
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayJob"])
+def test_podmonitor_scrapes_every_ray_pod_on_its_metrics_port(kind: str) -> None:
+    doc, monitor = manifest(kind), podmonitor()
+    ports = {endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]}
+    cluster = cluster_spec(doc)
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for where, group in groups:
+        labels = group["template"].get("metadata", {}).get("labels", {})
+        assert selects(monitor["spec"]["selector"], labels), f"{kind} {where}: not selected by the PodMonitor"
+        container = group["template"]["spec"]["containers"][0]
+        named = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+        port = int(group.get("rayStartParams", {}).get("metrics-export-port", 8080))  # KubeRay's default
+        assert ports <= set(named) and all(named[p] == port for p in ports), \
+            f"{kind} {where}: the scraped port is not Ray's metrics-export-port {port}"
+    if kind == "RayJob":  # the submitter runs no Ray node: nothing to scrape there
+        labels = doc["spec"]["submitterPodTemplate"].get("metadata", {}).get("labels", {})
+        assert not selects(monitor["spec"]["selector"], labels)
