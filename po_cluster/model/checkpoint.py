@@ -10,6 +10,7 @@ loaded; nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -52,7 +53,16 @@ def _base_sha256(pretrained: str | None, cache_dir: str | None) -> str | None:
     open_clip tag, whose download open_clip itself checks."""
     if pretrained is None or not is_weights_file(pretrained):
         return None
-    return sha256_file(resolve_weights(pretrained, cache_dir))
+    path = resolve_weights(pretrained, cache_dir)
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    # Keyed by mtime and size too: a LoRA run describes its base at every checkpoint, and hashing a
+    # ViT's weights costs seconds; a file changed in place is hashed again.
+    return sha256_file(Path(path))
 
 
 def load_trained_state(model: AlignedCLIP, state: dict[str, torch.Tensor], where: str) -> None:
