@@ -247,3 +247,10 @@ def test_long_functions_are_measured_with_their_decorators_and_nesting(tmp_path)
         f"class K:\n    def method(self):\n        def inner():\n{body(59, ' ' * 12)}"  # 61 and 60
     )})
     assert long_functions(root, 60) == {"pkg.m:decorated": 61, "pkg.m:K.method": 61}
+
+
+def test_test_files_have_unique_names():
+    # The test folders are not packages, so pytest imports each test file by its bare name: two files
+    # of one name in tests/unit and tests/integration would stop the whole run at collection.
+    names = [path.name for path in (Path(__file__).resolve().parents[1]).rglob("test_*.py")]
+    assert sorted(name for name in set(names) if names.count(name) > 1) == []
