@@ -96,7 +96,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
 
     from po_cluster.tracking.sweep import PARENT_TAG
 
-    client = MlflowClient(f"sqlite:///{experiment / 'mlflow.db'}")
+    uri = f"sqlite:///{experiment / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # Tune's MLflow logger leaves a process-wide registry uri
     runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
     (parent,) = [run for run in runs if PARENT_TAG not in run.data.tags]
     children = [run for run in runs if run.data.tags.get(PARENT_TAG) == parent.info.run_id]

@@ -108,7 +108,7 @@ def test_sweep_and_average_are_tracked_on_a_server(ray_cluster, mlflow_server, s
     said, seconds = run_stages(cfg)
     assert not said, [str(w.message) for w in said]
     print(f"\n2-trial sweep + average + report, tracked on a server: {seconds:.1f} s")
-    client = MlflowClient(mlflow_server.url)
+    client = MlflowClient(mlflow_server.url, registry_uri=mlflow_server.url)
     experiment = client.get_experiment_by_name("tracked")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]

@@ -103,7 +103,7 @@ def test_train_logs_a_run_with_metrics_by_step(tmp_path, capsys):
     assert main(["train", "--config", str(config)]) == 0
     uri = f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
     assert capsys.readouterr().out.splitlines()[-1] == f"tracked: mlflow ui --backend-store-uri {uri}"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert run.data.params["loss_type"] == "dpo" and run.data.params["steps"] == "4"
     assert run.data.tags["checkpoint_path"] == str((tmp_path / "runs" / "tiny").resolve())
@@ -153,7 +153,7 @@ def test_average_registers_the_release_at_its_store_uri_on_the_sweeps_run(tmp_pa
     log_average(cfg, experiment, result)  # a second average: the same run, a second version
     recorded = experiment.read_json(TRACKING_FILE)
     assert recorded["uri"] == shared_db
-    client = MlflowClient(shared_db)
+    client = MlflowClient(shared_db, registry_uri=shared_db)  # Tune's logger sets a global registry uri
     versions = client.search_model_versions("name = 'soups'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     expected = f"{(tmp_path / 'store').absolute()}/releases/{result.release_id}"
