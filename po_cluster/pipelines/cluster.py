@@ -65,7 +65,8 @@ def run_average(cfg: SweepConfig, store: str, top_k: int | None = None, publish:
     from po_cluster.sweep.average import average_trials
     from po_cluster.sweep.driver import read_sweep
     from po_cluster.sweep.experiment import open_experiment, scratch, work_dir
-    from po_cluster.tracking.sweep import TRACKING_FILE, log_average
+    from po_cluster.tracking.release import log_average
+    from po_cluster.tracking.sweep import TRACKING_FILE
 
     trials = read_sweep(cfg).trials
     experiment = open_experiment(cfg)
@@ -89,7 +90,7 @@ def run_report(cfg: SweepConfig) -> ReportResult:
     from po_cluster.evaluate.report import write_report
     from po_cluster.sweep.driver import read_sweep
     from po_cluster.sweep.experiment import open_experiment, work_dir
-    from po_cluster.tracking.sweep import log_report
+    from po_cluster.tracking.release import log_report
 
     trials = read_sweep(cfg).trials
     experiment = open_experiment(cfg)

@@ -144,7 +144,8 @@ def test_average_registers_the_release_at_its_store_uri_on_the_sweeps_run(tmp_pa
     from mlflow import MlflowClient
 
     from po_cluster.sweep.experiment import open_experiment
-    from po_cluster.tracking.sweep import TRACKING_FILE, log_average
+    from po_cluster.tracking.release import log_average
+    from po_cluster.tracking.sweep import TRACKING_FILE
 
     cfg = SweepConfig(name="soups", storage_path=str(tmp_path / "sweeps"), tracking=TrackingConfig(uri=shared_db))
     experiment = open_experiment(cfg)
@@ -168,7 +169,7 @@ def test_average_registers_the_release_at_its_store_uri_on_the_sweeps_run(tmp_pa
 
 def test_a_server_is_not_given_a_local_release_folder(tmp_path):
     from po_cluster.tracking.client import Tracker
-    from po_cluster.tracking.sweep import register_release
+    from po_cluster.tracking.release import register_release
 
     tracker = Tracker("http://127.0.0.1:1", "0", "x", client=None)  # refused before any call is made
     with pytest.raises(ValueError, match="publish to an s3:// store"):
