@@ -17,7 +17,6 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from po_cluster.config import (
     ConfigError,
@@ -29,6 +28,7 @@ from po_cluster.config import (
     image_tower_label,
 )
 from po_cluster.sweep.experiment import Experiment, open_experiment
+from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch, search_algorithm
 from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
 from po_cluster.train.worker import train_loop_per_worker
 
@@ -188,19 +188,22 @@ def _study_storage(experiment: Experiment) -> optuna.storages.BaseStorage:
 
 def build_tuner(cfg: SweepConfig, experiment: Experiment, callbacks: list | None = None) -> tune.Tuner:
     """The sweep's Tuner; `callbacks` are Tune's (the tracking logger), run in this driver process."""
-    searcher = OptunaSearch(space=optuna_space(cfg), metric=METRIC, mode="max",
-                            points_to_evaluate=starting_points(cfg), sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                            study_name=cfg.name, storage=_study_storage(experiment), seed=cfg.seed)
+    searcher = ResumableOptunaSearch(space=optuna_space(cfg), metric=METRIC, mode="max",
+                                     points_to_evaluate=starting_points(cfg), study_name=cfg.name,
+                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                                     storage=_study_storage(experiment), seed=cfg.seed)
+    search_alg = search_algorithm(searcher, max_concurrent_trials(cfg))
     reports = math.ceil(cfg.base.training.steps / cfg.report_every)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
                               grace_period=min(cfg.scheduler.grace_period, reports),
                               reduction_factor=cfg.scheduler.reduction_factor)
     return tune.Tuner(
         driver_trainable(cfg, experiment),
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
-                                    num_samples=cfg.num_samples, max_concurrent_trials=max_concurrent_trials(cfg)),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=cfg.num_samples),
         run_config=tune.RunConfig(name=cfg.name, storage_path=experiment.root,
-                                  storage_filesystem=experiment.filesystem, verbose=1, callbacks=callbacks),
+                                  storage_filesystem=experiment.filesystem, verbose=1,
+                                  callbacks=[*(callbacks or []), ReconcileOnRestore(search_alg)]),
     )
 
 
