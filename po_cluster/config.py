@@ -226,12 +226,44 @@ class LogRange(Strict):
         return self
 
 
+class LossSpace(Strict):
+    """One loss's own ranges; a range left out is the shared one of the search space."""
+
+    beta: LogRange | None = None
+    kl_weight: LogRange | None = None
+
+
+def _default_per_loss() -> dict[LossType, LossSpace]:
+    # IPO's target margin is 1/(2β): at DPO's βs it asks for a margin of a few units and learns
+    # nothing on the shipped model (docs/cluster.md has the measurement).
+    return {"ipo": LossSpace(beta=LogRange(low=0.005, high=0.1))}
+
+
 class SearchSpace(Strict):
     loss_type: list[LossType] = Field(["dpo", "ipo", "kto"], min_length=1)
     beta: LogRange = LogRange(low=0.05, high=2.0)
     kl_weight: LogRange = LogRange(low=0.01, high=1.0)
+    per_loss: dict[LossType, LossSpace] = Field(default_factory=dict,
+                                                description="a loss's own beta / kl_weight ranges")
     lr: LogRange | None = Field(None, description="log-uniform; None keeps base.optimizer.lr")
     image_tower: list[ImageTowerMode] | None = Field(None, description="choices; None keeps base.model.image_tower")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_loss_searched(cls, data: object) -> object:
+        """A config's per_loss entries override the defaults loss by loss (`ipo: {}` restores the
+        shared ranges); an entry for a loss that is not searched is a mistake."""
+        if not isinstance(data, dict):
+            return data
+        searched = data.get("loss_type", cls.model_fields["loss_type"].default)
+        given = data.get("per_loss", {})
+        if not isinstance(searched, list) or not isinstance(given, dict):
+            return data  # the field validators say what is wrong
+        stray = sorted(str(k) for k in given if k not in searched)
+        if stray:
+            raise ValueError(f"per_loss names {stray}, which loss_type {searched} does not search")
+        defaults = {k: v for k, v in _default_per_loss().items() if k in searched}
+        return {**data, "per_loss": {**defaults, **given}}
 
 
 class ScalingSettings(Strict):

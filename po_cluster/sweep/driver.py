@@ -18,17 +18,10 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from po_cluster.config import (
-    ConfigError,
-    ImageTowerMode,
-    RunConfig,
-    ScalingSettings,
-    SweepConfig,
-    WorkerConfig,
-    image_tower_label,
-)
+from po_cluster.config import RunConfig, ScalingSettings, SweepConfig, WorkerConfig
 from po_cluster.sweep.experiment import Experiment, open_experiment
 from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch, search_algorithm
+from po_cluster.sweep.space import define_by_run, distributions, starting_points, tower_choices
 from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
 from po_cluster.train.worker import train_loop_per_worker
 
@@ -41,43 +34,6 @@ def local_or_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def _tower_choices(cfg: SweepConfig) -> dict[str, ImageTowerMode]:
-    """The sweep's image tower choices by label (Optuna samples the label)."""
-    choices = {image_tower_label(mode): mode for mode in cfg.space.image_tower or ()}
-    if len(choices) != len(cfg.space.image_tower or ()):
-        names = [image_tower_label(m) for m in cfg.space.image_tower or ()]
-        raise ConfigError(f"space.image_tower: two choices share a name: {names}")
-    return choices
-
-
-def optuna_space(cfg: SweepConfig) -> dict[str, optuna.distributions.BaseDistribution]:
-    dist = optuna.distributions
-    space = cfg.space
-    out = {"loss_type": dist.CategoricalDistribution(space.loss_type),
-           "beta": dist.FloatDistribution(space.beta.low, space.beta.high, log=True),
-           "kl_weight": dist.FloatDistribution(space.kl_weight.low, space.kl_weight.high, log=True)}
-    if space.lr is not None:
-        out["lr"] = dist.FloatDistribution(space.lr.low, space.lr.high, log=True)
-    if space.image_tower is not None:
-        out["image_tower"] = dist.CategoricalDistribution(list(_tower_choices(cfg)))
-    return out
-
-
-def starting_points(cfg: SweepConfig) -> list[dict]:
-    """One trial per loss at the geometric middle of the ranges, so every loss is tried."""
-    space = cfg.space
-    points = []
-    for loss_type in space.loss_type[:cfg.num_samples]:
-        point: dict[str, object] = {"loss_type": loss_type, "beta": math.sqrt(space.beta.low * space.beta.high),
-                 "kl_weight": math.sqrt(space.kl_weight.low * space.kl_weight.high)}
-        if space.lr is not None:
-            point["lr"] = math.sqrt(space.lr.low * space.lr.high)
-        if space.image_tower is not None:
-            point["image_tower"] = image_tower_label(space.image_tower[0])
-        points.append(point)
-    return points
-
-
 def trial_run_config(cfg: SweepConfig, sample: dict, trial_id: str) -> RunConfig:
     """The base run with a trial's sample applied, validated like any user config."""
     run = cfg.base.model_dump(mode="json")
@@ -86,7 +42,7 @@ def trial_run_config(cfg: SweepConfig, sample: dict, trial_id: str) -> RunConfig
     if "lr" in sample:
         run["optimizer"]["lr"] = sample["lr"]
     if "image_tower" in sample:
-        tower = _tower_choices(cfg)[sample["image_tower"]]
+        tower = tower_choices(cfg)[sample["image_tower"]]
         run["model"]["image_tower"] = tower if isinstance(tower, str) else tower.model_dump(mode="json")
     return RunConfig.model_validate(run)
 
@@ -188,8 +144,9 @@ def _study_storage(experiment: Experiment) -> optuna.storages.BaseStorage:
 
 def build_tuner(cfg: SweepConfig, experiment: Experiment, callbacks: list | None = None) -> tune.Tuner:
     """The sweep's Tuner; `callbacks` are Tune's (the tracking logger), run in this driver process."""
-    searcher = ResumableOptunaSearch(space=optuna_space(cfg), metric=METRIC, mode="max",
-                                     points_to_evaluate=starting_points(cfg), study_name=cfg.name,
+    searcher = ResumableOptunaSearch(space=define_by_run(cfg), distributions=distributions(cfg),
+                                     metric=METRIC, mode="max", points_to_evaluate=starting_points(cfg),
+                                     study_name=cfg.name,
                                      sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                      storage=_study_storage(experiment), seed=cfg.seed)
     search_alg = search_algorithm(searcher, max_concurrent_trials(cfg))

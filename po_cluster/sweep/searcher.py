@@ -32,14 +32,20 @@ class ResumableOptunaSearch(OptunaSearch):
     so intermediate values change nothing); when it ends, it is added to the study as a finished
     trial with its own parameters, so the sampler still learns from it."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, distributions: dict[str, optuna.distributions.BaseDistribution] | None = None,
+                 **kwargs) -> None:
+        """`distributions`: every parameter a trial may have, needed to adopt trials when `space` is
+        a define-by-run function (a dict space is its own)."""
         super().__init__(*args, **kwargs)
+        self._distributions = distributions
         self._adopted: dict[str, dict] = {}
 
     @property
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
-        if not isinstance(self._space, dict):  # the sweep always gives a dict; define-by-run is not adoptable
-            raise TypeError("ResumableOptunaSearch needs its space as a dict of Optuna distributions")
+        if self._distributions is not None:
+            return self._distributions
+        if not isinstance(self._space, dict):
+            raise TypeError("a define-by-run space needs `distributions` to adopt trials")
         return self._space
 
     def knows(self, trial_id: str) -> bool:

@@ -42,19 +42,20 @@ def test_lora_mode_parses_and_every_mode_has_one_label():
 
 def test_sweep_searches_image_tower_modes_by_label():
     from po_cluster.config import SweepConfig
-    from po_cluster.sweep.driver import optuna_space, trial_run_config
+    from po_cluster.sweep.driver import trial_run_config
+    from po_cluster.sweep.space import distributions
 
     lora = {"lora": {"rank": 4}}
     cfg = SweepConfig.model_validate({"space": {"loss_type": ["dpo"], "beta": {"low": 0.1, "high": 1},
                                                 "kl_weight": {"low": 0.1, "high": 1},
                                                 "image_tower": ["full", lora, {"last_blocks": 1}]}})
-    assert optuna_space(cfg)["image_tower"].choices == ("full", "lora:r4a16", "last_blocks:1")
+    assert distributions(cfg)["image_tower"].choices == ("full", "lora:r4a16", "last_blocks:1")
     sample = {"loss_type": "dpo", "beta": 0.5, "kl_weight": 0.5, "image_tower": "lora:r4a16"}
     assert trial_run_config(cfg, sample, "t1").model.image_tower == Lora(lora=LoraSpec(rank=4))
     twice = cfg.model_copy(update={"space": cfg.space.model_copy(update={"image_tower": [
         Lora(lora=LoraSpec(rank=4)), Lora(lora=LoraSpec(rank=4))]})})
     with pytest.raises(ConfigError, match="share a name"):
-        optuna_space(twice)
+        distributions(twice)
 
 
 @pytest.mark.parametrize("data, field, reason", [
