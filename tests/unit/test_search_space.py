@@ -68,3 +68,18 @@ def test_the_searcher_suggests_the_starting_points_then_samples_and_adopts_defin
     searcher.on_trial_complete("stray", {"objective": 0.9})
     best = searcher._ot_study.best_trial
     assert best.params == {"loss_type": "ipo", "beta_ipo": 0.02, "kl_weight_ipo": 2.0}
+
+
+def test_a_define_by_run_searcher_saves_and_restores_with_the_standard_pickle(tmp_path):
+    cfg = _sweep()
+
+    def make():
+        return ResumableOptunaSearch(space=define_by_run(cfg), distributions=distributions(cfg),
+                                     metric="objective", mode="max", seed=0)
+
+    searcher = make()
+    searcher.suggest("t0")
+    searcher.save_to_dir(str(tmp_path))  # Tune's searcher-state file: pickle.dump of the searcher's dict
+    restored = make()
+    restored.restore_from_dir(str(tmp_path))
+    assert restored.knows("t0") and restored.suggest("t1")["loss_type"] in cfg.space.loss_type
