@@ -213,6 +213,8 @@ class WorkerConfig(Strict):
     clean_penalty: float = Field(5.0, ge=0)
     fail_at_step: int | None = Field(None, description="test hook: crash rank 0 once at this step")
     fail_marker: str | None = Field(None, description="test hook: file whose existence means 'already crashed'")
+    trial_started_at: float | None = Field(None, description="the trial driver's time.time() at its start: "
+                                           "reports then carry time_worker_start and time_trial")
 
 
 class LogRange(Strict):

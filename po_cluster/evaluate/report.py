@@ -5,6 +5,7 @@ import html
 from pathlib import Path
 
 from po_cluster.evaluate.metrics import METRIC_KEYS, format_table, plot_tradeoff
+from po_cluster.train.phases import PHASE_KEYS, STARTED_KEY, TRIAL_KEY
 
 MARKERS = {"dpo": "o", "ipo": "s", "kto": "^", "ce": "x"}
 TRIAL_COLUMNS = ("trial", "loss", "beta", "kl_weight", "lr", "image_tower", "val_clean", "val_attacked",
@@ -35,6 +36,58 @@ def best_per(rows: list[dict], column: str = "loss") -> list[dict]:
         if row.get("objective") is not None:
             best.setdefault(str(row.get(column)), row)
     return list(best.values())
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most trials running at once, from their (start, end) wall times."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = peak = 0
+    for _, change in events:  # an end sorts before a start at the same instant
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def time_breakdown(records: list[dict], wall_seconds: float | None = None, slots: int | None = None) -> dict:
+    """Where the trials' time went: per phase, the sum over the trials that report `time_trial` and
+    its share of their total; `other` is what no phase covers (Ray Tune and Train's bookkeeping,
+    reports, resuming). Efficiency is Σ time_train_steps ÷ (wall_seconds × slots); without
+    `wall_seconds` the sweep's span is taken from the trials' starts and ends (leaving out the sweep
+    driver's own start and end), without `slots` the most trials that ran at once (a floor on the
+    slots, so the efficiency is then a ceiling). None when neither is known."""
+    timed = [r.get("metrics", {}) for r in records if _number(r.get("metrics", {}).get(TRIAL_KEY))]
+    total = sum(m[TRIAL_KEY] for m in timed)
+    phases = {key.removeprefix("time_"): sum(m[key] for m in timed if _number(m.get(key))) for key in PHASE_KEYS}
+    phases["other"] = max(0.0, total - sum(phases.values()))
+    spans = [(m[STARTED_KEY], m[STARTED_KEY] + m[TRIAL_KEY]) for m in timed if _number(m.get(STARTED_KEY))]
+    if wall_seconds is None and spans and len(spans) == len(timed):
+        wall_seconds = max(end for _, end in spans) - min(start for start, _ in spans)
+    if slots is None and spans:
+        slots = _peak_overlap(spans)
+    efficiency = phases["train_steps"] / (wall_seconds * slots) if wall_seconds and slots else None
+    return {"trials": len(timed), "total_seconds": total, "seconds": phases,
+            "share": {k: (v / total if total else None) for k, v in phases.items()},
+            "wall_seconds": wall_seconds, "slots": slots, "efficiency": efficiency}
+
+
+def breakdown_section(breakdown: dict) -> list[str]:
+    """The report's "Where the trials' time went" (Markdown lines); none when no trial was timed."""
+    if not breakdown["trials"]:
+        return []
+    rows = [{"phase": name, "seconds": f"{seconds:.1f}", "share": f"{breakdown['share'][name]:.1%}"
+             if breakdown["share"][name] is not None else ""} for name, seconds in breakdown["seconds"].items()]
+    rows.append({"phase": "trial (total)", "seconds": f"{breakdown['total_seconds']:.1f}", "share": "100%"})
+    lines = ["", "## Where the trials' time went", "",
+             f"Summed over {breakdown['trials']} trials; other = time_trial − the phases (Ray Tune and Train, "
+             "reports, resuming).", "", format_table(rows, ("phase", "seconds", "share"))]
+    if breakdown["efficiency"] is not None:
+        lines += ["", f"Sweep efficiency (Σ training steps ÷ (wall {breakdown['wall_seconds']:.0f} s × "
+                      f"{breakdown['slots']} trial slots)): **{breakdown['efficiency']:.1%}**."]
+    return lines
 
 
 def plot_beta_lambda(rows: list[dict], path: Path) -> None:
@@ -68,7 +121,9 @@ def _fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def write_report(records: list[dict], average: dict | None, out_dir: str | Path, title: str) -> tuple[Path, Path]:
+def write_report(records: list[dict], average: dict | None, out_dir: str | Path, title: str,
+                 slots: int | None = None) -> tuple[Path, Path]:
+    """`slots`: the sweep's concurrent trials, for its efficiency (else the most that ran at once)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(records)
@@ -89,6 +144,7 @@ def write_report(records: list[dict], average: dict | None, out_dir: str | Path,
                      f"Release: **{average['chosen']}** (chosen on validation), greedy soup members: "
                      f"{', '.join(average['greedy_members'])}.", "", "## The release over t (0: its start)", "",
                      format_table(average["tradeoff"], ("t",) + METRIC_KEYS), "", "![trade-off](tradeoff.png)"]
+    sections += breakdown_section(time_breakdown(records, slots=slots))
     markdown = "\n".join(sections) + "\n"
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(_html(markdown, title))

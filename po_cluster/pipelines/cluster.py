@@ -96,7 +96,8 @@ def run_report(cfg: SweepConfig) -> ReportResult:
     experiment = open_experiment(cfg)
     average = experiment.read_json(AVERAGE_FILE) if experiment.exists(AVERAGE_FILE) else None
     folder = work_dir(experiment) / "report"
-    markdown, page = write_report([t.to_json() for t in trials], average, folder, f"po-cluster sweep: {cfg.name}")
+    markdown, page = write_report([t.to_json() for t in trials], average, folder, f"po-cluster sweep: {cfg.name}",
+                                  slots=cfg.max_concurrent_trials)
     log_report(cfg, experiment, folder)
     if experiment.is_local:
         return ReportResult(markdown, page)

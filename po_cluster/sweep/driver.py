@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,11 +83,12 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
 
 def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "") -> None:
     """The Tune trainable: build and fit one TorchTrainer for this trial, in the sweep's storage."""
+    started_at = time.time()  # the worker's phases (po_cluster/train/phases.py) count from here
     cfg = SweepConfig.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
     worker = WorkerConfig(run=trial_run_config(cfg, sample, trial_id), report_every=cfg.report_every,
                           checkpoint_every=cfg.checkpoint_every, clean_tolerance=cfg.clean_tolerance,
-                          clean_penalty=cfg.clean_penalty)
+                          clean_penalty=cfg.clean_penalty, trial_started_at=started_at)
     fit_trial(worker, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
               [TuneReportCallback()], filesystem)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from po_cluster.train.loop import (
     trainable_state,
     unwrap,
 )
+from po_cluster.train.phases import PhaseClock
 from po_cluster.train.state import load_train_state, save_train_state
 
 
@@ -138,44 +138,36 @@ def _resume(model: torch.nn.Module, state: TrainState) -> None:
 
 
 def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation | None, train_metrics: dict,
-            resumed_from: int) -> None:
-    """All workers call report (it is a collective); rank 0 evaluates and writes the checkpoint."""
+            resumed_from: int, clock: PhaseClock) -> None:
+    """All workers call report (it is a collective); rank 0 evaluates and writes the checkpoint.
+
+    The phases are taken after this report's validation and checkpoint writing, before its
+    hand-off to Ray Train (which the next report counts)."""
     step = state.step
     divergence = replica_divergence(model)
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report({"step": step})
         return
     assert validation is not None, "rank 0 builds the validation sets (train_loop_per_worker)"
-    metrics = validation.metrics(model, state.bma)
+    with clock.phase("validation"):
+        metrics = validation.metrics(model, state.bma)
     score = objective(metrics, validation.base["clean"], cfg.clean_tolerance, cfg.clean_penalty)
     out = {**{f"val_{k}": v for k, v in metrics.items()}, "objective": score, "step": step,
            "base_val_clean": validation.base["clean"], "base_val_attacked": validation.base["attacked"],
-           "replica_divergence": divergence, "resumed_from_step": resumed_from, **train_metrics}
+           "replica_divergence": divergence, "resumed_from_step": resumed_from, **train_metrics,
+           "torch_threads": torch.get_num_threads()}
     if step % cfg.checkpoint_every == 0 or step == cfg.run.training.steps:
         with tempfile.TemporaryDirectory() as tmp:
             classnames = next(iter(validation.sets.values())).classnames
-            _write_checkpoint(Path(tmp), model, state, cfg.run, out, classnames)
-            ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            with clock.phase("checkpoint"):
+                _write_checkpoint(Path(tmp), model, state, cfg.run, out, classnames)
+            out.update(clock.summary())
+            with clock.phase("checkpoint"):
+                ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
-        ray.train.report(out)
-
-
-class StepClock:
-    """Time spent in training steps alone (not evaluation or checkpoints), for throughput."""
-
-    def __init__(self) -> None:
-        self.seconds, self.steps, self._t0 = 0.0, 0, 0.0
-
-    def start(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        self.seconds += time.perf_counter() - self._t0
-        self.steps += 1
-
-    def summary(self) -> dict[str, float]:
-        return {"train_seconds": self.seconds, "steps_per_second": self.steps / max(self.seconds, 1e-9),
-                "torch_threads": torch.get_num_threads()}
+        out.update(clock.summary())
+        with clock.phase("checkpoint"):
+            ray.train.report(out)
 
 
 class WorkerCallback(Callback):
@@ -183,35 +175,38 @@ class WorkerCallback(Callback):
     (and at the last) the mean metrics across workers, validation and a checkpoint, reported."""
 
     def __init__(self, cfg: WorkerConfig, model: torch.nn.Module, state: TrainState,
-                 validation: Validation | None) -> None:
-        self.cfg, self.model, self.state, self.validation = cfg, model, state, validation
+                 validation: Validation | None, clock: PhaseClock) -> None:
+        self.cfg, self.model, self.state, self.validation, self.clock = cfg, model, state, validation, clock
         self.resumed_from = state.step
         self.device = next(model.parameters()).device
-        self.clock = StepClock()
 
     def on_step_begin(self, step: int) -> None:
-        self.clock.start()
+        self.clock.start("train_steps")
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        self.clock.stop()
+        self.clock.stop("train_steps")
         _maybe_inject_failure(self.cfg, step)
         if step % self.cfg.report_every == 0 or step == self.cfg.run.training.steps:
-            metrics = {**_mean_across_workers(metrics, self.device), **self.clock.summary()}
-            _report(self.cfg, self.model, self.state, self.validation, metrics, self.resumed_from)
+            metrics = _mean_across_workers(metrics, self.device)
+            _report(self.cfg, self.model, self.state, self.validation, metrics, self.resumed_from, self.clock)
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: config = WorkerConfig as a dict, validated here at the edge."""
     cfg = WorkerConfig.model_validate(config)
+    clock = PhaseClock(cfg.trial_started_at)
     run = cfg.run
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(run.training.seed)
-    model = build_model(run, ray.train.torch.get_device())
-    pref, reg = build_records(run.data)
-    data = prepare_data(model, pref, reg, prompt_template(run.data))
-    validation = Validation.of_start(model, run.data, pref, reg) if rank == 0 else None
+    with clock.phase("model_load"):
+        model = build_model(run, ray.train.torch.get_device())
+    with clock.phase("data_prep"):
+        pref, reg = build_records(run.data)
+        data = prepare_data(model, pref, reg, prompt_template(run.data))
+    with clock.phase("validation_build"):
+        validation = Validation.of_start(model, run.data, pref, reg) if rank == 0 else None
     state = TrainState.start(model, run)
     _resume(model, state)
     ddp = ray.train.torch.prepare_model(model) if world_size > 1 else model
-    fit(ddp, data, run, [WorkerCallback(cfg, ddp, state, validation)], state, rank, world_size)
+    fit(ddp, data, run, [WorkerCallback(cfg, ddp, state, validation, clock)], state, rank, world_size)

@@ -15,6 +15,7 @@ from po_cluster.config import SweepConfig, load_config
 from po_cluster.model.checkpoint import load_checkpoint, verify_manifest
 from po_cluster.pipelines import run_average
 from po_cluster.store.artifacts import open_store
+from po_cluster.train.phases import PHASE_KEYS
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +123,10 @@ def finished_sweep(ray_cluster, sweep_config, tmp_path_factory):
 
 def test_average_publishes_a_verified_release_and_report(finished_sweep, capsys):
     config, experiment = finished_sweep
+    for trial in json.loads((experiment / "sweep_results.json").read_text())["trials"]:
+        metrics = trial["metrics"]  # where the trial's time went: phases that fit in its time
+        assert set(PHASE_KEYS) | {"time_trial"} <= set(metrics), sorted(metrics)
+        assert sum(metrics[k] for k in PHASE_KEYS) <= metrics["time_trial"]
     cfg = load_config(config, SweepConfig)
     result = run_average(cfg, cfg.store)
     average = json.loads((experiment / "average.json").read_text())
@@ -148,4 +153,4 @@ def test_average_publishes_a_verified_release_and_report(finished_sweep, capsys)
     for name in ("report.md", "report.html", "beta_lambda.png", "tradeoff.png"):
         assert (report / name).is_file() and (report / name).stat().st_size > 0
     text = (report / "report.md").read_text()
-    assert "Best trial per loss" in text and "greedy_soup" in text
+    assert "Best trial per loss" in text and "greedy_soup" in text and "Where the trials' time went" in text

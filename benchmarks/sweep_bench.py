@@ -1,0 +1,90 @@
+"""Where a sweep's time goes (shares and ratios, not absolute times).
+
+The demo sweep (configs/demo-sweep.yaml) scaled down to a few trials of a few steps,
+on a local 2-CPU Ray cluster in a temporary folder: per phase of the trials (model
+load, data prep, validation, training steps, checkpoints, Ray's own start-up and
+bookkeeping), the seconds summed over the trials and their share of the trials'
+time; then the sweep efficiency, Σ training-step seconds ÷ (sweep wall seconds ×
+concurrent trial slots): the part of the cluster's trial slots spent training.
+
+    .venv/bin/python benchmarks/sweep_bench.py [--trials 4] [--steps 60]
+"""
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from po_cluster.config import SweepConfig, load_config
+from po_cluster.evaluate.report import time_breakdown
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo-sweep.yaml"
+
+
+def bench_config(folder: Path, trials: int, steps: int) -> SweepConfig:
+    """The demo sweep with `trials` trials of `steps` steps, reporting (and checkpointing) as often
+    per trial as the demo does, everything written under `folder`."""
+    demo = load_config(DEMO, SweepConfig)
+    every = max(1, steps * demo.report_every // demo.base.training.steps)
+    data = demo.model_dump(mode="json")
+    data |= {"name": "sweep-bench", "storage_path": str(folder / "sweeps"), "store": str(folder / "store"),
+             "num_samples": trials, "report_every": every, "checkpoint_every": every}
+    data["base"]["training"]["steps"] = steps
+    return SweepConfig.model_validate(data)
+
+
+def run(trials: int, steps: int) -> tuple[dict, dict, SweepConfig]:
+    import ray
+
+    from po_cluster.sweep.driver import max_concurrent_trials, run_sweep
+
+    with tempfile.TemporaryDirectory(prefix="po-sweep-bench-") as tmp:
+        cfg = bench_config(Path(tmp), trials, steps)
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+        try:
+            slots = max_concurrent_trials(cfg)
+            start = time.perf_counter()
+            result = run_sweep(cfg)
+            wall = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+    records = [t.to_json() for t in result.trials]
+    return time_breakdown(records, wall, slots), time_breakdown(records), cfg
+
+
+def print_breakdown(measured: dict) -> None:
+    total, n = measured["total_seconds"], max(measured["trials"], 1)
+    print(f"{'phase':<18}{'Σ s':>9}{'s/trial':>9}{'share':>8}")
+    for name, seconds in measured["seconds"].items():
+        share = measured["share"][name]
+        print(f"{name:<18}{seconds:>9.1f}{seconds / n:>9.1f}{share:>8.1%}" if share is not None else name)
+    print(f"{'trial (total)':<18}{total:>9.1f}{total / n:>9.1f}{1:>8.0%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)
+    measured, from_records, cfg = run(args.trials, args.steps)
+    print(f"sweep: {measured['trials']} timed trials of {args.trials}, {args.steps} steps each "
+          f"(report every {cfg.report_every}), {cfg.scaling.num_workers} worker × {cfg.scaling.cpus_per_worker} CPU "
+          f"per trial, image tower {cfg.base.model.image_tower}")
+    print_breakdown(measured)
+    if measured["efficiency"] is None:
+        print("sweep efficiency: not computable (no trial reported its phases)")
+        return
+    print(f"sweep efficiency: Σ train steps {measured['seconds']['train_steps']:.1f} s ÷ "
+          f"(wall {measured['wall_seconds']:.1f} s × {measured['slots']} slots) = {measured['efficiency']:.1%}")
+    held = measured["total_seconds"] / (measured["wall_seconds"] * measured["slots"])
+    print(f"trials' time ÷ (wall × slots): {held:.1%}  (the rest: slots idle or between trials, "
+          "the sweep driver's start and end)")
+    if from_records["efficiency"] is not None:
+        print(f"the report's estimate from the records alone: {from_records['efficiency']:.1%} "
+              f"(span {from_records['wall_seconds']:.1f} s × {from_records['slots']} trials at once at most)")
+
+
+if __name__ == "__main__":
+    main()
