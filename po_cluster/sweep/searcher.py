@@ -61,16 +61,10 @@ class ResumableOptunaSearch(OptunaSearch):
         log.warning("the searcher adopts trial %s (begun after its last saved state)", trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if not self.knows(trial_id):
-            self.adopt(trial_id, {k.removeprefix("config/"): v for k, v in result.items() if k.startswith("config/")})
-        if trial_id not in self._adopted:
+        if trial_id not in self._adopted:  # reconcile adopted every trial this state did not know
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if not self.knows(trial_id):  # neither suggested nor seen running: nothing to learn from
-            log.warning("the searcher has no parameters for trial %s; its end is not learnt", trial_id)
-            self._completed_trials.add(trial_id)
-            return
         params = self._adopted.pop(trial_id, None)
         if params is None or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result=result, error=error)

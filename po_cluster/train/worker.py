@@ -156,18 +156,16 @@ def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation 
            "base_val_clean": validation.base["clean"], "base_val_attacked": validation.base["attacked"],
            "replica_divergence": divergence, "resumed_from_step": resumed_from, **train_metrics,
            "torch_threads": torch.get_num_threads()}
-    if step % cfg.checkpoint_every == 0 or step == cfg.run.training.steps:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if step % cfg.checkpoint_every == 0 or step == cfg.run.training.steps:
             classnames = next(iter(validation.sets.values())).classnames
             with clock.phase("checkpoint"):
                 _write_checkpoint(Path(tmp), model, state, cfg.run, out, classnames)
-            out.update(clock.summary())
-            with clock.phase("checkpoint"):
-                ray.train.report(out, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
         out.update(clock.summary())
         with clock.phase("checkpoint"):
-            ray.train.report(out)
+            ray.train.report(out, checkpoint=checkpoint)
 
 
 class WorkerCallback(Callback):
