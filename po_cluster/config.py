@@ -90,6 +90,9 @@ class OptimizerConfig(Strict):
     warmup_steps: int = Field(10, ge=0)
 
 
+PrecisionName = Literal["fp32", "bf16", "fp16"]
+
+
 class TrainingConfig(Strict):
     steps: int = Field(200, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -97,7 +100,17 @@ class TrainingConfig(Strict):
     bma: bool = Field(True, description="report and save the Beta moving average of the iterates")
     bma_a: float = Field(0.7, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: PrecisionName = Field(
+        "fp32", description="the training forward's autocast dtype; fp16 adds a gradient scaler and needs "
+        "CUDA; the losses are computed in fp32 either way")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _fp16_needs_cuda(self) -> TrainingConfig:
+        # "auto" is resolved where the run starts (train.precision says so there); "cpu" is known here.
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("training.precision fp16 needs CUDA (training.device is cpu); use bf16 or fp32")
+        return self
 
 
 class TrackingConfig(Strict):

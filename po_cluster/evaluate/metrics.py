@@ -28,7 +28,7 @@ def embed_images(model: AlignedCLIP, images: np.ndarray, batch_size: int = 256, 
     model.eval()
     device = next(model.parameters()).device
     tower = model.tower_at(t)  # θ(t) once, not per batch
-    out = [model.encode_image(model.pixels(images[i:i + batch_size]).to(device), t, tower).float().cpu()
+    out = [model.encode_image(model.pixels(images[i:i + batch_size], device), t, tower).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 

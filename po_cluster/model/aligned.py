@@ -157,9 +157,9 @@ class AlignedCLIP(nn.Module):
         self.clip.eval()
         return self
 
-    def pixels(self, images) -> torch.Tensor:
-        """uint8 [N, H, W, 3] → this model's normalised input."""
-        return to_model_input(images, self.image_size, self.mean, self.std)
+    def pixels(self, images, device: torch.device | None = None) -> torch.Tensor:
+        """uint8 [N, H, W, 3] → this model's normalised input (on `device`, converted there on CUDA)."""
+        return to_model_input(images, self.image_size, self.mean, self.std, device)
 
     @torch.no_grad()
     def tokens(self, texts: list[str]) -> torch.Tensor:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.model.loading import load_clip
 from po_cluster.train.bma import BetaMovingAverage
+from po_cluster.train.precision import Precision
 
 
 @dataclass
@@ -40,6 +42,16 @@ class TrainData:
     ref_reg_logps: torch.Tensor  # [M, C] log π_ref on the regularisation images
     pref_emb: torch.Tensor | None = None  # cached f(x) when the image tower is frozen
     reg_emb: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> TrainData:
+        """Every tensor on `device`, once (g(y), π_ref's log-probs, cached f(x)); the uint8 images stay
+        on the host and go over batch by batch (pinned, non-blocking on CUDA)."""
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return replace(self, text_emb=self.text_emb.to(device), ref_pref_logps=self.ref_pref_logps.to(device),
+                       ref_reg_logps=self.ref_reg_logps.to(device), pref_emb=move(self.pref_emb),
+                       reg_emb=move(self.reg_emb))
 
 
 def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
@@ -85,19 +97,26 @@ def unwrap(model: torch.nn.Module) -> AlignedCLIP:
     return inner
 
 
-def _inputs(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None, idx: np.ndarray) -> torch.Tensor:
-    return cached[idx] if cached is not None else model.pixels(images[idx])
+def _inputs(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None, idx: np.ndarray,
+            device: torch.device) -> torch.Tensor:
+    return cached[torch.as_tensor(idx, device=cached.device)] if cached is not None else \
+        model.pixels(images[idx], device)
 
 
 def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
-               loss_type: str, settings: LossSettings) -> tuple[torch.Tensor, dict[str, float]]:
-    """The objective on one batch (no optimizer step, so DDP and plain loops share it)."""
+               loss_type: str, settings: LossSettings,
+               precision: Precision | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The objective on one batch (no optimizer step, so DDP and plain loops share it).
+
+    The forward runs under `precision`'s autocast; the log-probabilities, and so the loss, are fp32."""
     core = unwrap(model)
     device = next(core.parameters()).device
     # One forward over preference and regularisation images together.
-    inputs = torch.cat([_inputs(core, data.pref.images, data.pref_emb, pref_idx),
-                        _inputs(core, data.reg.images, data.reg_emb, reg_idx)]).to(device)
-    all_logps = model(inputs, data.text_emb.to(device))
+    inputs = torch.cat([_inputs(core, data.pref.images, data.pref_emb, pref_idx, device),
+                        _inputs(core, data.reg.images, data.reg_emb, reg_idx, device)]).to(device)
+    with precision.autocast() if precision is not None else nullcontext():
+        all_logps = model(inputs, data.text_emb.to(device))
+    all_logps = all_logps.float()
     policy, reg_policy = all_logps[:len(pref_idx)], all_logps[len(pref_idx):]
     ref = data.ref_pref_logps[pref_idx].to(device)
     chosen = torch.as_tensor(data.pref.chosen[pref_idx], device=device)
@@ -184,14 +203,16 @@ class TrainState:
 
     optimizer: torch.optim.Optimizer
     bma: BetaMovingAverage | None
+    precision: Precision
     step: int = 0
 
     @classmethod
     def start(cls, model: AlignedCLIP, cfg: RunConfig) -> TrainState:
-        """A fresh optimizer, and a BMA whose iterate 0 is the model as it is now."""
+        """A fresh optimizer (and fp16 grad scaler), and a BMA whose iterate 0 is the model as it is now."""
         t = cfg.training
         bma = BetaMovingAverage(trainable_state(model), t.steps, t.bma_a) if t.bma else None
-        return cls(make_optimizer(model, cfg.optimizer), bma)
+        precision = Precision.for_device(t.precision, next(model.parameters()).device)
+        return cls(make_optimizer(model, cfg.optimizer), bma, precision)
 
 
 @dataclass
@@ -212,6 +233,7 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: RunConfig, callbacks: Sequ
     core = unwrap(model)
     state = state if state is not None else TrainState.start(core, cfg)
     settings = loss_settings(cfg.loss)
+    data = data.to(next(core.parameters()).device)
     metrics: dict[str, float] = {}
     model.train()
     for step in range(state.step + 1, t.steps + 1):
@@ -220,10 +242,8 @@ def fit(model: torch.nn.Module, data: TrainData, cfg: RunConfig, callbacks: Sequ
         set_lr(state.optimizer, step - 1, t.steps, cfg.optimizer.warmup_steps)
         pref_idx, reg_idx = batch_indices(t.seed, step, len(data.pref), len(data.reg), t.batch_size,
                                           t.reg_batch_size, rank, world_size)
-        loss, metrics = train_step(model, data, pref_idx, reg_idx, cfg.loss.loss_type, settings)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
+        loss, metrics = train_step(model, data, pref_idx, reg_idx, cfg.loss.loss_type, settings, state.precision)
+        state.precision.step(loss, state.optimizer)
         if state.bma is not None:
             state.bma.update(step, trainable_state(core))
         state.step = step

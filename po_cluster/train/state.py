@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from po_cluster.train.bma import BetaMovingAverage
+from po_cluster.train.precision import Precision
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -23,11 +24,12 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def save_train_state(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     bma: BetaMovingAverage | None) -> None:
+                     bma: BetaMovingAverage | None, precision: Precision | None = None) -> None:
     params = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     tensors = {**params, **opt_tensors}
-    meta = {"step": step, "optimizer": opt_meta, "bma": None}
+    meta = {"step": step, "optimizer": opt_meta, "bma": None,
+            "grad_scaler": precision.state_dict() if precision is not None else None}
     if bma is not None:
         bma_tensors, meta["bma"] = bma.state_dict()
         tensors.update({f"bma.{n}": t.cpu().contiguous() for n, t in bma_tensors.items()})
@@ -45,7 +47,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 
 def load_train_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     bma: BetaMovingAverage | None) -> int:
+                     bma: BetaMovingAverage | None, precision: Precision | None = None) -> int:
     """Restore everything `save_train_state` wrote; returns the step to continue after."""
     tensors = load_file(str(folder / STATE_TENSORS))
     meta = json.loads((folder / STATE_JSON).read_text())
@@ -56,4 +58,6 @@ def load_train_state(folder: Path, model: torch.nn.Module, optimizer: torch.opti
     _restore_optimizer(optimizer, tensors, meta["optimizer"])
     if bma is not None and meta["bma"] is not None:
         bma.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("bma.")}, meta["bma"])
+    if precision is not None:
+        precision.load_state_dict(meta.get("grad_scaler"))
     return int(meta["step"])

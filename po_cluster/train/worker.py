@@ -88,7 +88,7 @@ def averaged_weights(model: torch.nn.Module, bma: BetaMovingAverage | None):
 
 def _write_checkpoint(folder: Path, model, state: TrainState, cfg: RunConfig, metrics: dict,
                       classnames: tuple[str, ...]) -> None:
-    save_train_state(folder, state.step, unwrap(model), state.optimizer, state.bma)
+    save_train_state(folder, state.step, unwrap(model), state.optimizer, state.bma, state.precision)
     with averaged_weights(model, state.bma) as core:
         description = model_description(core, cfg.model, classnames, prompt_template(cfg.data))
         save_checkpoint(folder, core, description, cfg.model_dump(mode="json"), {**metrics, "step": state.step})
@@ -134,7 +134,8 @@ def _resume(model: torch.nn.Module, state: TrainState) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state.step = load_train_state(Path(folder), unwrap(model), state.optimizer, state.bma)
+            state.step = load_train_state(Path(folder), unwrap(model), state.optimizer, state.bma,
+                                          state.precision)
 
 
 def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation | None, train_metrics: dict,
