@@ -32,8 +32,8 @@ class RedChannelReader(nn.Module):
         self.logit_scale = 100.0
         self.reference: dict[str, torch.Tensor] = {}  # nothing trained: t moves only W
 
-    def pixels(self, images) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(images)).float()
+    def pixels(self, images, device: torch.device | None = None) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(images), device=device).float()
 
     def tokens(self, prompts: list[str]) -> torch.Tensor:
         return torch.tensor([VOCAB.index(p.removeprefix("a photo of a ").removesuffix(".")) for p in prompts])
