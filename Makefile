@@ -29,10 +29,10 @@ BROWSER ?= 1
 BROWSER_TEST := tests/integration/test_serving.py::test_playground_upload_slider_scores_change
 ifeq ($(BROWSER),0)
 test: $(STAMP) lint
-	$(PY) -m pytest -q --deselect $(BROWSER_TEST)
+	$(PY) -m pytest -q --durations=25 --deselect $(BROWSER_TEST)
 else
 test: $(STAMP) lint browser-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 endif
 
 # The serving playground's browser test (tests/integration/test_serving.py) drives Debian's chromium

@@ -5,9 +5,11 @@ on a local 2-CPU Ray cluster in a temporary folder: per phase of the trials (mod
 load, data prep, validation, training steps, checkpoints, Ray's own start-up and
 bookkeeping), the seconds summed over the trials and their share of the trials'
 time; then the sweep efficiency, Σ training-step seconds ÷ (sweep wall seconds ×
-concurrent trial slots): the part of the cluster's trial slots spent training.
+concurrent trial slots): the part of the cluster's trial slots spent training. It runs the
+sweep twice, side by side: every trial preparing its own inputs (share_inputs: false) and the
+sweep computing them once for all (share_inputs: true, the default).
 
-    .venv/bin/python benchmarks/sweep_bench.py [--trials 4] [--steps 60]
+    .venv/bin/python benchmarks/sweep_bench.py [--trials 4] [--steps 60] [--image-tower frozen]
 """
 import argparse
 import logging
@@ -22,33 +24,30 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo-sweep.yaml"
 
 
-def bench_config(folder: Path, trials: int, steps: int) -> SweepConfig:
+def bench_config(folder: Path, trials: int, steps: int, share: bool = True,
+                 image_tower: str | None = None) -> SweepConfig:
     """The demo sweep with `trials` trials of `steps` steps, reporting (and checkpointing) as often
     per trial as the demo does, everything written under `folder`."""
     demo = load_config(DEMO, SweepConfig)
     every = max(1, steps * demo.report_every // demo.base.training.steps)
     data = demo.model_dump(mode="json")
     data |= {"name": "sweep-bench", "storage_path": str(folder / "sweeps"), "store": str(folder / "store"),
-             "num_samples": trials, "report_every": every, "checkpoint_every": every}
+             "num_samples": trials, "report_every": every, "checkpoint_every": every, "share_inputs": share}
     data["base"]["training"]["steps"] = steps
+    if image_tower is not None:
+        data["base"]["model"]["image_tower"] = image_tower
     return SweepConfig.model_validate(data)
 
 
-def run(trials: int, steps: int) -> tuple[dict, dict, SweepConfig]:
-    import ray
-
+def run(trials: int, steps: int, share: bool, image_tower: str | None) -> tuple[dict, dict, SweepConfig]:
     from po_cluster.sweep.driver import max_concurrent_trials, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="po-sweep-bench-") as tmp:
-        cfg = bench_config(Path(tmp), trials, steps)
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
-        try:
-            slots = max_concurrent_trials(cfg)
-            start = time.perf_counter()
-            result = run_sweep(cfg)
-            wall = time.perf_counter() - start
-        finally:
-            ray.shutdown()
+        cfg = bench_config(Path(tmp), trials, steps, share, image_tower)
+        slots = max_concurrent_trials(cfg)
+        start = time.perf_counter()
+        result = run_sweep(cfg)
+        wall = time.perf_counter() - start
     records = [t.to_json() for t in result.trials]
     return time_breakdown(records, wall, slots), time_breakdown(records), cfg
 
@@ -62,20 +61,14 @@ def print_breakdown(measured: dict) -> None:
     print(f"{'trial (total)':<18}{total:>9.1f}{total / n:>9.1f}{1:>8.0%}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=60)
-    args = parser.parse_args()
-    logging.getLogger().setLevel(logging.ERROR)
-    measured, from_records, cfg = run(args.trials, args.steps)
-    print(f"sweep: {measured['trials']} timed trials of {args.trials}, {args.steps} steps each "
+def report(measured: dict, from_records: dict, cfg: SweepConfig, trials: int, steps: int) -> float | None:
+    print(f"\nshare_inputs {cfg.share_inputs}: {measured['trials']} timed trials of {trials}, {steps} steps each "
           f"(report every {cfg.report_every}), {cfg.scaling.num_workers} worker × {cfg.scaling.cpus_per_worker} CPU "
           f"per trial, image tower {cfg.base.model.image_tower}")
     print_breakdown(measured)
     if measured["efficiency"] is None:
         print("sweep efficiency: not computable (no trial reported its phases)")
-        return
+        return None
     print(f"sweep efficiency: Σ train steps {measured['seconds']['train_steps']:.1f} s ÷ "
           f"(wall {measured['wall_seconds']:.1f} s × {measured['slots']} slots) = {measured['efficiency']:.1%}")
     held = measured["total_seconds"] / (measured["wall_seconds"] * measured["slots"])
@@ -84,6 +77,30 @@ def main() -> None:
     if from_records["efficiency"] is not None:
         print(f"the report's estimate from the records alone: {from_records['efficiency']:.1%} "
               f"(span {from_records['wall_seconds']:.1f} s × {from_records['slots']} trials at once at most)")
+    return measured["efficiency"]
+
+
+def main() -> None:
+    import ray
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--image-tower", choices=("full", "frozen"), help="default: the demo's")
+    args = parser.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    try:
+        walls, effs = {}, {}
+        for share in (False, True):
+            measured, from_records, cfg = run(args.trials, args.steps, share, args.image_tower)
+            effs[share] = report(measured, from_records, cfg, args.trials, args.steps)
+            walls[share] = measured["wall_seconds"]
+    finally:
+        ray.shutdown()
+    print(f"\nsweep wall, shared ÷ per trial: {walls[True] / walls[False]:.2f}")
+    if effs[True] is not None and effs[False] is not None:
+        print(f"sweep efficiency: {effs[False]:.1%} per trial → {effs[True]:.1%} shared")
 
 
 if __name__ == "__main__":

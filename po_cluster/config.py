@@ -310,6 +310,8 @@ class SweepConfig(Strict):
     clean_penalty: float = Field(5.0, ge=0)
     max_failures: int = Field(2, ge=-1, description="worker failures a trial recovers from")
     top_k: int = Field(4, gt=0, description="trials combined into soups by `average`")
+    share_inputs: bool = Field(True, description="compute the trials' common inputs (records, π_ref, g(y), the "
+                               "start's f(x)) once per sweep in one Ray task and hand them to every trial")
     store: str = Field("artifacts", description="artifact store for the release: local folder or s3://")
     tracking: TrackingConfig = TrackingConfig()
 

@@ -40,7 +40,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from po_cluster.cli.common import default_store
     from po_cluster.evaluate.targets import evaluate_target
 
-    report = evaluate_target(args.target, t=args.t, ts=not args.json, plot=args.plot, store=default_store(args.store))
+    report = evaluate_target(args.target, t=args.t, ts=not args.json, plot=args.plot, store=default_store(args.store),
+                             dataset=args.dataset, split=args.split)
     if args.json:
         print(json.dumps(report["at_t"]))
     else:
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", type=float, default=1.0, help="the knob: 0 the starting model, 1 the release (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object at --t")
     p.add_argument("--plot", help="write the trade-off curve to this PNG (default: next to the checkpoint)")
+    p.add_argument("--dataset", help="a built dataset (folder or s3://) to evaluate on, not the world")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="the dataset's split (default test, which no trial trained or was chosen on)")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("compare", help="train each loss from the base model and print one table")
     p.add_argument("--config", required=True)

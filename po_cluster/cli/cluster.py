@@ -7,6 +7,7 @@ $PO_CLUSTER_STORE, else the config's `store`, else ./artifacts — the store `se
 from __future__ import annotations
 
 import argparse
+import sys
 
 from po_cluster.cli.common import default_store
 from po_cluster.config import SweepConfig, load_config
@@ -64,7 +65,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, SweepConfig)
     connect_ray(args.address)
-    print_stage(run_sweep(cfg, resume=args.resume))
+    result = run_sweep(cfg, resume=args.resume)
+    print_stage(result)
+    if result.trials and not result.with_checkpoint:  # nothing to average: say why, and fail
+        errors = [t.error for t in result.trials if t.error]
+        last = errors[0].strip().splitlines()[-1] if errors else "no trial reported a checkpoint"
+        print(f"error: every trial failed; the first: {last}", file=sys.stderr)
+        return 1
     return 0
 
 

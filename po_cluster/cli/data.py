@@ -23,7 +23,8 @@ def _typographic_config(args: argparse.Namespace) -> TypographicConfig:
     data = load_yaml(args.config) if args.config else {}
     flags = {"source": args.source, "out": args.out, "variants": args.variants, "seed": args.seed,
              "image_size": args.image_size, "prompt_template": args.template,
-             "fonts": tuple(args.font) if args.font else None, "workers": args.workers}
+             "fonts": tuple(args.font) if args.font else None, "workers": args.workers,
+             "splits": tuple(args.splits) if args.splits else None}
     data.update({key: value for key, value in flags.items() if value is not None})
     return parse_config(data, args.config or "<command line>", TypographicConfig)
 
@@ -38,11 +39,18 @@ def cmd_data_typographic(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from po_cluster.data.pairs import load_preference_data
+    from po_cluster.data.pairs import load_preference_data, read_dataset
+    from po_cluster.data.splits import SPLITS
 
     pref, reg = load_preference_data(args.location, image_size=args.image_size)
-    print(f"{args.location}: {len(pref)} pairs, {len(reg)} regularisation images, "
+    files = read_dataset(args.location)
+    per_split = ", ".join(f"{sum(p.split == s for p in files.pairs)} {s}" for s in SPLITS)
+    print(f"{args.location}: {len(pref)} pairs ({per_split}), {len(reg)} regularisation images, "
           f"images {pref.images.shape[1]}x{pref.images.shape[2]}")
+    empty = [s for s in SPLITS[1:] if not any(p.split == s for p in files.pairs)]
+    if empty:
+        print(f"warning: no pairs in {' or '.join(empty)}: a sweep needs val to choose on and test to score on "
+              "(classes of fewer than 3 source images keep them all for train)")
     print(f"candidates ({len(pref.classnames)}):")
     for text in pref.classnames:
         print(f"  {text}")
@@ -100,6 +108,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", help='prompt template (default "a photo of a {}.")')
     p.add_argument("--font", action="append", help=".ttf path (repeatable; default: Pillow's bundled font)")
     p.add_argument("--workers", type=int)
+    p.add_argument("--splits", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of the source images per split, by class (default 0.8 0.1 0.1)")
     p.set_defaults(func=cmd_data_typographic)
     p = data.add_parser("check", help="load a JSONL pairs file or built dataset and list its candidates")
     p.add_argument("location", help="records .jsonl or dataset folder; local or s3://")

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from po_cluster.data import images
 from po_cluster.data.images import IMAGE_EXTENSIONS, is_image_name, square
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
+from po_cluster.data.splits import SPLITS, Split, hashed_split
 from po_cluster.store import location as store_location
 from po_cluster.store.location import StoreError, exists, is_s3, join, parent, resolve
 
@@ -193,6 +194,7 @@ class PairLine(BaseModel):
     chosen: str = Field(min_length=1)
     rejected: str = Field(min_length=1)
     id: str | None = None
+    split: Split | None = None  # None in the file: from a hash of its source (po_cluster.data.splits)
 
 
 class RegLine(BaseModel):
@@ -203,6 +205,7 @@ class RegLine(BaseModel):
     image: str = Field(min_length=1)
     text: str | None = Field(None, min_length=1)
     id: str | None = None
+    split: Split | None = None
 
 
 def parse_record(row: object, where: str) -> PairLine | RegLine:
@@ -227,7 +230,9 @@ def read_records(jsonl: str) -> tuple[list[PairLine], list[RegLine]]:
     text = read_bytes(jsonl).decode("utf-8-sig")
     for number, row in _jsonl_objects(jsonl, text):
         record = parse_record(row, f"{jsonl}:{number}")
-        record = record.model_copy(update={"image": resolve(base, record.image)})
+        # A record's split follows its source image; the key is the path as written, the same anywhere.
+        split = record.split or hashed_split(str((record.model_extra or {}).get("source") or record.image))
+        record = record.model_copy(update={"image": resolve(base, record.image), "split": split})
         if isinstance(record, PairLine):
             pairs.append(record)
         else:
@@ -282,16 +287,35 @@ def _subset(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=cap, replace=False))
 
 
-def load_preference_data(location: str, image_size: int | None = None, n_pairs: int | None = None,
-                         n_reg: int | None = None, seed: int = 0) -> tuple[PreferenceSet, ImageSet]:
-    """The trainer's records from a JSONL file or a built dataset.
+def select_split(files: RecordFiles, split: Split | None, location: str) -> RecordFiles:
+    """The records of one split (all of them for None); DataError when that split has no pairs."""
+    if split is None:
+        return files
+    chosen = RecordFiles([p for p in files.pairs if p.split == split], [r for r in files.regs if r.split == split],
+                         files.meta)
+    if not chosen.pairs:
+        counts = ", ".join(f"{sum(p.split == s for p in files.pairs)} {s}" for s in SPLITS)
+        raise DataError(f"{location}: no preference pairs in the {split} split (pairs per split: {counts}); "
+                        "a dataset needs source images in every split it is trained, chosen or scored on")
+    return chosen
 
-    Class indices point into the candidate texts (`TEXT_TEMPLATE` turns them into
-    prompts). Without regularisation lines, the pair images serve as the clean set.
+
+def _image_size(files: RecordFiles, image_size: int | None) -> int:
+    return image_size or int(files.meta.get("image_size", DEFAULT_IMAGE_SIZE))
+
+
+def load_preference_data(location: str, image_size: int | None = None, n_pairs: int | None = None,
+                         n_reg: int | None = None, seed: int = 0,
+                         split: Split | None = None) -> tuple[PreferenceSet, ImageSet]:
+    """The trainer's records from a JSONL file or a built dataset: one split's, or all for None.
+
+    Class indices point into the candidate texts of the whole dataset (`TEXT_TEMPLATE` turns them
+    into prompts), so every split shares them. Without regularisation lines, the pair images serve
+    as the clean set.
     """
-    files = read_dataset(location)
-    size = image_size or int(files.meta.get("image_size", DEFAULT_IMAGE_SIZE))
-    texts = candidate_texts(files)
+    every = read_dataset(location)
+    texts = candidate_texts(every)
+    files, size = select_split(every, split, location), _image_size(every, image_size)
     index = {text: i for i, text in enumerate(texts)}
     rng = np.random.default_rng(seed)
     pairs = [files.pairs[i] for i in _subset(len(files.pairs), n_pairs, rng)]
@@ -308,11 +332,12 @@ def load_preference_data(location: str, image_size: int | None = None, n_pairs: 
     return pref, reg
 
 
-def evaluation_sets(pref: PreferenceSet, reg: ImageSet) -> dict[str, ImageSet]:
-    """In-sample sets for a run's before/after table: the clean images and the pairs as attacks.
-
-    Scored against the chosen text, with `attack_success` = predicted the rejected one.
-    Held-out numbers come from `po-cluster evaluate-attack-set` on a real attack set.
-    """
-    attacked = ImageSet(pref.images, pref.chosen, pref.rejected, pref.classnames)
-    return {"clean": reg, "attacked": attacked}
+def dataset_eval_sets(location: str, split: Split, image_size: int | None = None) -> dict[str, ImageSet]:
+    """A dataset split as evaluation sets: "attacked" (each pair's image, scored against its chosen
+    text, `attack_success` = the rejected one) and "clean" (the split's regularisation images that
+    name their text; without any, the pair images labelled with their chosen text)."""
+    pref, reg = load_preference_data(location, image_size=image_size, split=split)
+    labelled = reg.labels != NO_WORD
+    clean = reg.take(np.flatnonzero(labelled)) if labelled.any() else \
+        ImageSet(pref.images, pref.chosen, np.full(len(pref), NO_WORD), pref.classnames)
+    return {"clean": clean, "attacked": ImageSet(pref.images, pref.chosen, pref.rejected, pref.classnames)}

@@ -36,6 +36,17 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    def take(self, rows: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[rows], self.labels[rows], self.written[rows], self.classnames)
+
+
+def subset_sets(sets: dict[str, ImageSet], n: int, seed: int) -> dict[str, ImageSet]:
+    """At most `n` images of each set, a seeded subset kept in the sets' order (so a validation set
+    drawn from a large split costs what n_val says, and the same images at every report)."""
+    rng = np.random.default_rng(seed)
+    return {name: s if len(s) <= n else s.take(np.sort(rng.choice(len(s), n, replace=False)))
+            for name, s in sets.items()}
+
 
 @dataclass(frozen=True)
 class PreferenceSet:

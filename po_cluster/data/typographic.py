@@ -9,8 +9,11 @@ parallelism in which images are processed.
 
 Output (a local folder or an s3:// prefix), in the record format of docs/records.md:
     clean/<index>.png, attacked/<index>-<variant>.png
-    pairs.jsonl, regularization.jsonl
-    dataset.json   (classes, candidates, config; written last, so it marks a complete build)
+    pairs.jsonl, regularization.jsonl   (every line names its split: train, val or test)
+    dataset.json   (classes, candidates, counts per split, config; written last: it marks a complete build)
+
+Splits are made by source image, stratified by class (po_cluster.data.splits): the clean copy and
+every attacked copy of one image share its split.
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ from po_cluster.config import Strict
 from po_cluster.data import pairs as io_
 from po_cluster.data.images import square
 from po_cluster.data.pairs import DataError, LabelledImage
+from po_cluster.data.splits import DEFAULT_FRACTIONS, SPLITS, Split, assign_splits, check_fractions
 from po_cluster.store.location import join, remove, write_bytes
 
 FORMAT = "po-cluster.preference-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records carry their split
 MIN_FONT_PX = 8  # below this the bundled font's glyphs stop being legible
 MARGIN = 0.03  # keep the text this fraction of the side away from the border
 
@@ -51,7 +55,14 @@ class TypographicConfig(Strict):
     font_size: tuple[Fraction, Fraction] = Field((0.08, 0.18), description="text height range, fraction of side")
     fill_colors: tuple[str, ...] = ("white", "black", "red", "yellow", "blue", "lime")
     outline_colors: tuple[str, ...] = ("black", "white")
+    splits: tuple[float, float, float] = Field(DEFAULT_FRACTIONS, description="train, val, test fractions of "
+                                              "the source images (per class; every copy of an image in one split)")
     workers: int = Field(4, gt=0, description="images processed at once (threads)")
+
+    @field_validator("splits")
+    @classmethod
+    def _fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        return check_fractions(value)
 
     @field_validator("prompt_template")
     @classmethod
@@ -143,7 +154,8 @@ class _ImageRecords:
     reg: dict
 
 
-def _build_one(index: int, item: LabelledImage, classes: tuple[str, ...], cfg: TypographicConfig) -> _ImageRecords:
+def _build_one(index: int, item: LabelledImage, split: Split, classes: tuple[str, ...],
+               cfg: TypographicConfig) -> _ImageRecords:
     """Clean + attacked copies of one image, written out; returns its record lines."""
     rng = np.random.default_rng([cfg.seed, index])
     clean = square(io_.decode_image(io_.read_bytes(item.location), item.location), cfg.image_size)
@@ -162,9 +174,9 @@ def _build_one(index: int, item: LabelledImage, classes: tuple[str, ...], cfg: T
         write_bytes(join(cfg.out, name), _png(attacked))
         pairs.append({"id": f"{index:06d}-{variant}", "image": name, "chosen": chosen,
                       "rejected": cfg.prompt_template.format(word), "label": item.label, "written": word,
-                      "source": item.name, **drawn})
+                      "source": item.name, "split": split, **drawn})
     reg = {"kind": "regularization", "id": f"{index:06d}", "image": clean_name, "text": chosen,
-           "label": item.label, "source": item.name}
+           "label": item.label, "source": item.name, "split": split}
     return _ImageRecords(pairs, reg)
 
 
@@ -189,14 +201,17 @@ def build_typographic(cfg: TypographicConfig) -> BuildSummary:
                         f"variants={cfg.variants} other classes to write on each image")
     meta_location = join(cfg.out, io_.DATASET_JSON)
     remove(meta_location)  # a rebuild in progress is not a complete dataset
+    splits = assign_splits([item.label for item in items], cfg.splits, cfg.seed)
     with ThreadPoolExecutor(cfg.workers) as pool:
-        built = list(pool.map(lambda job: _build_one(job[0], job[1], classes, cfg), enumerate(items)))
+        built = list(pool.map(lambda i: _build_one(i, items[i], splits[i], classes, cfg), range(len(items))))
     pair_rows = [row for one in built for row in one.pairs]
+    per_split = {name: {"images": sum(s == name for s in splits), "pairs": sum(r["split"] == name for r in pair_rows)}
+                 for name in SPLITS}
     write_bytes(join(cfg.out, io_.PAIRS_JSONL), _jsonl(pair_rows))
     write_bytes(join(cfg.out, io_.REG_JSONL), _jsonl([one.reg for one in built]))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "classes": list(classes),
             "candidates": [cfg.prompt_template.format(c) for c in classes], "image_size": cfg.image_size,
-            "counts": {"images": len(items), "pairs": len(pair_rows)},
+            "counts": {"images": len(items), "pairs": len(pair_rows), "splits": per_split},
             "config": cfg.model_dump(mode="json", exclude={"out", "workers"})}
     write_bytes(meta_location, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return BuildSummary(cfg.out, classes, len(items), len(pair_rows))

@@ -109,7 +109,8 @@ def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "trade-o
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("clean", "clean"), ("attacked", "attacked"), ("word_only", "word-only (OCR)"),
                        ("attack_success", "attack success")):
-        ax.plot(ts, [row[key] for row in rows], marker="o", label=label)
+        if all(key in row for row in rows):  # a dataset's sets have no word-only images
+            ax.plot(ts, [row[key] for row in rows], marker="o", label=label)
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.axvline(1, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="t  (θ_ref + t·(θ − θ_ref), σ_i^t)", ylabel="accuracy", ylim=(0, 1.02), title=title)

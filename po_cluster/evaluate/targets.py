@@ -3,13 +3,17 @@ shipped base, evaluate it on the fixed sets at one t and over the trade-off rang
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
+from po_cluster.data.records import ImageSet
 from po_cluster.evaluate.metrics import DEFAULT_TS, METRIC_KEYS, Evaluator, format_table, plot_tradeoff
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import load_checkpoint
 from po_cluster.model.loading import load_clip
+
+Split = Literal["train", "val", "test"]
 
 
 def resolve_target(target: str, store: str | None = None) -> str:
@@ -38,13 +42,27 @@ def load_target(target: str) -> tuple[AlignedCLIP, str]:
     return load_checkpoint(folder)[0], folder.name
 
 
+def target_sets(dataset: str | None, split: Split) -> tuple[dict[str, ImageSet], str]:
+    """(sets, prompt template): the world's fixed evaluation sets, or a built dataset's split."""
+    if dataset is None:
+        return world.evaluation_sets(), world.PROMPT_TEMPLATE
+    from po_cluster.data.pairs import TEXT_TEMPLATE, dataset_eval_sets
+
+    return dataset_eval_sets(dataset, split), TEXT_TEMPLATE
+
+
 def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | None = None,
-                    store: str | None = None) -> dict:
+                    store: str | None = None, dataset: str | None = None, split: Split = "test") -> dict:
     """Metrics at `t` ("at_t"), and with `ts` the trade-off over t ("tradeoff"), its plot and a text
-    report ("text"). `target` is anything resolve_target takes; release ids are looked up in `store`."""
+    report ("text"). `target` is anything resolve_target takes; release ids are looked up in `store`.
+    With `dataset`, on that dataset's `split` (a dataset without written-word-only images has no
+    word_only key)."""
+    sets, template = target_sets(dataset, split)
     model, label = load_target(resolve_target(target, store))
-    evaluator = Evaluator.build(model, world.evaluation_sets())
-    at_t = {key: evaluator.metrics(t)[key] for key in METRIC_KEYS}
+    evaluator = Evaluator.build(model, sets, template)
+    metrics = evaluator.metrics(t)
+    keys = tuple(key for key in METRIC_KEYS if key in metrics)
+    at_t = {key: metrics[key] for key in keys}
     report: dict = {"at_t": at_t, "t": t}
     if ts:
         rows = evaluator.tradeoff(DEFAULT_TS)
@@ -52,8 +70,8 @@ def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | No
         plot_tradeoff(rows, plot_path, f"trade-off over t: {label}")
         report["tradeoff"] = rows
         report["text"] = "\n".join([
-            f"{label} at t = {t:g}:", format_table([{"model": label, **at_t}], ("model",) + METRIC_KEYS), "",
-            "trade-off over t (θ_ref + t·(θ − θ_ref), σ_i^t):", format_table(rows, ("t",) + METRIC_KEYS), "",
+            f"{label} at t = {t:g}:", format_table([{"model": label, **at_t}], ("model",) + keys), "",
+            "trade-off over t (θ_ref + t·(θ − θ_ref), σ_i^t):", format_table(rows, ("t",) + keys), "",
             f"plot: {plot_path}",
         ])
     return report

@@ -33,13 +33,16 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
     import ray
 
     from po_cluster.serving import ingress
+    from po_cluster.store.s3 import forwarded_aws_env
 
     own = address is None and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if own:
             ingress.enable()  # a local Ray of ours: the demo ends by serving on it
+        # The job's workers (trials, the shared-inputs task) read datasets in S3 as this process does.
         ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                 include_dashboard=True, log_to_driver=False, logging_level=logging.WARNING)
+                 include_dashboard=True, log_to_driver=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": forwarded_aws_env()})
     return own
 
 
@@ -74,7 +77,7 @@ def run_average(cfg: SweepConfig, store: str, top_k: int | None = None, publish:
     tracked = experiment.read_json(TRACKING_FILE) if experiment.exists(TRACKING_FILE) else None
     lineage = {"sweep": cfg.name, "experiment": experiment.uri,
                "tracking": {k: tracked[k] for k in ("uri", "run_id") if k in tracked} if tracked else None}
-    result = average_trials(trials, top_k or cfg.top_k, work_dir(experiment), cfg.base.data.n_val,
+    result = average_trials(trials, top_k or cfg.top_k, work_dir(experiment), cfg.base.data,
                             cfg.clean_tolerance, cfg.clean_penalty,
                             locate=lambda path: experiment.fetch(path, downloads / Path(path).name), lineage=lineage)
     if not experiment.is_local:  # a local experiment is the work folder: average_trials wrote it there

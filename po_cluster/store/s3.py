@@ -160,3 +160,16 @@ def s3_filesystem(uri: str, settings: StoreSettings | None = None) -> tuple[Any,
         retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
         force_virtual_addressing=settings.addressing_style == "virtual", **keys)
     return filesystem, f"{bucket}/{prefix}".rstrip("/")
+
+
+# What a job's Ray workers need to reach the same S3 as the process that submits it. On a cluster
+# of its own (KubeRay pods with a role or a secret) a worker has its own chain; on a cluster joined
+# with an endpoint or keys set only in the submitting shell, it would have none of them. Profiles
+# and config files are not forwarded: their files need not exist on another node.
+FORWARDED_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def forwarded_aws_env() -> dict[str, str]:
+    """The AWS_* variables of this process that a Ray job hands to its workers (runtime_env)."""
+    return {name: os.environ[name] for name in FORWARDED_AWS_ENV if os.environ.get(name)}

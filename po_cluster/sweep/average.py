@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file
 
-from po_cluster.config import ModelConfig
-from po_cluster.data import world
+from po_cluster.config import DataConfig, ModelConfig
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import (
@@ -35,6 +34,7 @@ from po_cluster.model.checkpoint import (
 from po_cluster.model.loading import load_clip
 from po_cluster.sweep.card import release_card
 from po_cluster.sweep.soup import greedy_soup, uniform_soup
+from po_cluster.train.loop import held_out_sets, prompt_template
 from po_cluster.train.worker import objective
 
 if TYPE_CHECKING:  # the driver imports Tune and Optuna, which averaging does not need
@@ -71,15 +71,17 @@ def check_same_architecture(candidates: list[Candidate]) -> None:
 class Scorer:
     """Evaluates weights of one architecture on validation and test sets against the base model."""
 
-    def __init__(self, description: dict, n_val: int, tolerance: float, penalty: float) -> None:
+    def __init__(self, description: dict, data: DataConfig, tolerance: float, penalty: float) -> None:
         cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
         self.base = AlignedCLIP(load_clip(cfg), "frozen")
         # Built from the base's weights in the trials' mode, so its θ_ref (what t = 0 serves) is the
         # start every trial shared; the states scored and released are then loaded into it.
         self.model = AlignedCLIP(load_clip(cfg), image_tower_mode(description))
-        self.val_sets, self.test_sets = world.validation_sets(n_val), world.evaluation_sets()
-        base_val = Evaluator.build(self.base, self.val_sets)
-        base_test = Evaluator.build(self.base, self.test_sets)
+        # Soups are chosen on val and the release scored on test: neither is what the trials trained on.
+        self.val_sets, self.test_sets = held_out_sets(data, "val"), held_out_sets(data, "test")
+        self.template = prompt_template(data)
+        base_val = Evaluator.build(self.base, self.val_sets, self.template)
+        base_test = Evaluator.build(self.base, self.test_sets, self.template)
         self.ref_val, self.ref_test = base_val.ref_clean_logps, base_test.ref_clean_logps
         self.base_val, self.base_test = base_val.metrics(0.0), base_test.metrics(0.0)
         self.tolerance, self.penalty = tolerance, penalty
@@ -94,13 +96,14 @@ class Scorer:
         (a one-member soup is the best trial, bit for bit) that the final choice scores again."""
         key = _fingerprint(state)
         if key not in self._validated:
-            metrics = Evaluator.build(self._load(state), self.val_sets, ref_clean_logps=self.ref_val).metrics(1.0)
+            metrics = Evaluator.build(self._load(state), self.val_sets, self.template,
+                                      ref_clean_logps=self.ref_val).metrics(1.0)
             self._validated[key] = {**metrics, "objective": objective(metrics, self.base_val["clean"],
                                                                       self.tolerance, self.penalty)}
         return dict(self._validated[key])
 
     def test(self, state: dict[str, torch.Tensor]) -> Evaluator:
-        return Evaluator.build(self._load(state), self.test_sets, ref_clean_logps=self.ref_test)
+        return Evaluator.build(self._load(state), self.test_sets, self.template, ref_clean_logps=self.ref_test)
 
 
 def _fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -162,7 +165,7 @@ def _candidate(record: TrialRecord, locate: Callable[[str], Path]) -> Candidate:
     return read_candidate(record.trial_id, locate(record.checkpoint_path))
 
 
-def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Path, n_val: int = 500,
+def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Path, data: DataConfig,
                    tolerance: float = 0.02, penalty: float = 5.0,
                    locate: Callable[[str], Path] = Path, lineage: dict | None = None) -> AverageResult:
     """Soups of the top-k trials; writes `out_dir/release` (manifest last) and `out_dir/average.json`.
@@ -173,7 +176,7 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
     top = soup_candidates(records, top_k)
     candidates = [_candidate(r, locate) for r in top]
     check_same_architecture(candidates)
-    scorer = Scorer(candidates[0].description, n_val, tolerance, penalty)
+    scorer = Scorer(candidates[0].description, data, tolerance, penalty)
     states = {"best_trial": candidates[0].state, "uniform_soup": uniform_soup([c.state for c in candidates])}
     states["greedy_soup"], members = greedy_soup([(c.name, c.state) for c in candidates],
                                                  lambda s: scorer.validation(s)["objective"])

@@ -24,7 +24,8 @@ from po_cluster.sweep.experiment import Experiment, open_experiment
 from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch, search_algorithm
 from po_cluster.sweep.space import define_by_run, distributions, starting_points, tower_choices
 from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
-from po_cluster.train.worker import train_loop_per_worker
+from po_cluster.train.shared import shared_inputs_task
+from po_cluster.train.worker import SHARED_INPUTS_KEY, train_loop_per_worker
 
 METRIC = "objective"
 RESULTS_FILE = "sweep_results.json"
@@ -61,14 +62,18 @@ def scaling_config(s: ScalingSettings) -> ray.train.ScalingConfig:
 
 
 def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str, name: str, max_failures: int,
-              callbacks: list | None = None, filesystem=None) -> ray.train.Result:
+              callbacks: list | None = None, filesystem=None, shared: ray.ObjectRef | None = None) -> ray.train.Result:
     """One Ray Train run; a run of the same name in the same storage resumes from its last checkpoint.
 
-    `storage_path` is a local folder, or a path of `filesystem` (e.g. pyarrow S3: "bucket/prefix").
+    `storage_path` is a local folder, or a path of `filesystem` (e.g. pyarrow S3: "bucket/prefix");
+    `shared` the sweep's SharedInputs (po_cluster/train/shared.py), which every worker reads.
     """
+    config = worker.model_dump(mode="json")
+    if shared is not None:
+        config[SHARED_INPUTS_KEY] = shared
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker.model_dump(mode="json"),
+        train_loop_config=config,
         scaling_config=scaling_config(scaling),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path if filesystem is not None else local_or_uri(storage_path),
@@ -81,7 +86,8 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
     return trainer.fit()
 
 
-def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "") -> None:
+def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
+                 shared: list[ray.ObjectRef] | None = None) -> None:
     """The Tune trainable: build and fit one TorchTrainer for this trial, in the sweep's storage."""
     started_at = time.time()  # the worker's phases (po_cluster/train/phases.py) count from here
     cfg = SweepConfig.model_validate(sweep)
@@ -90,14 +96,17 @@ def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "") -> 
                           checkpoint_every=cfg.checkpoint_every, clean_tolerance=cfg.clean_tolerance,
                           clean_penalty=cfg.clean_penalty, trial_started_at=started_at)
     fit_trial(worker, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
-              [TuneReportCallback()], filesystem)
+              [TuneReportCallback()], filesystem, shared[0] if shared else None)
 
 
-def driver_trainable(cfg: SweepConfig, experiment: Experiment):
+def driver_trainable(cfg: SweepConfig, experiment: Experiment, shared: ray.ObjectRef | None = None):
     """The trial driver with the sweep bound to it. It only waits on its TorchTrainer, so it
-    reserves no CPU: otherwise the drivers could hold every CPU and no worker could start."""
+    reserves no CPU: otherwise the drivers could hold every CPU and no worker could start.
+    `shared` goes in a list: with_parameters resolves the references it is given, and the trial
+    hands on the reference, not the object."""
     bound = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"),
-                                 filesystem=experiment.filesystem, root=experiment.root)
+                                 filesystem=experiment.filesystem, root=experiment.root,
+                                 shared=[shared] if shared is not None else None)
     return tune.with_resources(bound, {"cpu": 0, "memory": 1 << 20})  # a bundle must not be empty
 
 
@@ -144,7 +153,8 @@ def _study_storage(experiment: Experiment) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(_study_file(experiment))))
 
 
-def build_tuner(cfg: SweepConfig, experiment: Experiment, callbacks: list | None = None) -> tune.Tuner:
+def build_tuner(cfg: SweepConfig, experiment: Experiment, callbacks: list | None = None,
+                shared: ray.ObjectRef | None = None) -> tune.Tuner:
     """The sweep's Tuner; `callbacks` are Tune's (the tracking logger), run in this driver process."""
     searcher = ResumableOptunaSearch(space=define_by_run(cfg), distributions=distributions(cfg),
                                      metric=METRIC, mode="max", points_to_evaluate=starting_points(cfg),
@@ -157,7 +167,7 @@ def build_tuner(cfg: SweepConfig, experiment: Experiment, callbacks: list | None
                               grace_period=min(cfg.scheduler.grace_period, reports),
                               reduction_factor=cfg.scheduler.reduction_factor)
     return tune.Tuner(
-        driver_trainable(cfg, experiment),
+        driver_trainable(cfg, experiment, shared),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler,
                                     num_samples=cfg.num_samples),
         run_config=tune.RunConfig(name=cfg.name, storage_path=experiment.root,
@@ -235,14 +245,16 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     # was made with (Tune pickles them with the experiment), so `callbacks` only goes to a new one.
     callbacks, tracker, parent = trial_callbacks(cfg, experiment,
                                                  functools.partial(trial_settings, cfg.model_dump(mode="json")))
+    # Computed again by a resumed sweep: deterministic, so a trial that resumes gets the same inputs.
+    shared = shared_inputs_task(cfg.base, cfg.scaling) if cfg.share_inputs else None
     if resume:
         _prepare_study(experiment, resume=True)  # before Tune restores its searcher, which opens it
-        tuner = tune.Tuner.restore(experiment.path, trainable=driver_trainable(cfg, experiment),
+        tuner = tune.Tuner.restore(experiment.path, trainable=driver_trainable(cfg, experiment, shared),
                                    resume_unfinished=True, restart_errored=True,
                                    storage_filesystem=experiment.filesystem)
     else:
         _prepare_study(experiment, resume=False)
-        tuner = build_tuner(cfg, experiment, callbacks)
+        tuner = build_tuner(cfg, experiment, callbacks, shared)
     grid = tuner.fit()
     if not experiment.is_local:
         experiment.upload(_study_file(experiment), STUDY_FILE)

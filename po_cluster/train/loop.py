@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from po_cluster.config import DataConfig, LossConfig, OptimizerConfig, RunConfig
 from po_cluster.data import world
-from po_cluster.data.records import ImageSet, PreferenceSet
+from po_cluster.data.records import ImageSet, PreferenceSet, subset_sets
 from po_cluster.evaluate.metrics import Evaluator, embed_images, embed_prompts
 from po_cluster.losses import LossSettings, PreferenceLogps, kl_ref_policy, preference_objective
 from po_cluster.model.aligned import AlignedCLIP
@@ -55,25 +56,32 @@ class TrainData:
 
 
 def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
-    """Preference and clean regularisation records: `cfg.dataset`'s when set, else the typo-shapes world's."""
+    """Preference and clean regularisation records: the train split of `cfg.dataset` when set (val and
+    test are held out for choosing and scoring), else the typo-shapes world's."""
     if cfg.dataset is not None:
         from po_cluster.data.pairs import load_preference_data
 
-        return load_preference_data(cfg.dataset, n_pairs=cfg.n_pairs, n_reg=cfg.n_reg, seed=cfg.seed)
+        return load_preference_data(cfg.dataset, n_pairs=cfg.n_pairs, n_reg=cfg.n_reg, seed=cfg.seed, split="train")
     return world.preference_set(cfg.n_pairs, cfg.seed), world.image_set("clean", cfg.n_reg, cfg.seed + 1)
 
 
 def prompt_template(cfg: DataConfig) -> str:
     """The world's records hold class names; a dataset's hold whole prompts, used as they are."""
-    return world.PROMPT_TEMPLATE if cfg.dataset is None else "{}"
+    from po_cluster.data.pairs import TEXT_TEMPLATE
+
+    return world.PROMPT_TEMPLATE if cfg.dataset is None else TEXT_TEMPLATE
 
 
-def default_eval_sets(cfg: DataConfig, pref: PreferenceSet, reg: ImageSet) -> dict[str, ImageSet]:
+def held_out_sets(cfg: DataConfig, split: Literal["val", "test"]) -> dict[str, ImageSet]:
+    """What a run is chosen on (val) and scored on (test), never what it trained on: the world's own
+    validation and fixed evaluation sets, or the dataset's val / test split (val capped at n_val
+    images per set, a seeded subset, so validation stays proportional to the budget)."""
     if cfg.dataset is None:
-        return world.evaluation_sets()
-    from po_cluster.data.pairs import evaluation_sets
+        return world.validation_sets(cfg.n_val) if split == "val" else world.evaluation_sets()
+    from po_cluster.data.pairs import dataset_eval_sets
 
-    return evaluation_sets(pref, reg)  # in-sample; held-out numbers: `po-cluster evaluate-attack-set`
+    sets = dataset_eval_sets(cfg.dataset, split)
+    return subset_sets(sets, cfg.n_val, cfg.seed) if split == "val" else sets
 
 
 @torch.no_grad()
@@ -291,7 +299,7 @@ def run_training(cfg: RunConfig, progress: Callable[[int, dict[str, float]], Non
     pref, reg = build_records(cfg.data)
     template = prompt_template(cfg.data)
     data = prepare_data(model, pref, reg, template)
-    eval_sets = eval_sets if eval_sets is not None else default_eval_sets(cfg.data, pref, reg)
+    eval_sets = eval_sets if eval_sets is not None else held_out_sets(cfg.data, "test")
     # Before training the model is its own reference: π_ref on the clean set is taken from it once.
     start_eval = Evaluator.build(model, eval_sets, template=template)
     before = start_eval.metrics(1.0)

@@ -20,8 +20,6 @@ import torch
 import torch.distributed as dist
 
 from po_cluster.config import DataConfig, RunConfig, WorkerConfig
-from po_cluster.data import world
-from po_cluster.data.records import ImageSet, PreferenceSet
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.train.bma import BetaMovingAverage
@@ -30,8 +28,8 @@ from po_cluster.train.loop import (
     TrainState,
     build_model,
     build_records,
-    default_eval_sets,
     fit,
+    held_out_sets,
     load_average,
     prepare_data,
     prompt_template,
@@ -39,7 +37,10 @@ from po_cluster.train.loop import (
     unwrap,
 )
 from po_cluster.train.phases import PhaseClock
+from po_cluster.train.shared import SharedInputs
 from po_cluster.train.state import load_train_state, save_train_state
+
+SHARED_INPUTS_KEY = "shared_inputs"  # beside the WorkerConfig in train_loop_config: an ObjectRef
 
 
 def objective(metrics: dict[str, float], base_clean: float, tolerance: float, penalty: float) -> float:
@@ -107,9 +108,12 @@ class Validation:
         return self.start.sets
 
     @classmethod
-    def of_start(cls, model, data: DataConfig, pref: PreferenceSet, reg: ImageSet) -> Validation:
-        # The world has validation sets apart from the evaluation sets; a dataset's are in-sample.
-        sets = world.validation_sets(data.n_val) if data.dataset is None else default_eval_sets(data, pref, reg)
+    def of_shared(cls, model, shared: SharedInputs) -> Validation:
+        return cls(shared.evaluator(unwrap(model)), dict(shared.base_metrics))
+
+    @classmethod
+    def of_start(cls, model, data: DataConfig) -> Validation:
+        sets = held_out_sets(data, "val")
         evaluator = Evaluator.build(unwrap(model), sets, template=prompt_template(data))
         return cls(evaluator, evaluator.metrics(0.0))
 
@@ -169,13 +173,26 @@ def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation 
             ray.train.report(out, checkpoint=checkpoint)
 
 
+class TowerImages:
+    """How many images went through this worker's image tower (a forward pre-hook): 0 for a trial of a
+    frozen tower that got the sweep's shared inputs, which is what sharing them is for."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.images = 0
+        unwrap(model).clip.visual.register_forward_pre_hook(self._count)
+
+    def _count(self, module: torch.nn.Module, args: tuple) -> None:
+        self.images += len(args[0]) if args else 0
+
+
 class WorkerCallback(Callback):
     """The worker's part of each step: its clock, the test failure, and every `report_every` steps
     (and at the last) the mean metrics across workers, validation and a checkpoint, reported."""
 
     def __init__(self, cfg: WorkerConfig, model: torch.nn.Module, state: TrainState,
-                 validation: Validation | None, clock: PhaseClock) -> None:
+                 validation: Validation | None, clock: PhaseClock, tower: TowerImages | None = None) -> None:
         self.cfg, self.model, self.state, self.validation, self.clock = cfg, model, state, validation, clock
+        self.tower = tower
         self.resumed_from = state.step
         self.device = next(model.parameters()).device
 
@@ -187,12 +204,16 @@ class WorkerCallback(Callback):
         _maybe_inject_failure(self.cfg, step)
         if step % self.cfg.report_every == 0 or step == self.cfg.run.training.steps:
             metrics = _mean_across_workers(metrics, self.device)
+            if self.tower is not None:  # this worker's own count, not a mean
+                metrics["image_tower_images"] = float(self.tower.images)
             _report(self.cfg, self.model, self.state, self.validation, metrics, self.resumed_from, self.clock)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry: config = WorkerConfig as a dict, validated here at the edge."""
-    cfg = WorkerConfig.model_validate(config)
+    """Ray Train entry: config = WorkerConfig as a dict, validated here at the edge, and under
+    SHARED_INPUTS_KEY the ObjectRef of the sweep's SharedInputs (po_cluster/train/shared.py), if any."""
+    shared_ref = config.get(SHARED_INPUTS_KEY)
+    cfg = WorkerConfig.model_validate({k: v for k, v in config.items() if k != SHARED_INPUTS_KEY})
     clock = PhaseClock(cfg.trial_started_at)
     run = cfg.run
     ctx = ray.train.get_context()
@@ -200,12 +221,17 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(run.training.seed)
     with clock.phase("model_load"):
         model = build_model(run, ray.train.torch.get_device())
+    tower = TowerImages(model)
     with clock.phase("data_prep"):
-        pref, reg = build_records(run.data)
-        data = prepare_data(model, pref, reg, prompt_template(run.data))
+        shared: SharedInputs | None = ray.get(shared_ref) if shared_ref is not None else None
+        if shared is not None:
+            data = shared.train_data(model.image_tower_frozen)
+        else:
+            data = prepare_data(model, *build_records(run.data), prompt_template(run.data))
     with clock.phase("validation_build"):
-        validation = Validation.of_start(model, run.data, pref, reg) if rank == 0 else None
+        validation = None if rank != 0 else \
+            Validation.of_shared(model, shared) if shared is not None else Validation.of_start(model, run.data)
     state = TrainState.start(model, run)
     _resume(model, state)
     ddp = ray.train.torch.prepare_model(model) if world_size > 1 else model
-    fit(ddp, data, run, [WorkerCallback(cfg, ddp, state, validation, clock)], state, rank, world_size)
+    fit(ddp, data, run, [WorkerCallback(cfg, ddp, state, validation, clock, tower)], state, rank, world_size)

@@ -127,6 +127,8 @@ def test_average_publishes_a_verified_release_and_report(finished_sweep, capsys)
         metrics = trial["metrics"]  # where the trial's time went: phases that fit in its time
         assert set(PHASE_KEYS) | {"time_trial"} <= set(metrics), sorted(metrics)
         assert sum(metrics[k] for k in PHASE_KEYS) <= metrics["time_trial"]
+        # frozen towers: the sweep embedded every image once, in its shared-inputs task, not per trial
+        assert metrics["image_tower_images"] == 0
     cfg = load_config(config, SweepConfig)
     result = run_average(cfg, cfg.store)
     average = json.loads((experiment / "average.json").read_text())

@@ -262,7 +262,10 @@ def test_data_typographic_then_check(capsys, tmp_path):
     assert (code, out) == (0, f"wrote 6 preference pairs from 3 images of 3 classes to {out_dir}\n")
     code, out, _ = run_cli(capsys, "data", "check", out_dir)
     assert code == 0
-    assert out.splitlines() == [f"{out_dir}: 6 pairs, 3 regularisation images, images 64x64", "candidates (3):",
+    assert out.splitlines() == [f"{out_dir}: 6 pairs (6 train, 0 val, 0 test), 3 regularisation images, images 64x64",
+                                "warning: no pairs in val or test: a sweep needs val to choose on and test to score "
+                                "on (classes of fewer than 3 source images keep them all for train)",
+                                "candidates (3):",
                                 "  a photo of a blue thing.", "  a photo of a green thing.",
                                 "  a photo of a red thing."]
     code, _, err = run_cli(capsys, "data", "typographic", source, "--out", str(tmp_path / "x"), "--variants", "3")

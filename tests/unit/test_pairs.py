@@ -9,7 +9,7 @@ from PIL import Image
 from po_cluster.config import load_config, parse_config
 from po_cluster.data.pairs import DataError, candidate_texts, load_preference_data, read_dataset
 from po_cluster.data.records import NO_WORD
-from po_cluster.train.loop import build_records, default_eval_sets, prompt_template
+from po_cluster.train.loop import build_records, prompt_template
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN, WOMAN = "a photo of a man", "a photo of a woman"
@@ -88,14 +88,13 @@ def test_missing_and_unreadable_images_are_named(tmp_path):
 
 def test_data_config_dispatches_to_the_dataset(tmp_path):
     names = _images(tmp_path / "images", [(50, 70)] * 4)
-    rows = [{"image": n, "chosen": MAN if i % 2 else WOMAN, "rejected": WOMAN if i % 2 else MAN}
-            for i, n in enumerate(names)]
+    rows = [{"image": n, "chosen": MAN if i % 2 else WOMAN, "rejected": WOMAN if i % 2 else MAN,
+             "split": "train" if i < 3 else "val"} for i, n in enumerate(names)]
     path = _write(tmp_path / "pairs.jsonl", rows)
     cfg = parse_config({"data": {"dataset": str(path), "n_pairs": 4, "n_reg": 4},
                         "training": {"batch_size": 2}})
-    pref, reg = build_records(cfg.data)
-    assert pref.classnames == (MAN, WOMAN) and prompt_template(cfg.data).format(MAN) == MAN
-    assert set(default_eval_sets(cfg.data, pref, reg)) == {"clean", "attacked"}
+    pref, reg = build_records(cfg.data)  # the train split: the val line is held out
+    assert len(pref) == 3 and pref.classnames == (MAN, WOMAN) and prompt_template(cfg.data).format(MAN) == MAN
     world_cfg = parse_config({}).data
     assert world_cfg.dataset is None and prompt_template(world_cfg) == "a photo of a {}."
     assert len(build_records(world_cfg.model_copy(update={"n_pairs": 4, "n_reg": 4}))[0]) == 4

@@ -127,7 +127,9 @@ def test_cli_builds_and_checks(tmp_path, capsys):
                      "--image-size", "64", "--seed", "5"]) == 0
     assert "wrote 16 preference pairs from 8 images of 4 classes" in capsys.readouterr().out
     assert cli.main(["data", "check", str(out)]) == 0
-    assert "16 pairs, 8 regularisation images" in capsys.readouterr().out
+    out_text = capsys.readouterr().out  # 2 images a class: too few to hold any out
+    assert "16 pairs (16 train, 0 val, 0 test), 8 regularisation images" in out_text
+    assert "warning: no pairs in val or test" in out_text
     assert cli.main(["data", "typographic", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "nowhere: folder not found" in capsys.readouterr().err
     config = tmp_path / "typo.yaml"

@@ -1,0 +1,68 @@
+"""What every trial of a sweep computes the same way before its first step, computed once per sweep.
+
+Trials differ only in the loss, β, λ, the learning rate and (when searched) the image tower mode;
+they start from the same model and read the same records. So the decoded records, the prompt
+embeddings g(y), π_ref's log-probabilities, the starting model's image embeddings f(x) of the
+training, regularisation and validation images, and the base model's validation metrics are the
+same in every trial. One Ray task computes them (with a trial worker's resources, so on a GPU when
+the trials have one) and the sweep hands the object reference to every trial: a trial with a frozen
+tower then never runs its image tower, and one that trains it only drops the cached f(x).
+
+Everything here is deterministic, so a trial restarted after a failure, or in a resumed sweep
+(which computes them again), gets the same inputs and resumes exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from po_cluster.config import RunConfig, ScalingSettings
+from po_cluster.data.records import ImageSet
+from po_cluster.evaluate.metrics import Evaluator
+from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.train.loop import TrainData, build_model, build_records, held_out_sets, prepare_data, prompt_template
+
+
+@dataclass(frozen=True)
+class SharedInputs:
+    """The trials' common inputs, on the CPU (the object store holds them; each trial moves them)."""
+
+    data: TrainData  # with the starting model's f(x) of every training image
+    val_sets: dict[str, ImageSet]
+    val_image_emb: dict[str, torch.Tensor]
+    val_text_emb: torch.Tensor
+    val_ref_clean_logps: torch.Tensor
+    base_metrics: dict[str, float]  # the starting model's validation metrics (at t = 0)
+
+    def train_data(self, image_tower_frozen: bool) -> TrainData:
+        """A trial's TrainData: a tower that trains must see the pixels, not the start's f(x)."""
+        return self.data if image_tower_frozen else replace(self.data, pref_emb=None, reg_emb=None)
+
+    def evaluator(self, model: AlignedCLIP) -> Evaluator:
+        """The validation evaluator of the starting model, for `model` (a trial's copy of it)."""
+        return Evaluator(model, self.val_sets, self.val_image_emb, self.val_text_emb, self.val_ref_clean_logps)
+
+
+def compute_shared_inputs(run: RunConfig) -> SharedInputs:
+    """The inputs as a trial of `run` would compute them, with its starting model in frozen mode (the
+    start is the same model in every mode: adapters start at zero, no block has moved yet)."""
+    frozen = run.model_copy(update={"model": run.model.model_copy(update={"image_tower": "frozen"})})
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = build_model(frozen, device)
+    template = prompt_template(run.data)
+    data = prepare_data(model, *build_records(run.data), template).to(torch.device("cpu"))
+    start = Evaluator.build(model, held_out_sets(run.data, "val"), template=template)
+    return SharedInputs(data, start.sets, {k: v.cpu() for k, v in start.image_emb.items()},
+                        start.text_emb.cpu(), start.ref_clean_logps.cpu(), start.metrics(0.0))
+
+
+def shared_inputs_task(run: RunConfig, scaling: ScalingSettings):
+    """Start computing the shared inputs in one Ray task; returns its ObjectRef (owned by the caller,
+    the sweep driver, so it lives as long as the sweep)."""
+    import ray
+
+    gpus = scaling.gpus_per_worker if scaling.use_gpu else 0
+    task = ray.remote(compute_shared_inputs).options(num_cpus=max(scaling.cpus_per_worker, 0.01), num_gpus=gpus,
+                                                    name="po-cluster.shared_inputs")
+    return task.remote(run)
