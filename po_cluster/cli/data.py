@@ -24,7 +24,7 @@ def _typographic_config(args: argparse.Namespace) -> TypographicConfig:
     flags = {"source": args.source, "out": args.out, "variants": args.variants, "seed": args.seed,
              "image_size": args.image_size, "prompt_template": args.template,
              "fonts": tuple(args.font) if args.font else None, "workers": args.workers,
-             "splits": tuple(args.splits) if args.splits else None}
+             "splits": tuple(args.splits) if args.splits else None, "rows_per_shard": args.rows_per_shard}
     data.update({key: value for key, value in flags.items() if value is not None})
     return parse_config(data, args.config or "<command line>", TypographicConfig)
 
@@ -35,6 +35,16 @@ def cmd_data_typographic(args: argparse.Namespace) -> int:
     summary = build_typographic(_typographic_config(args))
     print(f"wrote {summary.pairs} preference pairs from {summary.images} images of {len(summary.classes)} "
           f"classes to {summary.out}")
+    return 0
+
+
+def cmd_data_ingest(args: argparse.Namespace) -> int:
+    from po_cluster.data.ingest import ingest_records
+
+    summary = ingest_records(args.source, args.out, rows_per_shard=args.rows_per_shard)
+    per_split = ", ".join(f"{c['pairs']} {name}" for name, c in summary.counts.items())
+    print(f"wrote {summary.pairs} preference pairs ({per_split}) and {summary.regularization} regularisation "
+          f"images to {summary.out}")
     return 0
 
 
@@ -110,7 +120,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int)
     p.add_argument("--splits", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of the source images per split, by class (default 0.8 0.1 0.1)")
+    p.add_argument("--rows-per-shard", type=int, help="records per Parquet shard (default 1024)")
     p.set_defaults(func=cmd_data_typographic)
+    p = data.add_parser("ingest", help="JSONL records (docs/records.md) → a dataset of Parquet shards")
+    p.add_argument("source", help="records .jsonl (or a dataset built before shards); local or s3://")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--rows-per-shard", type=int, default=1024, help="records per shard (default 1024)")
+    p.set_defaults(func=cmd_data_ingest)
     p = data.add_parser("check", help="load a JSONL pairs file or built dataset and list its candidates")
     p.add_argument("location", help="records .jsonl or dataset folder; local or s3://")
     p.add_argument("--image-size", type=int, default=None)

@@ -25,11 +25,12 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from po_cluster.data import images
 from po_cluster.data.images import IMAGE_EXTENSIONS, is_image_name, square
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
+from po_cluster.data.shards import ShardError, read_shards
 from po_cluster.data.splits import SPLITS, Split, hashed_split
 from po_cluster.store import location as store_location
 from po_cluster.store.location import StoreError, exists, is_s3, join, parent, resolve
@@ -81,16 +82,20 @@ def decode_image(data: bytes, source: str) -> Image.Image:
         raise DataError(f"{source}: {refused.message}") from None
 
 
-def load_image(location: str, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: decoded and squared as served images are (data.images)."""
-    return np.asarray(square(decode_image(read_bytes(location), location), size), dtype=np.uint8)
+def load_image(location: str, size: int, data: bytes | None = None) -> np.ndarray:
+    """uint8 [size, size, 3]: decoded and squared as served images are (data.images). `data`: the
+    encoded bytes when they are at hand (a shard's), else read from `location`."""
+    encoded = read_bytes(location) if data is None else data
+    return np.asarray(square(decode_image(encoded, location), size), dtype=np.uint8)
 
 
-def load_images(locations: list[str], size: int) -> np.ndarray:
+def load_images(locations: list[str], size: int, data: list[bytes | None] | None = None) -> np.ndarray:
     """uint8 [N, size, size, 3], in the order given."""
     out = np.empty((len(locations), size, size, 3), dtype=np.uint8)
+    encoded = data if data is not None else [None] * len(locations)
     with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        for i, array in enumerate(pool.map(lambda loc: load_image(loc, size), locations)):
+        for i, array in enumerate(pool.map(lambda job: load_image(job[0], size, job[1]),
+                                           zip(locations, encoded, strict=True))):
             out[i] = array
     return out
 
@@ -195,6 +200,7 @@ class PairLine(BaseModel):
     rejected: str = Field(min_length=1)
     id: str | None = None
     split: Split | None = None  # None in the file: from a hash of its source (po_cluster.data.splits)
+    _data: bytes | None = PrivateAttr(None)  # the encoded image, when a shard holds it
 
 
 class RegLine(BaseModel):
@@ -206,6 +212,7 @@ class RegLine(BaseModel):
     text: str | None = Field(None, min_length=1)
     id: str | None = None
     split: Split | None = None
+    _data: bytes | None = PrivateAttr(None)
 
 
 def parse_record(row: object, where: str) -> PairLine | RegLine:
@@ -249,24 +256,60 @@ class RecordFiles:
     meta: dict
 
 
+def _shard_records(location: str, shards: object) -> tuple[list[PairLine], list[RegLine]]:
+    """A sharded dataset's rows as records, each holding its encoded image."""
+    if not isinstance(shards, list) or not shards:
+        raise DataError(f"{join(location, DATASET_JSON)}: 'shards' must be a non-empty list")
+    try:
+        with _data_errors():
+            rows = read_shards(location, shards)
+    except ShardError as error:
+        raise DataError(str(error)) from None
+    pairs: list[PairLine] = []
+    regs: list[RegLine] = []
+    for number, row in enumerate(rows):
+        data = row.pop("image")
+        where = join(location, str(row.get("image_name") or f"row {number}"))
+        record = parse_record({k: v for k, v in row.items() if v is not None} | {"image": where}, where)
+        if record.split is None:
+            record = record.model_copy(update={"split": hashed_split(str(row.get("source") or where))})
+        record._data = data
+        if isinstance(record, PairLine):
+            pairs.append(record)
+        else:
+            regs.append(record)
+    return pairs, regs
+
+
+def _read_built(location: str) -> tuple[list[PairLine], list[RegLine], dict]:
+    """A built dataset folder: dataset.json, then its Parquet shards (or, from format version 2 and
+    before, pairs.jsonl and regularization.jsonl beside image files)."""
+    meta_location = join(location, DATASET_JSON)
+    if not exists(meta_location):
+        raise DataError(f"{location}: not a built dataset (no {DATASET_JSON}; an interrupted build writes none)"
+                        " and not a .jsonl records file")
+    try:
+        meta = json.loads(read_bytes(meta_location))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{meta_location}: not valid JSON ({error.msg})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_location}: expected a JSON object")
+    if "shards" in meta:
+        return (*_shard_records(location, meta["shards"]), meta)
+    pairs, regs = read_records(join(location, PAIRS_JSONL))
+    if exists(join(location, REG_JSONL)):
+        more_pairs, more_regs = read_records(join(location, REG_JSONL))
+        pairs, regs = pairs + more_pairs, regs + more_regs
+    return pairs, regs, meta
+
+
 def read_dataset(location: str) -> RecordFiles:
-    """A JSONL records file, or a built dataset folder (dataset.json, pairs.jsonl, regularization.jsonl)."""
+    """A JSONL records file, or a built dataset (local folder or s3:// prefix with a dataset.json)."""
     if location.lower().endswith(".jsonl"):
         pairs, regs = read_records(location)
         meta: dict = {}
     else:
-        meta_location = join(location, DATASET_JSON)
-        if not exists(meta_location):
-            raise DataError(f"{location}: not a built dataset (no {DATASET_JSON}; an interrupted build writes none)"
-                            " and not a .jsonl records file")
-        try:
-            meta = json.loads(read_bytes(meta_location))
-        except json.JSONDecodeError as error:
-            raise DataError(f"{meta_location}: not valid JSON ({error.msg})") from None
-        pairs, regs = read_records(join(location, PAIRS_JSONL))
-        if exists(join(location, REG_JSONL)):
-            more_pairs, more_regs = read_records(join(location, REG_JSONL))
-            pairs, regs = pairs + more_pairs, regs + more_regs
+        pairs, regs, meta = _read_built(location)
     if not pairs:
         raise DataError(f"{location}: no preference pairs")
     return RecordFiles(pairs, regs, meta)
@@ -319,13 +362,14 @@ def load_preference_data(location: str, image_size: int | None = None, n_pairs: 
     index = {text: i for i, text in enumerate(texts)}
     rng = np.random.default_rng(seed)
     pairs = [files.pairs[i] for i in _subset(len(files.pairs), n_pairs, rng)]
-    pref = PreferenceSet(load_images([p.image for p in pairs], size),
+    pref = PreferenceSet(load_images([p.image for p in pairs], size, [p._data for p in pairs]),
                          np.array([index[p.chosen] for p in pairs], dtype=np.int64),
                          np.array([index[p.rejected] for p in pairs], dtype=np.int64), texts)
     if files.regs:
         regs = [files.regs[i] for i in _subset(len(files.regs), n_reg, rng)]
         labels = np.array([index[r.text] if r.text is not None else NO_WORD for r in regs], dtype=np.int64)
-        reg = ImageSet(load_images([r.image for r in regs], size), labels, np.full(len(regs), NO_WORD), texts)
+        reg = ImageSet(load_images([r.image for r in regs], size, [r._data for r in regs]), labels,
+                       np.full(len(regs), NO_WORD), texts)
     else:
         keep = _subset(len(pref), n_reg, rng)
         reg = ImageSet(pref.images[keep], pref.chosen[keep], np.full(len(keep), NO_WORD), texts)

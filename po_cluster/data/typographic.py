@@ -7,10 +7,11 @@ set. Every random choice comes from a generator seeded by (seed, image index),
 so a build is a pure function of its inputs and config, whatever the order or
 parallelism in which images are processed.
 
-Output (a local folder or an s3:// prefix), in the record format of docs/records.md:
-    clean/<index>.png, attacked/<index>-<variant>.png
-    pairs.jsonl, regularization.jsonl   (every line names its split: train, val or test)
-    dataset.json   (classes, candidates, counts per split, config; written last: it marks a complete build)
+Output (a local folder or an s3:// prefix), the records of docs/records.md in Parquet shards:
+    shards/part-<n>.parquet   (rows: a clean image's regularisation record, then its attacked copies'
+                               preference pairs; each with its split, provenance and PNG bytes)
+    dataset.json   (classes, candidates, counts per split, the shards with their sha256, config;
+                    written last: it marks a complete build)
 
 Splits are made by source image, stratified by class (po_cluster.data.splits): the clean copy and
 every attacked copy of one image share its split.
@@ -32,11 +33,10 @@ from po_cluster.config import Strict
 from po_cluster.data import pairs as io_
 from po_cluster.data.images import square
 from po_cluster.data.pairs import DataError, LabelledImage
-from po_cluster.data.splits import DEFAULT_FRACTIONS, SPLITS, Split, assign_splits, check_fractions
+from po_cluster.data.shards import FORMAT, FORMAT_VERSION, LIGHT_KEYS, ShardWriter, split_counts
+from po_cluster.data.splits import DEFAULT_FRACTIONS, Split, assign_splits, check_fractions
 from po_cluster.store.location import join, remove, write_bytes
 
-FORMAT = "po-cluster.preference-dataset"
-FORMAT_VERSION = 2  # 2: records carry their split
 MIN_FONT_PX = 8  # below this the bundled font's glyphs stop being legible
 MARGIN = 0.03  # keep the text this fraction of the side away from the border
 
@@ -57,6 +57,7 @@ class TypographicConfig(Strict):
     outline_colors: tuple[str, ...] = ("black", "white")
     splits: tuple[float, float, float] = Field(DEFAULT_FRACTIONS, description="train, val, test fractions of "
                                               "the source images (per class; every copy of an image in one split)")
+    rows_per_shard: int = Field(1024, gt=0, description="records (clean and attacked images) per Parquet shard")
     workers: int = Field(4, gt=0, description="images processed at once (threads)")
 
     @field_validator("splits")
@@ -148,40 +149,26 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass
-class _ImageRecords:
-    pairs: list[dict]
-    reg: dict
-
-
 def _build_one(index: int, item: LabelledImage, split: Split, classes: tuple[str, ...],
-               cfg: TypographicConfig) -> _ImageRecords:
-    """Clean + attacked copies of one image, written out; returns its record lines."""
+               cfg: TypographicConfig) -> list[dict]:
+    """Clean + attacked copies of one image as shard rows (the clean one first), PNG-encoded."""
     rng = np.random.default_rng([cfg.seed, index])
     clean = square(io_.decode_image(io_.read_bytes(item.location), item.location), cfg.image_size)
     true = classes.index(item.label)
     others = np.array([c for c in range(len(classes)) if c != true])  # never the image's own class
     written = rng.choice(others, size=cfg.variants, replace=False)
-    clean_name = f"clean/{index:06d}.png"
-    write_bytes(join(cfg.out, clean_name), _png(clean))
     chosen = cfg.prompt_template.format(item.label)
-    pairs = []
+    rows = [{"kind": "regularization", "id": f"{index:06d}", "image_name": f"clean/{index:06d}.png",
+             "image": _png(clean), "text": chosen, "label": item.label, "source": item.name, "split": split}]
     for variant, word_class in enumerate(written):
         attacked = clean.copy()
         word = classes[int(word_class)]
         drawn = write_word(attacked, word, rng, cfg)
-        name = f"attacked/{index:06d}-{variant}.png"
-        write_bytes(join(cfg.out, name), _png(attacked))
-        pairs.append({"id": f"{index:06d}-{variant}", "image": name, "chosen": chosen,
-                      "rejected": cfg.prompt_template.format(word), "label": item.label, "written": word,
-                      "source": item.name, "split": split, **drawn})
-    reg = {"kind": "regularization", "id": f"{index:06d}", "image": clean_name, "text": chosen,
-           "label": item.label, "source": item.name, "split": split}
-    return _ImageRecords(pairs, reg)
-
-
-def _jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+        name = f"{index:06d}-{variant}"
+        rows.append({"kind": "pair", "id": name, "image_name": f"attacked/{name}.png", "image": _png(attacked),
+                     "chosen": chosen, "rejected": cfg.prompt_template.format(word), "label": item.label,
+                     "written": word, "source": item.name, "split": split, **drawn})
+    return rows
 
 
 @dataclass
@@ -202,16 +189,21 @@ def build_typographic(cfg: TypographicConfig) -> BuildSummary:
     meta_location = join(cfg.out, io_.DATASET_JSON)
     remove(meta_location)  # a rebuild in progress is not a complete dataset
     splits = assign_splits([item.label for item in items], cfg.splits, cfg.seed)
+    writer, light = ShardWriter(cfg.out, cfg.rows_per_shard), list[dict]()
     with ThreadPoolExecutor(cfg.workers) as pool:
-        built = list(pool.map(lambda i: _build_one(i, items[i], splits[i], classes, cfg), range(len(items))))
-    pair_rows = [row for one in built for row in one.pairs]
-    per_split = {name: {"images": sum(s == name for s in splits), "pairs": sum(r["split"] == name for r in pair_rows)}
-                 for name in SPLITS}
-    write_bytes(join(cfg.out, io_.PAIRS_JSONL), _jsonl(pair_rows))
-    write_bytes(join(cfg.out, io_.REG_JSONL), _jsonl([one.reg for one in built]))
+        # In chunks: a build holds one chunk's encoded images, whatever the dataset's size.
+        for start in range(0, len(items), cfg.workers * 16):
+            chunk = range(start, min(start + cfg.workers * 16, len(items)))
+            for rows in pool.map(lambda i: _build_one(i, items[i], splits[i], classes, cfg), chunk):
+                writer.add(rows)
+                light.extend({k: row.get(k) for k in LIGHT_KEYS} for row in rows)
+    shards = writer.close()
+    counts = split_counts(light)
+    pairs = sum(c["pairs"] for c in counts.values())
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "classes": list(classes),
             "candidates": [cfg.prompt_template.format(c) for c in classes], "image_size": cfg.image_size,
-            "counts": {"images": len(items), "pairs": len(pair_rows), "splits": per_split},
+            "counts": {"images": len(items), "pairs": pairs, "splits": counts},
+            "shards": [info.to_json() for info in shards],
             "config": cfg.model_dump(mode="json", exclude={"out", "workers"})}
     write_bytes(meta_location, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return BuildSummary(cfg.out, classes, len(items), len(pair_rows))
+    return BuildSummary(cfg.out, classes, len(items), pairs)

@@ -11,11 +11,7 @@ from po_cluster.data.pairs import DataError, dataset_eval_sets, load_preference_
 from po_cluster.data.splits import assign_splits, check_fractions, hashed_split
 from po_cluster.data.typographic import TypographicConfig, build_typographic
 from po_cluster.train.loop import build_records, held_out_sets
-from typo_helpers import CLASSES, labelled_folder
-
-
-def _lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from typo_helpers import CLASSES, built_rows, labelled_folder
 
 
 def test_assign_splits_is_stratified_seeded_and_keeps_a_training_image():
@@ -52,7 +48,8 @@ def test_no_source_image_crosses_splits_in_a_build(tmp_path):
     source = labelled_folder(tmp_path / "src", per_class=10)
     build_typographic(TypographicConfig(source=str(source), out=str(tmp_path / "out"), variants=3, seed=2,
                                         image_size=48, workers=2))
-    rows = _lines(tmp_path / "out" / "pairs.jsonl") + _lines(tmp_path / "out" / "regularization.jsonl")
+    pairs, regs = built_rows(tmp_path / "out")
+    rows = pairs + regs
     by_source: dict[str, set[str]] = {}
     for row in rows:
         by_source.setdefault(row["source"], set()).add(row["split"])

@@ -4,21 +4,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from po_cluster import cli
 from po_cluster.config import ConfigError, parse_config
 from po_cluster.data.pairs import DataError, load_preference_data
 from po_cluster.data.typographic import TypographicConfig, build_typographic
-from typo_helpers import CLASSES, labelled_folder, tree_bytes
+from typo_helpers import CLASSES, built_rows, labelled_folder, row_image, tree_bytes
 
 
 def _cfg(source, out, **extra) -> TypographicConfig:
     return TypographicConfig(source=str(source), out=str(out), image_size=64, workers=2, **extra)
 
 
-def _lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def _pairs(out):
+    return built_rows(out)[0]
 
 
 def test_builder_writes_the_expected_records(tmp_path):
@@ -26,13 +25,13 @@ def test_builder_writes_the_expected_records(tmp_path):
     summary = build_typographic(_cfg(source, tmp_path / "out", variants=2, seed=3))
     out = tmp_path / "out"
     assert summary.classes == tuple(sorted(CLASSES)) and summary.images == 8 and summary.pairs == 16
-    pairs, regs = _lines(out / "pairs.jsonl"), _lines(out / "regularization.jsonl")
+    pairs, regs = built_rows(out)
     assert len(pairs) == 16 and len(regs) == 8
     for pair in pairs:
         assert pair["chosen"] == f"a photo of a {pair['label']}."
         assert pair["rejected"] == f"a photo of a {pair['written']}."
         assert pair["label"] == pair["source"].split("/")[0]  # the class folder the image came from
-        assert Image.open(out / pair["image"]).size == (64, 64)
+        assert row_image(pair).size == (64, 64) and row_image(pair).format == "PNG"
     for reg in regs:
         assert reg["kind"] == "regularization" and reg["text"] == f"a photo of a {reg['label']}."
     # the k variants of one image carry k different wrong classes
@@ -42,16 +41,18 @@ def test_builder_writes_the_expected_records(tmp_path):
     assert all(len(set(words)) == 2 for words in by_image.values())
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["candidates"] == [f"a photo of a {c}." for c in sorted(CLASSES)] and meta["image_size"] == 64
+    assert [s["rows"] for s in meta["shards"]] == [24] and sorted(p.name for p in out.rglob("*")) == \
+        ["dataset.json", "part-00000.parquet", "shards"]  # one object per shard, not one per image
 
 
 def test_the_true_label_is_never_written_on_its_own_image(tmp_path):
     source = labelled_folder(tmp_path / "src", per_class=3)
     build_typographic(_cfg(source, tmp_path / "out", variants=3, seed=0))  # k = every other class
-    pairs = _lines(tmp_path / "out" / "pairs.jsonl")
+    pairs, regs = built_rows(tmp_path / "out")
     assert pairs and all(p["written"] != p["label"] for p in pairs)
+    clean = {r["id"]: np.asarray(row_image(r)) for r in regs}
     for p in pairs:  # and something was drawn: the attacked copy differs from the clean one
-        clean = np.asarray(Image.open(tmp_path / "out" / f"clean/{p['id'].split('-')[0]}.png"))
-        assert np.any(np.asarray(Image.open(tmp_path / "out" / p["image"])) != clean)
+        assert np.any(np.asarray(row_image(p)) != clean[p["id"].split("-")[0]])
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
@@ -60,7 +61,11 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     build_typographic(_cfg(source, tmp_path / "b", variants=2, seed=7).model_copy(update={"workers": 1}))
     build_typographic(_cfg(source, tmp_path / "c", variants=2, seed=8))
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")  # whatever the number of threads
-    assert tree_bytes(tmp_path / "a")["pairs.jsonl"] != tree_bytes(tmp_path / "c")["pairs.jsonl"]
+    shard = "shards/part-00000.parquet"
+    assert tree_bytes(tmp_path / "a")[shard] != tree_bytes(tmp_path / "c")[shard]
+    build_typographic(_cfg(source, tmp_path / "d", variants=2, seed=7, rows_per_shard=5))
+    assert [r["id"] for r in built_rows(tmp_path / "d")[0]] == [r["id"] for r in built_rows(tmp_path / "a")[0]]
+    assert len(list((tmp_path / "d" / "shards").iterdir())) == 5  # 24 rows, 5 a shard
 
 
 def test_built_dataset_loads_as_training_records(tmp_path):
@@ -84,14 +89,15 @@ def test_manifests_and_fonts(tmp_path):
     folder, csv_ = tree_bytes(tmp_path / "folder"), tree_bytes(tmp_path / "csv")
     assert {k: v for k, v in folder.items() if k != "dataset.json"} == \
         {k: v for k, v in csv_.items() if k != "dataset.json"}  # same images, same labels, same records
-    assert tree_bytes(tmp_path / "csv")["pairs.jsonl"] == tree_bytes(tmp_path / "jsonl")["pairs.jsonl"]
+    assert tree_bytes(tmp_path / "csv")["shards/part-00000.parquet"] == \
+        tree_bytes(tmp_path / "jsonl")["shards/part-00000.parquet"]
     import matplotlib  # ships DejaVu fonts: a real .ttf file without downloading one
 
     ttf = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf")
     build_typographic(_cfg(source, tmp_path / "ttf", seed=1, fonts=(ttf,)))
-    pairs = _lines(tmp_path / "ttf" / "pairs.jsonl")
+    pairs = _pairs(tmp_path / "ttf")
     assert {p["font"] for p in pairs} == {ttf}
-    assert tree_bytes(tmp_path / "ttf")["attacked/000000-0.png"] != folder["attacked/000000-0.png"]
+    assert pairs[0]["image"] != _pairs(tmp_path / "folder")[0]["image"]
     with pytest.raises(ValueError, match="cannot load font"):
         _cfg(source, tmp_path / "x", fonts=(str(tmp_path / "missing.ttf"),))
 
@@ -135,7 +141,7 @@ def test_cli_builds_and_checks(tmp_path, capsys):
     config = tmp_path / "typo.yaml"
     config.write_text(f"source: {source}\nout: {tmp_path / 'yaml'}\nimage_size: 64\nfill_colors: [red, '#00ff00']\n")
     assert cli.main(["data", "typographic", "--config", str(config), "--variants", "3"]) == 0
-    assert {p["fill"] for p in _lines(tmp_path / "yaml" / "pairs.jsonl")} <= {"red", "#00ff00"}
+    assert {p["fill"] for p in _pairs(tmp_path / "yaml")} <= {"red", "#00ff00"}
     config.write_text(f"source: {source}\nout: {tmp_path / 'yaml'}\nfill_colors: [reddish]\n")
     assert cli.main(["data", "typographic", "--config", str(config)]) == 2
     assert "fill_colors" in capsys.readouterr().err

@@ -26,3 +26,19 @@ def labelled_folder(root: Path, per_class: int = 2, classes: tuple[str, ...] = C
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def built_rows(out: Path) -> tuple[list[dict], list[dict]]:
+    """A built dataset's (pair rows, regularisation rows), read from its shards as dataset.json lists them."""
+    import json
+
+    from po_cluster.data.shards import read_shards
+
+    rows = read_shards(str(out), json.loads((out / "dataset.json").read_text())["shards"])
+    return [r for r in rows if r["kind"] == "pair"], [r for r in rows if r["kind"] == "regularization"]
+
+
+def row_image(row: dict) -> Image.Image:
+    import io
+
+    return Image.open(io.BytesIO(row["image"]))
