@@ -83,3 +83,26 @@ def test_cli_ingests_and_checks(tmp_path, capsys):
     assert "12 pairs (" in capsys.readouterr().out
     assert cli.main(["data", "ingest", str(tmp_path / "nowhere.jsonl"), "--out", str(tmp_path / "x")]) == 2
     assert "nowhere.jsonl: file not found" in capsys.readouterr().err
+
+
+def test_the_world_as_a_dataset_scores_as_the_world(tmp_path, capsys):
+    from po_cluster.config import SHIPPED_BASE
+    from po_cluster.evaluate.targets import evaluate_target
+    from po_cluster.train.loop import build_records
+
+    out = tmp_path / "world"
+    assert cli.main(["data", "world", "--out", str(out), "--n-pairs", "64", "--n-reg", "32", "--n-val", "20",
+                     "--seed", "3", "--rows-per-shard", "500"]) == 0
+    assert "wrote the typo-shapes world's preference pairs (64 train, 20 val, " in capsys.readouterr().out
+    from po_cluster.config import parse_config
+
+    on_world = parse_config({"data": {"n_pairs": 64, "n_reg": 32, "seed": 3}}).data
+    on_disk = parse_config({"data": {"n_pairs": 64, "n_reg": 32, "seed": 3, "dataset": str(out)}}).data
+    (w_pref, w_reg), (d_pref, d_reg) = build_records(on_world), build_records(on_disk)
+    assert np.array_equal(w_pref.images, d_pref.images) and np.array_equal(w_reg.images, d_reg.images)
+    assert w_pref.chosen.tolist() == d_pref.chosen.tolist() and w_pref.rejected.tolist() == d_pref.rejected.tolist()
+    world_scores = evaluate_target(SHIPPED_BASE, t=1.0, ts=False)["at_t"]
+    dataset_scores = evaluate_target(SHIPPED_BASE, t=1.0, ts=False, dataset=str(out), split="test")["at_t"]
+    for key in ("clean", "attacked", "attack_success", "kl"):
+        assert dataset_scores[key] == pytest.approx(world_scores[key], abs=1e-6), key
+    assert "word_only" not in dataset_scores
