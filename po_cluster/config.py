@@ -70,6 +70,15 @@ class DataConfig(Strict):
     dataset: str | None = Field(
         None, description="built preference dataset folder or JSONL pairs file (local or s3://, docs/records.md) "
         "used instead of the world; n_pairs / n_reg then cap the records used (a seeded subset)")
+    streaming: bool = Field(False, description="read the dataset's train split from its Parquet shards while "
+                            "training (Ray Data in Ray Train) instead of decoding it into memory first; π_ref is "
+                            "then computed per batch, and n_pairs / n_reg do not apply")
+
+    @model_validator(mode="after")
+    def _streaming_needs_a_dataset(self) -> DataConfig:
+        if self.streaming and self.dataset is None:
+            raise ValueError("streaming needs data.dataset: a built dataset of Parquet shards (the world is rendered)")
+        return self
 
 
 LossType = Literal["dpo", "ipo", "kto", "ce"]
@@ -287,6 +296,8 @@ class ScalingSettings(Strict):
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(1.0, ge=0, description="used only with use_gpu")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom resources")
+    data_cpus: float = Field(1.0, gt=0, description="with data.streaming: CPUs each Ray Data read/decode task "
+                             "asks, and kept free per trial when the sweep sizes its concurrency")
 
 
 class SchedulerSettings(Strict):

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from po_cluster.data import images
 from po_cluster.data.images import IMAGE_EXTENSIONS, is_image_name, square
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
-from po_cluster.data.shards import ShardError, read_shards
+from po_cluster.data.shards import ShardError, read_shard
 from po_cluster.data.splits import SPLITS, Split, hashed_split
 from po_cluster.store import location as store_location
 from po_cluster.store.location import StoreError, exists, is_s3, join, parent, resolve
@@ -256,13 +256,15 @@ class RecordFiles:
     meta: dict
 
 
-def _shard_records(location: str, shards: object) -> tuple[list[PairLine], list[RegLine]]:
-    """A sharded dataset's rows as records, each holding its encoded image."""
+def _shard_records(location: str, shards: object, split: Split | None) -> tuple[list[PairLine], list[RegLine]]:
+    """A sharded dataset's rows (of one split, or all) as records, each holding its encoded image.
+    Shards are read one at a time: what is held is one shard and the rows kept."""
     if not isinstance(shards, list) or not shards:
         raise DataError(f"{join(location, DATASET_JSON)}: 'shards' must be a non-empty list")
     try:
         with _data_errors():
-            rows = read_shards(location, shards)
+            rows = [row for info in shards for row in read_shard(location, info)
+                    if split is None or row.get("split") in (split, None)]
     except ShardError as error:
         raise DataError(str(error)) from None
     pairs: list[PairLine] = []
@@ -281,7 +283,7 @@ def _shard_records(location: str, shards: object) -> tuple[list[PairLine], list[
     return pairs, regs
 
 
-def _read_built(location: str) -> tuple[list[PairLine], list[RegLine], dict]:
+def _read_built(location: str, split: Split | None) -> tuple[list[PairLine], list[RegLine], dict]:
     """A built dataset folder: dataset.json, then its Parquet shards (or, from format version 2 and
     before, pairs.jsonl and regularization.jsonl beside image files)."""
     meta_location = join(location, DATASET_JSON)
@@ -295,7 +297,7 @@ def _read_built(location: str) -> tuple[list[PairLine], list[RegLine], dict]:
     if not isinstance(meta, dict):
         raise DataError(f"{meta_location}: expected a JSON object")
     if "shards" in meta:
-        return (*_shard_records(location, meta["shards"]), meta)
+        return (*_shard_records(location, meta["shards"], split), meta)
     pairs, regs = read_records(join(location, PAIRS_JSONL))
     if exists(join(location, REG_JSONL)):
         more_pairs, more_regs = read_records(join(location, REG_JSONL))
@@ -303,13 +305,16 @@ def _read_built(location: str) -> tuple[list[PairLine], list[RegLine], dict]:
     return pairs, regs, meta
 
 
-def read_dataset(location: str) -> RecordFiles:
-    """A JSONL records file, or a built dataset (local folder or s3:// prefix with a dataset.json)."""
+def read_dataset(location: str, split: Split | None = None) -> RecordFiles:
+    """A JSONL records file, or a built dataset (local folder or s3:// prefix with a dataset.json);
+    with `split`, that split's records only (a sharded dataset keeps no other rows as it reads)."""
     if location.lower().endswith(".jsonl"):
         pairs, regs = read_records(location)
         meta: dict = {}
     else:
-        pairs, regs, meta = _read_built(location)
+        pairs, regs, meta = _read_built(location, split)
+    if split is not None:
+        return select_split(RecordFiles(pairs, regs, meta), split, location)
     if not pairs:
         raise DataError(f"{location}: no preference pairs")
     return RecordFiles(pairs, regs, meta)
@@ -330,14 +335,14 @@ def _subset(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=cap, replace=False))
 
 
-def select_split(files: RecordFiles, split: Split | None, location: str) -> RecordFiles:
-    """The records of one split (all of them for None); DataError when that split has no pairs."""
-    if split is None:
-        return files
+def select_split(files: RecordFiles, split: Split, location: str) -> RecordFiles:
+    """The records of one split; DataError when that split has no pairs."""
     chosen = RecordFiles([p for p in files.pairs if p.split == split], [r for r in files.regs if r.split == split],
                          files.meta)
     if not chosen.pairs:
-        counts = ", ".join(f"{sum(p.split == s for p in files.pairs)} {s}" for s in SPLITS)
+        stated = files.meta.get("counts", {}).get("splits") if isinstance(files.meta.get("counts"), dict) else None
+        counts = ", ".join(f"{stated[s]['pairs']} {s}" if isinstance(stated, dict) and s in stated
+                           else f"{sum(p.split == s for p in files.pairs)} {s}" for s in SPLITS)
         raise DataError(f"{location}: no preference pairs in the {split} split (pairs per split: {counts}); "
                         "a dataset needs source images in every split it is trained, chosen or scored on")
     return chosen
@@ -356,9 +361,10 @@ def load_preference_data(location: str, image_size: int | None = None, n_pairs: 
     into prompts), so every split shares them. Without regularisation lines, the pair images serve
     as the clean set.
     """
-    every = read_dataset(location)
-    texts = candidate_texts(every)
-    files, size = select_split(every, split, location), _image_size(every, image_size)
+    files = read_dataset(location, split)
+    # A built dataset lists every candidate; a JSONL file's come from all its records, whatever the split.
+    texts = candidate_texts(files if "candidates" in files.meta or split is None else read_dataset(location))
+    size = _image_size(files, image_size)
     index = {text: i for i, text in enumerate(texts)}
     rng = np.random.default_rng(seed)
     pairs = [files.pairs[i] for i in _subset(len(files.pairs), n_pairs, rng)]

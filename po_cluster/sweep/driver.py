@@ -20,6 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from po_cluster.config import RunConfig, ScalingSettings, SweepConfig, WorkerConfig
+from po_cluster.data.stream_rows import dataset_meta, image_size, passes_needed, ray_datasets
 from po_cluster.sweep.experiment import Experiment, open_experiment
 from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch, search_algorithm
 from po_cluster.sweep.space import define_by_run, distributions, starting_points, tower_choices
@@ -74,6 +75,7 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        datasets=streamed_datasets(worker.run, scaling.data_cpus),
         scaling_config=scaling_config(scaling),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path if filesystem is not None else local_or_uri(storage_path),
@@ -84,6 +86,17 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
         ),
     )
     return trainer.fit()
+
+
+def streamed_datasets(run: RunConfig, cpus: float) -> dict | None:
+    """The Ray Data datasets a streaming run's workers read (po_cluster/train/stream.py), else None."""
+    if not run.data.streaming:
+        return None
+    location, t = str(run.data.dataset), run.training
+    meta = dataset_meta(location)
+    passes = {"pref": passes_needed(meta, "pref", t.steps, t.batch_size),
+              "reg": passes_needed(meta, "reg", t.steps, t.reg_batch_size)}
+    return ray_datasets(location, meta, image_size(meta), cpus, passes)
 
 
 def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
@@ -116,7 +129,10 @@ def max_concurrent_trials(cfg: SweepConfig) -> int:
         return cfg.max_concurrent_trials
     total = ray.cluster_resources()
     s = cfg.scaling
-    fits = [total.get("CPU", 0) / (s.num_workers * s.cpus_per_worker)] if s.cpus_per_worker > 0 else []
+    # A streaming trial's Ray Data tasks need CPUs beside its workers, or every CPU is held by a
+    # worker waiting for batches that no task can be scheduled to decode.
+    per_trial = s.num_workers * s.cpus_per_worker + (s.data_cpus if cfg.base.data.streaming else 0)
+    fits = [total.get("CPU", 0) / per_trial] if per_trial > 0 else []
     if s.use_gpu and s.gpus_per_worker > 0:
         fits.append(total.get("GPU", 0) / (s.num_workers * s.gpus_per_worker))
     return max(1, int(min(fits))) if fits else 1

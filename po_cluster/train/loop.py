@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -24,12 +23,14 @@ from po_cluster.config import DataConfig, LossConfig, OptimizerConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.data.records import ImageSet, PreferenceSet, subset_sets
 from po_cluster.evaluate.metrics import Evaluator, embed_images, embed_prompts
-from po_cluster.losses import LossSettings, PreferenceLogps, kl_ref_policy, preference_objective
+from po_cluster.losses import LossSettings
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.model.loading import load_clip
+from po_cluster.train.batch import Batch, BatchSource, batch_objective
 from po_cluster.train.bma import BetaMovingAverage
 from po_cluster.train.precision import Precision
+from po_cluster.train.stream import local_source
 
 
 @dataclass
@@ -111,29 +112,26 @@ def _inputs(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None,
         model.pixels(images[idx], device)
 
 
+def memory_batch(model: AlignedCLIP, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
+                 device: torch.device) -> Batch:
+    """The batch of these rows of records held in memory, with their precomputed π_ref."""
+    return Batch(_inputs(model, data.pref.images, data.pref_emb, pref_idx, device).to(device),
+                 torch.as_tensor(data.pref.chosen[pref_idx], device=device),
+                 torch.as_tensor(data.pref.rejected[pref_idx], device=device),
+                 data.ref_pref_logps[pref_idx].to(device),
+                 _inputs(model, data.reg.images, data.reg_emb, reg_idx, device).to(device),
+                 data.ref_reg_logps[reg_idx].to(device))
+
+
 def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
                loss_type: str, settings: LossSettings,
                precision: Precision | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The objective on one batch (no optimizer step, so DDP and plain loops share it).
-
-    The forward runs under `precision`'s autocast; the log-probabilities, and so the loss, are fp32."""
+    """The objective on these rows of in-memory records (no optimizer step, so DDP and plain loops
+    share it)."""
     core = unwrap(model)
     device = next(core.parameters()).device
-    # One forward over preference and regularisation images together.
-    inputs = torch.cat([_inputs(core, data.pref.images, data.pref_emb, pref_idx, device),
-                        _inputs(core, data.reg.images, data.reg_emb, reg_idx, device)]).to(device)
-    with precision.autocast() if precision is not None else nullcontext():
-        all_logps = model(inputs, data.text_emb.to(device))
-    all_logps = all_logps.float()
-    policy, reg_policy = all_logps[:len(pref_idx)], all_logps[len(pref_idx):]
-    ref = data.ref_pref_logps[pref_idx].to(device)
-    chosen = torch.as_tensor(data.pref.chosen[pref_idx], device=device)
-    rejected = torch.as_tensor(data.pref.rejected[pref_idx], device=device)
-    rows = torch.arange(len(pref_idx), device=device)
-    logps = PreferenceLogps(policy[rows, chosen], policy[rows, rejected], ref[rows, chosen], ref[rows, rejected],
-                            policy, ref, chosen)
-    kl = kl_ref_policy(data.ref_reg_logps[reg_idx].to(device), reg_policy)
-    return preference_objective(loss_type, logps, kl, settings)
+    batch = memory_batch(core, data, pref_idx, reg_idx, device)
+    return batch_objective(model, batch, data.text_emb.to(device), loss_type, settings, precision)
 
 
 def make_optimizer(model: AlignedCLIP, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -229,28 +227,45 @@ class FitResult:
     bma: BetaMovingAverage | None
 
 
-def fit(model: torch.nn.Module, data: TrainData, cfg: RunConfig, callbacks: Sequence[Callback] = (),
+class MemorySource:
+    """Batches of records held in memory, chosen by (seed, step): the same on a resumed run, and N
+    workers' shards together are one process's batch."""
+
+    def __init__(self, model: AlignedCLIP, data: TrainData, cfg: RunConfig, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.device = next(model.parameters()).device
+        self.model, self.data, self.t = model, data.to(self.device), cfg.training
+        self.rank, self.world_size, self.text_emb = rank, world_size, self.data.text_emb
+        self.classnames = data.pref.classnames
+
+    def __call__(self, step: int) -> Batch:
+        pref_idx, reg_idx = batch_indices(self.t.seed, step, len(self.data.pref), len(self.data.reg),
+                                          self.t.batch_size, self.t.reg_batch_size, self.rank, self.world_size)
+        return memory_batch(self.model, self.data, pref_idx, reg_idx, self.device)
+
+
+def fit(model: torch.nn.Module, data: TrainData | BatchSource, cfg: RunConfig, callbacks: Sequence[Callback] = (),
         state: TrainState | None = None, rank: int = 0, world_size: int = 1) -> FitResult:
     """Train from step `state.step + 1` to cfg.training.steps; leaves the model at its last iterate.
 
     `model` is an AlignedCLIP or its DDP wrapper; with DDP, each of the `world_size` processes
-    passes its `rank` and takes its shard of every global batch. Each step: LR schedule,
-    train_step, AdamW, BMA update, then the callbacks.
+    passes its `rank` and takes its shard of every global batch. `data` is records in memory or a
+    stream (po_cluster/train/stream.py). Each step: LR schedule, the objective, AdamW, BMA update,
+    then the callbacks.
     """
     t = cfg.training
     core = unwrap(model)
     state = state if state is not None else TrainState.start(core, cfg)
     settings = loss_settings(cfg.loss)
-    data = data.to(next(core.parameters()).device)
+    source = MemorySource(core, data, cfg, rank, world_size) if isinstance(data, TrainData) else data
     metrics: dict[str, float] = {}
     model.train()
     for step in range(state.step + 1, t.steps + 1):
         for callback in callbacks:
             callback.on_step_begin(step)
         set_lr(state.optimizer, step - 1, t.steps, cfg.optimizer.warmup_steps)
-        pref_idx, reg_idx = batch_indices(t.seed, step, len(data.pref), len(data.reg), t.batch_size,
-                                          t.reg_batch_size, rank, world_size)
-        loss, metrics = train_step(model, data, pref_idx, reg_idx, cfg.loss.loss_type, settings, state.precision)
+        loss, metrics = batch_objective(model, source(step), source.text_emb, cfg.loss.loss_type, settings,
+                                        state.precision)
         state.precision.step(loss, state.optimizer)
         if state.bma is not None:
             state.bma.update(step, trainable_state(core))
@@ -296,20 +311,20 @@ def run_training(cfg: RunConfig, progress: Callable[[int, dict[str, float]], Non
     start = time.time()
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg, resolve_device(cfg.training.device))
-    pref, reg = build_records(cfg.data)
     template = prompt_template(cfg.data)
-    data = prepare_data(model, pref, reg, template)
+    source = local_source(model, cfg, template) if cfg.data.streaming else \
+        MemorySource(model, prepare_data(model, *build_records(cfg.data), template), cfg)
     eval_sets = eval_sets if eval_sets is not None else held_out_sets(cfg.data, "test")
     # Before training the model is its own reference: π_ref on the clean set is taken from it once.
     start_eval = Evaluator.build(model, eval_sets, template=template)
     before = start_eval.metrics(1.0)
-    result = fit(model, data, cfg, [ProgressCallback(progress)] if progress is not None else [])
+    result = fit(model, source, cfg, [ProgressCallback(progress)] if progress is not None else [])
     last = start_eval.with_model(model).metrics(1.0)
     if result.bma is not None:
         load_average(model, result.bma)
     after = last if result.bma is None else start_eval.with_model(model).metrics(1.0)
     folder = Path(cfg.output_dir) / cfg.name
-    description = model_description(model, cfg.model, pref.classnames, template)
+    description = model_description(model, cfg.model, source.classnames, template)
     metrics = {"before": before, "after": after, "last_iterate": last, "train": result.last_metrics,
                "seconds": time.time() - start}
     save_checkpoint(folder, model, description, cfg.model_dump(mode="json"), metrics)

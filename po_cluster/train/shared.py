@@ -28,7 +28,7 @@ from po_cluster.train.loop import TrainData, build_model, build_records, held_ou
 class SharedInputs:
     """The trials' common inputs, on the CPU (the object store holds them; each trial moves them)."""
 
-    data: TrainData  # with the starting model's f(x) of every training image
+    data: TrainData | None  # with the starting model's f(x) of every training image; None: streamed
     val_sets: dict[str, ImageSet]
     val_image_emb: dict[str, torch.Tensor]
     val_text_emb: torch.Tensor
@@ -37,6 +37,8 @@ class SharedInputs:
 
     def train_data(self, image_tower_frozen: bool) -> TrainData:
         """A trial's TrainData: a tower that trains must see the pixels, not the start's f(x)."""
+        if self.data is None:
+            raise ValueError("the sweep streams its training records: no shared TrainData")
         return self.data if image_tower_frozen else replace(self.data, pref_emb=None, reg_emb=None)
 
     def evaluator(self, model: AlignedCLIP) -> Evaluator:
@@ -51,7 +53,9 @@ def compute_shared_inputs(run: RunConfig) -> SharedInputs:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(frozen, device)
     template = prompt_template(run.data)
-    data = prepare_data(model, *build_records(run.data), template).to(torch.device("cpu"))
+    # A streaming sweep shares its validation alone: its trials read the train split as they go.
+    data = None if run.data.streaming else \
+        prepare_data(model, *build_records(run.data), template).to(torch.device("cpu"))
     start = Evaluator.build(model, held_out_sets(run.data, "val"), template=template)
     return SharedInputs(data, start.sets, {k: v.cpu() for k, v in start.image_emb.items()},
                         start.text_emb.cpu(), start.ref_clean_logps.cpu(), start.metrics(0.0))

@@ -9,6 +9,8 @@ only on (seed, step) and every worker takes its own shard of it.
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.train.bma import BetaMovingAverage
 from po_cluster.train.loop import (
     Callback,
+    TrainData,
     TrainState,
     build_model,
     build_records,
@@ -39,6 +42,7 @@ from po_cluster.train.loop import (
 from po_cluster.train.phases import PhaseClock
 from po_cluster.train.shared import SharedInputs
 from po_cluster.train.state import load_train_state, save_train_state
+from po_cluster.train.stream import StreamSource, worker_source
 
 SHARED_INPUTS_KEY = "shared_inputs"  # beside the WorkerConfig in train_loop_config: an ObjectRef
 
@@ -142,6 +146,12 @@ def _resume(model: torch.nn.Module, state: TrainState) -> None:
                                           state.precision)
 
 
+def _peak_rss_mb() -> float:
+    """This worker process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
 def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation | None, train_metrics: dict,
             resumed_from: int, clock: PhaseClock) -> None:
     """All workers call report (it is a collective); rank 0 evaluates and writes the checkpoint.
@@ -160,7 +170,7 @@ def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation 
     out = {**{f"val_{k}": v for k, v in metrics.items()}, "objective": score, "step": step,
            "base_val_clean": validation.base["clean"], "base_val_attacked": validation.base["attacked"],
            "replica_divergence": divergence, "resumed_from_step": resumed_from, **train_metrics,
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if step % cfg.checkpoint_every == 0 or step == cfg.run.training.steps:
@@ -209,6 +219,17 @@ class WorkerCallback(Callback):
             _report(self.cfg, self.model, self.state, self.validation, metrics, self.resumed_from, self.clock)
 
 
+def _training_data(model, run: RunConfig, shared: SharedInputs | None, rank: int,
+                   world_size: int) -> TrainData | StreamSource:
+    """This worker's stream of the dataset's shards, the sweep's shared records, or its own."""
+    if run.data.streaming:
+        return worker_source(model, run, prompt_template(run.data), rank, world_size,
+                             shared.val_text_emb if shared is not None else None)
+    if shared is not None:
+        return shared.train_data(model.image_tower_frozen)
+    return prepare_data(model, *build_records(run.data), prompt_template(run.data))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: config = WorkerConfig as a dict, validated here at the edge, and under
     SHARED_INPUTS_KEY the ObjectRef of the sweep's SharedInputs (po_cluster/train/shared.py), if any."""
@@ -224,10 +245,7 @@ def train_loop_per_worker(config: dict) -> None:
     tower = TowerImages(model)
     with clock.phase("data_prep"):
         shared: SharedInputs | None = ray.get(shared_ref) if shared_ref is not None else None
-        if shared is not None:
-            data = shared.train_data(model.image_tower_frozen)
-        else:
-            data = prepare_data(model, *build_records(run.data), prompt_template(run.data))
+        data = _training_data(model, run, shared, rank, world_size)
     with clock.phase("validation_build"):
         validation = None if rank != 0 else \
             Validation.of_shared(model, shared) if shared is not None else Validation.of_start(model, run.data)

@@ -1,6 +1,7 @@
 """A user's own images, end to end: a class folder built into a dataset (local, or in S3 through moto's
-server), a 2-trial sweep on its train split, trials validated on val, soups chosen on val, the release
-scored on test, and `evaluate --dataset --split` reading the same splits."""
+server), a 2-trial sweep on its train split (in memory from the sweep's shared inputs locally; streamed
+by Ray Data from the bucket's shards into the Train workers on S3), trials validated on val, soups
+chosen on val, the release scored on test, and `evaluate --dataset --split` reading the same splits."""
 import json
 import os
 import subprocess
@@ -26,7 +27,8 @@ def _sweep_config(root: Path, dataset: str) -> Path:
         "name": "own-data", "storage_path": str(root / "sweeps"), "store": str(root / "store"),
         "num_samples": 2, "report_every": 10, "checkpoint_every": 10, "top_k": 2, "seed": 3,
         "space": {"loss_type": ["dpo"], "beta": {"low": 0.1, "high": 0.5}, "kl_weight": {"low": 0.1, "high": 0.5}},
-        "base": {"model": {"image_tower": "frozen"}, "data": {"dataset": dataset, "n_val": 10_000},
+        "base": {"model": {"image_tower": "frozen"},
+                 "data": {"dataset": dataset, "n_val": 10_000, "streaming": dataset.startswith("s3://")},
                  "optimizer": {"lr": 5e-2}, "training": {"steps": 20, "batch_size": 32, "reg_batch_size": 32}},
     }))
     return path

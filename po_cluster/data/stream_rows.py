@@ -1,0 +1,121 @@
+"""Reading a sharded dataset's train split as a stream of decoded rows: what Ray Data's tasks run
+(and the single-process stream), kept free of torch and the model so that those tasks import little.
+The training side (π_ref per batch, batches to the device) is po_cluster/train/stream.py.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from po_cluster.data.pairs import DATASET_JSON, DEFAULT_IMAGE_SIZE, DataError, load_image, read_bytes
+from po_cluster.data.records import NO_WORD
+from po_cluster.data.shards import read_shard
+from po_cluster.store.location import join
+
+
+def dataset_meta(location: str) -> dict:
+    """dataset.json of a sharded dataset; DataError for anything a stream cannot read."""
+    meta = json.loads(read_bytes(join(location, DATASET_JSON)))
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list) or not meta["shards"]:
+        raise DataError(f"{location}: streaming needs a dataset of Parquet shards (po-cluster data typographic, "
+                        "ingest or world); this one has none")
+    if not meta.get("candidates"):
+        raise DataError(f"{join(location, DATASET_JSON)}: no candidates listed")
+    return meta
+
+
+def stream_kind(meta: dict) -> str:
+    """What the clean stream reads: the train split's regularisation rows, or (a dataset with none)
+    its pairs, labelled with their chosen text, as in memory."""
+    counts = meta.get("counts")
+    return "pair" if isinstance(counts, dict) and counts.get("regularization") == 0 else "regularization"
+
+
+def decode_rows(batch: dict[str, Any], kind: str, reg: bool, size: int, candidates: list[str],
+                split: str = "train") -> dict[str, np.ndarray]:
+    """Shard rows → this stream's rows: uint8 images [n, size, size, 3] through the one image path,
+    and class indices into the candidates. Rows of other splits and kinds are dropped here."""
+    index = {text: i for i, text in enumerate(candidates)}
+    keep = [i for i, (k, s) in enumerate(zip(batch["kind"], batch["split"], strict=True))
+            if k == kind and (s or "train") == split]
+    images = np.empty((len(keep), size, size, 3), dtype=np.uint8)
+    for row, i in enumerate(keep):
+        images[row] = load_image(str(batch["image_name"][i]), size, batch["image"][i])
+    if reg:
+        texts = batch["text"] if kind == "regularization" else batch["chosen"]
+        return {"image": images, "label": np.array([index.get(texts[i], NO_WORD) if texts[i] else NO_WORD
+                                                    for i in keep], dtype=np.int64)}
+    return {"image": images, "chosen": np.array([index[batch["chosen"][i]] for i in keep], dtype=np.int64),
+            "rejected": np.array([index[batch["rejected"][i]] for i in keep], dtype=np.int64)}
+
+
+def local_stream(location: str, meta: dict, reg: bool, batch_size: int, seed: int,
+                 size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of the train split without Ray, forever: each pass visits the shards in a seeded
+    order, one at a time, its rows shuffled within the shard."""
+    kind = stream_kind(meta) if reg else "pair"
+    for epoch in range(1 << 62):
+        rng = np.random.default_rng([seed, epoch])
+        pending: list[dict[str, np.ndarray]] = []
+        yielded = False
+        for number in rng.permutation(len(meta["shards"])):
+            rows = read_shard(location, meta["shards"][number])
+            columns = {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+            if not columns:
+                continue
+            decoded = decode_rows(columns, kind, reg, size, meta["candidates"])
+            order = rng.permutation(len(decoded["image"]))
+            pending.append({name: values[order] for name, values in decoded.items()})
+            while sum(len(p["image"]) for p in pending) >= batch_size:
+                joined = {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
+                yield {name: values[:batch_size] for name, values in joined.items()}
+                pending, yielded = [{name: values[batch_size:] for name, values in joined.items()}], True
+        if not yielded:
+            raise DataError(f"{location}: the train split holds fewer than {batch_size} {kind} rows: "
+                            "lower the batch size")
+
+
+MAX_PASSES = 10_000
+
+
+def passes_needed(meta: dict, stream: str, steps: int, batch: int) -> int:
+    """Passes over the train split a run of `steps` batches reads from one stream, plus one (each pass
+    drops a worker's last partial batch), as dataset.json's counts tell; 1 when they do not."""
+    train = meta.get("counts", {}).get("splits", {}).get("train", {}) if isinstance(meta.get("counts"), dict) else {}
+    rows = train.get("pairs" if stream == "pref" else "images") if isinstance(train, dict) else None
+    if not isinstance(rows, int) or rows <= 0:
+        return 1
+    return min(math.ceil(steps * batch / rows) + 1, MAX_PASSES)
+
+
+def ray_datasets(location: str, meta: dict, size: int, cpus: float = 1.0,
+                 passes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The two Ray Data datasets a TorchTrainer splits across its workers (datasets=…): the train
+    split's pairs and its clean images, read from the shards (S3 through the store's pyarrow
+    filesystem) and decoded in Ray's CPU tasks. `passes[name]` passes are chained into one
+    (Dataset.union) so that a small dataset does not start a new execution every few steps."""
+    import ray.data
+
+    from po_cluster.store.location import pyarrow_fs
+
+    filesystem, root = pyarrow_fs(location)
+    paths = [f"{root.rstrip('/')}/{info['path']}" for info in meta["shards"]]
+    candidates = list(meta["candidates"])
+    decode = {"pref": functools.partial(decode_rows, kind="pair", reg=False, size=size, candidates=candidates),
+              "reg": functools.partial(decode_rows, kind=stream_kind(meta), reg=True, size=size, candidates=candidates)}
+    out = {}
+    for name, fn in decode.items():
+        one = ray.data.read_parquet(paths, filesystem=filesystem, ray_remote_args={"num_cpus": cpus}) \
+            .map_batches(fn, batch_format="numpy", num_cpus=cpus)
+        repeats = (passes or {}).get(name, 1)
+        out[name] = one.union(*[one] * (repeats - 1)) if repeats > 1 else one
+    return out
+
+
+def image_size(meta: dict) -> int:
+    return int(meta.get("image_size", DEFAULT_IMAGE_SIZE))

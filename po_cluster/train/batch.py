@@ -1,0 +1,56 @@
+"""One training batch, wherever it came from, and the preference objective on it.
+
+Records held in memory (po_cluster/train/loop.py) and a stream of shards
+(po_cluster/train/stream.py) both hand `fit` a Batch per step, with π_ref's
+log-probabilities beside the inputs, so the objective is computed one way.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from po_cluster.losses import LossSettings, PreferenceLogps, kl_ref_policy, preference_objective
+from po_cluster.train.precision import Precision
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One worker's share of a step: model inputs (pixels, or cached f(x) for a frozen tower), the
+    pairs' class indices, and π_ref's log-probabilities on both sets of images, on the device."""
+
+    pref_inputs: torch.Tensor
+    chosen: torch.Tensor  # [B] long
+    rejected: torch.Tensor
+    ref_pref_logps: torch.Tensor  # [B, C]
+    reg_inputs: torch.Tensor
+    ref_reg_logps: torch.Tensor  # [M, C]
+
+
+class BatchSource(Protocol):
+    """Where fit's batches come from: the candidates, their g(y), and this worker's batch of each step."""
+
+    text_emb: torch.Tensor
+    classnames: tuple[str, ...]
+
+    def __call__(self, step: int) -> Batch: ...
+
+
+def batch_objective(model: torch.nn.Module, batch: Batch, text_emb: torch.Tensor, loss_type: str,
+                    settings: LossSettings,
+                    precision: Precision | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The objective on one batch. The forward runs under `precision`'s autocast, over preference and
+    regularisation images together; the log-probabilities, and so the loss, are fp32."""
+    n = len(batch.chosen)
+    with precision.autocast() if precision is not None else nullcontext():
+        all_logps = model(torch.cat([batch.pref_inputs, batch.reg_inputs]), text_emb)
+    all_logps = all_logps.float()
+    policy, reg_policy = all_logps[:n], all_logps[n:]
+    ref = batch.ref_pref_logps
+    rows = torch.arange(n, device=policy.device)
+    logps = PreferenceLogps(policy[rows, batch.chosen], policy[rows, batch.rejected], ref[rows, batch.chosen],
+                            ref[rows, batch.rejected], policy, ref, batch.chosen)
+    kl = kl_ref_policy(batch.ref_reg_logps, reg_policy)
+    return preference_objective(loss_type, logps, kl, settings)

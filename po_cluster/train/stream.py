@@ -1,0 +1,104 @@
+"""Streaming a sharded dataset's train split into training (`data.streaming: true`).
+
+In memory, a run decodes every record before its first step and computes π_ref once per
+record. A dataset of a hundred thousand images does not fit that way in every worker of
+every trial, so a streaming run reads the Parquet shards as it trains: in a Ray Train
+worker from Ray Data (read and decoded in Ray's CPU tasks, split across the workers,
+shuffled within a bounded buffer), in a single process from the shards one at a time.
+Memory is bounded by blocks and batches, not by the dataset.
+
+What streaming changes:
+- π_ref is computed per batch, from the same images: the tower's f(x) at t = 0 (θ_ref, a copy
+  made once; for LoRA the adapters at zero) under no_grad. A frozen tower's f(x) serves both
+  the policy and π_ref, so it costs nothing more; a trained tower costs one more forward.
+- A batch is the next one of the stream, not a function of (seed, step): a run resumed after a
+  worker crash restarts its stream at a new pass, so its batches, and so its weights, differ from
+  those of the run that did not crash. The steps, optimizer state and schedule resume exactly.
+- The shards' sha256 is not checked while streaming (that would read each shard twice):
+  `po-cluster data check` checks them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from po_cluster.config import RunConfig
+from po_cluster.data import world
+from po_cluster.data.pairs import DataError
+from po_cluster.data.stream_rows import dataset_meta, image_size, local_stream
+from po_cluster.evaluate.metrics import embed_prompts
+from po_cluster.model.aligned import AlignedCLIP
+from po_cluster.train.batch import Batch
+
+STREAMS = ("pref", "reg")  # the dataset names a Ray Train worker asks for
+
+
+def ray_stream(name: str, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """This Ray Train worker's share of dataset `name`, in batches, pass after pass."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    for epoch in range(1 << 62):
+        yielded = False
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch):
+            yielded = True
+            yield batch
+        if not yielded:
+            raise DataError(f"the {name} stream gave this worker fewer than {batch_size} rows in a pass: "
+                            "lower the batch size or use fewer workers")
+
+
+class StreamSource:
+    """fit's batch source over two streams of decoded rows: pixels to the device, π_ref from the same
+    images at t = 0 (θ_ref's tower, copied once), and for a frozen tower its f(x) as the input."""
+
+    def __init__(self, model: AlignedCLIP, classnames: tuple[str, ...], text_emb: torch.Tensor,
+                 pref: Iterator[dict[str, np.ndarray]], reg: Iterator[dict[str, np.ndarray]]) -> None:
+        self.model, self.classnames, self.pref, self.reg = model, classnames, pref, reg
+        self.device = next(model.parameters()).device
+        self.text_emb = text_emb.to(self.device)
+        self.ref_tower = model.tower_at(0.0)  # the tower itself when nothing moves with t but adapters
+
+    @torch.no_grad()
+    def _inputs_and_ref(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = self.model.pixels(images, self.device)
+        ref_emb = self.model.encode_image(pixels, 0.0, tower=self.ref_tower)
+        ref = self.model.logprobs(ref_emb, self.text_emb, t=0.0)
+        return (ref_emb if self.model.image_tower_frozen else pixels), ref
+
+    def __call__(self, step: int) -> Batch:
+        pref, reg = next(self.pref), next(self.reg)
+        pref_inputs, ref_pref = self._inputs_and_ref(pref["image"])
+        reg_inputs, ref_reg = self._inputs_and_ref(reg["image"])
+        return Batch(pref_inputs, torch.as_tensor(pref["chosen"], device=self.device),
+                     torch.as_tensor(pref["rejected"], device=self.device), ref_pref, reg_inputs, ref_reg)
+
+
+def candidate_embeddings(model: AlignedCLIP, meta: dict, template: str) -> tuple[tuple[str, ...], torch.Tensor]:
+    classnames = tuple(meta["candidates"])
+    return classnames, embed_prompts(model, world.prompts(classnames, template))
+
+
+def local_source(model: AlignedCLIP, cfg: RunConfig, template: str) -> StreamSource:
+    """The single-process stream of `cfg.data.dataset`'s train split (no Ray)."""
+    location, t = str(cfg.data.dataset), cfg.training
+    meta = dataset_meta(location)
+    classnames, text_emb = candidate_embeddings(model, meta, template)
+    size = image_size(meta)
+    return StreamSource(model, classnames, text_emb, local_stream(location, meta, False, t.batch_size, t.seed, size),
+                        local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size))
+
+
+def worker_source(model: AlignedCLIP, cfg: RunConfig, template: str, rank: int, world_size: int,
+                  text_emb: torch.Tensor | None = None) -> StreamSource:
+    """A Ray Train worker's stream: its shard of the trainer's "pref" and "reg" datasets, this rank's
+    share of each global batch (as in memory: rows rank, rank + world_size, …)."""
+    meta = dataset_meta(str(cfg.data.dataset))
+    classnames, own = candidate_embeddings(model, meta, template) if text_emb is None else \
+        (tuple(meta["candidates"]), text_emb)
+    t = cfg.training
+    pref, reg = (len(range(rank, size, world_size)) for size in (t.batch_size, t.reg_batch_size))
+    return StreamSource(model, classnames, own, ray_stream("pref", pref, t.seed), ray_stream("reg", reg, t.seed + 1))
