@@ -25,7 +25,7 @@ from po_cluster.sweep.experiment import Experiment, open_experiment
 from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch, search_algorithm
 from po_cluster.sweep.space import define_by_run, distributions, starting_points, tower_choices
 from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
-from po_cluster.train.shared import shared_inputs_task
+from po_cluster.train.shared import shared_inputs
 from po_cluster.train.worker import SHARED_INPUTS_KEY, train_loop_per_worker
 
 METRIC = "objective"
@@ -262,7 +262,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     callbacks, tracker, parent = trial_callbacks(cfg, experiment,
                                                  functools.partial(trial_settings, cfg.model_dump(mode="json")))
     # Computed again by a resumed sweep: deterministic, so a trial that resumes gets the same inputs.
-    shared = shared_inputs_task(cfg.base, cfg.scaling) if cfg.share_inputs else None
+    shared = shared_inputs(cfg.base, cfg.scaling) if cfg.share_inputs else None
     if resume:
         _prepare_study(experiment, resume=True)  # before Tune restores its searcher, which opens it
         tuner = tune.Tuner.restore(experiment.path, trainable=driver_trainable(cfg, experiment, shared),

@@ -14,6 +14,7 @@ Everything here is deterministic, so a trial restarted after a failure, or in a 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -61,12 +62,27 @@ def compute_shared_inputs(run: RunConfig) -> SharedInputs:
                         start.text_emb.cpu(), start.ref_clean_logps.cpu(), start.metrics(0.0))
 
 
-def shared_inputs_task(run: RunConfig, scaling: ScalingSettings):
-    """Start computing the shared inputs in one Ray task; returns its ObjectRef (owned by the caller,
-    the sweep driver, so it lives as long as the sweep)."""
+def _computed(run: RunConfig) -> tuple[dict, SharedInputs]:
+    """The task's two returns: a small summary the driver waits on, and the inputs themselves."""
+    inputs = compute_shared_inputs(run)
+    return {"train_records": 0 if inputs.data is None else len(inputs.data.pref)}, inputs
+
+
+def shared_inputs(run: RunConfig, scaling: ScalingSettings):
+    """Compute the shared inputs in one Ray task (a trial worker's resources, so on a GPU when the
+    trials have one) and wait for it; returns the inputs' ObjectRef, owned by the caller (the sweep
+    driver), so they live as long as the sweep.
+
+    The driver waits before any trial starts: a task still queued while the trials' workers hold
+    every CPU, each waiting for its result, would never run. A task that fails (a dataset that
+    cannot be read) fails the sweep here, once, with its error. Only the summary reaches the
+    driver; the inputs stay in the object store."""
     import ray
 
     gpus = scaling.gpus_per_worker if scaling.use_gpu else 0
-    task = ray.remote(compute_shared_inputs).options(num_cpus=max(scaling.cpus_per_worker, 0.01), num_gpus=gpus,
-                                                    name="po-cluster.shared_inputs")
-    return task.remote(run)
+    task = ray.remote(_computed).options(num_cpus=max(scaling.cpus_per_worker, 0.01), num_gpus=gpus,
+                                         num_returns=2, name="po-cluster.shared_inputs")
+    refs: Any = task.remote(run)  # num_returns=2: two ObjectRefs (Ray's stubs see one)
+    summary, inputs = refs
+    ray.get(summary)
+    return inputs
