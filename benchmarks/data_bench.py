@@ -38,14 +38,14 @@ def make_dataset(root: Path, n: int) -> str:
     return str(out)
 
 
-def train(dataset: str, streaming: bool, steps: int, storage: Path) -> dict:
+def train(dataset: str, streaming: bool, steps: int, storage: Path, data_cpus: float) -> dict:
     from po_cluster.sweep.driver import fit_trial
 
     run = parse_config({"data": {"dataset": dataset, "streaming": streaming, "n_pairs": 1 << 30,
                                  "n_reg": 1 << 30, "n_val": 64},
                         "training": {"steps": steps, "batch_size": 64, "reg_batch_size": 64}})
     worker = WorkerConfig(run=run, report_every=steps, checkpoint_every=steps)
-    result = fit_trial(worker, ScalingSettings(num_workers=1, cpus_per_worker=1), str(storage),
+    result = fit_trial(worker, ScalingSettings(num_workers=1, cpus_per_worker=1, data_cpus=data_cpus), str(storage),
                        f"bench-{time.time_ns()}", 0)
     return result.metrics
 
@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=500, help="source images of the small dataset (8× for the large)")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--data-cpus", type=float, default=0.5, help="CPUs each Ray Data task asks (scaling.data_cpus)")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="po-data-bench-") as tmp:
@@ -63,7 +64,7 @@ def main() -> None:
         datasets = {n: make_dataset(root / str(n), n) for n in (args.n, 8 * args.n)}
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
         try:
-            rows = {(n, streaming): train(path, streaming, args.steps, root / "runs")
+            rows = {(n, streaming): train(path, streaming, args.steps, root / "runs", args.data_cpus)
                     for n, path in datasets.items() for streaming in (False, True)}
         finally:
             ray.shutdown()
