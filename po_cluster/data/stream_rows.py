@@ -20,7 +20,10 @@ from po_cluster.store.location import join
 
 def dataset_meta(location: str) -> dict:
     """dataset.json of a sharded dataset; DataError for anything a stream cannot read."""
-    meta = json.loads(read_bytes(join(location, DATASET_JSON)))
+    try:
+        meta = json.loads(read_bytes(join(location, DATASET_JSON)))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{join(location, DATASET_JSON)}: not valid JSON ({error.msg})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list) or not meta["shards"]:
         raise DataError(f"{location}: streaming needs a dataset of Parquet shards (po-cluster data typographic, "
                         "ingest or world); this one has none")

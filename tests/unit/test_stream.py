@@ -72,6 +72,9 @@ def test_streaming_needs_a_sharded_dataset_and_enough_rows(dataset, tmp_path):
     (tmp_path / "dataset.json").write_text("{}")
     with pytest.raises(DataError, match="streaming needs a dataset of Parquet shards"):
         dataset_meta(str(tmp_path))
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"dataset.json: not valid JSON"):
+        dataset_meta(str(tmp_path))
     with pytest.raises(DataError, match="fewer than 1000 pair rows"):
         next(local_stream(dataset, dataset_meta(dataset), False, 1000, seed=0, size=48))
 
