@@ -32,7 +32,6 @@ RECORD_SCHEMA = pa.schema([
     ("written", pa.string()), ("image_name", pa.string()), ("image", pa.binary()),
     ("font", pa.string()), ("font_px", pa.int32()), ("fill", pa.string()), ("outline", pa.string()),
 ])
-TEXT_COLUMNS = tuple(f.name for f in RECORD_SCHEMA if f.type == pa.string())
 
 
 class ShardError(ValueError):
