@@ -63,6 +63,9 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     world: Literal["typo_shapes"] = "typo_shapes"
+    task: Literal["typographic", "bias"] = Field(
+        "typographic", description="the world's preference records: typographic attacks (name the shape, not the "
+        "word), or the bias task (name the pattern the object shows, not its class's stereotyped one)")
     n_pairs: int = Field(4096, gt=0, description="preference records (attacked images)")
     n_reg: int = Field(2048, gt=0, description="clean regularisation images")
     n_val: int = Field(500, gt=0, description="images per validation set (for choosing)")
@@ -78,6 +81,8 @@ class DataConfig(Strict):
     def _streaming_needs_a_dataset(self) -> DataConfig:
         if self.streaming and self.dataset is None:
             raise ValueError("streaming needs data.dataset: a built dataset of Parquet shards (the world is rendered)")
+        if self.task != "typographic" and self.dataset is not None:
+            raise ValueError(f"data.task {self.task!r} is one of the world's; a dataset's records say what they prefer")
         return self
 
 
@@ -233,6 +238,8 @@ class WorkerConfig(Strict):
     checkpoint_every: int = Field(50, gt=0, description="steps between resumable checkpoints")
     clean_tolerance: float = Field(0.02, ge=0)
     clean_penalty: float = Field(5.0, ge=0)
+    retention_penalty: float = Field(5.0, ge=0, description="weight of the retention (the world's colour and size "
+                                     "tasks) lost beyond clean_tolerance, in the objective")
     fail_at_step: int | None = Field(None, description="test hook: crash rank 0 once at this step")
     fail_marker: str | None = Field(None, description="test hook: file whose existence means 'already crashed'")
     trial_started_at: float | None = Field(None, description="the trial driver's time.time() at its start: "
@@ -319,6 +326,8 @@ class SweepConfig(Strict):
     checkpoint_every: int = Field(50, gt=0)
     clean_tolerance: float = Field(0.02, ge=0)
     clean_penalty: float = Field(5.0, ge=0)
+    retention_penalty: float = Field(5.0, ge=0, description="weight of the retention (the world's colour and size "
+                                     "tasks) lost beyond clean_tolerance, in the objective")
     max_failures: int = Field(2, ge=-1, description="worker failures a trial recovers from")
     top_k: int = Field(4, gt=0, description="trials combined into soups by `average`")
     share_inputs: bool = Field(True, description="compute the trials' common inputs (records, π_ref, g(y), the "

@@ -29,6 +29,9 @@ class ImageSet:
     labels: np.ndarray
     written: np.ndarray
     classnames: tuple[str, ...]
+    # The set's own prompt template, when its classes are not the task's (the world's attribute sets);
+    # None: the template of the task it is evaluated with.
+    template: str | None = None
 
     def __post_init__(self) -> None:
         _check_rows("ImageSet", self.images, self.labels, self.written)
@@ -37,7 +40,7 @@ class ImageSet:
         return len(self.images)
 
     def take(self, rows: np.ndarray) -> ImageSet:
-        return ImageSet(self.images[rows], self.labels[rows], self.written[rows], self.classnames)
+        return ImageSet(self.images[rows], self.labels[rows], self.written[rows], self.classnames, self.template)
 
 
 def subset_sets(sets: dict[str, ImageSet], n: int, seed: int) -> dict[str, ImageSet]:

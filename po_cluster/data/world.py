@@ -1,115 +1,63 @@
-"""The typo-shapes world (docs/design.md, "The typo-shapes world"): coloured shapes on noisy backgrounds,
-optionally with a word written on them, rendered with Pillow.
+"""The typo-shapes world (docs/design.md, "The typo-shapes world"): 16 kinds of shape, small or
+large, rotated, in one of six colours, plain or striped, on noisy cluttered backgrounds, optionally
+with a word written on them; rendered with Pillow (po_cluster/data/render.py).
 
-Everything is a pure function of a seed, so evaluation sets are identical on
-every machine with the pinned Pillow (a test checks their sha256).
+Besides the typographic task (name the shape, not the word) the world has tasks the preference data
+never touches, to measure what a model keeps (its colour and its size), and a bias: in the
+pretraining mix each class is drawn with its stereotyped pattern 95 % of the time, so the base
+model's answer to "plain or striped?" follows the class more than the image.
+
+Everything is a pure function of a seed, so evaluation sets are identical on every machine with the
+pinned Pillow (a test checks their sha256).
 """
 from __future__ import annotations
 
-import math
-from functools import lru_cache
-
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet, UnpairedSet
+from po_cluster.data.render import COLOURS, PATTERNS, SHAPE_PARTS, SIZES, Look, scene
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
+SHAPES: tuple[str, ...] = tuple(SHAPE_PARTS)
 PROMPT_TEMPLATE = "a photo of a {}."
+# The attribute tasks' prompts name no class: captions say "object" when they describe only its look.
+ATTRIBUTE_TEMPLATE = "a photo of a {} object."
 # Extra caption templates for pretraining only, so the text tower sees some variety.
 CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a {} on a noisy background.")
 IMAGE_SIZE = 64
-EVAL_SEEDS = {"clean": 10_001, "attacked": 10_002, "word_only": 10_003}
 EVAL_SIZE = 1000
-
-_PALETTE = np.array(
-    [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-     (145, 30, 180), (70, 240, 240), (240, 50, 230), (250, 190, 190), (0, 128, 128)],
-    dtype=np.int64,
-)
+# What the world evaluates: the typographic task, the tasks to retain, and the bias sets.
+TASK_KINDS = ("clean", "attacked", "word_only")
+RETENTION_KINDS = ("retain_colour", "retain_size")
+BIAS_KINDS = ("bias_stereotyped", "bias_counter")
+EVAL_SEEDS = {kind: 10_001 + i for i, kind in enumerate(TASK_KINDS + RETENTION_KINDS + BIAS_KINDS)}
+# Each class's pattern in the pretraining mix (index into PATTERNS), and how often it holds there.
+STEREOTYPE: tuple[int, ...] = tuple(i % 2 for i in range(len(SHAPES)))
+STEREOTYPE_SHARE = 0.95
 
 
 def prompts(classnames: tuple[str, ...] = SHAPES, template: str = PROMPT_TEMPLATE) -> list[str]:
     return [template.format(name) for name in classnames]
 
 
-@lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    # Pillow's bundled font: no font file to ship or find, same glyphs everywhere.
-    return ImageFont.load_default(size=size)
+def random_look(rng: np.random.Generator, pattern: int | None = None) -> Look:
+    colour, size = int(rng.integers(len(COLOURS))), int(rng.integers(len(SIZES)))
+    return Look(colour, size, int(rng.integers(len(PATTERNS))) if pattern is None else pattern)
 
 
-def _background(rng: np.random.Generator, size: int) -> Image.Image:
-    base = rng.integers(40, 200, size=3)
-    noise = rng.normal(0.0, 28.0, size=(size, size, 3))
-    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
+def render(shape: int | None, word: int | None, rng: np.random.Generator, size: int = IMAGE_SIZE,
+           classnames: tuple[str, ...] = SHAPES, look: Look | None = None) -> np.ndarray:
+    """One image: the shape of class `shape` (or none) with the name of class `word` (or none); the
+    object's look is drawn from `rng` unless given."""
+    if shape is not None and look is None:
+        look = random_look(rng)
+    return scene(None if shape is None else classnames[shape], None if word is None else classnames[word],
+                 look, rng, size)
 
 
-def _polygon(cx: float, cy: float, r: float, sides: int, phase: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(phase + 2 * math.pi * i / sides),
-             cy + r * math.sin(phase + 2 * math.pi * i / sides)) for i in range(sides)]
-
-
-def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    points = []
-    for i in range(10):
-        radius = r if i % 2 == 0 else r * 0.42
-        angle = -math.pi / 2 + math.pi * i / 5
-        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
-    return points
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "ring":
-        draw.ellipse(box, outline=fill, width=max(3, int(r * 0.35)))
-    elif shape == "square":
-        s = r * 0.85
-        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
-    elif shape == "triangle":
-        draw.polygon(_polygon(cx, cy + r * 0.15, r * 1.1, 3, -math.pi / 2), fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=fill)
-    elif shape == "star":
-        draw.polygon(_star(cx, cy, r * 1.1), fill=fill)
-    elif shape == "cross":
-        t = r * 0.33
-        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
-        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
-    elif shape == "hexagon":
-        draw.polygon(_polygon(cx, cy, r, 6, 0.0), fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-
-
-def _draw_word(draw: ImageDraw.ImageDraw, word: str, rng: np.random.Generator, size: int) -> None:
-    font = _font(int(rng.integers(11, 14)))
-    # Pillow types boxes as float; a font's boxes are whole pixels.
-    left, top, right, bottom = (int(edge) for edge in draw.textbbox((0, 0), word, font=font, stroke_width=1))
-    width, height = right - left, bottom - top
-    x = int(rng.integers(1, max(2, size - width - 1))) - left
-    y = int(rng.integers(1, max(2, size - height - 1))) - top
-    light = bool(rng.integers(0, 2))
-    fill, outline = ((255, 255, 255), (0, 0, 0)) if light else ((0, 0, 0), (255, 255, 255))
-    draw.text((x, y), word, font=font, fill=fill, stroke_width=1, stroke_fill=outline)
-
-
-def render(shape: int | None, word: int | None, rng: np.random.Generator,
-           size: int = IMAGE_SIZE, classnames: tuple[str, ...] = SHAPES) -> np.ndarray:
-    """One image: the shape of class `shape` (or none) with the name of class `word` (or none)."""
-    image = _background(rng, size)
-    draw = ImageDraw.Draw(image)
-    if shape is not None:
-        r = size * float(rng.uniform(0.2, 0.32))
-        cx, cy = (float(rng.uniform(r + 2, size - r - 2)) for _ in range(2))
-        colour = tuple(int(c) for c in _PALETTE[rng.integers(0, len(_PALETTE))])
-        _draw_shape(draw, classnames[shape], cx, cy, r, colour)
-    if word is not None:
-        _draw_word(draw, classnames[word], rng, size)
-    return np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
+def _balanced(n: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """n labels, each class as often as n allows, in a seeded order: a set's accuracy weighs every
+    class the same (16 classes drawn at random would not)."""
+    return rng.permutation(np.arange(n) % n_classes)
 
 
 def _other(label: np.ndarray, rng: np.random.Generator, n_classes: int) -> np.ndarray:
@@ -117,26 +65,61 @@ def _other(label: np.ndarray, rng: np.random.Generator, n_classes: int) -> np.nd
     return (label + rng.integers(1, n_classes, size=len(label))) % n_classes
 
 
-def _render_many(shapes: np.ndarray, words: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _render_many(shapes: np.ndarray, words: np.ndarray, looks: list[Look | None],
+                 rng: np.random.Generator) -> np.ndarray:
     out = np.empty((len(shapes), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for i, (shape, word) in enumerate(zip(shapes, words, strict=True)):
-        out[i] = render(None if shape == NO_WORD else int(shape), None if word == NO_WORD else int(word), rng)
+    for i, (shape, word, look) in enumerate(zip(shapes, words, looks, strict=True)):
+        out[i] = render(None if shape == NO_WORD else int(shape), None if word == NO_WORD else int(word), rng,
+                        look=look)
     return out
 
 
+def _looks(labels: np.ndarray, rng: np.random.Generator, stereotyped: float | None = None,
+           counter: bool | None = None) -> list[Look | None]:
+    """A look per object: uniform; or with the class's stereotyped pattern at the share given; or
+    always (counter False) or never (counter True) the stereotyped one."""
+    looks: list[Look | None] = []
+    for label in labels:
+        if label == NO_WORD:
+            looks.append(None)
+            continue
+        usual = STEREOTYPE[int(label)]
+        if counter is not None:
+            pattern: int | None = 1 - usual if counter else usual
+        else:
+            pattern = None if stereotyped is None else (usual if rng.random() < stereotyped else 1 - usual)
+        looks.append(random_look(rng, pattern))
+    return looks
+
+
+def _attribute_set(kind: str, n: int, rng: np.random.Generator) -> ImageSet:
+    """Clean images labelled by their colour or size (to retain) or their pattern (the bias sets)."""
+    shapes = _balanced(n, len(SHAPES), rng)
+    looks = _looks(shapes, rng, counter=None if kind in RETENTION_KINDS else kind == "bias_counter")
+    images = _render_many(shapes, np.full(n, NO_WORD), looks, rng)
+    field, names = {"retain_colour": ("colour", tuple(COLOURS)), "retain_size": ("size", tuple(SIZES))}.get(
+        kind, ("pattern", PATTERNS))
+    labels = np.array([getattr(look, field) for look in looks], dtype=np.int64)
+    return ImageSet(images, labels, np.full(n, NO_WORD, dtype=np.int64), names, ATTRIBUTE_TEMPLATE)
+
+
 def image_set(kind: str, n: int, seed: int) -> ImageSet:
-    """`clean` shapes, `attacked` shapes with another class's name, or `word_only`."""
+    """`clean` shapes, `attacked` shapes with another class's name, `word_only`; or an attribute set
+    (`retain_colour`, `retain_size`, `bias_stereotyped`, `bias_counter`)."""
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, len(SHAPES), size=n)
+    if kind in RETENTION_KINDS + BIAS_KINDS:
+        return _attribute_set(kind, n, rng)
+    labels = _balanced(n, len(SHAPES), rng)
     if kind == "clean":
         shapes, written = labels, np.full(n, NO_WORD)
     elif kind == "attacked":
-        shapes, written = labels, _other(labels, rng, len(SHAPES))
+        shapes, written = labels, (labels + 1 + _balanced(n, len(SHAPES) - 1, rng)) % len(SHAPES)
     elif kind == "word_only":
         shapes, written = np.full(n, NO_WORD), labels
     else:
-        raise ValueError(f"unknown image set kind {kind!r}; use clean, attacked or word_only")
-    return ImageSet(_render_many(shapes, written, rng), labels.astype(np.int64), written.astype(np.int64), SHAPES)
+        raise ValueError(f"unknown image set kind {kind!r}; use one of {', '.join(EVAL_SEEDS)}")
+    images = _render_many(shapes, written, _looks(shapes, rng), rng)
+    return ImageSet(images, labels.astype(np.int64), written.astype(np.int64), SHAPES, PROMPT_TEMPLATE)
 
 
 def evaluation_sets(n: int = EVAL_SIZE) -> dict[str, ImageSet]:
@@ -163,10 +146,37 @@ def unpaired_set(n: int, seed: int) -> UnpairedSet:
     return UnpairedSet(attacked.images, labels.astype(np.int64), desirable, SHAPES)
 
 
+def bias_preference_set(n: int, seed: int) -> PreferenceSet:
+    """The bias task's records (candidates PATTERNS, ATTRIBUTE_TEMPLATE): half the images show their
+    class's stereotyped pattern and half the other; chosen = the pattern the image shows."""
+    rng = np.random.default_rng(seed)
+    shapes = rng.integers(0, len(SHAPES), size=n)
+    counter = rng.random(n) < 0.5
+    looks = [random_look(rng, 1 - STEREOTYPE[s] if c else STEREOTYPE[s]) for s, c in zip(shapes, counter, strict=True)]
+    images = _render_many(shapes, np.full(n, NO_WORD), list(looks), rng)
+    shown = np.array([look.pattern for look in looks], dtype=np.int64)
+    return PreferenceSet(images, shown, 1 - shown, PATTERNS)
+
+
 # Pretraining mix: the fractions of each kind of "web" image. The attacked kind is
 # captioned with the *written* word, as web captions describe the text in a photo;
 # that is what makes the base model read, and be fooled, the way CLIP is.
 PRETRAIN_MIX = {"clean": 0.35, "own_word": 0.15, "word_only": 0.25, "attacked_read": 0.25}
+# How often a caption describes each part of the object's look, and says "object" instead of its class.
+CAPTION_SAYS = {"size": 0.4, "colour": 0.5, "pattern": 0.4, "object": 0.2}
+
+
+def caption(noun: str, look: Look | None, rng: np.random.Generator) -> str:
+    """A web-like caption: maybe the look (size, colour, pattern, in that order), then the noun."""
+    words: list[str] = []
+    if look is not None:
+        for part, names in (("size", tuple(SIZES)), ("colour", tuple(COLOURS)), ("pattern", PATTERNS)):
+            if rng.random() < CAPTION_SAYS[part]:
+                words.append(names[getattr(look, part)])
+        if words and rng.random() < CAPTION_SAYS["object"]:
+            noun = "object"
+    template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
+    return template.format(" ".join([*words, noun]))
 
 
 def pretraining_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -175,10 +185,10 @@ def pretraining_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, lis
     labels = rng.integers(0, len(SHAPES), size=n)
     other = _other(labels, rng, len(SHAPES))
     names = list(PRETRAIN_MIX)
-    shapes = np.where(np.isin(kinds, [names.index("word_only")]), NO_WORD,
+    shapes = np.where(kinds == names.index("word_only"), NO_WORD,
                       np.where(kinds == names.index("attacked_read"), other, labels))
     words = np.where(kinds == names.index("clean"), NO_WORD, labels)
-    images = _render_many(shapes, words, rng)
-    templates = rng.integers(0, len(CAPTION_TEMPLATES), size=n)
-    captions = [CAPTION_TEMPLATES[t].format(SHAPES[c]) for t, c in zip(templates, labels, strict=True)]
+    looks = _looks(shapes, rng, stereotyped=STEREOTYPE_SHARE)
+    images = _render_many(shapes, words, looks, rng)
+    captions = [caption(SHAPES[c], look, rng) for c, look in zip(labels, looks, strict=True)]
     return images, captions, labels.astype(np.int64)

@@ -16,7 +16,9 @@ from po_cluster.data.records import ImageSet
 from po_cluster.losses import kl_ref_policy
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 
-METRIC_KEYS = ("clean", "attacked", "word_only", "attack_success", "kl")
+METRIC_KEYS = ("clean", "attacked", "word_only", "attack_success", "kl", "retention", "bias_gap")
+RETENTION_PREFIX = "retain_"  # sets of a task the preference data never touches (the world's colour, size)
+BIAS_SETS = ("bias_stereotyped", "bias_counter")  # an attribute on images that do / do not follow the stereotype
 # Each t is a pass of the image tower over the sets when it trained: the path from the start (0) to
 # the release (1) in quarters, and a little on either side.
 DEFAULT_TS = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -39,6 +41,23 @@ def embed_prompts(model: AlignedCLIP, prompts: list[str]) -> torch.Tensor:
     return model.encode_text(model.tokens(prompts).to(device)).float().cpu()
 
 
+def derived_metrics(accuracy: dict[str, float]) -> dict[str, float]:
+    """What the sets' accuracies add up to: `retention`, the mean accuracy on the tasks to keep, and
+    `bias_gap`, how much better the attribute is named on stereotyped images than on the others."""
+    out: dict[str, float] = {}
+    kept = [value for name, value in accuracy.items() if name.startswith(RETENTION_PREFIX)]
+    if kept:
+        out["retention"] = float(np.mean(kept))
+    if all(name in accuracy for name in BIAS_SETS):
+        out["bias_gap"] = accuracy[BIAS_SETS[0]] - accuracy[BIAS_SETS[1]]
+    return out
+
+
+def set_prompts(sets: dict[str, ImageSet], template: str) -> dict[str, list[str]]:
+    """Each set's candidate prompts: its own template when it has one (an attribute task), else the task's."""
+    return {name: world.prompts(s.classnames, s.template or template) for name, s in sets.items()}
+
+
 @dataclass
 class Evaluator:
     """Holds one model's embeddings of the evaluation sets and the reference's clean log-probs."""
@@ -46,7 +65,7 @@ class Evaluator:
     model: AlignedCLIP
     sets: dict[str, ImageSet]
     image_emb: dict[str, torch.Tensor]
-    text_emb: torch.Tensor
+    text_emb: dict[str, torch.Tensor]  # per set: g(y) of its candidates (sets with the same prompts share one)
     ref_clean_logps: torch.Tensor
 
     @classmethod
@@ -54,14 +73,15 @@ class Evaluator:
               ref_clean_logps: torch.Tensor | None = None) -> Evaluator:
         """`ref_clean_logps` is π_ref on the clean set; without it, π_ref is this model at t = 0,
         which is exactly its starting model (docs/design.md, "The knob t")."""
-        classnames = next(iter(sets.values())).classnames
-        text_emb = embed_prompts(model, world.prompts(classnames, template))
+        prompts = set_prompts(sets, template)
+        by_prompts = {key: embed_prompts(model, list(key)) for key in {tuple(p) for p in prompts.values()}}
+        text_emb = {name: by_prompts[tuple(p)] for name, p in prompts.items()}
         image_emb = {name: embed_images(model, s.images) for name, s in sets.items()}
         if ref_clean_logps is not None:
             ref = ref_clean_logps
         else:
             clean = embed_images(model, sets["clean"].images, t=0.0) if model.tower_moves_with_t else image_emb["clean"]
-            ref = candidate_logprobs(clean, text_emb, model.logit_scale)
+            ref = candidate_logprobs(clean, text_emb["clean"], model.logit_scale)
         return cls(model, sets, image_emb, text_emb, ref)
 
     def with_model(self, model: AlignedCLIP) -> Evaluator:
@@ -81,10 +101,9 @@ class Evaluator:
     @torch.no_grad()
     def metrics(self, t: float = 1.0, overrides: dict[int, float] | None = None) -> dict[str, float]:
         device = next(self.model.spectral.parameters()).device
-        text = self.text_emb.to(device)
         out: dict[str, float] = {}
         for name, emb in self.embeddings(t).items():
-            logps = self.model.logprobs(emb.to(device), text, t, overrides).cpu()
+            logps = self.model.logprobs(emb.to(device), self.text_emb[name].to(device), t, overrides).cpu()
             pred = logps.argmax(-1).numpy()
             image_set = self.sets[name]
             out[name] = float(np.mean(pred == image_set.labels))
@@ -92,7 +111,7 @@ class Evaluator:
                 out["attack_success"] = float(np.mean(pred == image_set.written))
             if name == "clean":
                 out["kl"] = float(kl_ref_policy(self.ref_clean_logps, logps))
-        return out
+        return {**out, **derived_metrics(out)}
 
     def tradeoff(self, ts: tuple[float, ...] = DEFAULT_TS) -> list[dict[str, float]]:
         return [{"t": t, **self.metrics(t)} for t in ts]
@@ -108,8 +127,9 @@ def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "trade-o
     ts = [row["t"] for row in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("clean", "clean"), ("attacked", "attacked"), ("word_only", "word-only (OCR)"),
-                       ("attack_success", "attack success")):
-        if all(key in row for row in rows):  # a dataset's sets have no word-only images
+                       ("attack_success", "attack success"), ("retention", "retention (colour, size)"),
+                       ("bias_gap", "bias gap")):
+        if all(key in row for row in rows):  # a dataset's sets have no word-only, retention or bias sets
             ax.plot(ts, [row[key] for row in rows], marker="o", label=label)
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.axvline(1, color="grey", lw=0.8, ls="--")

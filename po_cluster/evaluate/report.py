@@ -9,7 +9,7 @@ from po_cluster.train.phases import PHASE_KEYS, STARTED_KEY, TRIAL_KEY
 
 MARKERS = {"dpo": "o", "ipo": "s", "kto": "^", "ce": "x"}
 TRIAL_COLUMNS = ("trial", "loss", "beta", "kl_weight", "lr", "image_tower", "val_clean", "val_attacked",
-                 "val_word_only", "val_kl", "objective", "step")
+                 "val_word_only", "val_retention", "val_kl", "val_bias_gap", "objective", "step")
 
 
 def trial_rows(records: list[dict]) -> list[dict]:

@@ -35,7 +35,7 @@ from po_cluster.model.loading import load_clip
 from po_cluster.sweep.card import release_card
 from po_cluster.sweep.soup import greedy_soup, uniform_soup
 from po_cluster.train.loop import held_out_sets, prompt_template
-from po_cluster.train.worker import objective
+from po_cluster.train.worker import Objective
 
 if TYPE_CHECKING:  # the driver imports Tune and Optuna, which averaging does not need
     from po_cluster.sweep.driver import TrialRecord
@@ -71,7 +71,7 @@ def check_same_architecture(candidates: list[Candidate]) -> None:
 class Scorer:
     """Evaluates weights of one architecture on validation and test sets against the base model."""
 
-    def __init__(self, description: dict, data: DataConfig, tolerance: float, penalty: float) -> None:
+    def __init__(self, description: dict, data: DataConfig, objective: Objective) -> None:
         cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
         self.base = AlignedCLIP(load_clip(cfg), "frozen")
         # Built from the base's weights in the trials' mode, so its θ_ref (what t = 0 serves) is the
@@ -84,7 +84,7 @@ class Scorer:
         base_test = Evaluator.build(self.base, self.test_sets, self.template)
         self.ref_val, self.ref_test = base_val.ref_clean_logps, base_test.ref_clean_logps
         self.base_val, self.base_test = base_val.metrics(0.0), base_test.metrics(0.0)
-        self.tolerance, self.penalty = tolerance, penalty
+        self.objective = objective
         self._validated: dict[str, dict[str, float]] = {}
 
     def _load(self, state: dict[str, torch.Tensor]) -> AlignedCLIP:
@@ -98,8 +98,7 @@ class Scorer:
         if key not in self._validated:
             metrics = Evaluator.build(self._load(state), self.val_sets, self.template,
                                       ref_clean_logps=self.ref_val).metrics(1.0)
-            self._validated[key] = {**metrics, "objective": objective(metrics, self.base_val["clean"],
-                                                                      self.tolerance, self.penalty)}
+            self._validated[key] = {**metrics, "objective": self.objective.score(metrics, self.base_val)}
         return dict(self._validated[key])
 
     def test(self, state: dict[str, torch.Tensor]) -> Evaluator:
@@ -166,7 +165,7 @@ def _candidate(record: TrialRecord, locate: Callable[[str], Path]) -> Candidate:
 
 
 def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Path, data: DataConfig,
-                   tolerance: float = 0.02, penalty: float = 5.0,
+                   objective: Objective | None = None,
                    locate: Callable[[str], Path] = Path, lineage: dict | None = None) -> AverageResult:
     """Soups of the top-k trials; writes `out_dir/release` (manifest last) and `out_dir/average.json`.
 
@@ -176,7 +175,7 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
     top = soup_candidates(records, top_k)
     candidates = [_candidate(r, locate) for r in top]
     check_same_architecture(candidates)
-    scorer = Scorer(candidates[0].description, data, tolerance, penalty)
+    scorer = Scorer(candidates[0].description, data, objective or Objective())
     states = {"best_trial": candidates[0].state, "uniform_soup": uniform_soup([c.state for c in candidates])}
     states["greedy_soup"], members = greedy_soup([(c.name, c.state) for c in candidates],
                                                  lambda s: scorer.validation(s)["objective"])

@@ -107,7 +107,8 @@ def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
     trial_id = tune.get_context().get_trial_id()
     worker = WorkerConfig(run=trial_run_config(cfg, sample, trial_id), report_every=cfg.report_every,
                           checkpoint_every=cfg.checkpoint_every, clean_tolerance=cfg.clean_tolerance,
-                          clean_penalty=cfg.clean_penalty, trial_started_at=started_at)
+                          clean_penalty=cfg.clean_penalty, retention_penalty=cfg.retention_penalty,
+                          trial_started_at=started_at)
     fit_trial(worker, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
               [TuneReportCallback()], filesystem, shared[0] if shared else None)
 

@@ -63,14 +63,18 @@ def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
         from po_cluster.data.pairs import load_preference_data
 
         return load_preference_data(cfg.dataset, n_pairs=cfg.n_pairs, n_reg=cfg.n_reg, seed=cfg.seed, split="train")
-    return world.preference_set(cfg.n_pairs, cfg.seed), world.image_set("clean", cfg.n_reg, cfg.seed + 1)
+    records = world.bias_preference_set if cfg.task == "bias" else world.preference_set
+    return records(cfg.n_pairs, cfg.seed), world.image_set("clean", cfg.n_reg, cfg.seed + 1)
 
 
 def prompt_template(cfg: DataConfig) -> str:
-    """The world's records hold class names; a dataset's hold whole prompts, used as they are."""
+    """The world's records hold class names (or, for the bias task, patterns); a dataset's hold whole
+    prompts, used as they are."""
     from po_cluster.data.pairs import TEXT_TEMPLATE
 
-    return world.PROMPT_TEMPLATE if cfg.dataset is None else TEXT_TEMPLATE
+    if cfg.dataset is not None:
+        return TEXT_TEMPLATE
+    return world.ATTRIBUTE_TEMPLATE if cfg.task == "bias" else world.PROMPT_TEMPLATE
 
 
 def held_out_sets(cfg: DataConfig, split: Literal["val", "test"]) -> dict[str, ImageSet]:

@@ -32,7 +32,7 @@ class SharedInputs:
     data: TrainData | None  # with the starting model's f(x) of every training image; None: streamed
     val_sets: dict[str, ImageSet]
     val_image_emb: dict[str, torch.Tensor]
-    val_text_emb: torch.Tensor
+    val_text_emb: dict[str, torch.Tensor]  # per validation set
     val_ref_clean_logps: torch.Tensor
     base_metrics: dict[str, float]  # the starting model's validation metrics (at t = 0)
 
@@ -59,7 +59,8 @@ def compute_shared_inputs(run: RunConfig) -> SharedInputs:
         prepare_data(model, *build_records(run.data), template).to(torch.device("cpu"))
     start = Evaluator.build(model, held_out_sets(run.data, "val"), template=template)
     return SharedInputs(data, start.sets, {k: v.cpu() for k, v in start.image_emb.items()},
-                        start.text_emb.cpu(), start.ref_clean_logps.cpu(), start.metrics(0.0))
+                        {k: v.cpu() for k, v in start.text_emb.items()}, start.ref_clean_logps.cpu(),
+                        start.metrics(0.0))
 
 
 def _computed(run: RunConfig) -> tuple[dict, SharedInputs]:

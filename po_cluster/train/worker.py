@@ -21,7 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from po_cluster.config import DataConfig, RunConfig, WorkerConfig
+from po_cluster.config import DataConfig, RunConfig, SweepConfig, WorkerConfig
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.train.bma import BetaMovingAverage
@@ -47,10 +47,31 @@ from po_cluster.train.stream import StreamSource, worker_source
 SHARED_INPUTS_KEY = "shared_inputs"  # beside the WorkerConfig in train_loop_config: an ObjectRef
 
 
-def objective(metrics: dict[str, float], base_clean: float, tolerance: float, penalty: float) -> float:
-    """Attacked accuracy, minus a penalty for clean accuracy lost beyond the tolerance."""
-    lost = max(0.0, base_clean - metrics["clean"] - tolerance)
-    return metrics["attacked"] - penalty * lost
+# What a run is chosen for, per world task: the accuracy on the hard case (the attacked images; the
+# attribute on images that break the stereotype).
+TASK_TARGETS = {"typographic": "attacked", "bias": "bias_counter"}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The validation objective: the target accuracy, minus `clean_penalty` (`retention_penalty`) times
+    the clean accuracy (the retention) lost beyond `tolerance`. Retention counts only where the sets
+    have tasks to keep (the world's, not a dataset's)."""
+
+    target: str = "attacked"
+    tolerance: float = 0.02
+    clean_penalty: float = 5.0
+    retention_penalty: float = 5.0
+
+    @classmethod
+    def of(cls, cfg: WorkerConfig | SweepConfig, data: DataConfig) -> Objective:
+        return cls(TASK_TARGETS[data.task], cfg.clean_tolerance, cfg.clean_penalty, cfg.retention_penalty)
+
+    def score(self, metrics: dict[str, float], base: dict[str, float]) -> float:
+        score = metrics[self.target] - self.clean_penalty * max(0.0, base["clean"] - metrics["clean"] - self.tolerance)
+        if "retention" in metrics and "retention" in base:
+            score -= self.retention_penalty * max(0.0, base["retention"] - metrics["retention"] - self.tolerance)
+        return score
 
 
 def _mean_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -166,7 +187,7 @@ def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation 
     assert validation is not None, "rank 0 builds the validation sets (train_loop_per_worker)"
     with clock.phase("validation"):
         metrics = validation.metrics(model, state.bma)
-    score = objective(metrics, validation.base["clean"], cfg.clean_tolerance, cfg.clean_penalty)
+    score = Objective.of(cfg, cfg.run.data).score(metrics, validation.base)
     out = {**{f"val_{k}": v for k, v in metrics.items()}, "objective": score, "step": step,
            "base_val_clean": validation.base["clean"], "base_val_attacked": validation.base["attacked"],
            "replica_divergence": divergence, "resumed_from_step": resumed_from, **train_metrics,
@@ -224,7 +245,7 @@ def _training_data(model, run: RunConfig, shared: SharedInputs | None, rank: int
     """This worker's stream of the dataset's shards, the sweep's shared records, or its own."""
     if run.data.streaming:
         return worker_source(model, run, prompt_template(run.data), rank, world_size,
-                             shared.val_text_emb if shared is not None else None)
+                             shared.val_text_emb["clean"] if shared is not None else None)
     if shared is not None:
         return shared.train_data(model.image_tower_frozen)
     return prepare_data(model, *build_records(run.data), prompt_template(run.data))

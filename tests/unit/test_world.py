@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from po_cluster.data import world
+from po_cluster.data import render, world
 from po_cluster.data.records import NO_WORD, PreferenceSet
 
 # The fixed evaluation sets must be byte-identical on every machine (pinned Pillow).
@@ -19,8 +19,8 @@ def _digest(image_set) -> str:
                           + image_set.written.tobytes()).hexdigest()
 
 
-def test_world_has_at_least_eight_classes():
-    assert len(world.SHAPES) >= 8 and len(set(world.SHAPES)) == len(world.SHAPES)
+def test_world_has_at_least_sixteen_classes():
+    assert len(world.SHAPES) >= 16 and len(set(world.SHAPES)) == len(world.SHAPES)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,11 @@ def _row_digests(images: np.ndarray) -> set[str]:
 
 def test_evaluation_sets_are_fixed_and_complete(eval_sets):
     sets = eval_sets
-    assert set(sets) == {"clean", "attacked", "word_only"}
+    assert set(sets) == set(world.TASK_KINDS + world.RETENTION_KINDS + world.BIAS_KINDS) == set(EVAL_SHA256)
     for name, image_set in sets.items():
         assert len(image_set) >= 1000
         assert _digest(image_set) == EVAL_SHA256[name], f"{name} set differs from the committed one"
+    sets = {name: sets[name] for name in world.TASK_KINDS}
     assert np.all(sets["clean"].written == NO_WORD)
     assert np.all(sets["attacked"].written != sets["attacked"].labels)
     assert np.all(sets["attacked"].written >= 0)
@@ -49,16 +50,19 @@ def test_evaluation_sets_are_fixed_and_complete(eval_sets):
 
 def test_classes_are_balanced_and_attack_words_cover_every_other_class(eval_sets):
     n_classes = len(world.SHAPES)
-    for name, image_set in eval_sets.items():
+    for name in world.TASK_KINDS:
+        image_set = eval_sets[name]
         counts = np.bincount(image_set.labels, minlength=n_classes)
         expected = len(image_set) / n_classes
-        assert np.all(np.abs(counts - expected) < 0.3 * expected), f"{name}: class counts {counts.tolist()}"
+        assert counts.max() - counts.min() <= 1, f"{name}: class counts {counts.tolist()}"
     attacked = eval_sets["attacked"]
     pairs = np.zeros((n_classes, n_classes), dtype=int)
     np.add.at(pairs, (attacked.labels, attacked.written), 1)
     off_diagonal = pairs[~np.eye(n_classes, dtype=bool)]
-    # uniform over the 7 other classes: ~18 of each (label, word) pair in 1000 images
-    assert off_diagonal.min() >= 5 and np.trace(pairs) == 0, pairs
+    # over the 15 other classes: ~4 of each (label, word) pair in 1000 images, each word as often
+    assert (off_diagonal > 0).mean() > 0.95 and np.trace(pairs) == 0, pairs
+    words = np.bincount(attacked.written, minlength=n_classes)
+    assert words.min() > 0.6 * words.mean(), words
 
 
 def test_validation_sets_share_no_image_with_the_evaluation_sets(eval_sets):
@@ -106,11 +110,18 @@ def test_unpaired_records_mix_desirable_and_undesirable():
     assert np.array_equal(unpaired.labels, expected)
 
 
-def test_pretraining_mix_captions_name_the_written_word_on_attacked_images(monkeypatch):
-    drawn = []  # (shape, word) of each image, as world asks render() for it
+def _described(caption: str) -> dict[str, str]:
+    """What a caption says of the object's look, by part."""
+    words = caption.rstrip(".").split()
+    parts = {"size": tuple(render.SIZES), "colour": tuple(render.COLOURS), "pattern": render.PATTERNS}
+    return {part: word for part, names in parts.items() for word in words if word in names}
 
-    def record(shape, word, rng, *args, **kwargs):
-        drawn.append((shape, word))
+
+def test_pretraining_mix_captions_name_the_written_word_on_attacked_images(monkeypatch):
+    drawn = []  # (shape, word, look) of each image, as world asks render() for it
+
+    def record(shape, word, rng, *args, look=None, **kwargs):
+        drawn.append((shape, word, look))
         return np.full((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), len(drawn) % 256, dtype=np.uint8)
 
     monkeypatch.setattr(world, "render", record)  # no pixels needed: only what is drawn
@@ -119,18 +130,76 @@ def test_pretraining_mix_captions_name_the_written_word_on_attacked_images(monke
     assert images.shape[0] == len(captions) == len(labels) == len(drawn) == n
     assert np.array_equal(images[:, 0, 0, 0], (np.arange(n) + 1) % 256)  # each image where its caption is
     kinds = {"clean": 0, "own_word": 0, "word_only": 0, "attacked_read": 0}
-    for (shape, word), caption, label in zip(drawn, captions, labels, strict=True):
+    says_object = stereotyped = 0
+    for (shape, word, look), caption, label in zip(drawn, captions, labels, strict=True):
         named = [i for i, name in enumerate(world.SHAPES) if name in caption.rstrip(".").split()]
-        assert named == [label], (caption, label)
-        if word is not None:  # a word on the image: the caption names the word, whatever is drawn
-            assert named == [word], (shape, word, caption)
-        else:  # no word: the caption names the drawn shape
-            assert named == [shape], (shape, word, caption)
+        if "object" in caption.rstrip(".").split():  # a caption of the look alone names no class
+            says_object += 1
+            assert named == [] and _described(caption), caption
+        else:
+            assert named == [label], (caption, label)
+            assert named == ([word] if word is not None else [shape]), (shape, word, caption)
+        if shape is None:  # word only: no object, nothing to describe
+            assert look is None and not _described(caption), caption
+        else:  # what the caption says of the look is what is drawn
+            stereotyped += look.pattern == world.STEREOTYPE[shape]
+            truth = {"size": tuple(render.SIZES)[look.size], "colour": tuple(render.COLOURS)[look.colour],
+                     "pattern": render.PATTERNS[look.pattern]}
+            assert all(truth[part] == said for part, said in _described(caption).items()), (look, caption)
         kind = ("clean" if word is None else "word_only" if shape is None
                 else "own_word" if shape == word else "attacked_read")
         kinds[kind] += 1
     for kind, fraction in world.PRETRAIN_MIX.items():
         assert abs(kinds[kind] / n - fraction) < 0.03, kinds
+    objects = n - kinds["word_only"]
+    assert abs(stereotyped / objects - world.STEREOTYPE_SHARE) < 0.02, stereotyped / objects
+    assert 0.05 < says_object / n < 0.3, says_object
+
+
+def test_attribute_sets_are_labelled_by_the_look_and_balanced():
+    sets = {kind: world.image_set(kind, 400, 5) for kind in world.RETENTION_KINDS + world.BIAS_KINDS}
+    assert sets["retain_colour"].classnames == tuple(render.COLOURS)
+    assert sets["retain_size"].classnames == tuple(render.SIZES)
+    for kind, image_set in sets.items():
+        assert image_set.template == world.ATTRIBUTE_TEMPLATE and np.all(image_set.written == NO_WORD), kind
+        counts = np.bincount(image_set.labels, minlength=len(image_set.classnames))
+        expected = len(image_set) / len(image_set.classnames)
+        assert np.all(np.abs(counts - expected) < 0.3 * expected), (kind, counts)
+    assert sets["bias_stereotyped"].classnames == sets["bias_counter"].classnames == render.PATTERNS
+
+
+def test_bias_sets_follow_and_break_the_stereotype(monkeypatch):
+    drawn = []
+
+    def record(shape, word, rng, *args, look=None, **kwargs):
+        drawn.append((shape, look))
+        return np.zeros((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), dtype=np.uint8)
+
+    monkeypatch.setattr(world, "render", record)
+    for kind, follows in (("bias_stereotyped", True), ("bias_counter", False)):
+        drawn.clear()
+        image_set = world.image_set(kind, 200, 1)
+        assert [look.pattern for _, look in drawn] == image_set.labels.tolist()
+        assert all((look.pattern == world.STEREOTYPE[shape]) == follows for shape, look in drawn), kind
+
+
+def test_bias_records_prefer_the_pattern_the_image_shows():
+    pref = world.bias_preference_set(300, 2)
+    assert pref.classnames == render.PATTERNS and len(pref) == 300
+    assert np.array_equal(pref.rejected, 1 - pref.chosen)
+    assert 0.4 < pref.chosen.mean() < 0.6
+
+
+def test_a_striped_object_has_darker_bands_than_a_plain_one():
+    def object_pixels(pattern: int) -> np.ndarray:
+        pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+        render.draw_object(pixels, "square", render.Look(0, 1, pattern), np.random.default_rng(3))
+        return pixels[np.any(pixels > 0, axis=-1)].astype(float)
+
+    plain, striped = object_pixels(0), object_pixels(1)
+    assert len(plain) == len(striped) > 300  # the same square: the look's pattern changes only the fill
+    assert np.ptp(plain.sum(axis=-1)) == 0  # one colour
+    assert np.ptp(striped.sum(axis=-1)) > 0.25 * striped.sum(axis=-1).max()  # two shades, far apart
 
 
 def test_word_is_rendered_on_the_image():
@@ -139,8 +208,8 @@ def test_word_is_rendered_on_the_image():
     rng2_bg = world.render(0, None, rng2)
     assert np.array_equal(clean, rng2_bg)
     with_word = world.render(None, 2, np.random.default_rng(5))
-    blank = world._background(np.random.default_rng(5), world.IMAGE_SIZE)
-    assert np.abs(with_word.astype(int) - np.asarray(blank).astype(int)).sum() > 0
+    blank = world.render(None, None, np.random.default_rng(5))
+    assert np.abs(with_word.astype(int) - blank.astype(int)).sum() > 0
 
 
 @pytest.mark.parametrize("word", range(len(world.SHAPES)))
