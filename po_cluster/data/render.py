@@ -21,7 +21,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 215, 35), "purple": (145, 45, 185), "orange": (245, 135, 25),
 }
 # Radius as a share of the image side, per size.
-SIZES: dict[str, tuple[float, float]] = {"small": (0.13, 0.18), "large": (0.24, 0.30)}
+SIZES: dict[str, tuple[float, float]] = {"small": (0.16, 0.21), "large": (0.25, 0.31)}
 PATTERNS: tuple[str, ...] = ("plain", "striped")
 STRIPE_SHADE = 0.62  # the stripes' darkness: faint enough that the class is the easier cue
 
@@ -109,7 +109,7 @@ def _mask(shape: str, cx: float, cy: float, r: float, angle: float, size: int) -
 def _paint(pixels: np.ndarray, mask: np.ndarray, colour: np.ndarray, striped: bool, rng: np.random.Generator) -> None:
     """Fill the mask with the colour, blended a little toward the background (lower contrast), and
     darker bands across it when striped."""
-    mix = float(rng.uniform(0.0, 0.3))
+    mix = float(rng.uniform(0.0, 0.25))
     fill = (1 - mix) * colour + mix * pixels[mask].mean(axis=0) if mask.any() else colour
     phase, angle = float(rng.uniform(0, 4)), float(rng.uniform(0, math.pi))
     if striped:
@@ -148,7 +148,7 @@ def draw_object(pixels: np.ndarray, shape: str, look: Look, rng: np.random.Gener
 def scene(shape: str | None, word: str | None, look: Look | None, rng: np.random.Generator, size: int) -> np.ndarray:
     """Background, clutter behind, the object, maybe one stroke in front (occlusion), then the word."""
     image = Image.fromarray(background(rng, size), "RGB")
-    _clutter(ImageDraw.Draw(image), rng, size, int(rng.integers(2, 5)))
+    _clutter(ImageDraw.Draw(image), rng, size, int(rng.integers(1, 4)))
     pixels = np.array(image, dtype=np.uint8)
     if shape is not None and look is not None:
         draw_object(pixels, shape, look, rng)

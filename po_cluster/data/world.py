@@ -161,7 +161,7 @@ def bias_preference_set(n: int, seed: int) -> PreferenceSet:
 # Pretraining mix: the fractions of each kind of "web" image. The attacked kind is
 # captioned with the *written* word, as web captions describe the text in a photo;
 # that is what makes the base model read, and be fooled, the way CLIP is.
-PRETRAIN_MIX = {"clean": 0.35, "own_word": 0.15, "word_only": 0.25, "attacked_read": 0.25}
+PRETRAIN_MIX = {"clean": 0.45, "own_word": 0.1, "word_only": 0.2, "attacked_read": 0.25}
 # How often a caption describes each part of the object's look, and says "object" instead of its class.
 CAPTION_SAYS = {"size": 0.4, "colour": 0.5, "pattern": 0.4, "object": 0.2}
 

@@ -41,6 +41,12 @@ def embed_prompts(model: AlignedCLIP, prompts: list[str]) -> torch.Tensor:
     return model.encode_text(model.tokens(prompts).to(device)).float().cpu()
 
 
+def metric_keys(metrics: dict[str, float]) -> tuple[str, ...]:
+    """The keys of `metrics` to show, in order: the headline ones, then each task kept, then the bias sets."""
+    detail = sorted(k for k in metrics if k.startswith(RETENTION_PREFIX)) + [k for k in BIAS_SETS if k in metrics]
+    return tuple(k for k in METRIC_KEYS if k in metrics) + tuple(detail)
+
+
 def derived_metrics(accuracy: dict[str, float]) -> dict[str, float]:
     """What the sets' accuracies add up to: `retention`, the mean accuracy on the tasks to keep, and
     `bias_gap`, how much better the attribute is named on stereotyped images than on the others."""

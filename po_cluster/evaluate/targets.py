@@ -8,7 +8,7 @@ from typing import Literal
 from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
 from po_cluster.data.records import ImageSet
-from po_cluster.evaluate.metrics import DEFAULT_TS, METRIC_KEYS, Evaluator, format_table, plot_tradeoff
+from po_cluster.evaluate.metrics import DEFAULT_TS, Evaluator, format_table, metric_keys, plot_tradeoff
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import load_checkpoint
 from po_cluster.model.loading import load_clip
@@ -61,7 +61,7 @@ def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | No
     model, label = load_target(resolve_target(target, store))
     evaluator = Evaluator.build(model, sets, template)
     metrics = evaluator.metrics(t)
-    keys = tuple(key for key in METRIC_KEYS if key in metrics)
+    keys = metric_keys(metrics)
     at_t = {key: metrics[key] for key in keys}
     report: dict = {"at_t": at_t, "t": t}
     if ts:

@@ -30,7 +30,12 @@ def _card_markdown(card: dict) -> str:
 Pretrained by `jobs/pretrain_base.py` on the typo-shapes world's web-like mix
 ({', '.join(f'{k} {v:.0%}' for k, v in card['pretrain_mix'].items())}); the
 attacked images are captioned with the written word, so the model reads and is
-fooled by typographic attacks as CLIP is. Load it with `pretrained: {SHIPPED_BASE}`.
+fooled by typographic attacks as CLIP is. Captions often name the object's size,
+colour and pattern, which it keeps knowing (`retention`: colour and size, zero-shot).
+Each class carries its stereotyped pattern in {card.get('stereotype_share', 0.95):.0%} of
+its pretraining images, so the model names the pattern partly by the class
+(`bias_gap`: pattern accuracy on stereotyped minus counter-stereotyped images).
+Load it with `pretrained: {SHIPPED_BASE}`.
 
 - weights: `{WEIGHTS_FILE}` (sha256 `{card['sha256']}`)
 - seed {card['config']['seed']}, {card['config']['steps']} steps of batch {card['config']['batch_size']},
@@ -57,9 +62,16 @@ def write_base_model(cfg: PretrainConfig, out_dir: str | Path) -> dict:
     seconds = time.time() - start
     weights = out / WEIGHTS_FILE
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return write_card(cfg, weights, seconds)
+
+
+def write_card(cfg: PretrainConfig, weights: Path, train_seconds: float) -> dict:
+    """card.json and CARD.md beside `weights`, pretrained by `cfg` in `train_seconds`: the recipe, the
+    world's mix, and the metrics on the fixed evaluation sets (measured here)."""
     card = {"architecture": cfg.name, "config": cfg.model_dump(mode="json"), "pretrain_mix": world.PRETRAIN_MIX,
+            "stereotype_share": world.STEREOTYPE_SHARE, "classes": list(world.SHAPES),
             "sha256": sha256_file(weights), "metrics": evaluate_weights(cfg.name, weights),
-            "train_seconds": seconds, "device": "cpu", "torch": torch.__version__}
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    (out / "CARD.md").write_text(_card_markdown(card))
+            "train_seconds": train_seconds, "device": "cpu", "torch": torch.__version__}
+    (weights.parent / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (weights.parent / "CARD.md").write_text(_card_markdown(card))
     return card

@@ -1,5 +1,6 @@
 """The core's promise on the shipped base model, single process (configs/compare.yaml):
-dpo, ipo and kto each raise attacked accuracy by ≥ 0.30 and keep clean within 0.02."""
+dpo, ipo and kto each raise attacked accuracy by ≥ 0.30 and keep clean accuracy and retention (the
+colour and size tasks the preference data never touches) within 0.02."""
 import pytest
 
 from po_cluster.config import CompareConfig, load_config
@@ -14,3 +15,4 @@ def test_po_loss_fixes_typographic_attacks_without_forgetting(loss_type, tmp_pat
     result = run_training(cfg.model_copy(update={"output_dir": str(tmp_path)}))
     assert result.after["attacked"] >= result.before["attacked"] + 0.30, result.after
     assert result.after["clean"] >= result.before["clean"] - 0.02, result.after
+    assert result.after["retention"] >= result.before["retention"] - 0.02, result.after

@@ -134,3 +134,18 @@ def test_pretrain_config_holds_the_shipped_recipe_and_refuses_bad_values():
                        ({"seed": -1}, "seed"), ({"weight_decay": -0.1}, "weight_decay"), ({"step": 5}, "step")]:
         with pytest.raises(ConfigError, match=field):
             parse_config(bad, "pretrain", PretrainConfig)
+
+
+def test_the_bias_configs_train_the_worlds_bias_task():
+    from po_cluster.data import world
+    from po_cluster.train.loop import build_records, prompt_template
+
+    for name, tower in (("bias-full", "full"), ("bias-spectral", "frozen")):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert cfg.data.task == "bias" and cfg.model.image_tower == tower
+    data = load_config(ROOT / "configs" / "bias-full.yaml").data.model_copy(update={"n_pairs": 8, "n_reg": 4})
+    pref, reg = build_records(data)
+    assert pref.classnames == ("plain", "striped") and len(pref) == 8 and len(reg) == 4
+    assert prompt_template(data) == world.ATTRIBUTE_TEMPLATE == "a photo of a {} object."
+    with pytest.raises(ConfigError, match="data.task 'bias' is one of the world's"):
+        parse_config({"data": {"task": "bias", "dataset": "somewhere"}})

@@ -50,12 +50,12 @@ def test_spectral_only_training_keeps_t0_and_trades_ocr_for_robustness(small_set
     data = prepare_data(model, *build_records(cfg.data))
     assert data.pref_emb is not None  # the frozen tower's embeddings are cached
     before = Evaluator.build(model, small_sets)
-    base_scores = model.logprobs(before.image_emb["attacked"], before.text_emb, 0.0)
+    base_scores = model.logprobs(before.image_emb["attacked"], before.text_emb["attacked"], 0.0)
     result = fit(model, data, cfg)
     load_average(model, result.bma)
     after = Evaluator.build(model, small_sets)
     # t = 0 is exactly the starting model
-    scores_t0 = model.logprobs(after.image_emb["attacked"], after.text_emb, 0.0)
+    scores_t0 = model.logprobs(after.image_emb["attacked"], after.text_emb["attacked"], 0.0)
     assert torch.allclose(scores_t0, base_scores, atol=1e-5)
     m0, m1 = after.metrics(0.0), after.metrics(1.0)
     assert m1["attacked"] > m0["attacked"] + 0.05

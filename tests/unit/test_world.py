@@ -53,7 +53,6 @@ def test_classes_are_balanced_and_attack_words_cover_every_other_class(eval_sets
     for name in world.TASK_KINDS:
         image_set = eval_sets[name]
         counts = np.bincount(image_set.labels, minlength=n_classes)
-        expected = len(image_set) / n_classes
         assert counts.max() - counts.min() <= 1, f"{name}: class counts {counts.tolist()}"
     attacked = eval_sets["attacked"]
     pairs = np.zeros((n_classes, n_classes), dtype=int)
