@@ -373,7 +373,7 @@ class PretrainConfig(Strict):
     """
 
     name: str = Field("po-tiny-rn", description="open_clip architecture name")
-    steps: int = Field(2400, gt=0, description="the shipped base model was trained for 2400")
+    steps: int = Field(3600, gt=0, description="the shipped base model was trained for 3600")
     # A contrastive batch needs at least one negative per image.
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)

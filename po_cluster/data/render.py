@@ -1,4 +1,4 @@
-"""Drawing one typo-shapes scene with Pillow: a shape (rotated, small or large, coloured, plain or
+"""Drawing one typo-shapes scene with Pillow: a shape (tilted, small or large, coloured, plain or
 striped) on a noisy, cluttered background, optionally with a word written on it.
 
 Every random draw comes from the generator passed in, in a fixed order, so a scene is a pure
@@ -23,7 +23,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # Radius as a share of the image side, per size.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.16, 0.21), "large": (0.25, 0.31)}
 PATTERNS: tuple[str, ...] = ("plain", "striped")
-STRIPE_SHADE = 0.62  # the stripes' darkness: faint enough that the class is the easier cue
+MAX_TILT = 0.45  # radians either way: tilted, not turned into another shape (a square is no diamond)
+STRIPE_SHADE = 0.8  # the stripes' darkness: faint, so that the class is the easier cue (the bias)
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,12 @@ def draw_word(image: Image.Image, word: str, rng: np.random.Generator) -> None:
 
 
 def draw_object(pixels: np.ndarray, shape: str, look: Look, rng: np.random.Generator) -> None:
-    """The object, in place: rotated, placed anywhere it fits, sometimes crossed by a stroke in front."""
+    """The object, in place: tilted, placed anywhere it fits, sometimes crossed by a stroke in front."""
     size = pixels.shape[0]
     low, high = SIZES[list(SIZES)[look.size]]
     r = size * float(rng.uniform(low, high))
     cx, cy = (float(rng.uniform(r + 1, size - r - 1)) for _ in range(2))
-    angle = float(rng.uniform(0, 2 * math.pi))
+    angle = float(rng.uniform(-MAX_TILT, MAX_TILT))
     colour = np.array(list(COLOURS.values())[look.colour], dtype=np.float64)
     _paint(pixels, _mask(shape, cx, cy, r, angle, size), colour, bool(look.pattern), rng)
 

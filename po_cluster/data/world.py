@@ -1,5 +1,5 @@
 """The typo-shapes world (docs/design.md, "The typo-shapes world"): 16 kinds of shape, small or
-large, rotated, in one of six colours, plain or striped, on noisy cluttered backgrounds, optionally
+large, tilted, in one of six colours, plain or striped, on noisy cluttered backgrounds, optionally
 with a word written on them; rendered with Pillow (po_cluster/data/render.py).
 
 Besides the typographic task (name the shape, not the word) the world has tasks the preference data
@@ -163,7 +163,7 @@ def bias_preference_set(n: int, seed: int) -> PreferenceSet:
 # that is what makes the base model read, and be fooled, the way CLIP is.
 PRETRAIN_MIX = {"clean": 0.45, "own_word": 0.1, "word_only": 0.2, "attacked_read": 0.25}
 # How often a caption describes each part of the object's look, and says "object" instead of its class.
-CAPTION_SAYS = {"size": 0.4, "colour": 0.5, "pattern": 0.4, "object": 0.2}
+CAPTION_SAYS = {"size": 0.4, "colour": 0.5, "pattern": 0.3, "object": 0.2}
 
 
 def caption(noun: str, look: Look | None, rng: np.random.Generator) -> str:

@@ -128,7 +128,7 @@ def test_training_section_refuses_settings_that_do_nothing(key):
 def test_pretrain_config_holds_the_shipped_recipe_and_refuses_bad_values():
     card = json.loads((ROOT / "po_cluster" / "assets" / "typo_shapes_base" / "card.json").read_text())
     assert PretrainConfig.model_validate(card["config"]).model_dump() == card["config"]
-    assert PretrainConfig().model_dump() == {"name": "po-tiny-rn", "steps": 2400, "batch_size": 128, "lr": 2e-3,
+    assert PretrainConfig().model_dump() == {"name": "po-tiny-rn", "steps": 3600, "batch_size": 128, "lr": 2e-3,
                                              "weight_decay": 0.1, "warmup_steps": 100, "seed": 0}
     for bad, field in [({"steps": 0}, "steps"), ({"batch_size": 1}, "batch_size"), ({"lr": 0}, "lr"),
                        ({"seed": -1}, "seed"), ({"weight_decay": -0.1}, "weight_decay"), ({"step": 5}, "step")]:

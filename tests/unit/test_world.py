@@ -198,7 +198,7 @@ def test_a_striped_object_has_darker_bands_than_a_plain_one():
     plain, striped = object_pixels(0), object_pixels(1)
     assert len(plain) == len(striped) > 300  # the same square: the look's pattern changes only the fill
     assert np.ptp(plain.sum(axis=-1)) == 0  # one colour
-    assert np.ptp(striped.sum(axis=-1)) > 0.25 * striped.sum(axis=-1).max()  # two shades, far apart
+    assert np.ptp(striped.sum(axis=-1)) > 0.15 * striped.sum(axis=-1).max()  # two shades
 
 
 def test_word_is_rendered_on_the_image():
