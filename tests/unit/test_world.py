@@ -8,9 +8,13 @@ from po_cluster.data.records import NO_WORD, PreferenceSet
 
 # The fixed evaluation sets must be byte-identical on every machine (pinned Pillow).
 EVAL_SHA256 = {
-    "clean": "c83049dbe68f8c7efd84fc1da2361aa305a740f7c4654963444dab0efa4cd729",
-    "attacked": "6a0f1fbdd8e0b854412ff81e3664d0ef6c2eb2a0f533a1f238320792cfa7e818",
-    "word_only": "c4c3ed04788ed3c0b6ea4b52242123bae4655332eb82b0befc561eea4e7a5b6f",
+    "clean": "84ff38148bc1e2bef4549e11aaffe24ff8e4e7ac65cf84110750ad56f178c9cc",
+    "attacked": "40d3a06f5b0777ed7d2800556b0404920985dfa245a85fda92a5ab9982331e02",
+    "word_only": "83b6d9487b983df60e6ebbe698e86402fbbc8e5fc5668bc4c5f73da2177fc425",
+    "retain_colour": "3d852bbf94fc0fc53d0475e9a9ebc26237cebe41a6cf27b0975a77d769341fe3",
+    "retain_size": "5ff8700645b828e846f00d2712943042b8e5ca0ceff1b7ba899668f8f283b373",
+    "bias_stereotyped": "68bb657304b225e743d254c87a6a761e2212e6d24fe6bf2a8e26c5e39ef926b1",
+    "bias_counter": "318a2a20a0d31215f8bead27572c644e5eaa8c14a9880b7388b7d054c3494b50",
 }
 
 
