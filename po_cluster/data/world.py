@@ -151,10 +151,9 @@ def bias_preference_set(n: int, seed: int) -> PreferenceSet:
     class's stereotyped pattern and half the other; chosen = the pattern the image shows."""
     rng = np.random.default_rng(seed)
     shapes = rng.integers(0, len(SHAPES), size=n)
-    counter = rng.random(n) < 0.5
-    looks = [random_look(rng, 1 - STEREOTYPE[s] if c else STEREOTYPE[s]) for s, c in zip(shapes, counter, strict=True)]
-    images = _render_many(shapes, np.full(n, NO_WORD), list(looks), rng)
-    shown = np.array([look.pattern for look in looks], dtype=np.int64)
+    looks = _looks(shapes, rng, stereotyped=0.5)
+    images = _render_many(shapes, np.full(n, NO_WORD), looks, rng)
+    shown = np.array([look.pattern for look in looks if look is not None], dtype=np.int64)
     return PreferenceSet(images, shown, 1 - shown, PATTERNS)
 
 
