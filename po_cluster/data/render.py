@@ -136,7 +136,7 @@ def draw_word(image: Image.Image, word: str, rng: np.random.Generator) -> None:
 
 
 def draw_object(pixels: np.ndarray, shape: str, look: Look, rng: np.random.Generator) -> None:
-    """The object, in place: tilted, placed anywhere it fits, sometimes crossed by a stroke in front."""
+    """The object, in place: its size, tilted, placed anywhere it fits, in its colour and pattern."""
     size = pixels.shape[0]
     low, high = SIZES[list(SIZES)[look.size]]
     r = size * float(rng.uniform(low, high))
