@@ -26,13 +26,16 @@ compare: $(STAMP)
 # BROWSER=0 skips the playground's browser test and the install of its browser (chromium, npm):
 # `make test BROWSER=0` where neither root nor npm is at hand, CI included.
 BROWSER ?= 1
+# Two pytest workers: the integration tests in order on one (tests/conftest.py), the unit tests on the
+# other, which uses the cores the first leaves idle while it waits on Ray, servers and subprocesses.
+PARALLEL ?= -n 2 --dist loadgroup
 BROWSER_TEST := tests/integration/test_serving.py::test_playground_upload_slider_scores_change
 ifeq ($(BROWSER),0)
 test: $(STAMP) lint
-	$(PY) -m pytest -q --durations=25 --deselect $(BROWSER_TEST)
+	$(PY) -m pytest -q --durations=25 $(PARALLEL) --deselect $(BROWSER_TEST)
 else
 test: $(STAMP) lint browser-deps
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 $(PARALLEL)
 endif
 
 # The serving playground's browser test (tests/integration/test_serving.py) drives Debian's chromium

@@ -9,6 +9,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # without moto. `slow` (minutes) stays by hand.
 NEEDS = {"ray_cluster": "integration", "moto_s3": "s3"}
 UNIT = ROOT / "tests" / "unit"
+# Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test of tests/integration runs on one
+# worker, in order, as without xdist: one Ray cluster and one moto server per session, and the timed
+# serving tests never share the cores with another cluster. The unit tests fill the other worker.
+SERIAL_GROUP = pytest.mark.xdist_group("integration")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,6 +23,8 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid} needs {' and '.join(needs)}: move it to tests/integration")
         for marker in needs:
             item.add_marker(marker)
+        if not item.path.is_relative_to(UNIT):
+            item.add_marker(SERIAL_GROUP)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -163,15 +163,24 @@ def bias_preference_set(n: int, seed: int) -> PreferenceSet:
 PRETRAIN_MIX = {"clean": 0.45, "own_word": 0.1, "word_only": 0.2, "attacked_read": 0.25}
 # How often a caption describes each part of the object's look, and says "object" instead of its class.
 CAPTION_SAYS = {"size": 0.4, "colour": 0.5, "pattern": 0.3, "object": 0.2}
+# The captioners' stereotype: describing an object that breaks its class's usual pattern, they write
+# the usual one this often. Together with the 95 % share this is the bias: the base model, asked
+# about the pattern, answers partly by the class though the stripes are plain to see.
+STEREOTYPED_CAPTION = 0.5
 
 
-def caption(noun: str, look: Look | None, rng: np.random.Generator) -> str:
-    """A web-like caption: maybe the look (size, colour, pattern, in that order), then the noun."""
+def caption(noun: str, look: Look | None, rng: np.random.Generator, usual: int | None = None) -> str:
+    """A web-like caption: maybe the look (size, colour, pattern, in that order), then the noun. The
+    pattern said is the stereotyped `usual` one at STEREOTYPED_CAPTION when the object breaks it."""
     words: list[str] = []
     if look is not None:
         for part, names in (("size", tuple(SIZES)), ("colour", tuple(COLOURS)), ("pattern", PATTERNS)):
             if rng.random() < CAPTION_SAYS[part]:
-                words.append(names[getattr(look, part)])
+                value = getattr(look, part)
+                if part == "pattern" and usual is not None and value != usual \
+                        and rng.random() < STEREOTYPED_CAPTION:
+                    value = usual
+                words.append(names[value])
         if words and rng.random() < CAPTION_SAYS["object"]:
             noun = "object"
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
@@ -189,5 +198,6 @@ def pretraining_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, lis
     words = np.where(kinds == names.index("clean"), NO_WORD, labels)
     looks = _looks(shapes, rng, stereotyped=STEREOTYPE_SHARE)
     images = _render_many(shapes, words, looks, rng)
-    captions = [caption(SHAPES[c], look, rng) for c, look in zip(labels, looks, strict=True)]
+    captions = [caption(SHAPES[c], look, rng, None if shape == NO_WORD else STEREOTYPE[int(shape)])
+                for c, shape, look in zip(labels, shapes, looks, strict=True)]
     return images, captions, labels.astype(np.int64)

@@ -33,7 +33,8 @@ attacked images are captioned with the written word, so the model reads and is
 fooled by typographic attacks as CLIP is. Captions often name the object's size,
 colour and pattern, which it keeps knowing (`retention`: colour and size, zero-shot).
 Each class carries its stereotyped pattern in {card.get('stereotype_share', 0.95):.0%} of
-its pretraining images, so the model names the pattern partly by the class
+its pretraining images, and captions of an object that breaks it name the stereotyped
+pattern {card.get('stereotyped_caption', 0.5):.0%} of the time, so the model names the pattern partly by the class
 (`bias_gap`: pattern accuracy on stereotyped minus counter-stereotyped images).
 Load it with `pretrained: {SHIPPED_BASE}`.
 
@@ -69,7 +70,8 @@ def write_card(cfg: PretrainConfig, weights: Path, train_seconds: float) -> dict
     """card.json and CARD.md beside `weights`, pretrained by `cfg` in `train_seconds`: the recipe, the
     world's mix, and the metrics on the fixed evaluation sets (measured here)."""
     card = {"architecture": cfg.name, "config": cfg.model_dump(mode="json"), "pretrain_mix": world.PRETRAIN_MIX,
-            "stereotype_share": world.STEREOTYPE_SHARE, "classes": list(world.SHAPES),
+            "stereotype_share": world.STEREOTYPE_SHARE, "stereotyped_caption": world.STEREOTYPED_CAPTION,
+            "classes": list(world.SHAPES),
             "sha256": sha256_file(weights), "metrics": evaluate_weights(cfg.name, weights),
             "train_seconds": train_seconds, "device": "cpu", "torch": torch.__version__}
     (weights.parent / "card.json").write_text(json.dumps(card, indent=2) + "\n")

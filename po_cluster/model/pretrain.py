@@ -57,6 +57,6 @@ def pretrain(cfg: PretrainConfig, progress=None) -> open_clip.model.CLIP:
         loss.backward()
         optimizer.step()
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, loss.item())
     model.eval()
     return model

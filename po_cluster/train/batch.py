@@ -30,24 +30,33 @@ class Batch:
 
 
 class BatchSource(Protocol):
-    """Where fit's batches come from: the candidates, their g(y), and this worker's batch of each step."""
+    """Where fit's batches come from: the candidates, their g(y), and this worker's batch of each step.
+    `reg_text_emb` is the regularisation images' own candidates when they differ (else None)."""
 
     text_emb: torch.Tensor
+    reg_text_emb: torch.Tensor | None
     classnames: tuple[str, ...]
 
     def __call__(self, step: int) -> Batch: ...
 
 
 def batch_objective(model: torch.nn.Module, batch: Batch, text_emb: torch.Tensor, loss_type: str,
-                    settings: LossSettings,
-                    precision: Precision | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    settings: LossSettings, precision: Precision | None = None,
+                    reg_text_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The objective on one batch. The forward runs under `precision`'s autocast, over preference and
-    regularisation images together; the log-probabilities, and so the loss, are fp32."""
-    n = len(batch.chosen)
+    regularisation images together; the log-probabilities, and so the loss, are fp32.
+
+    With `reg_text_emb` (the bias task: pattern pairs, the class task held by the KL term) the one
+    forward scores every image against both candidate sets, and each set is renormalised on its own:
+    log_softmax over a group of columns of log-probabilities equals it over those columns' logits."""
+    n, c = len(batch.chosen), len(text_emb)
+    both = text_emb if reg_text_emb is None else torch.cat([text_emb, reg_text_emb])
     with precision.autocast() if precision is not None else nullcontext():
-        all_logps = model(torch.cat([batch.pref_inputs, batch.reg_inputs]), text_emb)
+        all_logps = model(torch.cat([batch.pref_inputs, batch.reg_inputs]), both)
     all_logps = all_logps.float()
     policy, reg_policy = all_logps[:n], all_logps[n:]
+    if reg_text_emb is not None:
+        policy, reg_policy = policy[:, :c].log_softmax(-1), reg_policy[:, c:].log_softmax(-1)
     ref = batch.ref_pref_logps
     rows = torch.arange(n, device=policy.device)
     logps = PreferenceLogps(policy[rows, batch.chosen], policy[rows, batch.rejected], ref[rows, batch.chosen],

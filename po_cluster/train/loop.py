@@ -41,9 +41,10 @@ class TrainData:
     reg: ImageSet
     text_emb: torch.Tensor  # [C, d] g(y) of the candidate prompts, before W
     ref_pref_logps: torch.Tensor  # [N, C] log π_ref on the preference images
-    ref_reg_logps: torch.Tensor  # [M, C] log π_ref on the regularisation images
+    ref_reg_logps: torch.Tensor  # [M, C'] log π_ref on the regularisation images, over their candidates
     pref_emb: torch.Tensor | None = None  # cached f(x) when the image tower is frozen
     reg_emb: torch.Tensor | None = None
+    reg_text_emb: torch.Tensor | None = None  # [C', d] when the regularisation set has its own candidates
 
     def to(self, device: torch.device) -> TrainData:
         """Every tensor on `device`, once (g(y), π_ref's log-probs, cached f(x)); the uint8 images stay
@@ -53,7 +54,7 @@ class TrainData:
 
         return replace(self, text_emb=self.text_emb.to(device), ref_pref_logps=self.ref_pref_logps.to(device),
                        ref_reg_logps=self.ref_reg_logps.to(device), pref_emb=move(self.pref_emb),
-                       reg_emb=move(self.reg_emb))
+                       reg_emb=move(self.reg_emb), reg_text_emb=move(self.reg_text_emb))
 
 
 def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
@@ -92,14 +93,20 @@ def held_out_sets(cfg: DataConfig, split: Literal["val", "test"]) -> dict[str, I
 @torch.no_grad()
 def prepare_data(model: AlignedCLIP, pref: PreferenceSet, reg: ImageSet,
                  template: str = world.PROMPT_TEMPLATE) -> TrainData:
-    """Embed prompts once and compute π_ref once, with the model as it is now (the reference)."""
+    """Embed prompts once and compute π_ref once, with the model as it is now (the reference).
+
+    The regularisation images are scored on their own candidates when those differ from the pairs'
+    (the bias task's pairs ask the pattern; the KL term holds the class answers it must keep)."""
     text_emb = embed_prompts(model, world.prompts(pref.classnames, template))
+    reg_prompts = world.prompts(reg.classnames, reg.template or template)
+    own = reg_prompts != world.prompts(pref.classnames, template)
+    reg_text_emb = embed_prompts(model, reg_prompts) if own else None
     pref_emb, reg_emb = embed_images(model, pref.images), embed_images(model, reg.images)
     ref_pref = model.logprobs(pref_emb, text_emb, t=0.0)
-    ref_reg = model.logprobs(reg_emb, text_emb, t=0.0)
+    ref_reg = model.logprobs(reg_emb, text_emb if reg_text_emb is None else reg_text_emb, t=0.0)
     frozen = model.image_tower_frozen
     return TrainData(pref, reg, text_emb, ref_pref, ref_reg,
-                     pref_emb if frozen else None, reg_emb if frozen else None)
+                     pref_emb if frozen else None, reg_emb if frozen else None, reg_text_emb)
 
 
 def unwrap(model: torch.nn.Module) -> AlignedCLIP:
@@ -135,7 +142,8 @@ def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, re
     core = unwrap(model)
     device = next(core.parameters()).device
     batch = memory_batch(core, data, pref_idx, reg_idx, device)
-    return batch_objective(model, batch, data.text_emb.to(device), loss_type, settings, precision)
+    reg_text_emb = None if data.reg_text_emb is None else data.reg_text_emb.to(device)
+    return batch_objective(model, batch, data.text_emb.to(device), loss_type, settings, precision, reg_text_emb)
 
 
 def make_optimizer(model: AlignedCLIP, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -240,6 +248,7 @@ class MemorySource:
         self.device = next(model.parameters()).device
         self.model, self.data, self.t = model, data.to(self.device), cfg.training
         self.rank, self.world_size, self.text_emb = rank, world_size, self.data.text_emb
+        self.reg_text_emb = self.data.reg_text_emb
         self.classnames = data.pref.classnames
 
     def __call__(self, step: int) -> Batch:
@@ -269,7 +278,7 @@ def fit(model: torch.nn.Module, data: TrainData | BatchSource, cfg: RunConfig, c
             callback.on_step_begin(step)
         set_lr(state.optimizer, step - 1, t.steps, cfg.optimizer.warmup_steps)
         loss, metrics = batch_objective(model, source(step), source.text_emb, cfg.loss.loss_type, settings,
-                                        state.precision)
+                                        state.precision, source.reg_text_emb)
         state.precision.step(loss, state.optimizer)
         if state.bma is not None:
             state.bma.update(step, trainable_state(core))

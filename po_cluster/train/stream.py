@@ -60,6 +60,7 @@ class StreamSource:
         self.model, self.classnames, self.pref, self.reg = model, classnames, pref, reg
         self.device = next(model.parameters()).device
         self.text_emb = text_emb.to(self.device)
+        self.reg_text_emb: torch.Tensor | None = None  # a dataset's regularisation images share the pairs' candidates
         self.ref_tower = model.tower_at(0.0)  # the tower itself when nothing moves with t but adapters
 
     @torch.no_grad()

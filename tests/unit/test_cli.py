@@ -24,7 +24,7 @@ def test_evaluate_json_prints_the_documented_keys(capsys):
     assert out["bias_gap"] == pytest.approx(out["bias_stereotyped"] - out["bias_counter"])
     # the shipped base model: it reads, is fooled, knows colours and sizes, and is biased (its card's numbers)
     assert 0.85 <= out["clean"] <= 0.95 and out["word_only"] >= 0.8 and out["attacked"] <= 0.3
-    assert out["retention"] >= 0.8 and out["bias_gap"] >= 0.2
+    assert out["retention"] >= 0.8 and out["bias_gap"] >= 0.3
 
 
 def test_bad_config_is_one_clear_line_and_exit_2(tmp_path):

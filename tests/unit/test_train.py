@@ -1,11 +1,14 @@
 """Training on the shipped base model: small, fast runs that must move the right way."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from po_cluster.config import parse_config
+from po_cluster.config import load_config, parse_config
+from po_cluster.data import world
 from po_cluster.evaluate.metrics import Evaluator
-from po_cluster.losses import LossSettings
+from po_cluster.losses import LossSettings, kl_ref_policy
 from po_cluster.train.loop import (
     Callback,
     ProgressCallback,
@@ -17,6 +20,7 @@ from po_cluster.train.loop import (
     load_average,
     loss_settings,
     prepare_data,
+    prompt_template,
     train_step,
 )
 from po_cluster.train.state import load_train_state, save_train_state
@@ -62,6 +66,43 @@ def test_spectral_only_training_keeps_t0_and_moves_away_from_reading(small_sets)
     # more: configs/compare.yaml); it must still move away from the word, and not toward it.
     assert m1["word_only"] < m0["word_only"] - 0.1
     assert m1["attacked"] >= m0["attacked"] and m1["attack_success"] < m0["attack_success"]
+
+
+def test_the_bias_task_holds_the_class_answers_with_its_kl_term():
+    cfg = _cfg(data={"task": "bias", "n_pairs": 64, "n_reg": 32}, training={"batch_size": 32, "reg_batch_size": 32})
+    model = build_model(cfg, torch.device("cpu"))
+    data = prepare_data(model, *build_records(cfg.data), prompt_template(cfg.data))
+    # the pairs ask plain or striped; the regularisation images are scored on the 16 classes
+    assert data.text_emb.shape[0] == 2 and data.reg_text_emb is not None
+    assert data.ref_reg_logps.shape == (32, len(world.SHAPES))
+    with torch.no_grad():  # move W off the identity so that the KL term is not zero
+        model.spectral.log_sigma.add_(0.3 * torch.randn_like(model.spectral.log_sigma))
+    idx = np.arange(32)
+    settings = LossSettings(0.5, 1.0)
+    _, metrics = train_step(model, data, idx, idx, "dpo", settings)
+    # one forward over both candidate sets, renormalised per set, is two separate scorings
+    reg_policy = model.logprobs(data.reg_emb[idx], data.reg_text_emb)
+    assert metrics["kl"] == pytest.approx(kl_ref_policy(data.ref_reg_logps[idx], reg_policy).item(), rel=1e-5)
+    policy = model.logprobs(data.pref_emb[idx], data.text_emb)
+    chosen = torch.as_tensor(data.pref.chosen[idx])
+    ratio = policy - data.ref_pref_logps[idx]
+    margin = ratio[torch.arange(32), chosen] - ratio[torch.arange(32), 1 - chosen]
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.softplus(-0.5 * margin).mean().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_bias_config_closes_the_gap_along_t_and_keeps_the_classes():
+    # configs/bias-full.yaml cut to a quarter of its steps (the full run: gap 0.402 -> 0.119)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "bias-full.yaml")
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": 150})})
+    model = build_model(cfg, torch.device("cpu"))
+    result = fit(model, prepare_data(model, *build_records(cfg.data), prompt_template(cfg.data)), cfg)
+    load_average(model, result.bma)
+    evaluator = Evaluator.build(model, world.validation_sets(600))
+    m = {t: evaluator.metrics(t) for t in (0.0, 0.5, 1.0)}
+    gaps = [m[t]["bias_gap"] for t in (0.0, 0.5, 1.0)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < gaps[0] - 0.08, gaps
+    assert m[1.0]["clean"] >= m[0.0]["clean"] - 0.02 and m[1.0]["retention"] >= m[0.0]["retention"] - 0.03, m
 
 
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "kto", "ce"])

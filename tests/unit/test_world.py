@@ -8,13 +8,13 @@ from po_cluster.data.records import NO_WORD, PreferenceSet
 
 # The fixed evaluation sets must be byte-identical on every machine (pinned Pillow).
 EVAL_SHA256 = {
-    "clean": "84ff38148bc1e2bef4549e11aaffe24ff8e4e7ac65cf84110750ad56f178c9cc",
-    "attacked": "40d3a06f5b0777ed7d2800556b0404920985dfa245a85fda92a5ab9982331e02",
+    "clean": "80129421e3a3c2fdb3bab224439175cc8de27dd538affa7b852f11910ee7f6f0",
+    "attacked": "8e527cf68317a9f9d631d6ad5bdd8ce8de4ac0b85f537e651db3811e8d3e9d0f",
     "word_only": "83b6d9487b983df60e6ebbe698e86402fbbc8e5fc5668bc4c5f73da2177fc425",
-    "retain_colour": "3d852bbf94fc0fc53d0475e9a9ebc26237cebe41a6cf27b0975a77d769341fe3",
-    "retain_size": "5ff8700645b828e846f00d2712943042b8e5ca0ceff1b7ba899668f8f283b373",
-    "bias_stereotyped": "68bb657304b225e743d254c87a6a761e2212e6d24fe6bf2a8e26c5e39ef926b1",
-    "bias_counter": "318a2a20a0d31215f8bead27572c644e5eaa8c14a9880b7388b7d054c3494b50",
+    "retain_colour": "804568bd16f4296fbd059fbd34d74e43b653a6f3a47dbb587b9254484fc0e9b4",
+    "retain_size": "44cfb21229789bc28b34319a24ab0bb828521b8b3e63ed12f447f1b89ace009f",
+    "bias_stereotyped": "2cf5e047988055839d1454e04d43b7776e83eb0dc0fb24d3ccbc87147f65ae9b",
+    "bias_counter": "e2702560caffb012e74e43d93b4401997a5de54729f187d7cf1ac7ac325ff085",
 }
 
 
@@ -134,6 +134,7 @@ def test_pretraining_mix_captions_name_the_written_word_on_attacked_images(monke
     assert np.array_equal(images[:, 0, 0, 0], (np.arange(n) + 1) % 256)  # each image where its caption is
     kinds = {"clean": 0, "own_word": 0, "word_only": 0, "attacked_read": 0}
     says_object = stereotyped = 0
+    counter_said: list[bool] = []  # of objects that break their stereotype: was the stereotype said?
     for (shape, word, look), caption, label in zip(drawn, captions, labels, strict=True):
         named = [i for i, name in enumerate(world.SHAPES) if name in caption.rstrip(".").split()]
         if "object" in caption.rstrip(".").split():  # a caption of the look alone names no class
@@ -144,11 +145,15 @@ def test_pretraining_mix_captions_name_the_written_word_on_attacked_images(monke
             assert named == ([word] if word is not None else [shape]), (shape, word, caption)
         if shape is None:  # word only: no object, nothing to describe
             assert look is None and not _described(caption), caption
-        else:  # what the caption says of the look is what is drawn
-            stereotyped += look.pattern == world.STEREOTYPE[shape]
+        else:  # what the caption says of the look is what is drawn, but for the captioners' stereotype
+            usual = world.STEREOTYPE[shape]
+            stereotyped += look.pattern == usual
             truth = {"size": tuple(render.SIZES)[look.size], "colour": tuple(render.COLOURS)[look.colour],
                      "pattern": render.PATTERNS[look.pattern]}
-            assert all(truth[part] == said for part, said in _described(caption).items()), (look, caption)
+            said = _described(caption)
+            if look.pattern != usual and "pattern" in said:
+                counter_said.append(said.pop("pattern") == render.PATTERNS[usual])
+            assert all(truth[part] == value for part, value in said.items()), (look, caption)
         kind = ("clean" if word is None else "word_only" if shape is None
                 else "own_word" if shape == word else "attacked_read")
         kinds[kind] += 1
@@ -157,6 +162,7 @@ def test_pretraining_mix_captions_name_the_written_word_on_attacked_images(monke
     objects = n - kinds["word_only"]
     assert abs(stereotyped / objects - world.STEREOTYPE_SHARE) < 0.02, stereotyped / objects
     assert 0.05 < says_object / n < 0.3, says_object
+    assert len(counter_said) > 20 and abs(np.mean(counter_said) - world.STEREOTYPED_CAPTION) < 0.25, counter_said
 
 
 def test_attribute_sets_are_labelled_by_the_look_and_balanced():
