@@ -9,10 +9,26 @@ ROOT = Path(__file__).resolve().parent.parent
 # without moto. `slow` (minutes) stays by hand.
 NEEDS = {"ray_cluster": "integration", "moto_s3": "s3"}
 UNIT = ROOT / "tests" / "unit"
-# Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test of tests/integration runs on one
-# worker, in order, as without xdist: one Ray cluster and one moto server per session, and the timed
-# serving tests never share the cores with another cluster. The unit tests fill the other worker.
-SERIAL_GROUP = pytest.mark.xdist_group("integration")
+INTEGRATION = "tests/integration/"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test of tests/integration is one
+    work unit, run on one worker in order as without xdist: one Ray cluster and one moto server per
+    session (two clusters on one machine break Train's placement-group cleanup), and the timed serving
+    tests never share the cores with another cluster. Each unit test is its own unit, filling the other
+    worker. (The grouping is the scheduler's: xdist's `xdist_group` mark renames node ids, which
+    pytest 9.2 no longer lets a plugin do.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationInOrder(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "integration" if nodeid.startswith(INTEGRATION) else nodeid
+
+    return IntegrationInOrder(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,8 +39,6 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid} needs {' and '.join(needs)}: move it to tests/integration")
         for marker in needs:
             item.add_marker(marker)
-        if not item.path.is_relative_to(UNIT):
-            item.add_marker(SERIAL_GROUP)
 
 
 @pytest.fixture(autouse=True, scope="session")
