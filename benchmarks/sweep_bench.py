@@ -10,6 +10,7 @@ sweep twice, side by side: every trial preparing its own inputs (share_inputs: f
 sweep computing them once for all (share_inputs: true, the default).
 
     .venv/bin/python benchmarks/sweep_bench.py [--trials 4] [--steps 60] [--image-tower frozen]
+        [--cpus-per-worker 0.25] [--trial-runner tune] [--shared-only]
 """
 import argparse
 import logging
@@ -25,25 +26,29 @@ DEMO = ROOT / "configs" / "demo-sweep.yaml"
 
 
 def bench_config(folder: Path, trials: int, steps: int, share: bool = True,
-                 image_tower: str | None = None) -> SweepConfig:
+                 image_tower: str | None = None, cpus_per_worker: float | None = None,
+                 trial_runner: str = "torch_trainer") -> SweepConfig:
     """The demo sweep with `trials` trials of `steps` steps, reporting (and checkpointing) as often
     per trial as the demo does, everything written under `folder`."""
     demo = load_config(DEMO, SweepConfig)
     every = max(1, steps * demo.report_every // demo.base.training.steps)
     data = demo.model_dump(mode="json")
     data |= {"name": "sweep-bench", "storage_path": str(folder / "sweeps"), "store": str(folder / "store"),
-             "num_samples": trials, "report_every": every, "checkpoint_every": every, "share_inputs": share}
+             "num_samples": trials, "report_every": every, "checkpoint_every": every, "share_inputs": share,
+             "trial_runner": trial_runner}
     data["base"]["training"]["steps"] = steps
     if image_tower is not None:
         data["base"]["model"]["image_tower"] = image_tower
+    if cpus_per_worker is not None:  # fractions pack several trials on one CPU
+        data["scaling"] = data.get("scaling", {}) | {"cpus_per_worker": cpus_per_worker}
     return SweepConfig.model_validate(data)
 
 
-def run(trials: int, steps: int, share: bool, image_tower: str | None) -> tuple[dict, dict, SweepConfig]:
+def run(trials: int, steps: int, share: bool, args: argparse.Namespace) -> tuple[dict, dict, SweepConfig]:
     from po_cluster.sweep.driver import max_concurrent_trials, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="po-sweep-bench-") as tmp:
-        cfg = bench_config(Path(tmp), trials, steps, share, image_tower)
+        cfg = bench_config(Path(tmp), trials, steps, share, args.image_tower, args.cpus_per_worker, args.trial_runner)
         slots = max_concurrent_trials(cfg)
         start = time.perf_counter()
         result = run_sweep(cfg)
@@ -64,13 +69,15 @@ def print_breakdown(measured: dict) -> None:
 def report(measured: dict, from_records: dict, cfg: SweepConfig, trials: int, steps: int) -> float | None:
     print(f"\nshare_inputs {cfg.share_inputs}: {measured['trials']} timed trials of {trials}, {steps} steps each "
           f"(report every {cfg.report_every}), {cfg.scaling.num_workers} worker × {cfg.scaling.cpus_per_worker} CPU "
-          f"per trial, image tower {cfg.base.model.image_tower}")
+          f"per trial, image tower {cfg.base.model.image_tower}, trial runner {cfg.trial_runner}")
     print_breakdown(measured)
     if measured["efficiency"] is None:
         print("sweep efficiency: not computable (no trial reported its phases)")
         return None
     print(f"sweep efficiency: Σ train steps {measured['seconds']['train_steps']:.1f} s ÷ "
           f"(wall {measured['wall_seconds']:.1f} s × {measured['slots']} slots) = {measured['efficiency']:.1%}")
+    print(f"whole trial ÷ its training steps: {measured['total_seconds'] / measured['seconds']['train_steps']:.1f}× "
+          f"(Σ {measured['total_seconds']:.1f} s ÷ Σ {measured['seconds']['train_steps']:.1f} s)")
     held = measured["total_seconds"] / (measured["wall_seconds"] * measured["slots"])
     print(f"trials' time ÷ (wall × slots): {held:.1%}  (the rest: slots idle or between trials, "
           "the sweep driver's start and end)")
@@ -87,17 +94,23 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--image-tower", choices=("full", "frozen"), help="default: the demo's")
+    parser.add_argument("--cpus-per-worker", type=float, help="default: the demo's (1); 0.25 packs 8 trials on 2 CPUs")
+    parser.add_argument("--trial-runner", choices=("torch_trainer", "tune"), default="torch_trainer",
+                        help="tune: frozen-tower trials train in the Tune trial itself")
+    parser.add_argument("--shared-only", action="store_true", help="skip the sweep without shared inputs")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
     try:
         walls, effs = {}, {}
-        for share in (False, True):
-            measured, from_records, cfg = run(args.trials, args.steps, share, args.image_tower)
+        for share in (True,) if args.shared_only else (False, True):
+            measured, from_records, cfg = run(args.trials, args.steps, share, args)
             effs[share] = report(measured, from_records, cfg, args.trials, args.steps)
             walls[share] = measured["wall_seconds"]
     finally:
         ray.shutdown()
+    if args.shared_only:
+        return
     print(f"\nsweep wall, shared ÷ per trial: {walls[True] / walls[False]:.2f}")
     if effs[True] is not None and effs[False] is not None:
         print(f"sweep efficiency: {effs[False]:.1%} per trial → {effs[True]:.1%} shared")

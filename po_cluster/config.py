@@ -335,6 +335,23 @@ class SweepConfig(Strict):
                                "start's f(x)) once per sweep in one Ray task and hand them to every trial")
     store: str = Field("artifacts", description="artifact store for the release: local folder or s3://")
     tracking: TrackingConfig = TrackingConfig()
+    trial_runner: Literal["torch_trainer", "tune"] = Field(
+        "torch_trainer", description="torch_trainer: each trial fits a TorchTrainer (DDP over scaling.num_workers); "
+        "tune: a frozen-tower trial trains in the Tune trial itself, on scaling.cpus_per_worker (and "
+        "gpus_per_worker) — fractions pack many trials on one CPU or GPU")
+
+    @model_validator(mode="after")
+    def _runner_fits(self) -> SweepConfig:
+        if self.trial_runner != "tune":
+            return self
+        towers = self.space.image_tower or [self.base.model.image_tower]
+        if any(tower != "frozen" for tower in towers):
+            raise ValueError(f"trial_runner tune trains W alone and needs image_tower frozen, not {towers}")
+        if self.scaling.num_workers != 1:
+            raise ValueError("trial_runner tune runs one process per trial: scaling.num_workers must be 1")
+        if self.base.data.streaming:
+            raise ValueError("trial_runner tune reads the sweep's shared inputs: data.streaming must be false")
+        return self
 
 
 def _every_loss() -> dict[LossType, dict[str, float]]:

@@ -42,7 +42,7 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _peak_overlap(spans: list[tuple[float, float]]) -> int:
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
     """The most trials running at once, from their (start, end) wall times."""
     events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
     running = peak = 0
@@ -67,7 +67,7 @@ def time_breakdown(records: list[dict], wall_seconds: float | None = None, slots
     if wall_seconds is None and spans and len(spans) == len(timed):
         wall_seconds = max(end for _, end in spans) - min(start for start, _ in spans)
     if slots is None and spans:
-        slots = _peak_overlap(spans)
+        slots = peak_overlap(spans)
     efficiency = phases["train_steps"] / (wall_seconds * slots) if wall_seconds and slots else None
     return {"trials": len(timed), "total_seconds": total, "seconds": phases,
             "share": {k: (v / total if total else None) for k, v in phases.items()},

@@ -26,7 +26,7 @@ from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch,
 from po_cluster.sweep.space import define_by_run, distributions, starting_points, tower_choices
 from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
 from po_cluster.train.shared import shared_inputs
-from po_cluster.train.worker import SHARED_INPUTS_KEY, train_loop_per_worker
+from po_cluster.train.worker import SHARED_INPUTS_KEY, train_in_trial, train_loop_per_worker
 
 METRIC = "objective"
 RESULTS_FILE = "sweep_results.json"
@@ -101,7 +101,8 @@ def streamed_datasets(run: RunConfig, cpus: float) -> dict | None:
 
 def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
                  shared: list[ray.ObjectRef] | None = None) -> None:
-    """The Tune trainable: build and fit one TorchTrainer for this trial, in the sweep's storage."""
+    """The Tune trainable: build and fit one TorchTrainer for this trial, in the sweep's storage, or
+    with `trial_runner: tune` train here, in the trial (po_cluster/train/session.py)."""
     started_at = time.time()  # the worker's phases (po_cluster/train/phases.py) count from here
     cfg = SweepConfig.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
@@ -109,19 +110,30 @@ def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
                           checkpoint_every=cfg.checkpoint_every, clean_tolerance=cfg.clean_tolerance,
                           clean_penalty=cfg.clean_penalty, retention_penalty=cfg.retention_penalty,
                           trial_started_at=started_at)
+    if cfg.trial_runner == "tune":
+        train_in_trial({**worker.model_dump(mode="json"), **({SHARED_INPUTS_KEY: shared[0]} if shared else {})})
+        return
     fit_trial(worker, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
               [TuneReportCallback()], filesystem, shared[0] if shared else None)
 
 
 def driver_trainable(cfg: SweepConfig, experiment: Experiment, shared: ray.ObjectRef | None = None):
     """The trial driver with the sweep bound to it. It only waits on its TorchTrainer, so it
-    reserves no CPU: otherwise the drivers could hold every CPU and no worker could start.
+    reserves no CPU: otherwise the drivers could hold every CPU and no worker could start. With
+    `trial_runner: tune` it trains, and asks one worker's resources.
     `shared` goes in a list: with_parameters resolves the references it is given, and the trial
     hands on the reference, not the object."""
     bound = tune.with_parameters(trial_driver, sweep=cfg.model_dump(mode="json"),
                                  filesystem=experiment.filesystem, root=experiment.root,
                                  shared=[shared] if shared is not None else None)
-    return tune.with_resources(bound, {"cpu": 0, "memory": 1 << 20})  # a bundle must not be empty
+    return tune.with_resources(bound, trial_resources(cfg))
+
+
+def trial_resources(cfg: SweepConfig) -> dict[str, float]:
+    if cfg.trial_runner == "torch_trainer":
+        return {"cpu": 0, "memory": 1 << 20}  # a bundle must not be empty
+    s = cfg.scaling
+    return {"cpu": s.cpus_per_worker, **({"gpu": s.gpus_per_worker} if s.use_gpu else {}), **s.resources_per_worker}
 
 
 def max_concurrent_trials(cfg: SweepConfig) -> int:
@@ -186,11 +198,23 @@ def build_tuner(cfg: SweepConfig, experiment: Experiment, callbacks: list | None
     return tune.Tuner(
         driver_trainable(cfg, experiment, shared),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=cfg.num_samples),
+                                    num_samples=cfg.num_samples,
+                                    # a trial that trains in Tune starts in the process its predecessor used
+                                    reuse_actors=cfg.trial_runner == "tune"),
         run_config=tune.RunConfig(name=cfg.name, storage_path=experiment.root,
                                   storage_filesystem=experiment.filesystem, verbose=1,
-                                  callbacks=[*(callbacks or []), ReconcileOnRestore(search_alg)]),
+                                  callbacks=[*(callbacks or []), ReconcileOnRestore(search_alg)],
+                                  **in_trial_settings(cfg)),
     )
+
+
+def in_trial_settings(cfg: SweepConfig) -> dict:
+    """With `trial_runner: tune`, Tune keeps the trials' checkpoints and restarts a failed trial from
+    its last one (what Ray Train does for a TorchTrainer's trial)."""
+    if cfg.trial_runner != "tune":
+        return {}
+    return {"failure_config": tune.FailureConfig(max_failures=cfg.max_failures),
+            "checkpoint_config": tune.CheckpointConfig(num_to_keep=2)}
 
 
 @dataclass(frozen=True)
@@ -287,7 +311,9 @@ def _text(value: object) -> str | None:
 
 
 def trial_record(result) -> TrialRecord:
-    """A Tune result in plain JSON values."""
+    """A Tune result in plain JSON values. A TorchTrainer's trial reports its checkpoint's path; a trial
+    that trained in Tune (`trial_runner: tune`) has Tune's own checkpoint."""
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
-    return TrialRecord(_text(metrics.get("trial_id")), result.config, metrics, _text(metrics.get("checkpoint_path")),
+    checkpoint = metrics.get("checkpoint_path") or (result.checkpoint.path if result.checkpoint else None)
+    return TrialRecord(_text(metrics.get("trial_id")), result.config, metrics, _text(checkpoint),
                        str(result.error) if result.error else None)

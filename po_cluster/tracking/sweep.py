@@ -32,9 +32,11 @@ from po_cluster.tracking.client import (
 TRACKING_FILE = "tracking.json"
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs under
 CHECKPOINT_TAG = "checkpoint_path"
+CHECKPOINT_DIR_NAME = "checkpoint_dir_name"  # what Tune adds to a result that came with a checkpoint
 RELEASE_TAG = "release_uri"
 # Tune's bookkeeping and what is not a number of the trial's own: not logged as metrics.
-NOT_METRICS = {*AUTO_RESULT_KEYS, *DEBUG_METRICS, "done", "step", CHECKPOINT_TAG, "should_checkpoint"}
+NOT_METRICS = {*AUTO_RESULT_KEYS, *DEBUG_METRICS, "done", "step", CHECKPOINT_TAG, CHECKPOINT_DIR_NAME,
+               "should_checkpoint"}
 
 
 def open_sweep_tracker(cfg: SweepConfig, experiment: Experiment) -> Tracker | None:
@@ -127,8 +129,8 @@ class TrialRunsCallback(MLflowLoggerCallback):
             step = int(result.get("step") or result[TRAINING_ITERATION])
             metrics = {k: v for k, v in result.items() if k not in NOT_METRICS}
             log_metrics(self._client(), run_id, [(step, metrics)])
-            if result.get(CHECKPOINT_TAG):
-                self._client().set_tag(run_id, CHECKPOINT_TAG, str(result[CHECKPOINT_TAG]))
+            if (checkpoint := checkpoint_of(trial, result)) is not None:
+                self._client().set_tag(run_id, CHECKPOINT_TAG, checkpoint)
 
         if trial in self._trial_runs:
             self._guard(log)
@@ -136,6 +138,17 @@ class TrialRunsCallback(MLflowLoggerCallback):
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if trial in self._trial_runs:
             self._guard(lambda: MLflowLoggerCallback.log_trial_end(self, trial, failed))
+
+
+def checkpoint_of(trial, result: dict) -> str | None:
+    """Where this result's checkpoint lies: a TorchTrainer's trial reports the path; a trial that
+    trained in Tune (`trial_runner: tune`) names its folder in the trial's storage, which Tune
+    registers only after the callbacks have seen the result."""
+    if result.get(CHECKPOINT_TAG):
+        return str(result[CHECKPOINT_TAG])
+    if result.get(CHECKPOINT_DIR_NAME):
+        return f"{trial.storage.trial_fs_path}/{result[CHECKPOINT_DIR_NAME]}"
+    return None
 
 
 def trial_callbacks(cfg: SweepConfig, experiment: Experiment,

@@ -1,6 +1,7 @@
-"""The Ray Train worker: the single-process loop (`fit`) under DDP, resumed from
-the trial's last checkpoint, with BMA weights reported through `ray.train.report`
-and resumable checkpoints every N steps (a callback of the loop).
+"""The training worker: the single-process loop (`fit`), under DDP in a Ray Train worker
+group or alone in a Ray Tune trial (po_cluster/train/session.py), resumed from the
+trial's last checkpoint, with BMA weights reported to its session and resumable
+checkpoints every N steps (a callback of the loop).
 
 Each worker renders the same (deterministic) records and computes the text
 embeddings and π_ref's log-probs once; the global batch of each step depends
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray.train
+import ray
 import ray.train.torch
 import torch
 import torch.distributed as dist
@@ -40,6 +41,7 @@ from po_cluster.train.loop import (
     unwrap,
 )
 from po_cluster.train.phases import PhaseClock
+from po_cluster.train.session import Session, TrainSession, TuneSession
 from po_cluster.train.shared import SharedInputs
 from po_cluster.train.state import load_train_state, save_train_state
 from po_cluster.train.stream import StreamSource, worker_source
@@ -148,9 +150,9 @@ class Validation:
             return self.start.with_model(core).metrics(1.0)
 
 
-def _maybe_inject_failure(cfg: WorkerConfig, step: int) -> None:
+def _maybe_inject_failure(cfg: WorkerConfig, step: int, rank: int) -> None:
     """Test hook: crash this worker process once, hard, at a given step (marker file makes it once)."""
-    if cfg.fail_at_step != step or cfg.fail_marker is None or ray.train.get_context().get_world_rank() != 0:
+    if cfg.fail_at_step != step or cfg.fail_marker is None or rank != 0:
         return
     marker = Path(cfg.fail_marker)
     if not marker.exists():
@@ -158,13 +160,11 @@ def _maybe_inject_failure(cfg: WorkerConfig, step: int) -> None:
         os._exit(1)
 
 
-def _resume(model: torch.nn.Module, state: TrainState) -> None:
-    """Continue from the trial's last checkpoint, if Ray Train restored one (after a failure)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state.step = load_train_state(Path(folder), unwrap(model), state.optimizer, state.bma,
-                                          state.precision)
+def _resume(model: torch.nn.Module, state: TrainState, session: Session) -> None:
+    """Continue from the trial's last checkpoint, if Ray restored one (after a failure)."""
+    with session.checkpoint() as folder:
+        if folder is not None:
+            state.step = load_train_state(folder, unwrap(model), state.optimizer, state.bma, state.precision)
 
 
 def _peak_rss_mb() -> float:
@@ -173,16 +173,16 @@ def _peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation | None, train_metrics: dict,
-            resumed_from: int, clock: PhaseClock) -> None:
+def _report(cfg: WorkerConfig, session: Session, model, state: TrainState, validation: Validation | None,
+            train_metrics: dict, resumed_from: int, clock: PhaseClock) -> None:
     """All workers call report (it is a collective); rank 0 evaluates and writes the checkpoint.
 
     The phases are taken after this report's validation and checkpoint writing, before its
-    hand-off to Ray Train (which the next report counts)."""
+    hand-off to Ray (which the next report counts)."""
     step = state.step
     divergence = replica_divergence(model)
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report({"step": step})
+    if session.rank != 0:
+        session.report({"step": step})
         return
     assert validation is not None, "rank 0 builds the validation sets (train_loop_per_worker)"
     with clock.phase("validation"):
@@ -193,15 +193,15 @@ def _report(cfg: WorkerConfig, model, state: TrainState, validation: Validation 
            "replica_divergence": divergence, "resumed_from_step": resumed_from, **train_metrics,
            "torch_threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        folder = None
         if step % cfg.checkpoint_every == 0 or step == cfg.run.training.steps:
             classnames = next(iter(validation.sets.values())).classnames
+            folder = Path(tmp)
             with clock.phase("checkpoint"):
-                _write_checkpoint(Path(tmp), model, state, cfg.run, out, classnames)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                _write_checkpoint(folder, model, state, cfg.run, out, classnames)
         out.update(clock.summary())
         with clock.phase("checkpoint"):
-            ray.train.report(out, checkpoint=checkpoint)
+            session.report(out, folder)
 
 
 class TowerImages:
@@ -220,9 +220,10 @@ class WorkerCallback(Callback):
     """The worker's part of each step: its clock, the test failure, and every `report_every` steps
     (and at the last) the mean metrics across workers, validation and a checkpoint, reported."""
 
-    def __init__(self, cfg: WorkerConfig, model: torch.nn.Module, state: TrainState,
+    def __init__(self, cfg: WorkerConfig, session: Session, model: torch.nn.Module, state: TrainState,
                  validation: Validation | None, clock: PhaseClock, tower: TowerImages | None = None) -> None:
         self.cfg, self.model, self.state, self.validation, self.clock = cfg, model, state, validation, clock
+        self.session = session
         self.tower = tower
         self.resumed_from = state.step
         self.device = next(model.parameters()).device
@@ -232,12 +233,13 @@ class WorkerCallback(Callback):
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self.clock.stop("train_steps")
-        _maybe_inject_failure(self.cfg, step)
+        _maybe_inject_failure(self.cfg, step, self.session.rank)
         if step % self.cfg.report_every == 0 or step == self.cfg.run.training.steps:
             metrics = _mean_across_workers(metrics, self.device)
             if self.tower is not None:  # this worker's own count, not a mean
                 metrics["image_tower_images"] = float(self.tower.images)
-            _report(self.cfg, self.model, self.state, self.validation, metrics, self.resumed_from, self.clock)
+            _report(self.cfg, self.session, self.model, self.state, self.validation, metrics, self.resumed_from,
+                    self.clock)
 
 
 def _training_data(model, run: RunConfig, shared: SharedInputs | None, rank: int,
@@ -252,17 +254,26 @@ def _training_data(model, run: RunConfig, shared: SharedInputs | None, rank: int
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry: config = WorkerConfig as a dict, validated here at the edge, and under
-    SHARED_INPUTS_KEY the ObjectRef of the sweep's SharedInputs (po_cluster/train/shared.py), if any."""
+    """Ray Train entry: config = WorkerConfig as a dict, and under SHARED_INPUTS_KEY the ObjectRef of
+    the sweep's SharedInputs (po_cluster/train/shared.py), if any."""
+    run_worker(config, TrainSession())
+
+
+def train_in_trial(config: dict) -> None:
+    """The same worker in the Ray Tune trial itself (`trial_runner: tune`), with the same config."""
+    run_worker(config, TuneSession())
+
+
+def run_worker(config: dict, session: Session) -> None:
+    """Validate the config at the edge, build the model, data and validation, resume, and fit."""
     shared_ref = config.get(SHARED_INPUTS_KEY)
     cfg = WorkerConfig.model_validate({k: v for k, v in config.items() if k != SHARED_INPUTS_KEY})
     clock = PhaseClock(cfg.trial_started_at)
     run = cfg.run
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world_size = session.rank, session.world_size
     torch.manual_seed(run.training.seed)
     with clock.phase("model_load"):
-        model = build_model(run, ray.train.torch.get_device())
+        model = build_model(run, session.device)
     tower = TowerImages(model)
     with clock.phase("data_prep"):
         shared: SharedInputs | None = ray.get(shared_ref) if shared_ref is not None else None
@@ -271,6 +282,6 @@ def train_loop_per_worker(config: dict) -> None:
         validation = None if rank != 0 else \
             Validation.of_shared(model, shared) if shared is not None else Validation.of_start(model, run.data)
     state = TrainState.start(model, run)
-    _resume(model, state)
+    _resume(model, state, session)
     ddp = ray.train.torch.prepare_model(model) if world_size > 1 else model
-    fit(ddp, data, run, [WorkerCallback(cfg, ddp, state, validation, clock, tower)], state, rank, world_size)
+    fit(ddp, data, run, [WorkerCallback(cfg, session, ddp, state, validation, clock, tower)], state, rank, world_size)

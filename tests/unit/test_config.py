@@ -149,3 +149,19 @@ def test_the_bias_configs_train_the_worlds_bias_task():
     assert prompt_template(data) == world.ATTRIBUTE_TEMPLATE == "a photo of a {} object."
     with pytest.raises(ConfigError, match="data.task 'bias' is one of the world's"):
         parse_config({"data": {"task": "bias", "dataset": "somewhere"}})
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({}, "needs image_tower frozen"),  # the base's tower is full
+    ({"space": {"image_tower": ["frozen", "full"]}}, "needs image_tower frozen"),
+    ({"scaling": {"num_workers": 2}}, "num_workers must be 1"),
+    ({"base": {"model": {"image_tower": "frozen"}, "data": {"dataset": "d", "streaming": True}}},
+     "data.streaming must be false"),
+])
+def test_trials_train_in_tune_only_where_one_process_can(changes, reason):
+    from po_cluster.config import SweepConfig
+
+    base = {"trial_runner": "tune", "base": {"model": {"image_tower": "frozen"}}}
+    with pytest.raises(ConfigError, match=reason):
+        parse_config({**base, **changes} if changes else {"trial_runner": "tune"}, "sweep.yaml", SweepConfig)
+    assert SweepConfig.model_validate(base).trial_runner == "tune"
