@@ -7,10 +7,12 @@ bookkeeping), the seconds summed over the trials and their share of the trials'
 time; then the sweep efficiency, Σ training-step seconds ÷ (sweep wall seconds ×
 concurrent trial slots): the part of the cluster's trial slots spent training. It runs the
 sweep twice, side by side: every trial preparing its own inputs (share_inputs: false) and the
-sweep computing them once for all (share_inputs: true, the default).
+sweep computing them once for all (share_inputs: true, the default). `--compare runner` runs a
+frozen-tower sweep twice instead: each trial fitting a TorchTrainer, and each trial training in
+the Tune trial itself (trial_runner: tune), both on shared inputs.
 
     .venv/bin/python benchmarks/sweep_bench.py [--trials 4] [--steps 60] [--image-tower frozen]
-        [--cpus-per-worker 0.25] [--trial-runner tune] [--shared-only]
+        [--cpus-per-worker 0.25] [--compare share|runner]
 """
 import argparse
 import logging
@@ -44,11 +46,14 @@ def bench_config(folder: Path, trials: int, steps: int, share: bool = True,
     return SweepConfig.model_validate(data)
 
 
-def run(trials: int, steps: int, share: bool, args: argparse.Namespace) -> tuple[dict, dict, SweepConfig]:
+def run(share: bool, runner: str, args: argparse.Namespace) -> tuple[dict, dict, SweepConfig]:
     from po_cluster.sweep.driver import max_concurrent_trials, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="po-sweep-bench-") as tmp:
-        cfg = bench_config(Path(tmp), trials, steps, share, args.image_tower, args.cpus_per_worker, args.trial_runner)
+        # TorchTrainer trials keep the demo's whole CPU each when compared with trials in Tune: 8 worker
+        # groups starting at once on 2 CPUs take minutes each (163 s a trial at 0.25 CPU, measured)
+        cpus = None if args.compare == "runner" and runner == "torch_trainer" else args.cpus_per_worker
+        cfg = bench_config(Path(tmp), args.trials, args.steps, share, args.image_tower, cpus, runner)
         slots = max_concurrent_trials(cfg)
         start = time.perf_counter()
         result = run_sweep(cfg)
@@ -87,6 +92,10 @@ def report(measured: dict, from_records: dict, cfg: SweepConfig, trials: int, st
     return measured["efficiency"]
 
 
+VARIANTS = {"share": ((False, "torch_trainer"), (True, "torch_trainer")),  # (share_inputs, trial_runner)
+            "runner": ((True, "torch_trainer"), (True, "tune"))}
+
+
 def main() -> None:
     import ray
 
@@ -94,26 +103,29 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--image-tower", choices=("full", "frozen"), help="default: the demo's")
-    parser.add_argument("--cpus-per-worker", type=float, help="default: the demo's (1); 0.25 packs 8 trials on 2 CPUs")
-    parser.add_argument("--trial-runner", choices=("torch_trainer", "tune"), default="torch_trainer",
-                        help="tune: frozen-tower trials train in the Tune trial itself")
-    parser.add_argument("--shared-only", action="store_true", help="skip the sweep without shared inputs")
+    parser.add_argument("--cpus-per-worker", type=float,
+                        help="default: the demo's (1); 0.25 packs 8 trials on 2 CPUs (with --compare runner: "
+                        "the trials in Tune only)")
+    parser.add_argument("--compare", choices=tuple(VARIANTS), default="share",
+                        help="share: each trial's own inputs vs the sweep's shared ones, TorchTrainer trials; "
+                             "runner: TorchTrainer trials vs trials that train in Tune (frozen tower, shared inputs)")
     args = parser.parse_args()
+    if args.compare == "runner":
+        args.image_tower = "frozen"
     logging.getLogger().setLevel(logging.ERROR)
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
     try:
-        walls, effs = {}, {}
-        for share in (True,) if args.shared_only else (False, True):
-            measured, from_records, cfg = run(args.trials, args.steps, share, args)
-            effs[share] = report(measured, from_records, cfg, args.trials, args.steps)
-            walls[share] = measured["wall_seconds"]
+        walls, effs = [], []
+        for share, runner in VARIANTS[args.compare]:
+            measured, from_records, cfg = run(share, runner, args)
+            effs.append(report(measured, from_records, cfg, args.trials, args.steps))
+            walls.append(measured["wall_seconds"])
     finally:
         ray.shutdown()
-    if args.shared_only:
-        return
-    print(f"\nsweep wall, shared ÷ per trial: {walls[True] / walls[False]:.2f}")
-    if effs[True] is not None and effs[False] is not None:
-        print(f"sweep efficiency: {effs[False]:.1%} per trial → {effs[True]:.1%} shared")
+    before, after = ("per trial", "shared") if args.compare == "share" else ("TorchTrainer", "in Tune")
+    print(f"\nsweep wall, {after} ÷ {before}: {walls[1] / walls[0]:.2f}")
+    if None not in effs:
+        print(f"sweep efficiency: {effs[0]:.1%} {before} → {effs[1]:.1%} {after}")
 
 
 if __name__ == "__main__":

@@ -165,3 +165,5 @@ def test_trials_train_in_tune_only_where_one_process_can(changes, reason):
     with pytest.raises(ConfigError, match=reason):
         parse_config({**base, **changes} if changes else {"trial_runner": "tune"}, "sweep.yaml", SweepConfig)
     assert SweepConfig.model_validate(base).trial_runner == "tune"
+    shipped = load_config(ROOT / "configs" / "spectral-sweep.yaml", SweepConfig)
+    assert shipped.trial_runner == "tune" and shipped.scaling.cpus_per_worker == 0.25
