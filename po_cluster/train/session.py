@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Protocol
 
 import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray import tune
 
 
 class Session(Protocol):
@@ -44,20 +47,14 @@ class TrainSession:
     """A Ray Train worker: DDP ranks, Train's device, reports through `ray.train.report`."""
 
     def __init__(self) -> None:
-        import ray.train.torch
-
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
 
     def report(self, metrics: dict, folder: Path | None = None) -> None:
-        import ray.train
-
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
     def checkpoint(self) -> AbstractContextManager[Path | None]:
-        import ray.train
-
         return _as_folder(ray.train.get_checkpoint())
 
 
@@ -72,11 +69,7 @@ class TuneSession:
             else torch.device("cpu")
 
     def report(self, metrics: dict, folder: Path | None = None) -> None:
-        from ray import tune
-
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
     def checkpoint(self) -> AbstractContextManager[Path | None]:
-        from ray import tune
-
         return _as_folder(tune.get_checkpoint())

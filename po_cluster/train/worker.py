@@ -184,7 +184,7 @@ def _report(cfg: WorkerConfig, session: Session, model, state: TrainState, valid
     if session.rank != 0:
         session.report({"step": step})
         return
-    assert validation is not None, "rank 0 builds the validation sets (train_loop_per_worker)"
+    assert validation is not None, "rank 0 builds the validation sets (run_worker)"
     with clock.phase("validation"):
         metrics = validation.metrics(model, state.bma)
     score = Objective.of(cfg, cfg.run.data).score(metrics, validation.base)
