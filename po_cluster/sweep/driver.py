@@ -69,12 +69,9 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
     `storage_path` is a local folder, or a path of `filesystem` (e.g. pyarrow S3: "bucket/prefix");
     `shared` the sweep's SharedInputs (po_cluster/train/shared.py), which every worker reads.
     """
-    config = worker.model_dump(mode="json")
-    if shared is not None:
-        config[SHARED_INPUTS_KEY] = shared
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=worker_config(worker, shared),
         datasets=streamed_datasets(worker.run, scaling.data_cpus),
         scaling_config=scaling_config(scaling),
         run_config=ray.train.RunConfig(
@@ -86,6 +83,15 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
         ),
     )
     return trainer.fit()
+
+
+def worker_config(worker: WorkerConfig, shared: ray.ObjectRef | None) -> dict:
+    """What the worker's entry takes (po_cluster/train/worker.py): the WorkerConfig as JSON, and the
+    sweep's shared inputs by reference under SHARED_INPUTS_KEY."""
+    config = worker.model_dump(mode="json")
+    if shared is not None:
+        config[SHARED_INPUTS_KEY] = shared
+    return config
 
 
 def streamed_datasets(run: RunConfig, cpus: float) -> dict | None:
@@ -111,7 +117,7 @@ def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
                           clean_penalty=cfg.clean_penalty, retention_penalty=cfg.retention_penalty,
                           trial_started_at=started_at)
     if cfg.trial_runner == "tune":
-        train_in_trial({**worker.model_dump(mode="json"), **({SHARED_INPUTS_KEY: shared[0]} if shared else {})})
+        train_in_trial(worker_config(worker, shared[0] if shared else None))
         return
     fit_trial(worker, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
               [TuneReportCallback()], filesystem, shared[0] if shared else None)

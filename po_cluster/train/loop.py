@@ -97,10 +97,10 @@ def prepare_data(model: AlignedCLIP, pref: PreferenceSet, reg: ImageSet,
 
     The regularisation images are scored on their own candidates when those differ from the pairs'
     (the bias task's pairs ask the pattern; the KL term holds the class answers it must keep)."""
-    text_emb = embed_prompts(model, world.prompts(pref.classnames, template))
+    prompts = world.prompts(pref.classnames, template)
+    text_emb = embed_prompts(model, prompts)
     reg_prompts = world.prompts(reg.classnames, reg.template or template)
-    own = reg_prompts != world.prompts(pref.classnames, template)
-    reg_text_emb = embed_prompts(model, reg_prompts) if own else None
+    reg_text_emb = embed_prompts(model, reg_prompts) if reg_prompts != prompts else None
     pref_emb, reg_emb = embed_images(model, pref.images), embed_images(model, reg.images)
     ref_pref = model.logprobs(pref_emb, text_emb, t=0.0)
     ref_reg = model.logprobs(reg_emb, text_emb if reg_text_emb is None else reg_text_emb, t=0.0)
