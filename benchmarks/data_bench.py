@@ -68,10 +68,11 @@ def main() -> None:
                     for n, path in datasets.items() for streaming in (False, True)}
         finally:
             ray.shutdown()
-    print(f"{'source images':>14} {'records':>8} {'mode':>10} {'peak RSS MB':>12} {'steps/s':>8}")
+    print(f"{'source images':>14} {'records':>8} {'mode':>10} {'peak RSS MB':>12} {'data prep s':>12} "
+          f"{'steps/s':>8}")
     for (n, streaming), m in rows.items():
         print(f"{n:>14} {2 * n:>8} {'streamed' if streaming else 'in memory':>10} {m['peak_rss_mb']:>12.0f} "
-              f"{m['steps_per_second']:>8.2f}")
+              f"{m['time_data_prep']:>12.1f} {m['steps_per_second']:>8.2f}")
     small, large = args.n, 8 * args.n
     for streaming in (False, True):
         ratio = rows[large, streaming]["peak_rss_mb"] / rows[small, streaming]["peak_rss_mb"]

@@ -19,6 +19,7 @@ What streaming changes:
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,6 +34,14 @@ from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.train.batch import Batch
 
 STREAMS = ("pref", "reg")  # the dataset names a Ray Train worker asks for
+
+
+def primed(stream: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """`stream` with its first batch already read. The sources are built in the worker's data_prep
+    phase, so the pipeline's start-up (Ray Data's executor, its first read and decode tasks) is
+    counted there, as decoding in memory is, and not as the first training step."""
+    first = next(stream)
+    return itertools.chain([first], stream)
 
 
 def ray_stream(name: str, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
@@ -89,8 +98,9 @@ def local_source(model: AlignedCLIP, cfg: RunConfig, template: str) -> StreamSou
     meta = dataset_meta(location)
     classnames, text_emb = candidate_embeddings(model, meta, template)
     size = image_size(meta)
-    return StreamSource(model, classnames, text_emb, local_stream(location, meta, False, t.batch_size, t.seed, size),
-                        local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size))
+    return StreamSource(model, classnames, text_emb,
+                        primed(local_stream(location, meta, False, t.batch_size, t.seed, size)),
+                        primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size)))
 
 
 def worker_source(model: AlignedCLIP, cfg: RunConfig, template: str, rank: int, world_size: int,
@@ -102,4 +112,5 @@ def worker_source(model: AlignedCLIP, cfg: RunConfig, template: str, rank: int, 
         (tuple(meta["candidates"]), text_emb)
     t = cfg.training
     pref, reg = (len(range(rank, size, world_size)) for size in (t.batch_size, t.reg_batch_size))
-    return StreamSource(model, classnames, own, ray_stream("pref", pref, t.seed), ray_stream("reg", reg, t.seed + 1))
+    return StreamSource(model, classnames, own, primed(ray_stream("pref", pref, t.seed)),
+                        primed(ray_stream("reg", reg, t.seed + 1)))
