@@ -102,7 +102,7 @@ def streamed_datasets(run: RunConfig, cpus: float) -> dict | None:
     meta = dataset_meta(location)
     passes = {"pref": passes_needed(meta, "pref", t.steps, t.batch_size),
               "reg": passes_needed(meta, "reg", t.steps, t.reg_batch_size)}
-    return ray_datasets(location, meta, image_size(meta), cpus, passes)
+    return ray_datasets(location, meta, image_size(meta), cpus, passes, t.seed)
 
 
 def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",

@@ -14,8 +14,8 @@ What streaming changes:
 - A batch is the next one of the stream, not a function of (seed, step): a run resumed after a
   worker crash restarts its stream at a new pass, so its batches, and so its weights, differ from
   those of the run that did not crash. The steps, optimizer state and schedule resume exactly.
-- The shards' sha256 is not checked while streaming (that would read each shard twice):
-  `po-cluster data check` checks them.
+- Each shard is checked against dataset.json (sha256, rows, columns) as it is read, in the
+  Ray Data task or the single process: a changed shard fails the run, naming it.
 """
 from __future__ import annotations
 
