@@ -100,3 +100,22 @@ def test_passes_cover_the_run_from_the_dataset_counts(dataset):
     meta = dataset_meta(dataset)  # 32 train images, 64 train pairs
     assert passes_needed(meta, "pref", steps=20, batch=32) == 11 and passes_needed(meta, "reg", 20, 32) == 21
     assert passes_needed(meta, "pref", steps=1, batch=8) == 2 and passes_needed({"shards": []}, "pref", 20, 32) == 1
+
+
+def test_a_changed_shard_fails_the_stream_naming_it(dataset, tmp_path):
+    import shutil
+
+    from po_cluster.data.shards import ShardError
+    from po_cluster.data.stream_rows import read_numbered_shards
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    meta = dataset_meta(str(copy))
+    rows = read_numbered_shards({"shard": np.array([0, 1])}, str(copy), meta, "pair", False, 48)
+    assert len(rows["image"]) == len(rows["chosen"]) > 0 and rows["image"].shape[1:] == (48, 48, 3)
+    shard = copy / meta["shards"][1]["path"]
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ShardError, match=f"{meta['shards'][1]['path']}: sha256 differs"):
+        read_numbered_shards({"shard": np.array([1])}, str(copy), meta, "pair", False, 48)
+    with pytest.raises(ShardError, match="sha256 differs"):
+        list(zip(range(100), local_stream(str(copy), meta, False, 8, seed=0, size=48), strict=False))
