@@ -14,7 +14,7 @@ import numpy as np
 
 from po_cluster.data.pairs import DATASET_JSON, DEFAULT_IMAGE_SIZE, DataError, load_image, read_bytes
 from po_cluster.data.records import NO_WORD
-from po_cluster.data.shards import read_shard
+from po_cluster.data.shards import RECORD_SCHEMA, read_shard
 from po_cluster.store.location import join
 
 
@@ -61,8 +61,7 @@ def shard_rows(location: str, meta: dict, number: int, kind: str, reg: bool, siz
     """Shard `number` of the dataset, read through the store and checked against dataset.json (its
     sha256 and rows), as this stream's decoded rows of the train split."""
     rows = read_shard(location, meta["shards"][number])
-    columns = {name: [row[name] for row in rows] for name in rows[0]} if rows else \
-        {"kind": [], "split": [], "image_name": [], "image": [], "text": [], "chosen": [], "rejected": []}
+    columns = {name: [row[name] for row in rows] for name in RECORD_SCHEMA.names}
     return decode_rows(columns, kind, reg, size, meta["candidates"])
 
 
