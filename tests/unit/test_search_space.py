@@ -14,11 +14,11 @@ def _sweep(**space) -> SweepConfig:
 
 def test_ipo_has_its_own_beta_range_by_default_and_a_config_overrides_it_loss_by_loss():
     ranges = loss_ranges(_sweep())
-    assert (ranges["ipo"][0].low, ranges["ipo"][0].high) == (0.015, 0.022)
+    assert (ranges["ipo"][0].low, ranges["ipo"][0].high) == (0.014, 0.019)
     assert (ranges["ipo"][1].low, ranges["ipo"][1].high) == (100.0, 250.0)
     assert (ranges["dpo"][0].low, ranges["dpo"][0].high) == (0.05, 2.0)
     tuned = loss_ranges(_sweep(per_loss={"kto": {"kl_weight": {"low": 1, "high": 4}}}))
-    assert tuned["ipo"][0].high == 0.022 and (tuned["kto"][1].low, tuned["kto"][1].high) == (1, 4)
+    assert tuned["ipo"][0].high == 0.019 and (tuned["kto"][1].low, tuned["kto"][1].high) == (1, 4)
     assert loss_ranges(_sweep(per_loss={"ipo": {}}))["ipo"][0].high == 2.0, "{} restores the shared range"
 
 
@@ -50,7 +50,7 @@ def test_every_sampled_trial_uses_its_losss_ranges_and_names():
 
 def test_the_starting_points_sit_in_the_middle_of_each_losss_ranges():
     points = {p["loss_type"]: p for p in starting_points(_sweep())}
-    assert points["ipo"]["beta_ipo"] == pytest.approx((0.015 * 0.022) ** 0.5)
+    assert points["ipo"]["beta_ipo"] == pytest.approx((0.014 * 0.019) ** 0.5)
     assert points["dpo"]["beta_dpo"] == pytest.approx((0.05 * 2.0) ** 0.5)
     assert "beta" not in points["dpo"], "the plain names are returned by the space, not sampled"
 
@@ -62,12 +62,12 @@ def test_the_searcher_suggests_the_starting_points_then_samples_and_adopts_defin
                                      sampler=optuna.samplers.TPESampler(seed=0), seed=0)
     first = [searcher.suggest(f"t{i}") for i in range(3)]
     assert [c["loss_type"] for c in first] == ["dpo", "ipo", "kto"]
-    assert first[1]["beta"] == first[1]["beta_ipo"] == pytest.approx((0.015 * 0.022) ** 0.5)
-    searcher.adopt("stray", {"loss_type": "ipo", "beta_ipo": 0.02, "kl_weight_ipo": 150.0, "beta": 0.02,
+    assert first[1]["beta"] == first[1]["beta_ipo"] == pytest.approx((0.014 * 0.019) ** 0.5)
+    searcher.adopt("stray", {"loss_type": "ipo", "beta_ipo": 0.017, "kl_weight_ipo": 150.0, "beta": 0.017,
                              "kl_weight": 150.0})
     searcher.on_trial_complete("stray", {"objective": 0.9})
     best = searcher._ot_study.best_trial
-    assert best.params == {"loss_type": "ipo", "beta_ipo": 0.02, "kl_weight_ipo": 150.0}
+    assert best.params == {"loss_type": "ipo", "beta_ipo": 0.017, "kl_weight_ipo": 150.0}
 
 
 def test_a_define_by_run_searcher_saves_and_restores_with_the_standard_pickle(tmp_path):
