@@ -2,9 +2,10 @@
 
 The same `fit` on the same records, alternated for a few rounds: once from memory (π_ref computed
 before the first step, as a run in memory does), once through the streaming source over those
-records already decoded in memory (π_ref from θ_ref's tower at every step, as a streamed run does;
-no Ray Data, no decode). The ratio of the two is the most a streamed run can reach against memory
-with a trained tower, whatever the reader does (benchmarks/data_bench.py measures the whole).
+records already decoded in memory (π_ref from θ_ref's tower at every step, as a streamed run does
+without its dataset's π_ref cache, po_cluster/train/ref_cache.py; no Ray Data, no decode). The
+ratio of the two is what the π_ref cache buys a trained tower's stream, and the most such a stream
+can reach without it, whatever the reader does (benchmarks/data_bench.py measures the whole).
 
     .venv/bin/python benchmarks/stream_ref_bench.py [--steps 40] [--rounds 2] [--tower full]
 """

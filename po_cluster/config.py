@@ -74,8 +74,8 @@ class DataConfig(Strict):
         None, description="built preference dataset folder or JSONL pairs file (local or s3://, docs/records.md) "
         "used instead of the world; n_pairs / n_reg then cap the records used (a seeded subset)")
     streaming: bool = Field(False, description="read the dataset's train split from its Parquet shards while "
-                            "training (Ray Data in Ray Train) instead of decoding it into memory first; π_ref is "
-                            "then computed per batch, and n_pairs / n_reg do not apply")
+                            "training (Ray Data in Ray Train) instead of decoding it into memory first; π_ref then "
+                            "comes from the dataset's π_ref cache (docs/data.md); n_pairs / n_reg do not apply")
 
     @model_validator(mode="after")
     def _streaming_needs_a_dataset(self) -> DataConfig:

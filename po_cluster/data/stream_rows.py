@@ -14,6 +14,7 @@ import numpy as np
 
 from po_cluster.data.pairs import DATASET_JSON, DEFAULT_IMAGE_SIZE, DataError, load_image, read_bytes
 from po_cluster.data.records import NO_WORD
+from po_cluster.data.ref_files import read_ref_logps
 from po_cluster.data.shards import RECORD_SCHEMA, read_shard
 from po_cluster.store.location import join
 
@@ -57,16 +58,21 @@ def decode_rows(batch: dict[str, Any], kind: str, reg: bool, size: int, candidat
             "rejected": np.array([index[batch["rejected"][i]] for i in keep], dtype=np.int64)}
 
 
-def shard_rows(location: str, meta: dict, number: int, kind: str, reg: bool, size: int) -> dict[str, np.ndarray]:
+def shard_rows(location: str, meta: dict, number: int, kind: str, reg: bool, size: int,
+               ref: dict | None = None) -> dict[str, np.ndarray]:
     """Shard `number` of the dataset, read through the store and checked against dataset.json (its
-    sha256 and rows), as this stream's decoded rows of the train split."""
+    sha256 and rows), as this stream's decoded rows of the train split; with `ref` (a π_ref cache's
+    manifest, po_cluster/data/ref_files.py) each row also carries its log π_ref as "ref_logps"."""
     rows = read_shard(location, meta["shards"][number])
     columns = {name: [row[name] for row in rows] for name in RECORD_SCHEMA.names}
-    return decode_rows(columns, kind, reg, size, meta["candidates"])
+    decoded = decode_rows(columns, kind, reg, size, meta["candidates"])
+    if ref is not None:
+        decoded["ref_logps"] = read_ref_logps(ref, kind, number, len(decoded["image"]))
+    return decoded
 
 
 def local_stream(location: str, meta: dict, reg: bool, batch_size: int, seed: int,
-                 size: int) -> Iterator[dict[str, np.ndarray]]:
+                 size: int, ref: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the train split without Ray, forever: each pass visits the shards in a seeded
     order, one at a time, its rows shuffled within the shard."""
     kind = stream_kind(meta) if reg else "pair"
@@ -75,7 +81,7 @@ def local_stream(location: str, meta: dict, reg: bool, batch_size: int, seed: in
         pending: list[dict[str, np.ndarray]] = []
         yielded = False
         for number in rng.permutation(len(meta["shards"])):
-            decoded = shard_rows(location, meta, int(number), kind, reg, size)
+            decoded = shard_rows(location, meta, int(number), kind, reg, size, ref)
             order = rng.permutation(len(decoded["image"]))
             pending.append({name: values[order] for name, values in decoded.items()})
             while sum(len(p["image"]) for p in pending) >= batch_size:
@@ -101,18 +107,19 @@ def passes_needed(meta: dict, stream: str, steps: int, batch: int) -> int:
 
 
 def read_numbered_shards(batch: dict[str, np.ndarray], location: str, meta: dict, kind: str, reg: bool,
-                         size: int) -> dict[str, np.ndarray]:
+                         size: int, ref: dict | None = None) -> dict[str, np.ndarray]:
     """What a Ray Data task runs: the shards numbered in `batch["shard"]`, as decoded rows."""
-    parts = [shard_rows(location, meta, int(number), kind, reg, size) for number in batch["shard"]]
+    parts = [shard_rows(location, meta, int(number), kind, reg, size, ref) for number in batch["shard"]]
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def ray_datasets(location: str, meta: dict, size: int, cpus: float = 1.0, passes: dict[str, int] | None = None,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, ref: dict | None = None) -> dict[str, Any]:
     """The two Ray Data datasets a TorchTrainer splits across its workers (datasets=…): the train
     split's pairs and its clean images. Each is one map over the shards' numbers, `passes[name]`
     passes of them in a seeded order per pass, each shard read through the store (S3 included) and
-    checked against dataset.json, then decoded, in Ray's CPU tasks. One map rather than a read
+    checked against dataset.json, then decoded (with its rows' π_ref from `ref`, a π_ref cache), in
+    Ray's CPU tasks. One map rather than a read
     per pass chained with Dataset.union: on a 2-CPU node a union of 6 passes took 28 s to its
     first batch, one map 8 s."""
     import ray.data
@@ -121,7 +128,8 @@ def ray_datasets(location: str, meta: dict, size: int, cpus: float = 1.0, passes
     for number, (name, kind, reg) in enumerate((("pref", "pair", False), ("reg", stream_kind(meta), True))):
         rng = np.random.default_rng([seed, number])
         numbers = [int(n) for _ in range((passes or {}).get(name, 1)) for n in rng.permutation(len(meta["shards"]))]
-        read = functools.partial(read_numbered_shards, location=location, meta=meta, kind=kind, reg=reg, size=size)
+        read = functools.partial(read_numbered_shards, location=location, meta=meta, kind=kind, reg=reg, size=size,
+                                 ref=ref)
         out[name] = ray.data.from_items([{"shard": n} for n in numbers]) \
             .map_batches(read, batch_size=1, batch_format="numpy", num_cpus=cpus)
     return out

@@ -25,6 +25,8 @@ from po_cluster.sweep.experiment import Experiment, open_experiment
 from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch, search_algorithm
 from po_cluster.sweep.space import define_by_run, distributions, starting_points, tower_choices
 from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
+from po_cluster.train.loop import prompt_template
+from po_cluster.train.ref_cache import ensure_ref_cache
 from po_cluster.train.shared import shared_inputs
 from po_cluster.train.worker import SHARED_INPUTS_KEY, train_in_trial, train_loop_per_worker
 
@@ -72,7 +74,7 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(worker, shared),
-        datasets=streamed_datasets(worker.run, scaling.data_cpus),
+        datasets=streamed_datasets(worker.run, scaling),
         scaling_config=scaling_config(scaling),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path if filesystem is not None else local_or_uri(storage_path),
@@ -94,15 +96,17 @@ def worker_config(worker: WorkerConfig, shared: ray.ObjectRef | None) -> dict:
     return config
 
 
-def streamed_datasets(run: RunConfig, cpus: float) -> dict | None:
-    """The Ray Data datasets a streaming run's workers read (po_cluster/train/stream.py), else None."""
+def streamed_datasets(run: RunConfig, scaling: ScalingSettings) -> dict | None:
+    """The Ray Data datasets a streaming run's workers read (po_cluster/train/stream.py), their rows
+    with π_ref from the dataset's π_ref cache (computed first when it is not there), else None."""
     if not run.data.streaming:
         return None
     location, t = str(run.data.dataset), run.training
     meta = dataset_meta(location)
     passes = {"pref": passes_needed(meta, "pref", t.steps, t.batch_size),
               "reg": passes_needed(meta, "reg", t.steps, t.reg_batch_size)}
-    return ray_datasets(location, meta, image_size(meta), cpus, passes, t.seed)
+    ref = ensure_ref_cache(run, scaling, prompt_template(run.data))
+    return ray_datasets(location, meta, image_size(meta), scaling.data_cpus, passes, t.seed, ref)
 
 
 def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
@@ -294,6 +298,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
                                                  functools.partial(trial_settings, cfg.model_dump(mode="json")))
     # Computed again by a resumed sweep: deterministic, so a trial that resumes gets the same inputs.
     shared = shared_inputs(cfg.base, cfg.scaling) if cfg.share_inputs else None
+    if cfg.base.data.streaming:  # once, here, rather than by the first trials at once
+        ensure_ref_cache(cfg.base, cfg.scaling, prompt_template(cfg.base.data))
     if resume:
         _prepare_study(experiment, resume=True)  # before Tune restores its searcher, which opens it
         tuner = tune.Tuner.restore(experiment.path, trainable=driver_trainable(cfg, experiment, shared),

@@ -8,9 +8,11 @@ shuffled within a bounded buffer), in a single process from the shards one at a 
 Memory is bounded by blocks and batches, not by the dataset.
 
 What streaming changes:
-- π_ref is computed per batch, from the same images: the tower's f(x) at t = 0 (θ_ref, a copy
-  made once; for LoRA the adapters at zero) under no_grad. A frozen tower's f(x) serves both
-  the policy and π_ref, so it costs nothing more; a trained tower costs one more forward.
+- π_ref comes with each row from the dataset's π_ref cache, computed once per dataset and starting
+  model (po_cluster/train/ref_cache.py). Where that cache cannot be written, it is computed per
+  batch from the same images: the tower's f(x) at t = 0 (θ_ref, a copy made once; for LoRA the
+  adapters at zero) under no_grad, one more forward per step for a trained tower. A frozen tower
+  runs that forward either way: its f(x) is the step's input.
 - A batch is the next one of the stream, not a function of (seed, step): a run resumed after a
   worker crash restarts its stream at a new pass, so its batches, and so its weights, differ from
   those of the run that did not crash. The steps, optimizer state and schedule resume exactly.
@@ -32,6 +34,7 @@ from po_cluster.data.stream_rows import dataset_meta, image_size, local_stream
 from po_cluster.evaluate.metrics import embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.train.batch import Batch
+from po_cluster.train.ref_cache import ref_cache
 
 STREAMS = ("pref", "reg")  # the dataset names a Ray Train worker asks for
 
@@ -73,16 +76,23 @@ class StreamSource:
         self.ref_tower = model.tower_at(0.0)  # the tower itself when nothing moves with t but adapters
 
     @torch.no_grad()
-    def _inputs_and_ref(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = self.model.pixels(images, self.device)
-        ref_emb = self.model.encode_image(pixels, 0.0, tower=self.ref_tower)
-        ref = self.model.logprobs(ref_emb, self.text_emb, t=0.0)
-        return (ref_emb if self.model.image_tower_frozen else pixels), ref
+    def _inputs_and_ref(self, rows: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's input (pixels, or a frozen tower's f(x)) and log π_ref: the row's own from the
+        π_ref cache when the stream carries it, else from θ_ref's tower at t = 0, here."""
+        pixels = self.model.pixels(rows["image"], self.device)
+        cached = rows.get("ref_logps")
+        frozen = self.model.image_tower_frozen
+        if cached is not None and not frozen:
+            return pixels, torch.as_tensor(cached, device=self.device)
+        ref_emb = self.model.encode_image(pixels, 0.0, tower=self.ref_tower)  # a frozen tower's input, too
+        ref = self.model.logprobs(ref_emb, self.text_emb, t=0.0) if cached is None else \
+            torch.as_tensor(cached, device=self.device)
+        return (ref_emb if frozen else pixels), ref
 
     def __call__(self, step: int) -> Batch:
         pref, reg = next(self.pref), next(self.reg)
-        pref_inputs, ref_pref = self._inputs_and_ref(pref["image"])
-        reg_inputs, ref_reg = self._inputs_and_ref(reg["image"])
+        pref_inputs, ref_pref = self._inputs_and_ref(pref)
+        reg_inputs, ref_reg = self._inputs_and_ref(reg)
         return Batch(pref_inputs, torch.as_tensor(pref["chosen"], device=self.device),
                      torch.as_tensor(pref["rejected"], device=self.device), ref_pref, reg_inputs, ref_reg)
 
@@ -97,10 +107,10 @@ def local_source(model: AlignedCLIP, cfg: RunConfig, template: str) -> StreamSou
     location, t = str(cfg.data.dataset), cfg.training
     meta = dataset_meta(location)
     classnames, text_emb = candidate_embeddings(model, meta, template)
-    size = image_size(meta)
+    size, ref = image_size(meta), ref_cache(model, cfg, template)  # before training: model is θ_ref
     return StreamSource(model, classnames, text_emb,
-                        primed(local_stream(location, meta, False, t.batch_size, t.seed, size)),
-                        primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size)))
+                        primed(local_stream(location, meta, False, t.batch_size, t.seed, size, ref)),
+                        primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size, ref)))
 
 
 def worker_source(model: AlignedCLIP, cfg: RunConfig, template: str, rank: int, world_size: int,

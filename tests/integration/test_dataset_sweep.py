@@ -66,6 +66,10 @@ def test_sweep_on_a_dataset_is_chosen_on_val_and_scored_on_test(ray_cluster, dat
     experiment = tmp_path / "sweeps" / "own-data"
     trials = json.loads((experiment / "sweep_results.json").read_text())["trials"]
     assert len(trials) == 2
+    if dataset.startswith("s3://"):  # the streamed rows' π_ref: one cache beside the shards, for every trial
+        from po_cluster.store.location import list_files
+
+        assert len([name for name in list_files(f"{dataset}/ref") if name.endswith("/ref.json")]) == 1
     # A trial's last report is its checkpoint's score on the val split (n_val caps nothing here).
     trial = trials[0]
     on_val = _evaluate(capsys, str(experiment / trial["checkpoint_path"]), dataset, "val")

@@ -1,4 +1,6 @@
-"""Streaming a sharded dataset's train split: what a stream yields, π_ref per batch, and a run on it."""
+"""Streaming a sharded dataset's train split: what a stream yields, π_ref (cached or per batch), and a run on it."""
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -49,7 +51,7 @@ def test_pi_ref_per_batch_is_the_starting_model_even_after_training(dataset, tow
     start = build_model(run, torch.device("cpu"))
     images = load_preference_data(dataset, split="train")[0].images[:6]
     fit(model, source, run)  # the weights move; θ_ref does not
-    inputs, ref = source._inputs_and_ref(images)
+    inputs, ref = source._inputs_and_ref({"image": images})  # rows without the cache's π_ref: per batch
     pref, reg = load_preference_data(dataset, split="train")
     expected = prepare_data(start, pref, reg, "{}").ref_pref_logps[:6]
     assert torch.allclose(ref, expected, atol=1e-5)
@@ -119,3 +121,88 @@ def test_a_changed_shard_fails_the_stream_naming_it(dataset, tmp_path):
         read_numbered_shards({"shard": np.array([1])}, str(copy), meta, "pair", False, 48)
     with pytest.raises(ShardError, match="sha256 differs"):
         list(zip(range(100), local_stream(str(copy), meta, False, 8, seed=0, size=48), strict=False))
+
+
+def _by_image(images: np.ndarray, values) -> dict[bytes, np.ndarray]:
+    return {image.tobytes(): np.asarray(value) for image, value in zip(images, values, strict=True)}
+
+
+@pytest.mark.parametrize("tower", ["full", "frozen"])
+def test_the_ref_cache_holds_each_rows_pi_ref_and_is_computed_once(dataset, tmp_path, monkeypatch, tower):
+    import shutil
+
+    from po_cluster.data.ref_files import read_ref_manifest
+    from po_cluster.data.stream_rows import read_numbered_shards
+    from po_cluster.train import ref_cache
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("ref"))
+    run = _run(str(copy), tower)
+    model = build_model(run, torch.device("cpu"))
+    source = local_source(model, run, "{}")
+    manifests = list((copy / "ref").glob("*/ref.json"))
+    shards = len(dataset_meta(str(copy))["shards"])
+    assert len(manifests) == 1 and len(list(manifests[0].parent.glob("*.parquet"))) == 2 * shards  # pairs, clean
+    pref, reg = load_preference_data(str(copy), split="train")
+    data = prepare_data(build_model(run, torch.device("cpu")), pref, reg, "{}")
+    expected = {**_by_image(pref.images, data.ref_pref_logps), **_by_image(reg.images, data.ref_reg_logps)}
+    for batch in (next(source.pref), next(source.reg)):
+        assert batch["ref_logps"].shape == (8, 4)
+        for image, logps in zip(batch["image"], batch["ref_logps"], strict=True):
+            np.testing.assert_allclose(logps, expected[image.tobytes()], atol=1e-5)
+    rows = next(source.pref)
+    inputs, ref = source._inputs_and_ref(rows)  # the cache's π_ref; a frozen tower's input is still its f(x)
+    assert torch.equal(ref, torch.as_tensor(rows["ref_logps"])) and inputs.dim() == (2 if tower == "frozen" else 4)
+    manifest = read_ref_manifest(str(manifests[0].parent), manifests[0].parent.name)
+    rows = read_numbered_shards({"shard": np.array([0, 1])}, str(copy), dataset_meta(str(copy)), "pair", False, 48,
+                                manifest)  # what a Ray Data task hands the worker
+    for image, logps in zip(rows["image"], rows["ref_logps"], strict=True):
+        np.testing.assert_allclose(logps, expected[image.tobytes()], atol=1e-5)
+    monkeypatch.setattr(ref_cache, "compute_ref_cache", lambda *a: pytest.fail("computed again"))
+    local_source(build_model(run, torch.device("cpu")), run, "{}")  # found under its key
+
+
+def test_a_changed_ref_file_fails_naming_it_and_an_unwritable_dataset_streams_without_one(dataset, tmp_path,
+                                                                                        monkeypatch, caplog):
+    import shutil
+
+    from po_cluster.data import ref_files
+    from po_cluster.store.settings import StoreError
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("ref"))
+    run = _run(str(copy))
+    local_source(build_model(run, torch.device("cpu")), run, "{}")
+    changed = sorted((copy / "ref").glob("*/pair-00001.parquet"))[0]
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\0")
+    with pytest.raises(DataError, match=f"{changed.name}: sha256 differs"):
+        stream = local_source(build_model(run, torch.device("cpu")), run, "{}").pref
+        for _ in range(30):  # a pass is 8 batches: shard 1 is read
+            next(stream)
+    shutil.rmtree(copy / "ref")
+
+    def refuse(location, data, *args, **kwargs):
+        raise StoreError(f"{location}: permission denied")
+
+    monkeypatch.setattr(ref_files, "write_bytes", refuse)
+    with caplog.at_level(logging.WARNING, logger="po_cluster.train.ref_cache"):
+        source = local_source(build_model(run, torch.device("cpu")), run, "{}")
+    assert "π_ref is computed per batch" in caplog.text and "ref_logps" not in next(source.pref)
+    assert source(0).ref_pref_logps.shape == (8, 4)
+
+
+def test_the_ref_cache_key_follows_the_dataset_the_weights_and_the_template(dataset, tmp_path):
+    import shutil
+
+    from po_cluster.train.ref_cache import cache_key
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("ref"))
+    run = _run(str(copy))
+    key = cache_key(run, "{}")
+    assert cache_key(run, "{}") == key and cache_key(run, "a photo of {}") != key
+    assert cache_key(run.model_copy(update={"model": run.model.model_copy(update={"pretrained": "openai"})}),
+                     "{}") != key
+    meta = copy / "dataset.json"
+    meta.write_text(meta.read_text().replace('"image_size"', '"image_size" ', 1))
+    assert cache_key(run, "{}") != key
