@@ -10,10 +10,10 @@ dataset, one pass of the starting model over the train split writes each row's l
 finds it there, and the stream hands it to the step with the row, as TRL's
 `precompute_ref_log_probs` does for language models.
 
-The key covers dataset.json (so every shard's sha256), the architecture, the weights (the shipped
-file's or a weights file's content tag; an open_clip tag by name), the prompt template and the image
-size. A dataset folder that cannot be written keeps streaming: π_ref is then computed per batch, as
-the log says.
+The key covers dataset.json (so every shard's sha256, the candidates and the image size), the
+architecture, the weights (the shipped file's or a weights file's content tag; an open_clip tag by
+name) and the prompt template. A dataset folder that cannot be written keeps streaming: π_ref is
+then computed per batch, as the log says.
 """
 from __future__ import annotations
 

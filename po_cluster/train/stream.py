@@ -64,8 +64,9 @@ def ray_stream(name: str, batch_size: int, seed: int) -> Iterator[dict[str, np.n
 
 
 class StreamSource:
-    """fit's batch source over two streams of decoded rows: pixels to the device, π_ref from the same
-    images at t = 0 (θ_ref's tower, copied once), and for a frozen tower its f(x) as the input."""
+    """fit's batch source over two streams of decoded rows: pixels to the device, π_ref as the rows
+    carry it (the π_ref cache) or else from the same images at t = 0 (θ_ref's tower, copied once),
+    and for a frozen tower its f(x) as the input."""
 
     def __init__(self, model: AlignedCLIP, classnames: tuple[str, ...], text_emb: torch.Tensor,
                  pref: Iterator[dict[str, np.ndarray]], reg: Iterator[dict[str, np.ndarray]]) -> None:
