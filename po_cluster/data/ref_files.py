@@ -1,4 +1,5 @@
-"""The files of a π_ref cache: log π_ref(y|x) of every train-split row of a sharded dataset, one
+"""The files of a π_ref cache: log π_ref(y|x) and the starting tower's f(x) of every train-split row
+of a sharded dataset, one
 Parquet file per (shard, kind of row), listed with their sha256 and rows in `ref.json`, written
 last. What computes them (the starting model, once per dataset and model) is
 po_cluster/train/ref_cache.py; this module only writes and reads them, without torch, so that
@@ -30,11 +31,16 @@ def ref_file(kind: str, number: int) -> str:
     return f"{kind}-{number:05d}.parquet"
 
 
-def write_ref_file(location: str, kind: str, number: int, logps: np.ndarray) -> dict:
-    """`logps` [rows, classes] float32 as one file of the cache at `location`; its manifest entry."""
+def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
+def write_ref_file(location: str, kind: str, number: int, logps: np.ndarray, emb: np.ndarray) -> dict:
+    """`logps` [rows, classes] and `emb` [rows, dim] (f(x) at t = 0), float32, as one file of the
+    cache at `location`; its manifest entry."""
     rows, classes = logps.shape
-    values = pa.array(np.ascontiguousarray(logps, dtype=np.float32).reshape(-1))
-    table = pa.table({"logp": pa.FixedSizeListArray.from_arrays(values, classes)})
+    table = pa.table({"logp": _fixed_size_list(logps), "emb": _fixed_size_list(emb)})
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()
@@ -61,9 +67,10 @@ def read_ref_manifest(location: str, key: str) -> dict | None:
     return {**manifest, "location": location}
 
 
-def read_ref_logps(ref: dict, kind: str, number: int, rows: int) -> np.ndarray:
-    """log π_ref [rows, classes] of shard `number`'s train rows of `kind`, checked against ref.json
-    (sha256, rows): a file that changed, or that does not match the shard, fails the run naming it."""
+def read_ref_rows(ref: dict, kind: str, number: int, rows: int) -> dict[str, np.ndarray]:
+    """"ref_logps" [rows, classes] and "ref_emb" [rows, dim] of shard `number`'s train rows of `kind`,
+    checked against ref.json (sha256, rows): a file that changed, or that does not match the shard,
+    fails the run naming it."""
     name = ref_file(kind, number)
     location = join(ref["location"], name)
     entry = ref["files"].get(name)
@@ -74,7 +81,8 @@ def read_ref_logps(ref: dict, kind: str, number: int, rows: int) -> np.ndarray:
         raise DataError(f"{location}: sha256 differs from {REF_MANIFEST}'s (changed after it was computed); "
                         f"delete {ref['location']} to compute the cache again")
     try:
-        column = pq.read_table(io.BytesIO(data)).column("logp").combine_chunks()
+        table = pq.read_table(io.BytesIO(data))
+        column, emb = table.column("logp").combine_chunks(), table.column("emb").combine_chunks()
     except (pa.ArrowException, OSError, KeyError) as error:
         raise DataError(f"{location}: not a π_ref cache file ({error})") from None
     if len(column) != rows or entry.get("rows") != rows:
@@ -82,4 +90,5 @@ def read_ref_logps(ref: dict, kind: str, number: int, rows: int) -> np.ndarray:
     classes = column.type.list_size
     if entry.get("classes") != classes:
         raise DataError(f"{location}: {classes} classes per row, {REF_MANIFEST} says {entry.get('classes')}")
-    return column.values.to_numpy(zero_copy_only=False).reshape(rows, classes)
+    return {"ref_logps": column.values.to_numpy(zero_copy_only=False).reshape(rows, classes),
+            "ref_emb": emb.values.to_numpy(zero_copy_only=False).reshape(rows, emb.type.list_size)}

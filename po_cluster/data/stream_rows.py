@@ -14,7 +14,7 @@ import numpy as np
 
 from po_cluster.data.pairs import DATASET_JSON, DEFAULT_IMAGE_SIZE, DataError, load_image, read_bytes
 from po_cluster.data.records import NO_WORD
-from po_cluster.data.ref_files import read_ref_logps
+from po_cluster.data.ref_files import read_ref_rows
 from po_cluster.data.shards import RECORD_SCHEMA, read_shard
 from po_cluster.store.location import join
 
@@ -62,12 +62,13 @@ def shard_rows(location: str, meta: dict, number: int, kind: str, reg: bool, siz
                ref: dict | None = None) -> dict[str, np.ndarray]:
     """Shard `number` of the dataset, read through the store and checked against dataset.json (its
     sha256 and rows), as this stream's decoded rows of the train split; with `ref` (a π_ref cache's
-    manifest, po_cluster/data/ref_files.py) each row also carries its log π_ref as "ref_logps"."""
+    manifest, po_cluster/data/ref_files.py) each row also carries its log π_ref ("ref_logps") and
+    the starting tower's f(x) ("ref_emb")."""
     rows = read_shard(location, meta["shards"][number])
     columns = {name: [row[name] for row in rows] for name in RECORD_SCHEMA.names}
     decoded = decode_rows(columns, kind, reg, size, meta["candidates"])
     if ref is not None:
-        decoded["ref_logps"] = read_ref_logps(ref, kind, number, len(decoded["image"]))
+        decoded |= read_ref_rows(ref, kind, number, len(decoded["image"]))
     return decoded
 
 

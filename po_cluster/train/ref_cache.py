@@ -22,7 +22,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from po_cluster.config import SHIPPED_BASE, RunConfig, ScalingSettings
@@ -37,7 +36,7 @@ from po_cluster.store.location import join, stat
 from po_cluster.store.settings import StoreError
 
 log = logging.getLogger(__name__)
-KEY_VERSION = 1  # bump when what the cache holds, or how it is computed, changes
+KEY_VERSION = 2  # bump when what the cache holds, or how it is computed, changes (2: f(x) beside log π_ref)
 
 
 def weights_identity(pretrained: str | None) -> str:
@@ -62,6 +61,12 @@ def cache_location(run: RunConfig, key: str) -> str:
     return join(str(run.data.dataset), REF_DIR, key)
 
 
+def find_ref_cache(run: RunConfig, template: str) -> tuple[str, dict | None]:
+    """The cache's key, and its manifest when a complete cache of that key is there."""
+    key = cache_key(run, template)
+    return key, read_ref_manifest(cache_location(run, key), key)
+
+
 def stream_kinds(meta: dict) -> tuple[str, ...]:
     """The kinds of row the two streams read: pairs, and the clean stream's (the pairs again when the
     dataset has no regularisation rows, so one file serves both)."""
@@ -79,19 +84,21 @@ def compute_ref_cache(model: AlignedCLIP, run: RunConfig, template: str, key: st
     for number in range(len(meta["shards"])):
         for kind in stream_kinds(meta):
             rows = shard_rows(location, meta, number, kind, kind != "pair", image_size(meta))
-            logps = np.empty((0, len(meta["candidates"])), dtype=np.float32)  # a shard may hold none of a kind
+            # a shard may hold none of a kind
+            emb = torch.empty((0, text_emb.shape[1]), device=device)
+            logps = torch.empty((0, len(meta["candidates"])), device=device)
             if len(rows["image"]):
                 emb = embed_images(model, rows["image"], t=0.0).to(device)
-                logps = model.logprobs(emb, text_emb, t=0.0).float().cpu().numpy()
-            files[ref_file(kind, number)] = write_ref_file(out, kind, number, logps)
+                logps = model.logprobs(emb, text_emb, t=0.0)
+            files[ref_file(kind, number)] = write_ref_file(out, kind, number, logps.float().cpu().numpy(),
+                                                           emb.float().cpu().numpy())
     return write_ref_manifest(out, key, files)
 
 
 def ref_cache(model: AlignedCLIP, run: RunConfig, template: str) -> dict | None:
     """The cache of `run`'s dataset and starting model (`model`, not yet trained): found, or computed
     now. None, with a warning, when it cannot be written: the run then computes π_ref per batch."""
-    key = cache_key(run, template)
-    found = read_ref_manifest(cache_location(run, key), key)
+    key, found = find_ref_cache(run, template)
     if found is not None:
         return found
     try:
@@ -113,8 +120,7 @@ def ensure_ref_cache(run: RunConfig, scaling: ScalingSettings, template: str) ->
     worker's resources (on a GPU when the workers have one), before any worker starts."""
     import ray
 
-    key = cache_key(run, template)
-    found = read_ref_manifest(cache_location(run, key), key)
+    found = find_ref_cache(run, template)[1]
     if found is not None:
         return found
     gpus = scaling.gpus_per_worker if scaling.use_gpu else 0

@@ -11,8 +11,9 @@ What streaming changes:
 - π_ref comes with each row from the dataset's π_ref cache, computed once per dataset and starting
   model (po_cluster/train/ref_cache.py). Where that cache cannot be written, it is computed per
   batch from the same images: the tower's f(x) at t = 0 (θ_ref, a copy made once; for LoRA the
-  adapters at zero) under no_grad, one more forward per step for a trained tower. A frozen tower
-  runs that forward either way: its f(x) is the step's input.
+  adapters at zero) under no_grad, one more forward per step for a trained tower. The cache also
+  holds each row's f(x) at t = 0, which is a frozen tower's input: with it, a frozen tower's
+  stream runs no image tower at all.
 - A batch is the next one of the stream, not a function of (seed, step): a run resumed after a
   worker crash restarts its stream at a new pass, so its batches, and so its weights, differ from
   those of the run that did not crash. The steps, optimizer state and schedule resume exactly.
@@ -79,16 +80,16 @@ class StreamSource:
     @torch.no_grad()
     def _inputs_and_ref(self, rows: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's input (pixels, or a frozen tower's f(x)) and log π_ref: the row's own from the
-        π_ref cache when the stream carries it, else from θ_ref's tower at t = 0, here."""
-        pixels = self.model.pixels(rows["image"], self.device)
-        cached = rows.get("ref_logps")
+        π_ref cache when the stream carries them, else from θ_ref's tower at t = 0, here."""
         frozen = self.model.image_tower_frozen
-        if cached is not None and not frozen:
-            return pixels, torch.as_tensor(cached, device=self.device)
+        if "ref_logps" in rows:
+            ref = torch.as_tensor(rows["ref_logps"], device=self.device)
+            if frozen:  # the tower never moves: its f(x) is the cache's
+                return torch.as_tensor(rows["ref_emb"], device=self.device), ref
+            return self.model.pixels(rows["image"], self.device), ref
+        pixels = self.model.pixels(rows["image"], self.device)
         ref_emb = self.model.encode_image(pixels, 0.0, tower=self.ref_tower)  # a frozen tower's input, too
-        ref = self.model.logprobs(ref_emb, self.text_emb, t=0.0) if cached is None else \
-            torch.as_tensor(cached, device=self.device)
-        return (ref_emb if frozen else pixels), ref
+        return (ref_emb if frozen else pixels), self.model.logprobs(ref_emb, self.text_emb, t=0.0)
 
     def __call__(self, step: int) -> Batch:
         pref, reg = next(self.pref), next(self.reg)

@@ -151,8 +151,12 @@ def test_the_ref_cache_holds_each_rows_pi_ref_and_is_computed_once(dataset, tmp_
         for image, logps in zip(batch["image"], batch["ref_logps"], strict=True):
             np.testing.assert_allclose(logps, expected[image.tobytes()], atol=1e-5)
     rows = next(source.pref)
-    inputs, ref = source._inputs_and_ref(rows)  # the cache's π_ref; a frozen tower's input is still its f(x)
+    inputs, ref = source._inputs_and_ref(rows)  # the cache's π_ref; a frozen tower's input, its cached f(x)
     assert torch.equal(ref, torch.as_tensor(rows["ref_logps"])) and inputs.dim() == (2 if tower == "frozen" else 4)
+    if tower == "frozen":  # the cache's f(x), as the frozen tower would compute it
+        with torch.no_grad():
+            expected_emb = model.encode_image(model.pixels(rows["image"]), 0.0)
+        torch.testing.assert_close(inputs, expected_emb, atol=1e-5, rtol=1e-5)
     manifest = read_ref_manifest(str(manifests[0].parent), manifests[0].parent.name)
     rows = read_numbered_shards({"shard": np.array([0, 1])}, str(copy), dataset_meta(str(copy)), "pair", False, 48,
                                 manifest)  # what a Ray Data task hands the worker
