@@ -35,7 +35,14 @@ SERVE_ENV = {
 # Only on the single-machine Rays po-cluster starts: a stopping ingress replica stays open this long
 # (Ray's default 30 s) so that load balancers outside Ray can drop it first. Here HAProxy is the only
 # one, and Ray updates it itself, so waiting would only make every local shutdown 30 s longer.
-LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+LOCAL_ENV = {
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # Serve gives a new proxy 3 readiness checks of 5 s, then kills it; serve.start then fails with
+    # ActorDiedError ("killed by ray.kill"). Starting HAProxyManager (a fresh process importing Serve,
+    # then HAProxy) took longer than that on a busy 2-core machine (a full `make test`), so the one
+    # machine's Ray gives it 3 × 30 s.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+}
 
 
 def enable(environ: os._Environ[str] | dict[str, str] = os.environ) -> dict[str, str]:

@@ -87,7 +87,6 @@ class LocalServer:
 
         if self.started_serve:
             serve.shutdown()
-            _wait_serve_gone()
         else:
             serve.delete(self.name)
         if self.started_ray:
@@ -104,22 +103,6 @@ def _serve_client() -> Any:
         return _get_global_client(raise_if_no_controller_running=False)
     except Exception:
         return None
-
-
-def _wait_serve_gone(timeout_s: float = 60) -> None:
-    """Return once no actor of a shut-down Serve instance is left in this Ray cluster.
-
-    serve.shutdown() returns while its proxy actors are still being killed, and they keep their
-    per-node names until they are dead: a serve.start in that window finds the old proxy by its name,
-    adopts it, and fails when the kill lands ("HAProxyManager ... killed by ray.kill")."""
-    import ray
-    from ray.serve._private.constants import SERVE_NAMESPACE
-
-    deadline = time.monotonic() + timeout_s
-    while any(actor["namespace"] == SERVE_NAMESPACE for actor in ray.util.list_named_actors(all_namespaces=True)):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"actors of a stopped Serve instance are still alive after {timeout_s:g} s")
-        time.sleep(0.2)
 
 
 def _proxy_url(host: str, port: int) -> str:
@@ -146,8 +129,6 @@ def start_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None 
         ingress.enable()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     started_serve = _serve_client() is None
-    if started_serve and not started_ray:
-        _wait_serve_gone()  # another caller's serve.shutdown() may still be killing its actors
     port = port or free_port(host)
     server = LocalServer(f"http://{host}:{port}", name, route_prefix, started_ray, started_serve)
     try:

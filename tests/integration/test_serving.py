@@ -379,11 +379,17 @@ def test_http_port_is_haproxy_in_front_of_the_gateway(served):
     Python proxy actor's), and the gateway replica serves HTTP itself on loopback."""
     from urllib.parse import urlsplit
 
+    from po_cluster.serving.ingress import LOCAL_ENV, SERVE_ENV
+
     assert listener_process(urlsplit(served.url).port) == "haproxy"
     status, health = served.get("/healthz", key=None)
     assert status == 200
     gateway_ports = listening_ports(health["gateway"]["pid"])
     assert gateway_ports and all(host == "127.0.0.1" for host, _ in gateway_ports), gateway_ports
+    # Serve's processes got the settings of a local Ray (the proxy's readiness timeout among them)
+    raw = Path(f"/proc/{health['gateway']['pid']}/environ").read_bytes().split(b"\0")
+    environ = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    assert {name: environ.get(name) for name in {**SERVE_ENV, **LOCAL_ENV}} == {**SERVE_ENV, **LOCAL_ENV}
 
 
 # ---------------------------------------------------------------- the playground in headless Chromium

@@ -19,6 +19,7 @@ def test_enable_sets_only_what_is_unset():
     assert now["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == ingress.LOCAL_ENV[
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
+    assert float(environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) > 5  # Serve's default, too short here
 
 
 def _lookalike(node_id: str) -> subprocess.Popen:
