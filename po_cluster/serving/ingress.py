@@ -32,10 +32,11 @@ SERVE_ENV = {
 }
 
 
-# Only on the single-machine Rays po-cluster starts: a stopping ingress replica stays open this long
-# (Ray's default 30 s) so that load balancers outside Ray can drop it first. Here HAProxy is the only
-# one, and Ray updates it itself, so waiting would only make every local shutdown 30 s longer.
+# Only on the single-machine Rays po-cluster starts (and the tests' Ray); k8s pods keep Serve's defaults.
 LOCAL_ENV = {
+    # A stopping ingress replica stays open this long (Ray's default 30 s) so that load balancers outside
+    # Ray can drop it first. Here HAProxy is the only one, and Ray updates it itself, so waiting would
+    # only make every local shutdown 30 s longer.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     # Serve gives a new proxy 3 readiness checks of 5 s, then kills it; serve.start then fails with
     # ActorDiedError ("killed by ray.kill"). Starting HAProxyManager (a fresh process importing Serve,
