@@ -1,9 +1,8 @@
 """The files of a π_ref cache: log π_ref(y|x) and the starting tower's f(x) of every train-split row
-of a sharded dataset, one
-Parquet file per (shard, kind of row), listed with their sha256 and rows in `ref.json`, written
-last. What computes them (the starting model, once per dataset and model) is
-po_cluster/train/ref_cache.py; this module only writes and reads them, without torch, so that
-Ray Data's read tasks can attach each row's π_ref to the row as they decode its shard.
+of a sharded dataset, one Parquet file per (shard, kind of row), listed with their sha256 and rows
+in `ref.json`, written last. What computes them (the starting model, once per dataset and model) is
+po_cluster/train/ref_cache.py; this module only writes and reads them, without torch, so that Ray
+Data's read tasks can attach each row's π_ref and f(x) to the row as they decode its shard.
 
 A file's rows are the shard's rows of that kind in the train split, in shard order: the order in
 which `stream_rows.decode_rows` keeps them. The cache's key covers dataset.json (and so every
