@@ -40,7 +40,7 @@ def make_dataset(root: Path, n: int) -> str:
 
 
 def train(dataset: str, streaming: bool, steps: int, storage: Path, data_cpus: float) -> dict:
-    from po_cluster.sweep.driver import fit_trial
+    from po_cluster.sweep.trial import fit_trial
     from po_cluster.train.loop import prompt_template
     from po_cluster.train.ref_cache import ensure_ref_cache
 

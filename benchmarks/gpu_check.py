@@ -127,7 +127,7 @@ def ddp_row(args: argparse.Namespace, gpus: int) -> Row:
     import ray
 
     from po_cluster.config import ScalingSettings, WorkerConfig
-    from po_cluster.sweep.driver import fit_trial
+    from po_cluster.sweep.trial import fit_trial
 
     cfg = run_config(args, "bf16")
     steps = cfg.training.steps

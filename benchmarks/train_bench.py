@@ -80,7 +80,7 @@ def trainer_vs_plain(steps: int, rounds: int) -> tuple[float, list[float], list[
 
     import ray
 
-    from po_cluster.sweep.driver import fit_trial
+    from po_cluster.sweep.trial import fit_trial
 
     cfg = run_config("full", steps)
     model = build_model(cfg, torch.device("cpu"))

@@ -7,124 +7,26 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 import ray
-import ray.train
 from ray import tune
-from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from po_cluster.config import RunConfig, ScalingSettings, SweepConfig, WorkerConfig
-from po_cluster.data.stream_rows import dataset_meta, image_size, passes_needed, ray_datasets
+from po_cluster.config import SweepConfig
 from po_cluster.sweep.experiment import Experiment, open_experiment
 from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch, search_algorithm
-from po_cluster.sweep.space import define_by_run, distributions, starting_points, tower_choices
+from po_cluster.sweep.space import define_by_run, distributions, starting_points
+from po_cluster.sweep.trial import trial_driver, trial_settings
 from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
 from po_cluster.train.loop import prompt_template
 from po_cluster.train.ref_cache import ensure_ref_cache
 from po_cluster.train.shared import shared_inputs
-from po_cluster.train.worker import SHARED_INPUTS_KEY, train_in_trial, train_loop_per_worker
 
 METRIC = "objective"
 RESULTS_FILE = "sweep_results.json"
-
-
-def local_or_uri(path: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://) pass through."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def trial_run_config(cfg: SweepConfig, sample: dict, trial_id: str) -> RunConfig:
-    """The base run with a trial's sample applied, validated like any user config."""
-    run = cfg.base.model_dump(mode="json")
-    run["name"] = trial_id
-    run["loss"].update({k: sample[k] for k in ("loss_type", "beta", "kl_weight")})
-    if "lr" in sample:
-        run["optimizer"]["lr"] = sample["lr"]
-    if "image_tower" in sample:
-        tower = tower_choices(cfg)[sample["image_tower"]]
-        run["model"]["image_tower"] = tower if isinstance(tower, str) else tower.model_dump(mode="json")
-    return RunConfig.model_validate(run)
-
-
-def trial_settings(sweep: dict, sample: dict) -> dict:
-    """A trial's whole run settings as JSON (what its tracking run records as parameters)."""
-    return trial_run_config(SweepConfig.model_validate(sweep), sample, "trial").model_dump(mode="json")
-
-
-def scaling_config(s: ScalingSettings) -> ray.train.ScalingConfig:
-    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
-    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
-
-
-def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str, name: str, max_failures: int,
-              callbacks: list | None = None, filesystem=None, shared: ray.ObjectRef | None = None) -> ray.train.Result:
-    """One Ray Train run; a run of the same name in the same storage resumes from its last checkpoint.
-
-    `storage_path` is a local folder, or a path of `filesystem` (e.g. pyarrow S3: "bucket/prefix");
-    `shared` the sweep's SharedInputs (po_cluster/train/shared.py), which every worker reads.
-    """
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=worker_config(worker, shared),
-        datasets=streamed_datasets(worker.run, scaling),
-        scaling_config=scaling_config(scaling),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path if filesystem is not None else local_or_uri(storage_path),
-            storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [],
-        ),
-    )
-    return trainer.fit()
-
-
-def worker_config(worker: WorkerConfig, shared: ray.ObjectRef | None) -> dict:
-    """What the worker's entry takes (po_cluster/train/worker.py): the WorkerConfig as JSON, and the
-    sweep's shared inputs by reference under SHARED_INPUTS_KEY."""
-    config = worker.model_dump(mode="json")
-    if shared is not None:
-        config[SHARED_INPUTS_KEY] = shared
-    return config
-
-
-def streamed_datasets(run: RunConfig, scaling: ScalingSettings) -> dict | None:
-    """The Ray Data datasets a streaming run's workers read (po_cluster/train/stream.py), their rows
-    with π_ref from the dataset's π_ref cache (computed first when it is not there), else None."""
-    if not run.data.streaming:
-        return None
-    location, t = str(run.data.dataset), run.training
-    meta = dataset_meta(location)
-    passes = {"pref": passes_needed(meta, "pref", t.steps, t.batch_size),
-              "reg": passes_needed(meta, "reg", t.steps, t.reg_batch_size)}
-    ref = ensure_ref_cache(run, scaling, prompt_template(run.data))
-    return ray_datasets(location, meta, image_size(meta), scaling.data_cpus, passes, t.seed, ref)
-
-
-def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
-                 shared: list[ray.ObjectRef] | None = None) -> None:
-    """The Tune trainable: build and fit one TorchTrainer for this trial, in the sweep's storage, or
-    with `trial_runner: tune` train here, in the trial (po_cluster/train/session.py)."""
-    started_at = time.time()  # the worker's phases (po_cluster/train/phases.py) count from here
-    cfg = SweepConfig.model_validate(sweep)
-    trial_id = tune.get_context().get_trial_id()
-    worker = WorkerConfig(run=trial_run_config(cfg, sample, trial_id), report_every=cfg.report_every,
-                          checkpoint_every=cfg.checkpoint_every, clean_tolerance=cfg.clean_tolerance,
-                          clean_penalty=cfg.clean_penalty, retention_penalty=cfg.retention_penalty,
-                          trial_started_at=started_at)
-    if cfg.trial_runner == "tune":
-        train_in_trial(worker_config(worker, shared[0] if shared else None))
-        return
-    fit_trial(worker, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
-              [TuneReportCallback()], filesystem, shared[0] if shared else None)
 
 
 def driver_trainable(cfg: SweepConfig, experiment: Experiment, shared: ray.ObjectRef | None = None):

@@ -41,13 +41,10 @@ from po_cluster.train.loop import (
     unwrap,
 )
 from po_cluster.train.phases import PhaseClock
-from po_cluster.train.session import Session, TrainSession, TuneSession
+from po_cluster.train.session import Session
 from po_cluster.train.shared import SharedInputs
 from po_cluster.train.state import load_train_state, save_train_state
 from po_cluster.train.stream import StreamSource, worker_source
-
-SHARED_INPUTS_KEY = "shared_inputs"  # beside the WorkerConfig in train_loop_config: an ObjectRef
-
 
 # What a run is chosen for, per world task: the accuracy on the hard case (the attacked images; the
 # attribute on images that break the stereotype).
@@ -253,21 +250,11 @@ def _training_data(model, run: RunConfig, shared: SharedInputs | None, rank: int
     return prepare_data(model, *build_records(run.data), prompt_template(run.data))
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry: config = WorkerConfig as a dict, and under SHARED_INPUTS_KEY the ObjectRef of
-    the sweep's SharedInputs (po_cluster/train/shared.py), if any."""
-    run_worker(config, TrainSession())
-
-
-def train_in_trial(config: dict) -> None:
-    """The same worker in the Ray Tune trial itself (`trial_runner: tune`), with the same config."""
-    run_worker(config, TuneSession())
-
-
-def run_worker(config: dict, session: Session) -> None:
-    """Validate the config at the edge, build the model, data and validation, resume, and fit."""
-    shared_ref = config.get(SHARED_INPUTS_KEY)
-    cfg = WorkerConfig.model_validate({k: v for k, v in config.items() if k != SHARED_INPUTS_KEY})
+def run_worker(config: dict, session: Session, shared_ref: ray.ObjectRef | None) -> None:
+    """Validate the config at the edge, build the model, data and validation, resume, and fit. Ray
+    calls it through po_cluster/train/entry.py: config = WorkerConfig as a dict, `shared_ref` the
+    sweep's SharedInputs (po_cluster/train/shared.py), if any."""
+    cfg = WorkerConfig.model_validate(config)
     clock = PhaseClock(cfg.trial_started_at)
     run = cfg.run
     rank, world_size = session.rank, session.world_size

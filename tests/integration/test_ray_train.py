@@ -9,7 +9,7 @@ from po_cluster.config import ScalingSettings, WorkerConfig, parse_config
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import embed_images, embed_prompts
 from po_cluster.model.checkpoint import load_checkpoint
-from po_cluster.sweep.driver import fit_trial
+from po_cluster.sweep.trial import fit_trial
 from po_cluster.train.loop import build_model, build_records, fit, load_average, prepare_data
 
 

@@ -12,9 +12,9 @@ from po_cluster.evaluate.report import peak_overlap
 from po_cluster.model.checkpoint import load_checkpoint, verify_manifest
 from po_cluster.pipelines import run_average
 from po_cluster.sweep.driver import max_concurrent_trials, run_sweep
+from po_cluster.train.entry import train_in_trial
 from po_cluster.train.loop import build_model, build_records, fit, load_average, prepare_data
 from po_cluster.train.phases import STARTED_KEY, TRIAL_KEY
-from po_cluster.train.worker import train_in_trial
 
 pytestmark = pytest.mark.slow
 

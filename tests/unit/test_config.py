@@ -42,8 +42,8 @@ def test_lora_mode_parses_and_every_mode_has_one_label():
 
 def test_sweep_searches_image_tower_modes_by_label():
     from po_cluster.config import SweepConfig
-    from po_cluster.sweep.driver import trial_run_config
     from po_cluster.sweep.space import distributions
+    from po_cluster.sweep.trial import trial_run_config
 
     lora = {"lora": {"rank": 4}}
     cfg = SweepConfig.model_validate({"space": {"loss_type": ["dpo"], "beta": {"low": 0.1, "high": 1},

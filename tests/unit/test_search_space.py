@@ -3,9 +3,9 @@ import optuna
 import pytest
 
 from po_cluster.config import ConfigError, SweepConfig, load_config
-from po_cluster.sweep.driver import trial_run_config
 from po_cluster.sweep.searcher import ResumableOptunaSearch
 from po_cluster.sweep.space import define_by_run, distributions, loss_ranges, starting_points
+from po_cluster.sweep.trial import trial_run_config
 
 
 def _sweep(**space) -> SweepConfig:
