@@ -254,4 +254,3 @@ def test_test_files_have_unique_names():
     # of one name in tests/unit and tests/integration would stop the whole run at collection.
     names = [path.name for path in (Path(__file__).resolve().parents[1]).rglob("test_*.py")]
     assert sorted(name for name in set(names) if names.count(name) > 1) == []
-
