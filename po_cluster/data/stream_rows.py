@@ -41,39 +41,52 @@ def stream_kind(meta: dict) -> str:
 
 
 def decode_rows(batch: dict[str, Any], kind: str, reg: bool, size: int, candidates: list[str],
-                split: str = "train") -> dict[str, np.ndarray]:
-    """Shard rows → this stream's rows: uint8 images [n, size, size, 3] through the one image path,
-    and class indices into the candidates. Rows of other splits and kinds are dropped here."""
+                split: str = "train", pixels: bool = True) -> dict[str, np.ndarray]:
+    """Shard rows → this stream's rows: uint8 images [n, size, size, 3] through the one image path
+    (none with `pixels` False), and class indices into the candidates. Rows of other splits and kinds
+    are dropped here."""
     index = {text: i for i, text in enumerate(candidates)}
     keep = [i for i, (k, s) in enumerate(zip(batch["kind"], batch["split"], strict=True))
             if k == kind and (s or "train") == split]
-    images = np.empty((len(keep), size, size, 3), dtype=np.uint8)
-    for row, i in enumerate(keep):
-        images[row] = load_image(str(batch["image_name"][i]), size, batch["image"][i])
+    rows: dict[str, np.ndarray]
     if reg:
         texts = batch["text"] if kind == "regularization" else batch["chosen"]
-        return {"image": images, "label": np.array([index.get(texts[i], NO_WORD) if texts[i] else NO_WORD
-                                                    for i in keep], dtype=np.int64)}
-    return {"image": images, "chosen": np.array([index[batch["chosen"][i]] for i in keep], dtype=np.int64),
-            "rejected": np.array([index[batch["rejected"][i]] for i in keep], dtype=np.int64)}
+        rows = {"label": np.array([index.get(texts[i], NO_WORD) if texts[i] else NO_WORD for i in keep],
+                                  dtype=np.int64)}
+    else:
+        rows = {"chosen": np.array([index[batch["chosen"][i]] for i in keep], dtype=np.int64),
+                "rejected": np.array([index[batch["rejected"][i]] for i in keep], dtype=np.int64)}
+    if pixels:
+        images = np.empty((len(keep), size, size, 3), dtype=np.uint8)
+        for row, i in enumerate(keep):
+            images[row] = load_image(str(batch["image_name"][i]), size, batch["image"][i])
+        rows["image"] = images
+    return rows
+
+
+def row_count(rows: dict[str, np.ndarray]) -> int:
+    return len(next(iter(rows.values())))
 
 
 def shard_rows(location: str, meta: dict, number: int, kind: str, reg: bool, size: int,
-               ref: dict | None = None) -> dict[str, np.ndarray]:
+               ref: dict | None = None, pixels: bool = True) -> dict[str, np.ndarray]:
     """Shard `number` of the dataset, read through the store and checked against dataset.json (its
     sha256 and rows), as this stream's decoded rows of the train split; with `ref` (a π_ref cache's
     manifest, po_cluster/data/ref_files.py) each row also carries its log π_ref ("ref_logps") and
-    the starting tower's f(x) ("ref_emb")."""
+    the starting tower's f(x) ("ref_emb"). `pixels` False (a frozen tower, whose input is that f(x))
+    decodes no image: it needs `ref`."""
+    if not pixels and ref is None:
+        raise ValueError("rows without pixels need a π_ref cache: its f(x) is the only image input left")
     rows = read_shard(location, meta["shards"][number])
     columns = {name: [row[name] for row in rows] for name in RECORD_SCHEMA.names}
-    decoded = decode_rows(columns, kind, reg, size, meta["candidates"])
+    decoded = decode_rows(columns, kind, reg, size, meta["candidates"], pixels=pixels)
     if ref is not None:
-        decoded |= read_ref_rows(ref, kind, number, len(decoded["image"]))
+        decoded |= read_ref_rows(ref, kind, number, row_count(decoded))
     return decoded
 
 
 def local_stream(location: str, meta: dict, reg: bool, batch_size: int, seed: int,
-                 size: int, ref: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 size: int, ref: dict | None = None, pixels: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the train split without Ray, forever: each pass visits the shards in a seeded
     order, one at a time, its rows shuffled within the shard."""
     kind = stream_kind(meta) if reg else "pair"
@@ -82,10 +95,10 @@ def local_stream(location: str, meta: dict, reg: bool, batch_size: int, seed: in
         pending: list[dict[str, np.ndarray]] = []
         yielded = False
         for number in rng.permutation(len(meta["shards"])):
-            decoded = shard_rows(location, meta, int(number), kind, reg, size, ref)
-            order = rng.permutation(len(decoded["image"]))
+            decoded = shard_rows(location, meta, int(number), kind, reg, size, ref, pixels)
+            order = rng.permutation(row_count(decoded))
             pending.append({name: values[order] for name, values in decoded.items()})
-            while sum(len(p["image"]) for p in pending) >= batch_size:
+            while sum(row_count(p) for p in pending) >= batch_size:
                 joined = {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
                 yield {name: values[:batch_size] for name, values in joined.items()}
                 pending, yielded = [{name: values[batch_size:] for name, values in joined.items()}], True
@@ -108,19 +121,19 @@ def passes_needed(meta: dict, stream: str, steps: int, batch: int) -> int:
 
 
 def read_numbered_shards(batch: dict[str, np.ndarray], location: str, meta: dict, kind: str, reg: bool,
-                         size: int, ref: dict | None = None) -> dict[str, np.ndarray]:
+                         size: int, ref: dict | None = None, pixels: bool = True) -> dict[str, np.ndarray]:
     """What a Ray Data task runs: the shards numbered in `batch["shard"]`, as decoded rows."""
-    parts = [shard_rows(location, meta, int(number), kind, reg, size, ref) for number in batch["shard"]]
+    parts = [shard_rows(location, meta, int(number), kind, reg, size, ref, pixels) for number in batch["shard"]]
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def ray_datasets(location: str, meta: dict, size: int, cpus: float = 1.0, passes: dict[str, int] | None = None,
-                 seed: int = 0, ref: dict | None = None) -> dict[str, Any]:
+                 seed: int = 0, ref: dict | None = None, pixels: bool = True) -> dict[str, Any]:
     """The two Ray Data datasets a TorchTrainer splits across its workers (datasets=…): the train
     split's pairs and its clean images. Each is one map over the shards' numbers, `passes[name]`
     passes of them in a seeded order per pass, each shard read through the store (S3 included) and
-    checked against dataset.json, then decoded (with its rows' π_ref from `ref`, a π_ref cache), in
-    Ray's CPU tasks. One map rather than a read
+    checked against dataset.json, then decoded (with its rows' π_ref from `ref`, a π_ref cache, and
+    without images when `pixels` is False), in Ray's CPU tasks. One map rather than a read
     per pass chained with Dataset.union: on a 2-CPU node a union of 6 passes took 28 s to its
     first batch, one map 8 s."""
     import ray.data
@@ -130,7 +143,7 @@ def ray_datasets(location: str, meta: dict, size: int, cpus: float = 1.0, passes
         rng = np.random.default_rng([seed, number])
         numbers = [int(n) for _ in range((passes or {}).get(name, 1)) for n in rng.permutation(len(meta["shards"]))]
         read = functools.partial(read_numbered_shards, location=location, meta=meta, kind=kind, reg=reg, size=size,
-                                 ref=ref)
+                                 ref=ref, pixels=pixels)
         out[name] = ray.data.from_items([{"shard": n} for n in numbers]) \
             .map_batches(read, batch_size=1, batch_format="numpy", num_cpus=cpus)
     return out

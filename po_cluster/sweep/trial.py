@@ -100,7 +100,9 @@ def streamed_datasets(run: RunConfig, scaling: ScalingSettings) -> dict | None:
     from po_cluster.train.ref_cache import ensure_ref_cache
 
     ref = ensure_ref_cache(run, scaling, prompt_template(run.data))
-    return ray_datasets(location, meta, image_size(meta), scaling.data_cpus, passes, t.seed, ref)
+    # A frozen tower's input is the cache's f(x): its rows need no decoded image.
+    pixels = ref is None or run.model.image_tower != "frozen"
+    return ray_datasets(location, meta, image_size(meta), scaling.data_cpus, passes, t.seed, ref, pixels)
 
 
 def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",

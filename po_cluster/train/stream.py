@@ -13,7 +13,7 @@ What streaming changes:
   batch from the same images: the tower's f(x) at t = 0 (θ_ref, a copy made once; for LoRA the
   adapters at zero) under no_grad, one more forward per step for a trained tower. The cache also
   holds each row's f(x) at t = 0, which is a frozen tower's input: with it, a frozen tower's
-  stream runs no image tower at all.
+  stream runs no image tower at all, and its read tasks decode no image.
 - A batch is the next one of the stream, not a function of (seed, step): a run resumed after a
   worker crash restarts its stream at a new pass, so its batches, and so its weights, differ from
   those of the run that did not crash. The steps, optimizer state and schedule resume exactly.
@@ -110,9 +110,10 @@ def local_source(model: AlignedCLIP, cfg: RunConfig, template: str) -> StreamSou
     meta = dataset_meta(location)
     classnames, text_emb = candidate_embeddings(model, meta, template)
     size, ref = image_size(meta), ref_cache(model, cfg, template)  # before training: model is θ_ref
+    pixels = ref is None or not model.image_tower_frozen  # a frozen tower's input is the cache's f(x)
     return StreamSource(model, classnames, text_emb,
-                        primed(local_stream(location, meta, False, t.batch_size, t.seed, size, ref)),
-                        primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size, ref)))
+                        primed(local_stream(location, meta, False, t.batch_size, t.seed, size, ref, pixels)),
+                        primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size, ref, pixels)))
 
 
 def worker_source(model: AlignedCLIP, cfg: RunConfig, template: str, rank: int, world_size: int,

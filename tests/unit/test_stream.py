@@ -146,22 +146,30 @@ def test_the_ref_cache_holds_each_rows_pi_ref_and_is_computed_once(dataset, tmp_
     pref, reg = load_preference_data(str(copy), split="train")
     data = prepare_data(build_model(run, torch.device("cpu")), pref, reg, "{}")
     expected = {**_by_image(pref.images, data.ref_pref_logps), **_by_image(reg.images, data.ref_reg_logps)}
-    for batch in (next(source.pref), next(source.reg)):
+    manifest, meta = read_ref_manifest(str(manifests[0].parent), manifests[0].parent.name), dataset_meta(str(copy))
+    for reg_stream in (False, True):  # each row's π_ref in the cache, as the starting model computes it
+        batch = next(local_stream(str(copy), meta, reg_stream, 8, 0, 48, manifest))
         assert batch["ref_logps"].shape == (8, 4)
         for image, logps in zip(batch["image"], batch["ref_logps"], strict=True):
             np.testing.assert_allclose(logps, expected[image.tobytes()], atol=1e-5)
     rows = next(source.pref)
+    same_rows = next(local_stream(str(copy), meta, False, 8, run.training.seed, 48, manifest))  # with pixels
+    np.testing.assert_array_equal(rows["ref_logps"], same_rows["ref_logps"])
+    assert ("image" in rows) == (tower != "frozen")  # a frozen tower's stream decodes no image
     inputs, ref = source._inputs_and_ref(rows)  # the cache's π_ref; a frozen tower's input, its cached f(x)
     assert torch.equal(ref, torch.as_tensor(rows["ref_logps"])) and inputs.dim() == (2 if tower == "frozen" else 4)
     if tower == "frozen":  # the cache's f(x), as the frozen tower would compute it
         with torch.no_grad():
-            expected_emb = model.encode_image(model.pixels(rows["image"]), 0.0)
+            expected_emb = model.encode_image(model.pixels(same_rows["image"]), 0.0)
         torch.testing.assert_close(inputs, expected_emb, atol=1e-5, rtol=1e-5)
-    manifest = read_ref_manifest(str(manifests[0].parent), manifests[0].parent.name)
-    rows = read_numbered_shards({"shard": np.array([0, 1])}, str(copy), dataset_meta(str(copy)), "pair", False, 48,
-                                manifest)  # what a Ray Data task hands the worker
-    for image, logps in zip(rows["image"], rows["ref_logps"], strict=True):
+    # what a Ray Data task hands the worker: without pixels, the same rows less their images
+    task = {pixels: read_numbered_shards({"shard": np.array([0, 1])}, str(copy), meta, "pair", False, 48, manifest,
+                                         pixels) for pixels in (True, False)}
+    for image, logps in zip(task[True]["image"], task[True]["ref_logps"], strict=True):
         np.testing.assert_allclose(logps, expected[image.tobytes()], atol=1e-5)
+    assert set(task[True]) - set(task[False]) == {"image"}
+    for name, values in task[False].items():
+        np.testing.assert_array_equal(values, task[True][name])
     monkeypatch.setattr(ref_cache, "compute_ref_cache", lambda *a: pytest.fail("computed again"))
     local_source(build_model(run, torch.device("cpu")), run, "{}")  # found under its key
 
@@ -210,3 +218,18 @@ def test_the_ref_cache_key_follows_the_dataset_the_weights_and_the_template(data
     meta = copy / "dataset.json"
     meta.write_text(meta.read_text().replace('"image_size"', '"image_size" ', 1))
     assert cache_key(run, "{}") != key
+
+
+def test_rows_without_pixels_decode_no_image_and_need_the_cache(dataset, monkeypatch):
+    from po_cluster.data import stream_rows
+
+    meta = dataset_meta(dataset)
+    monkeypatch.setattr(stream_rows, "load_image", lambda *a: pytest.fail("an image was decoded"))
+    circle, square = meta["candidates"][:2]
+    rows = stream_rows.decode_rows({"kind": ["pair", "regularization"], "split": ["train", "train"],
+                                    "image_name": ["a.png", "b.png"], "image": [b"", b""], "chosen": [circle, ""],
+                                    "rejected": [square, ""], "text": ["", circle]},
+                                   "pair", False, 48, meta["candidates"], pixels=False)
+    assert set(rows) == {"chosen", "rejected"} and stream_rows.row_count(rows) == 1
+    with pytest.raises(ValueError, match="need a π_ref cache"):
+        stream_rows.shard_rows(dataset, meta, 0, "pair", False, 48, ref=None, pixels=False)
