@@ -1,12 +1,12 @@
 """What a sweep's trial process imports. Tune starts a new process for every trial, which imports
-po_cluster/sweep/trial.py to build the trial's TorchTrainer; on a cluster whose other trials are
-training, every second of import is a second of their CPU (docs/cluster.md)."""
+po_cluster/sweep/trial.py to build the trial's TorchTrainer: what it imports costs CPU and memory
+on every trial (docs/cluster.md)."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
-# The model's code (open_clip, torchvision: about 5.5 s of CPU), the sweep's driver and tracking.
+# The model's code (open_clip, torchvision and torch._dynamo), the sweep's driver and tracking.
 HEAVY = ("open_clip", "torchvision", "mlflow", "po_cluster.train.worker",
          "po_cluster.train.loop", "po_cluster.sweep.driver", "po_cluster.tracking.sweep")
 
