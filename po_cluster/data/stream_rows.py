@@ -64,6 +64,12 @@ def decode_rows(batch: dict[str, Any], kind: str, reg: bool, size: int, candidat
     return rows
 
 
+def needs_pixels(image_tower: object, ref: dict | None) -> bool:
+    """Whether a stream's rows carry decoded images: not for a frozen tower with a π_ref cache, whose
+    input is the cache's f(x)."""
+    return ref is None or image_tower != "frozen"
+
+
 def row_count(rows: dict[str, np.ndarray]) -> int:
     return len(next(iter(rows.values())))
 

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from po_cluster.config import RunConfig, ScalingSettings, SweepConfig, WorkerConfig
-from po_cluster.data.stream_rows import dataset_meta, image_size, passes_needed, ray_datasets
+from po_cluster.data.stream_rows import dataset_meta, image_size, needs_pixels, passes_needed, ray_datasets
 from po_cluster.sweep.space import tower_choices
 from po_cluster.train.entry import SHARED_INPUTS_KEY, train_in_trial, train_loop_per_worker
 
@@ -100,9 +100,8 @@ def streamed_datasets(run: RunConfig, scaling: ScalingSettings) -> dict | None:
     from po_cluster.train.ref_cache import ensure_ref_cache
 
     ref = ensure_ref_cache(run, scaling, prompt_template(run.data))
-    # A frozen tower's input is the cache's f(x): its rows need no decoded image.
-    pixels = ref is None or run.model.image_tower != "frozen"
-    return ray_datasets(location, meta, image_size(meta), scaling.data_cpus, passes, t.seed, ref, pixels)
+    return ray_datasets(location, meta, image_size(meta), scaling.data_cpus, passes, t.seed, ref,
+                        needs_pixels(run.model.image_tower, ref))
 
 
 def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",

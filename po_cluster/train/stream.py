@@ -31,7 +31,7 @@ import torch
 from po_cluster.config import RunConfig
 from po_cluster.data import world
 from po_cluster.data.pairs import DataError
-from po_cluster.data.stream_rows import dataset_meta, image_size, local_stream
+from po_cluster.data.stream_rows import dataset_meta, image_size, local_stream, needs_pixels
 from po_cluster.evaluate.metrics import embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.train.batch import Batch
@@ -110,7 +110,7 @@ def local_source(model: AlignedCLIP, cfg: RunConfig, template: str) -> StreamSou
     meta = dataset_meta(location)
     classnames, text_emb = candidate_embeddings(model, meta, template)
     size, ref = image_size(meta), ref_cache(model, cfg, template)  # before training: model is θ_ref
-    pixels = ref is None or not model.image_tower_frozen  # a frozen tower's input is the cache's f(x)
+    pixels = needs_pixels(model.image_tower, ref)
     return StreamSource(model, classnames, text_emb,
                         primed(local_stream(location, meta, False, t.batch_size, t.seed, size, ref, pixels)),
                         primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size, ref, pixels)))
