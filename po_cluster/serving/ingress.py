@@ -23,8 +23,9 @@ SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC between deployments, user code on the main loop
     "RAY_SERVE_ENABLE_HA_PROXY": "1",  # HAProxy on the node's HTTP port, in front of the ingress replicas
     # A gateway replica that dies mid-request: HAProxy replays the request on another one (its default
-    # replays only connection failures). Safe because every route is idempotent; HAProxy replays only
-    # requests whose body fits its buffer (16 KiB by default), larger uploads still see the failure.
+    # replays only connection failures). Safe because every route is idempotent. HAProxy replays only
+    # a request that was whole in its buffer (16 KiB) when first forwarded: a larger upload, or one
+    # whose headers it forwarded before the body came, still sees the failure (docs/serving.md).
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
     # Middlewares around Serve's HTTP servers (outside Serve's request-id one): a client's x-request-id
     # that is not a usable id is replaced before Serve logs it and returns it (serving/observe.py).
