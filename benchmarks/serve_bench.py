@@ -164,6 +164,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--overload-factor", type=float, default=4.0, help="offered rate / sustainable rate")
     p.add_argument("--overload-share", type=float, default=0.5,
                    help="token bucket rate / sustainable rate (what is left of the cores after the refusals)")
+    p.add_argument("--gateway-replicas", type=int, default=1,
+                   help="with --overload: gateway replicas (each refuses over-rate requests in its own event loop)")
     return p.parse_args()
 
 
@@ -271,7 +273,7 @@ def report(f: dict, a: argparse.Namespace) -> bool:
 
 
 def overload(a: argparse.Namespace, tmp: str) -> bool:
-    from serve_overload import measure_overload, report_overload
+    from serve_overload import HAProxyLog, measure_overload, report_overload
 
     from po_cluster.data import world
     from po_cluster.serving.local import publish_example_release, start_local
@@ -281,18 +283,34 @@ def overload(a: argparse.Namespace, tmp: str) -> bool:
     images = world.image_set("attacked", 64, seed=7).images
 
     def args_for(rate_limit: dict | None = None) -> dict:
-        return {**app_args(store, cache, a.batch, a.torch_threads, a.batch_wait), "rate_limit": rate_limit or {}}
+        base = app_args(store, cache, a.batch, a.torch_threads, a.batch_wait)
+        base["gateway"]["num_replicas"] = a.gateway_replicas
+        return {**base, "rate_limit": rate_limit or {}}
 
+    log = HAProxyLog()  # before Ray starts: its HAProxy takes the log target from the environment
     server = start_local(args_for(), num_cpus=2)
     try:
-        t1, _, _, _ = measure_batched(server.url, images, a)
+        t1, _, _, cpu = measure_batched(server.url, images, a)
         print(f"throughput (closed loop, concurrency {a.concurrency}, t = 1)  {t1.throughput:8.1f} req/s, "
               f"p50 {t1.percentile(50):.1f} ms, p99 {t1.percentile(99):.1f} ms", flush=True)
         figures = measure_overload(server, args_for, bodies_for(images, 1.0), t1.throughput,
-                                   a.overload_seconds, a.overload_factor, a.overload_share)
+                                   a.overload_seconds, a.overload_factor, a.overload_share, log)
+        figures["gateway_replicas"] = a.gateway_replicas
+        figures["cpu_ms"] = {**cpu, "refusal": refusal_cpu_ms(server, args_for({"rate_per_s": 0.1, "burst": 1}),
+                                                              bodies_for(images, 1.0))}
     finally:
         server.stop()
     return report_overload(figures)
+
+
+def refusal_cpu_ms(server, limited: dict, bodies: list[bytes]) -> float:
+    """The gateway's CPU milliseconds per 429, closed loop against a bucket that admits next to nothing.
+    One gateway replica, so that the one /healthz names is the one that did the work."""
+    server.redeploy({**limited, "gateway": {**limited["gateway"], "num_replicas": 1}})
+    load(server.url, bodies, 8, 5)  # warm-up, and the bucket's one token
+    before = replica_cpu(server.url)["gateway"]
+    run = load(server.url, bodies, 8, 200)
+    return 1000 * (replica_cpu(server.url)["gateway"] - before) / max(len(run.errors) + len(run.latencies), 1)
 
 
 def main() -> int:

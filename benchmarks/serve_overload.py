@@ -7,11 +7,20 @@ the answers take: an open loop, so that a slow server is not hidden by clients t
 
 Printed: the rate actually offered (a 2-core machine also runs the clients), the share of 200 / 429 /
 503 / other answers, the slowest answer, the p99 of the 200s against an unloaded p99 (open loop at
-a quarter of the sustainable rate, no rate limit), and the replicas' RSS before and after (±%).
+a quarter of the sustainable rate, no rate limit), the replicas' RSS before and after (±%), and the
+replicas' CPU per answered request (closed loop) and the gateway's per refused one (429).
+
+The p99s are printed twice: as the clients timed them, and as HAProxy timed them (`Ta` in its log,
+sent to a UDP listener here: from its receiving the request to its sending the last byte of the
+answer). Where the clients share the cores with the server, the first includes the clients' own
+waiting for a core; the second does not.
 """
 from __future__ import annotations
 
 import http.client
+import os
+import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -20,6 +29,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_LATE_S = 0.25
+# An HAProxy httplog line: "... frontend backend/server Tq/Tw/Tc/Tr/Ta status bytes ..." and the request line.
+_LOG_LINE = re.compile(r" -?\d+/-?\d+/-?\d+/-?\d+/(\d+) (\d{3}) .*\"POST /v1/classify ")
+
+
+class HAProxyLog:
+    """HAProxy's access log, received over UDP on 127.0.0.1: (time received, status, Ta in ms) per
+    /v1/classify request. Must be made before Ray starts: its HAProxy reads the target from the
+    environment (RAY_SERVE_HAPROXY_LOG_TARGET)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[float, str, float]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        os.environ["RAY_SERVE_HAPROXY_LOG_TARGET"] = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self) -> None:
+        while True:  # a daemon thread: ends with the process
+            text = self.sock.recv(65536).decode(errors="replace")
+            match = _LOG_LINE.search(text)
+            if match:
+                self.lines.append((time.time(), match.group(2), float(match.group(1))))
+
+    def p99_ms(self, since: float, until: float, status: str = "200") -> tuple[float, int]:
+        """p99 of Ta of the answers with `status` logged in [since, until], and how many were logged."""
+        values = [ta for at, code, ta in list(self.lines) if since <= at <= until and code == status]
+        return (float(np.percentile(values, 99)) if values else float("nan")), len(values)
 
 
 @dataclass
@@ -132,18 +169,23 @@ def replica_rss(url: str) -> dict[str, int]:
 
 
 def measure_overload(server, args_for, bodies: list[bytes], sustainable: float, seconds: float,
-                     factor: float = 4.0, share: float = 0.5) -> dict:
+                     factor: float = 4.0, share: float = 0.5, log: HAProxyLog | None = None) -> dict:
     """Unloaded p99 (a quarter of the sustainable rate, no rate limit), then `factor` × sustainable for `seconds`
     with a token bucket at `share` × sustainable (burst: a tenth of a second of it)."""
+    began = time.time()
     unloaded = open_loop(server.url, bodies, 0.25 * sustainable, min(10.0, seconds))
+    unloaded_window = (began, time.time())
     limited = args_for({"rate_per_s": share * sustainable, "burst": max(1, int(share * sustainable / 10))})
     server.redeploy(limited)
     open_loop(server.url, bodies, 0.5 * sustainable, 2.0)  # warm-up of the new replicas
     rss_before = replica_rss(server.url)
+    began = time.time()
     overload = open_loop(server.url, bodies, factor * sustainable, seconds)
     time.sleep(1.0)  # what was still queued drains before RSS is read
+    logged = {"unloaded": log.p99_ms(*unloaded_window), "overload": log.p99_ms(began, time.time())} if log else {}
     return {"sustainable": sustainable, "factor": factor, "share": share, "unloaded": unloaded,
-            "overload": overload, "rss_before": rss_before, "rss_after": replica_rss(server.url)}
+            "overload": overload, "rss_before": rss_before, "rss_after": replica_rss(server.url),
+            "haproxy": logged}
 
 
 def report_overload(f: dict) -> bool:
@@ -168,9 +210,22 @@ def report_overload(f: dict) -> bool:
         f"  slowest answer                          {run.max_ms():.0f} ms ({run.over(1.0)} over 1 s)",
         f"  p99 of the 200s                         {run.p99_ms():.1f} ms = {ratio:.2f} × unloaded p99 "
         f"{unloaded.p99_ms():.1f} ms (a quarter of the sustainable rate, open loop; target ≤ 2)",
+        *_haproxy_lines(f.get("haproxy", {})),
+        *([f"  replica CPU per answer                  200: gateway {f['cpu_ms']['gateway']:.2f} ms + model "
+           f"{f['cpu_ms']['model']:.2f} ms; 429: gateway {f['cpu_ms']['refusal']:.2f} ms"
+           + (f" (a 200's gateway figure is one of {f['gateway_replicas']} replicas' share)"
+              if f.get("gateway_replicas", 1) > 1 else "")] if "cpu_ms" in f else []),
         "  replica RSS                             " + ", ".join(
             f"{name} {f['rss_before'][name] / 2**20:.0f} → {f['rss_after'][name] / 2**20:.0f} MiB "
             f"({100 * x:+.1f} %)" for name, x in drift.items()),
         "  " + ", ".join(f"{name}: {'ok' if ok else 'MISSED'}" for name, ok in checks)]
     print("\n".join(lines), flush=True)
     return all(ok for _, ok in checks)
+
+
+def _haproxy_lines(logged: dict) -> list[str]:
+    if not logged:
+        return []
+    (over, n_over), (calm, n_calm) = logged["overload"], logged["unloaded"]
+    return [f"  p99 of the 200s, HAProxy's Ta            {over:.1f} ms = {over / calm:.2f} × unloaded {calm:.1f} ms "
+            f"({n_over} and {n_calm} answers logged)"]
