@@ -211,10 +211,7 @@ def report_overload(f: dict) -> bool:
         f"  p99 of the 200s                         {run.p99_ms():.1f} ms = {ratio:.2f} × unloaded p99 "
         f"{unloaded.p99_ms():.1f} ms (a quarter of the sustainable rate, open loop; target ≤ 2)",
         *_haproxy_lines(f.get("haproxy", {})),
-        *([f"  replica CPU per answer                  200: gateway {f['cpu_ms']['gateway']:.2f} ms + model "
-           f"{f['cpu_ms']['model']:.2f} ms; 429: gateway {f['cpu_ms']['refusal']:.2f} ms"
-           + (f" (a 200's gateway figure is one of {f['gateway_replicas']} replicas' share)"
-              if f.get("gateway_replicas", 1) > 1 else "")] if "cpu_ms" in f else []),
+        *_cpu_lines(f),
         "  replica RSS                             " + ", ".join(
             f"{name} {f['rss_before'][name] / 2**20:.0f} → {f['rss_after'][name] / 2**20:.0f} MiB "
             f"({100 * x:+.1f} %)" for name, x in drift.items()),
@@ -229,3 +226,12 @@ def _haproxy_lines(logged: dict) -> list[str]:
     (over, n_over), (calm, n_calm) = logged["overload"], logged["unloaded"]
     return [f"  p99 of the 200s, HAProxy's Ta            {over:.1f} ms = {over / calm:.2f} × unloaded {calm:.1f} ms "
             f"({n_over} and {n_calm} answers logged)"]
+
+
+def _cpu_lines(f: dict) -> list[str]:
+    if "cpu_ms" not in f:
+        return []
+    cpu, replicas = f["cpu_ms"], f.get("gateway_replicas", 1)
+    shared = f" (a 200's gateway figure is one of {replicas} replicas' share)" if replicas > 1 else ""
+    return [f"  replica CPU per answer                  200: gateway {cpu['gateway']:.2f} ms + model "
+            f"{cpu['model']:.2f} ms; 429: gateway {cpu['refusal']:.2f} ms{shared}"]
