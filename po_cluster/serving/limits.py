@@ -139,9 +139,15 @@ def decode_image_bytes(raw: bytes, param: str, limits: Limits) -> np.ndarray:
 
 # ---------------------------------------------------------------- request body
 
+# A request refused for its rate (429) whose body is declared at most this long has the body read and
+# dropped, so that its connection (HAProxy's, in Serve) can carry the next request: measured on 2 cores,
+# the gateway spends about 27 % less CPU per 429 than with the new connection that closing forces
+# (docs/serving.md). A longer or chunked body is not read, and the connection is closed.
+KEEP_ALIVE_DRAIN_BYTES = 64 * 1024
+
 
 class RequestGuard:
-    """ASGI middleware, before any parsing: the API key (401), then the body size (413).
+    """ASGI middleware, before any parsing: the API key (401) and its rate (429), then the body size (413).
 
     The key comes first so that nothing of an unauthenticated request is parsed. The
     body is read here, counted, and replayed to the app: a chunked upload or a
@@ -152,11 +158,11 @@ class RequestGuard:
                  protected: str = "/v1/") -> None:
         self.app, self.max_bytes, self.check_key, self.protected = app, max_bytes, check_key, protected
 
-    async def _refuse(self, send: Any, error: ApiError) -> None:
+    async def _refuse(self, send: Any, error: ApiError, drained: bool = False) -> None:
         body = json.dumps(error.body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(name.encode(), value.encode()) for name, value in error.headers().items()]
-        if error.status != 401:  # the rest of the body is not read: this connection cannot carry another request
+        if error.status != 401 and not drained:  # the rest of the body is unread: the connection cannot go on
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -171,7 +177,7 @@ class RequestGuard:
                 self.check_key(authorization.decode("latin-1") if authorization is not None else None)
             body = await self._read_body(headers.get(b"content-length"), receive)
         except ApiError as error:
-            return await self._refuse(send, error)
+            return await self._refuse(send, error, await self._drained(error, headers.get(b"content-length"), receive))
         if body is None:  # the client went away
             return
         replayed = False
@@ -184,6 +190,16 @@ class RequestGuard:
             return await receive()  # after the body: wait for the disconnect, as the server would
 
         await self.app(scope, replay, send)
+
+    async def _drained(self, error: ApiError, declared: bytes | None, receive: Any) -> bool:
+        """Whether a refused request's body has been read to its end (KEEP_ALIVE_DRAIN_BYTES): only for a 429."""
+        if error.status != 429 or declared is None or not declared.strip().isdigit() or \
+                int(declared) > min(KEEP_ALIVE_DRAIN_BYTES, self.max_bytes):
+            return False
+        try:
+            return await self._read_body(declared, receive) is not None
+        except ApiError:  # the body broke the size rules after all: close
+            return False
 
     async def _read_body(self, declared: bytes | None, receive: Any) -> bytes | None:
         too_big = ApiError(413, "body", f"the request body is over the limit of {self.max_bytes} bytes",

@@ -234,6 +234,44 @@ def test_rate_limited_request_is_refused_before_its_body_is_read():
     assert sent[0]["status"] == 429 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
 
 
+def _refused_for_rate(declared: bytes | None, chunks: list[bytes]) -> tuple[dict, list[bytes]]:
+    """The 429 of a request over its rate whose body is `chunks`, and what of the body the guard read."""
+    buckets = TokenBuckets(RateLimit(rate_per_s=1, burst=1))
+    buckets.take("anonymous")
+    sent: list[dict] = []
+    pending, read = list(chunks), []
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not run")
+
+    async def receive():
+        chunk = pending.pop(0)
+        read.append(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = RequestGuard(app, 100, check_key=lambda header: buckets.take("anonymous"))
+    scope = {"type": "http", "path": "/v1/classify", "headers": [(b"content-length", declared)] if declared else []}
+    asyncio.run(guard(scope, receive, send))
+    return sent[0], read
+
+
+def test_rate_limited_small_body_is_read_and_the_connection_kept():
+    start, read = _refused_for_rate(b"30", [b"a" * 10, b"b" * 20])
+    headers = dict(start["headers"])
+    assert start["status"] == 429 and headers[b"retry-after"] == b"1" and b"connection" not in headers
+    assert read == [b"a" * 10, b"b" * 20]  # to its end: the next request on the connection starts clean
+    # Declared over the bound (here the guard's max_bytes, 100), or not declared: not read, closed.
+    for declared in (b"200", None):
+        start, read = _refused_for_rate(declared, [b"a" * 200])
+        assert start["status"] == 429 and dict(start["headers"])[b"connection"] == b"close" and read == []
+    # A body longer than it said: read up to the limit, then the connection is closed.
+    start, read = _refused_for_rate(b"30", [b"a" * 90, b"a" * 90])
+    assert dict(start["headers"])[b"connection"] == b"close"
+
+
 def test_shipped_configs_run_two_of_each_and_drain():
     args = ServeArgs.model_validate(yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"][0]["args"])
     model = args.model
