@@ -109,6 +109,7 @@ def run(whole: bool, buffered: bool, kills: int, period: float, folder: Path) ->
     script = folder / "backend.py"
     script.write_text(BACKEND)
     (folder / "haproxy.cfg").write_text(config(port, backends, buffered))
+
     def start(backend: int) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(script), str(backend)], stderr=subprocess.DEVNULL)
 
