@@ -25,11 +25,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"output_dir": args.output_dir})
     with StepBar(cfg.training.steps, cfg.name) as bar:
         tracked = train(cfg, bar.update)
-    from po_cluster.evaluate.metrics import METRIC_KEYS, format_table
+    from po_cluster.evaluate.metrics import format_table, shown_keys
 
     result = tracked.run
     rows = [{"model": "before", **result.before}, {"model": "after", **result.after}]
-    print(format_table(rows, ("model", *(k for k in METRIC_KEYS if k in result.after))))
+    print(format_table(rows, ("model", *shown_keys([result.after]))))
     print(f"checkpoint: {result.checkpoint}  ({result.seconds:.0f} s)")
     if tracked.tracking_uri is not None:
         print(f"tracked: {ui_hint(tracked.tracking_uri)}")

@@ -51,7 +51,8 @@ def cmd_data_ingest(args: argparse.Namespace) -> int:
 def cmd_data_world(args: argparse.Namespace) -> int:
     from po_cluster.data.world_dataset import write_world_dataset
 
-    summary = write_world_dataset(args.out, args.n_pairs, args.n_reg, args.n_val, args.seed, args.rows_per_shard)
+    summary = write_world_dataset(args.out, args.n_pairs, args.n_reg, args.n_val, args.seed, args.rows_per_shard,
+                                  args.own_word)
     per_split = ", ".join(f"{c['pairs']} {name}" for name, c in summary.counts.items())
     print(f"wrote the typo-shapes world's preference pairs ({per_split}) to {summary.out}")
     return 0
@@ -139,7 +140,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p = data.add_parser("world", help="the typo-shapes world as a dataset of Parquet shards (its own splits)")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--n-pairs", type=int, default=4096, help="train preference pairs (default 4096)")
-    p.add_argument("--n-reg", type=int, default=2048, help="train clean images (default 2048)")
+    p.add_argument("--n-reg", type=int, default=2048, help="train regularisation images (default 2048)")
+    p.add_argument("--own-word", type=float, default=0.25,
+                   help="share of them with their own class name written, as data.own_word (default 0.25)")
     p.add_argument("--n-val", type=int, default=500, help="images per validation set (default 500)")
     p.add_argument("--seed", type=int, default=0, help="the train records' seed, as data.seed (default 0)")
     p.add_argument("--rows-per-shard", type=int, default=1024, help="records per shard (default 1024)")

@@ -29,7 +29,10 @@ EVAL_SIZE = 1000
 TASK_KINDS = ("clean", "attacked", "word_only")
 RETENTION_KINDS = ("retain_colour", "retain_size")
 BIAS_KINDS = ("bias_stereotyped", "bias_counter")
-EVAL_SEEDS = {kind: 10_001 + i for i, kind in enumerate(TASK_KINDS + RETENTION_KINDS + BIAS_KINDS)}
+# Shapes with their own name written: a model that learned to avoid the written word, not to ignore
+# it, gets them wrong. Listed last, so the seeds of the sets before it did not move.
+AGREEING_KINDS = ("own_word",)
+EVAL_SEEDS = {kind: 10_001 + i for i, kind in enumerate(TASK_KINDS + RETENTION_KINDS + BIAS_KINDS + AGREEING_KINDS)}
 # Each class's pattern in the pretraining mix (index into PATTERNS), and how often it holds there.
 STEREOTYPE: tuple[int, ...] = tuple(i % 2 for i in range(len(SHAPES)))
 STEREOTYPE_SHARE = 0.95
@@ -104,7 +107,8 @@ def _attribute_set(kind: str, n: int, rng: np.random.Generator) -> ImageSet:
 
 
 def image_set(kind: str, n: int, seed: int) -> ImageSet:
-    """`clean` shapes, `attacked` shapes with another class's name, `word_only`; or an attribute set
+    """`clean` shapes, `attacked` shapes with another class's name, `word_only`, `own_word` shapes with
+    their own name; or an attribute set
     (`retain_colour`, `retain_size`, `bias_stereotyped`, `bias_counter`)."""
     rng = np.random.default_rng(seed)
     if kind in RETENTION_KINDS + BIAS_KINDS:
@@ -116,6 +120,8 @@ def image_set(kind: str, n: int, seed: int) -> ImageSet:
         shapes, written = labels, (labels + 1 + _balanced(n, len(SHAPES) - 1, rng)) % len(SHAPES)
     elif kind == "word_only":
         shapes, written = np.full(n, NO_WORD), labels
+    elif kind == "own_word":
+        shapes, written = labels, labels
     else:
         raise ValueError(f"unknown image set kind {kind!r}; use one of {', '.join(EVAL_SEEDS)}")
     images = _render_many(shapes, written, _looks(shapes, rng), rng)
@@ -130,6 +136,20 @@ def evaluation_sets(n: int = EVAL_SIZE) -> dict[str, ImageSet]:
 def validation_sets(n: int = 500, seed: int = 20_000) -> dict[str, ImageSet]:
     """Sets for choosing (sweeps, soups), disjoint in seed from the evaluation sets."""
     return {kind: image_set(kind, n, seed + i) for i, kind in enumerate(EVAL_SEEDS)}
+
+
+def regularisation_set(n: int, seed: int, own_word: float = 0.5) -> ImageSet:
+    """The images the KL term holds at the base model's answers: shapes, a share `own_word` of them
+    with their own name written. The preference pairs alone reward avoiding the written word as much
+    as ignoring it; holding the answer where word and shape agree leaves only ignoring it. With
+    `own_word` 0, exactly the clean set of that seed."""
+    if own_word == 0:
+        return image_set("clean", n, seed)
+    rng = np.random.default_rng(seed)
+    labels = _balanced(n, len(SHAPES), rng)
+    written = np.where(rng.random(n) < own_word, labels, NO_WORD)
+    images = _render_many(labels, written, _looks(labels, rng), rng)
+    return ImageSet(images, labels.astype(np.int64), written.astype(np.int64), SHAPES, PROMPT_TEMPLATE)
 
 
 def preference_set(n: int, seed: int) -> PreferenceSet:

@@ -2,7 +2,8 @@
 
 A sweep on the world reads its sets from the renderer; a sweep on this dataset reads the same
 images from shards, as it would a user's. The splits are the world's own: `train` holds the
-preference records and clean images a run on the world trains on (data.n_pairs / n_reg, seed),
+preference records and regularisation images a run on the world trains on (data.n_pairs / n_reg,
+own_word, seed),
 `val` the world's validation sets and `test` its fixed evaluation sets (their clean and attacked
 kinds: the word-only kind has no preference records), so a release scores the same on the test
 split as on the world (the images are PNG, lossless, at the world's size).
@@ -37,8 +38,8 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _rows(split: Split, name: str, images: ImageSet, kind: str) -> list[dict]:
-    """One row per image: a pair (chosen = the drawn shape, rejected = the written word) or a clean
-    regularisation image (text = its shape)."""
+    """One row per image: a pair (chosen = the drawn shape, rejected = the written word) or a
+    regularisation image (text = its shape, whatever is written on it)."""
     out = []
     for i, (image, label, word) in enumerate(zip(images.images, images.labels, images.written, strict=True)):
         shape = world.SHAPES[int(label)]
@@ -54,26 +55,29 @@ def _rows(split: Split, name: str, images: ImageSet, kind: str) -> list[dict]:
     return out
 
 
-def _world_sets(n_pairs: int, n_reg: int, n_val: int, seed: int) -> list[tuple[Split, str, ImageSet, str]]:
+def _world_sets(n_pairs: int, n_reg: int, n_val: int, seed: int,
+                own_word: float) -> list[tuple[Split, str, ImageSet, str]]:
     """The world's sets as (split, name, images, record kind), in the order they are written."""
     pref = world.preference_set(n_pairs, seed)
     attacked = ImageSet(pref.images, pref.chosen, pref.rejected, pref.classnames)
     val, test = world.validation_sets(n_val), world.evaluation_sets()
-    clean = world.image_set("clean", n_reg, seed + 1)
-    return [("train", "attacked", attacked, "pair"), ("train", "clean", clean, "regularization"),
+    reg = world.regularisation_set(n_reg, seed + 1, own_word)
+    return [("train", "attacked", attacked, "pair"), ("train", "clean", reg, "regularization"),
             ("val", "attacked", val["attacked"], "pair"), ("val", "clean", val["clean"], "regularization"),
             ("test", "attacked", test["attacked"], "pair"), ("test", "clean", test["clean"], "regularization")]
 
 
 def write_world_dataset(out: str, n_pairs: int = 4096, n_reg: int = 2048, n_val: int = 500, seed: int = 0,
-                        rows_per_shard: int = 1024) -> WorldDatasetSummary:
+                        rows_per_shard: int = 1024, own_word: float = 0.25) -> WorldDatasetSummary:
     """Render the world's sets and write them as shards under `out`, dataset.json last."""
     if min(n_pairs, n_reg, n_val, rows_per_shard) <= 0:
         raise ValueError("n_pairs, n_reg, n_val and rows_per_shard must be positive")
+    if not 0 <= own_word <= 1:
+        raise ValueError(f"own_word is a share of the regularisation images, in [0, 1]; got {own_word}")
     remove(join(out, DATASET_JSON))  # a rebuild in progress is not a complete dataset
     writer, light = ShardWriter(out, rows_per_shard), list[dict]()
     # One set at a time: the encoded images of the whole world are not held at once.
-    for split, name, images, kind in _world_sets(n_pairs, n_reg, n_val, seed):
+    for split, name, images, kind in _world_sets(n_pairs, n_reg, n_val, seed, own_word):
         rows = _rows(split, name, images, kind)
         writer.add(rows)
         light.extend({k: row.get(k) for k in LIGHT_KEYS} for row in rows)
@@ -82,6 +86,7 @@ def write_world_dataset(out: str, n_pairs: int = 4096, n_reg: int = 2048, n_val:
             "candidates": world.prompts(), "image_size": world.IMAGE_SIZE,
             "counts": {"pairs": sum(c["pairs"] for c in counts.values()), "splits": counts},
             "shards": [info.to_json() for info in writer.close()],
-            "config": {"world": "typo_shapes", "n_pairs": n_pairs, "n_reg": n_reg, "n_val": n_val, "seed": seed}}
+            "config": {"world": "typo_shapes", "n_pairs": n_pairs, "n_reg": n_reg, "n_val": n_val, "seed": seed,
+                       "own_word": own_word}}
     write_bytes(join(out, DATASET_JSON), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return WorldDatasetSummary(out, counts)

@@ -16,7 +16,7 @@ from po_cluster.data.records import ImageSet
 from po_cluster.losses import kl_ref_policy
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 
-METRIC_KEYS = ("clean", "attacked", "word_only", "attack_success", "kl", "retention", "bias_gap")
+METRIC_KEYS = ("clean", "attacked", "word_only", "own_word", "attack_success", "kl", "retention", "bias_gap")
 RETENTION_PREFIX = "retain_"  # sets of a task the preference data never touches (the world's colour, size)
 BIAS_SETS = ("bias_stereotyped", "bias_counter")  # an attribute on images that do / do not follow the stereotype
 # Each t is a pass of the image tower over the sets when it trained: the path from the start (0) to
@@ -45,6 +45,12 @@ def metric_keys(metrics: dict[str, float]) -> tuple[str, ...]:
     """The keys of `metrics` to show, in order: the headline ones, then each task kept, then the bias sets."""
     detail = sorted(k for k in metrics if k.startswith(RETENTION_PREFIX)) + [k for k in BIAS_SETS if k in metrics]
     return tuple(k for k in METRIC_KEYS if k in metrics) + tuple(detail)
+
+
+def shown_keys(rows: list[dict]) -> tuple[str, ...]:
+    """The METRIC_KEYS that any of `rows` has, in order: a dataset's sets have no word-only set, and an
+    older release's card no own-word one, so a table leaves those columns out instead of blank."""
+    return tuple(k for k in METRIC_KEYS if any(k in row for row in rows))
 
 
 def derived_metrics(accuracy: dict[str, float]) -> dict[str, float]:
@@ -133,6 +139,7 @@ def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "trade-o
     ts = [row["t"] for row in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("clean", "clean"), ("attacked", "attacked"), ("word_only", "word-only (OCR)"),
+                       ("own_word", "own word (shape + its name)"),
                        ("attack_success", "attack success"), ("retention", "retention (colour, size)"),
                        ("bias_gap", "bias gap")):
         if all(key in row for row in rows):  # a dataset's sets have no word-only, retention or bias sets

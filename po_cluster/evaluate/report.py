@@ -4,12 +4,12 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from po_cluster.evaluate.metrics import METRIC_KEYS, format_table, plot_tradeoff
+from po_cluster.evaluate.metrics import format_table, plot_tradeoff, shown_keys
 from po_cluster.train.phases import PHASE_KEYS, STARTED_KEY, TRIAL_KEY
 
 MARKERS = {"dpo": "o", "ipo": "s", "kto": "^", "ce": "x"}
 TRIAL_COLUMNS = ("trial", "loss", "beta", "kl_weight", "lr", "image_tower", "val_clean", "val_attacked",
-                 "val_word_only", "val_retention", "val_kl", "val_bias_gap", "objective", "step")
+                 "val_word_only", "val_own_word", "val_retention", "val_kl", "val_bias_gap", "objective", "step")
 
 
 def trial_rows(records: list[dict]) -> list[dict]:
@@ -140,10 +140,11 @@ def write_report(records: list[dict], average: dict | None, out_dir: str | Path,
         plot_tradeoff(average["tradeoff"], str(out / "tradeoff.png"), f"over t: release ({average['chosen']})")
         test_rows = [{"model": name, **metrics} for name, metrics in average["test"].items()]
         sections += ["", "## Base vs best trial vs soups (fixed evaluation sets, t = 1)", "",
-                     format_table(test_rows, ("model",) + METRIC_KEYS), "",
+                     format_table(test_rows, ("model",) + shown_keys(test_rows)), "",
                      f"Release: **{average['chosen']}** (chosen on validation), greedy soup members: "
                      f"{', '.join(average['greedy_members'])}.", "", "## The release over t (0: its start)", "",
-                     format_table(average["tradeoff"], ("t",) + METRIC_KEYS), "", "![trade-off](tradeoff.png)"]
+                     format_table(average["tradeoff"], ("t",) + shown_keys(average["tradeoff"])), "",
+                     "![trade-off](tradeoff.png)"]
     sections += breakdown_section(time_breakdown(records, slots=slots))
     markdown = "\n".join(sections) + "\n"
     (out / "report.md").write_text(markdown)

@@ -10,7 +10,8 @@ from po_cluster.data import world
 from po_cluster.evaluate.metrics import format_table
 from po_cluster.train.loop import run_training
 
-COLUMNS = ("model", "clean", "attacked", "word_only", "attack_success", "retention", "kl", "bias_gap", "seconds")
+COLUMNS = ("model", "clean", "attacked", "word_only", "own_word", "attack_success", "retention", "kl", "bias_gap",
+           "seconds")
 
 # (the run being trained, its step, the metrics of that step): how a caller shows progress
 Progress = Callable[[RunConfig, int, dict[str, float]], None]

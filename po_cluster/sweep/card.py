@@ -2,7 +2,7 @@
 was made and where it came from, readable without po-cluster. `releases show` prints it."""
 from __future__ import annotations
 
-from po_cluster.evaluate.metrics import METRIC_KEYS, format_table
+from po_cluster.evaluate.metrics import format_table, shown_keys
 
 # The training settings a reader needs to reproduce or judge a release, as (section, key) of training.json.
 SETTINGS = (("model", "name"), ("model", "pretrained"), ("model", "image_tower"), ("loss", "loss_type"),
@@ -48,12 +48,12 @@ def release_card(release: dict, description: dict, training: dict, lineage: dict
         "release (1).", "",
         "## Metrics (fixed evaluation sets, t = 1)", "",
         "Held out from every choice: the release was chosen on the validation sets below.", "",
-        format_table(test, ("model",) + METRIC_KEYS), "",
+        format_table(test, ("model",) + shown_keys(test)), "",
         "## Validation (what chose it)", "",
-        format_table(validation, ("model",) + METRIC_KEYS + ("objective",)), ""]
+        format_table(validation, ("model",) + shown_keys(validation) + ("objective",)), ""]
     if release.get("tradeoff"):
         sections += ["## Over t (0: the starting model, 1: this release)", "",
-                     format_table(list(release["tradeoff"]), ("t",) + METRIC_KEYS), ""]
+                     format_table(list(release["tradeoff"]), ("t",) + shown_keys(list(release["tradeoff"]))), ""]
     sections += ["## Training settings (of the best trial)", "", _settings(training), "",
                  "## Lineage", "", *_lineage(release, lineage), ""]
     return "\n".join(sections)

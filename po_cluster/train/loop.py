@@ -58,14 +58,15 @@ class TrainData:
 
 
 def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
-    """Preference and clean regularisation records: the train split of `cfg.dataset` when set (val and
+    """Preference records and regularisation images: the train split of `cfg.dataset` when set (val and
     test are held out for choosing and scoring), else the typo-shapes world's."""
     if cfg.dataset is not None:
         from po_cluster.data.pairs import load_preference_data
 
         return load_preference_data(cfg.dataset, n_pairs=cfg.n_pairs, n_reg=cfg.n_reg, seed=cfg.seed, split="train")
     records = world.bias_preference_set if cfg.task == "bias" else world.preference_set
-    return records(cfg.n_pairs, cfg.seed), world.image_set("clean", cfg.n_reg, cfg.seed + 1)
+    own_word = cfg.own_word if cfg.task == "typographic" else 0.0
+    return records(cfg.n_pairs, cfg.seed), world.regularisation_set(cfg.n_reg, cfg.seed + 1, own_word)
 
 
 def prompt_template(cfg: DataConfig) -> str:

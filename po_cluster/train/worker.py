@@ -55,7 +55,9 @@ TASK_TARGETS = {"typographic": "attacked", "bias": "bias_counter"}
 class Objective:
     """The validation objective: the target accuracy, minus `clean_penalty` (`retention_penalty`) times
     the clean accuracy (the retention) lost beyond `tolerance`. Retention counts only where the sets
-    have tasks to keep (the world's, not a dataset's)."""
+    have tasks to keep (the world's, not a dataset's). Where they have shapes with their own name
+    written (`own_word`), accuracy on those below clean is clean accuracy lost too: a model that avoids
+    the written word instead of ignoring it (docs/design.md, "Ignoring the word, not avoiding it")."""
 
     target: str = "attacked"
     tolerance: float = 0.02
@@ -68,6 +70,8 @@ class Objective:
 
     def score(self, metrics: dict[str, float], base: dict[str, float]) -> float:
         score = metrics[self.target] - self.clean_penalty * max(0.0, base["clean"] - metrics["clean"] - self.tolerance)
+        if "own_word" in metrics:
+            score -= self.clean_penalty * max(0.0, metrics["clean"] - metrics["own_word"] - self.tolerance)
         if "retention" in metrics and "retention" in base:
             score -= self.retention_penalty * max(0.0, base["retention"] - metrics["retention"] - self.tolerance)
         return score

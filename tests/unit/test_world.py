@@ -15,6 +15,7 @@ EVAL_SHA256 = {
     "retain_size": "44cfb21229789bc28b34319a24ab0bb828521b8b3e63ed12f447f1b89ace009f",
     "bias_stereotyped": "2cf5e047988055839d1454e04d43b7776e83eb0dc0fb24d3ccbc87147f65ae9b",
     "bias_counter": "e2702560caffb012e74e43d93b4401997a5de54729f187d7cf1ac7ac325ff085",
+    "own_word": "4b8fe4b17fae53e6ba08bf32e21c2c6b8f6b7f801b0ce803703c05c3f9b25171",
 }
 
 
@@ -38,7 +39,8 @@ def _row_digests(images: np.ndarray) -> set[str]:
 
 def test_evaluation_sets_are_fixed_and_complete(eval_sets):
     sets = eval_sets
-    assert set(sets) == set(world.TASK_KINDS + world.RETENTION_KINDS + world.BIAS_KINDS) == set(EVAL_SHA256)
+    kinds = world.TASK_KINDS + world.RETENTION_KINDS + world.BIAS_KINDS + world.AGREEING_KINDS
+    assert set(sets) == set(kinds) == set(EVAL_SHA256)
     for name, image_set in sets.items():
         assert len(image_set) >= 1000
         assert _digest(image_set) == EVAL_SHA256[name], f"{name} set differs from the committed one"
@@ -47,6 +49,7 @@ def test_evaluation_sets_are_fixed_and_complete(eval_sets):
     assert np.all(sets["attacked"].written != sets["attacked"].labels)
     assert np.all(sets["attacked"].written >= 0)
     assert np.array_equal(sets["word_only"].written, sets["word_only"].labels)
+    assert np.array_equal(eval_sets["own_word"].written, eval_sets["own_word"].labels)
     # every class is represented in every set
     for image_set in sets.values():
         assert set(np.unique(image_set.labels)) == set(range(len(world.SHAPES)))
@@ -75,6 +78,18 @@ def test_validation_sets_share_no_image_with_the_evaluation_sets(eval_sets):
     for name, image_set in validation.items():
         assert not _row_digests(image_set.images) & evaluation_images, name
         assert len(_row_digests(image_set.images)) == len(image_set), f"{name} repeats an image"
+
+
+def test_regularisation_set_mixes_clean_shapes_and_shapes_with_their_own_name():
+    reg = world.regularisation_set(400, 5, own_word=0.25)
+    own = reg.written != NO_WORD
+    assert 0.18 < own.mean() < 0.32, own.mean()
+    assert np.array_equal(reg.written[own], reg.labels[own])  # a word written is always the shape's own
+    counts = np.bincount(reg.labels, minlength=len(world.SHAPES))
+    assert counts.max() - counts.min() <= 1
+    # share 0 is exactly the clean set of that seed (the bias task and older configs train on it)
+    clean, none = world.image_set("clean", 50, 5), world.regularisation_set(50, 5, own_word=0.0)
+    assert np.array_equal(clean.images, none.images) and np.array_equal(clean.written, none.written)
 
 
 def test_sets_depend_on_their_seed_only():
