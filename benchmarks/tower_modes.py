@@ -3,7 +3,7 @@ loss, steps and seed, scored on the fixed evaluation sets at t = 1 (and t = 0, w
 
     .venv/bin/python benchmarks/tower_modes.py [--steps 150] [--modes full lora last_blocks:2]
 
-Prints one Markdown table: clean, attacked, word-only, KL(ref‖π), the release's size in bytes
+Prints one Markdown table: clean, attacked, word-only, own-word, KL(ref‖π), the release's size in bytes
 (what `save_checkpoint` writes: weights, θ_ref where kept, JSON) and the run's time. The learning
 rate is per mode (--lr-lora): adapters start at B = 0 and take larger steps than whole weights.
 Bounded by --steps; single process, no Ray.
@@ -64,8 +64,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(label, a, Path(tmp)) for label in a.modes]
-    columns = ("mode", "clean", "attacked", "word_only", "attack_success", "kl", "t0_attacked", "t0_word_only",
-               "bytes", "seconds")
+    columns = ("mode", "clean", "attacked", "word_only", "own_word", "attack_success", "kl", "t0_attacked",
+               "t0_word_only", "bytes", "seconds")
     print(f"{a.steps} steps of DPO (β {a.beta}, λ {a.kl_weight}), lr {a.lr} (lora {a.lr_lora}), "
           f"{a.n_pairs} pairs; fixed evaluation sets, t = 1 (t0_*: at t = 0)")
     print(format_table([{**r, "seconds": round(r["seconds"]), "bytes": int(r["bytes"])} for r in rows], columns))

@@ -105,6 +105,28 @@ def test_the_bias_config_closes_the_gap_along_t_and_keeps_the_classes():
     assert m[1.0]["clean"] >= m[0.0]["clean"] - 0.02 and m[1.0]["retention"] >= m[0.0]["retention"] - 0.03, m
 
 
+def _typographic_full(own_word: float, sets) -> dict[str, float]:
+    """A short full-tower DPO run from the shipped base (as the serving tests' trained release), scored at t = 1."""
+    cfg = _cfg(model={"image_tower": "full"}, data={"n_pairs": 512, "n_reg": 256, "own_word": own_word},
+               loss={"beta": 1.0, "kl_weight": 0.3}, optimizer={"lr": 1e-3, "spectral_lr": 5e-3},
+               training={"steps": 40, "batch_size": 64, "reg_batch_size": 64, "bma": False})
+    model = build_model(cfg, torch.device("cpu"))
+    fit(model, prepare_data(model, *build_records(cfg.data)), cfg)
+    return Evaluator.build(model, sets).metrics(1.0)
+
+
+@pytest.mark.slow
+def test_own_word_regularisation_makes_the_model_ignore_the_word_not_avoid_it():
+    """Clean-only regularisation lets the pairs be met by avoiding whatever word is written, which costs
+    the shapes that carry their own name; holding the base's answers on some of those forbids it."""
+    sets = {k: s for k, s in world.validation_sets(300).items() if k in ("clean", "attacked", "own_word")}
+    # Measured: share 0 → clean 0.827, own-word 0.530; share 0.25 (the default) → 0.857, 0.807, attacked 0.293.
+    avoids, ignores = _typographic_full(0.0, sets), _typographic_full(0.25, sets)
+    assert avoids["own_word"] < avoids["clean"] - 0.1, avoids  # the failure this guards against is real
+    assert ignores["own_word"] > avoids["own_word"] + 0.1 and ignores["own_word"] >= ignores["clean"] - 0.1, ignores
+    assert ignores["attacked"] > 0.1, ignores  # and it still learns to see the shape
+
+
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "kto", "ce"])
 def test_each_loss_learns_on_a_few_steps(loss_type):
     cfg = _cfg(loss={"loss_type": loss_type}, training={"steps": 40})
