@@ -24,7 +24,8 @@ def _typographic_config(args: argparse.Namespace) -> TypographicConfig:
     flags = {"source": args.source, "out": args.out, "variants": args.variants, "seed": args.seed,
              "image_size": args.image_size, "prompt_template": args.template,
              "fonts": tuple(args.font) if args.font else None, "workers": args.workers,
-             "splits": tuple(args.splits) if args.splits else None, "rows_per_shard": args.rows_per_shard}
+             "splits": tuple(args.splits) if args.splits else None, "rows_per_shard": args.rows_per_shard,
+             "own_word": args.own_word}
     data.update({key: value for key, value in flags.items() if value is not None})
     return parse_config(data, args.config or "<command line>", TypographicConfig)
 
@@ -131,6 +132,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--splits", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of the source images per split, by class (default 0.8 0.1 0.1)")
     p.add_argument("--rows-per-shard", type=int, help="records per Parquet shard (default 1024)")
+    p.add_argument("--own-word", type=float, help="share of train regularisation images with their own class "
+                   "name written (default 0.25)")
     p.set_defaults(func=cmd_data_typographic)
     p = data.add_parser("ingest", help="JSONL records (docs/records.md) → a dataset of Parquet shards")
     p.add_argument("source", help="records .jsonl (or a dataset built before shards); local or s3://")

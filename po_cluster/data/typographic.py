@@ -3,8 +3,10 @@
 Each image gets `variants` attacked copies, each with the name of a different,
 randomly chosen *other* class written on it; the record prefers the true class's
 prompt over the written one's, and the clean image goes to the regularisation
-set. Every random choice comes from a generator seeded by (seed, image index),
-so a build is a pure function of its inputs and config, whatever the order or
+set (in the train split a share `own_word` of them with their own class name
+written, so that the KL term holds the answer where word and image agree).
+Every random choice comes from a generator seeded by (seed, image index), so a
+build is a pure function of its inputs and config, whatever the order or
 parallelism in which images are processed.
 
 Output (a local folder or an s3:// prefix), the records of docs/records.md in Parquet shards:
@@ -57,6 +59,9 @@ class TypographicConfig(Strict):
     outline_colors: tuple[str, ...] = ("black", "white")
     splits: tuple[float, float, float] = Field(DEFAULT_FRACTIONS, description="train, val, test fractions of "
                                               "the source images (per class; every copy of an image in one split)")
+    own_word: float = Field(0.25, ge=0, le=1, description="share of the train split's regularisation images that "
+                            "get their own class name written (docs/design.md, 'Ignoring the word, not avoiding "
+                            "it'); val and test keep them clean")
     rows_per_shard: int = Field(1024, gt=0, description="records (clean and attacked images) per Parquet shard")
     workers: int = Field(4, gt=0, description="images processed at once (threads)")
 
@@ -149,17 +154,31 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _regularisation_row(index: int, item: LabelledImage, split: Split, clean: Image.Image, chosen: str,
+                        cfg: TypographicConfig) -> dict:
+    """The image's regularisation record: clean, or (a share `own_word` of the train split) with its own
+    class name written. Its own generator, so the attacked copies are the same whatever the share."""
+    row = {"kind": "regularization", "id": f"{index:06d}", "image_name": f"clean/{index:06d}.png", "image": None,
+           "text": chosen, "label": item.label, "source": item.name, "split": split}
+    rng = np.random.default_rng([cfg.seed, index, 1])
+    if split != "train" or not rng.random() < cfg.own_word:
+        return row | {"image": _png(clean)}
+    own = clean.copy()
+    drawn = write_word(own, item.label, rng, cfg)
+    return row | {"image_name": f"own/{index:06d}.png", "image": _png(own), "written": item.label, **drawn}
+
+
 def _build_one(index: int, item: LabelledImage, split: Split, classes: tuple[str, ...],
                cfg: TypographicConfig) -> list[dict]:
-    """Clean + attacked copies of one image as shard rows (the clean one first), PNG-encoded."""
+    """The regularisation copy and the attacked copies of one image as shard rows (the first first),
+    PNG-encoded."""
     rng = np.random.default_rng([cfg.seed, index])
     clean = square(io_.decode_image(io_.read_bytes(item.location), item.location), cfg.image_size)
     true = classes.index(item.label)
     others = np.array([c for c in range(len(classes)) if c != true])  # never the image's own class
     written = rng.choice(others, size=cfg.variants, replace=False)
     chosen = cfg.prompt_template.format(item.label)
-    rows = [{"kind": "regularization", "id": f"{index:06d}", "image_name": f"clean/{index:06d}.png",
-             "image": _png(clean), "text": chosen, "label": item.label, "source": item.name, "split": split}]
+    rows = [_regularisation_row(index, item, split, clean, chosen, cfg)]
     for variant, word_class in enumerate(written):
         attacked = clean.copy()
         word = classes[int(word_class)]

@@ -50,9 +50,29 @@ def test_the_true_label_is_never_written_on_its_own_image(tmp_path):
     build_typographic(_cfg(source, tmp_path / "out", variants=3, seed=0))  # k = every other class
     pairs, regs = built_rows(tmp_path / "out")
     assert pairs and all(p["written"] != p["label"] for p in pairs)
-    clean = {r["id"]: np.asarray(row_image(r)) for r in regs}
-    for p in pairs:  # and something was drawn: the attacked copy differs from the clean one
+    clean = {r["id"]: np.asarray(row_image(r)) for r in regs if r["written"] is None}
+    # and something was drawn: the attacked copy differs from the clean one
+    for p in (p for p in pairs if p["id"].split("-")[0] in clean):
         assert np.any(np.asarray(row_image(p)) != clean[p["id"].split("-")[0]])
+
+
+def test_a_share_of_train_regularisation_images_carry_their_own_name(tmp_path):
+    source = labelled_folder(tmp_path / "src", per_class=6)
+    build_typographic(_cfg(source, tmp_path / "none", variants=1, seed=1, own_word=0.0))
+    build_typographic(_cfg(source, tmp_path / "half", variants=1, seed=1, own_word=0.5))
+    pairs0, regs0 = built_rows(tmp_path / "none")
+    pairs, regs = built_rows(tmp_path / "half")
+    assert all(r["written"] is None and r["image_name"].startswith("clean/") for r in regs0)
+    own = [r for r in regs if r["written"] is not None]
+    assert own and all(r["split"] == "train" for r in own)  # val and test keep clean images to score on
+    assert len(own) < sum(r["split"] == "train" for r in regs)  # a share, not all
+    clean0 = {r["id"]: np.asarray(row_image(r)) for r in regs0}
+    for r in own:
+        assert r["written"] == r["label"] and r["image_name"].startswith("own/") and r["font_px"] > 0
+        assert r["text"] == f"a photo of a {r['label']}."
+        assert np.any(np.asarray(row_image(r)) != clean0[r["id"]])  # the name is drawn on the clean image
+    # the attacked copies do not depend on the share (their generator is their own)
+    assert [row_image(p).tobytes() for p in pairs] == [row_image(p).tobytes() for p in pairs0]
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
