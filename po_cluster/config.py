@@ -53,10 +53,8 @@ def image_tower_label(mode: ImageTowerMode) -> str:
 
 class ModelConfig(Strict):
     name: str = Field("po-tiny-rn", description="open_clip architecture name")
-    pretrained: str | None = Field(
-        SHIPPED_BASE,
-        description="open_clip tag (e.g. openai), local .safetensors path, s3:// URI, or " + SHIPPED_BASE,
-    )
+    pretrained: str | None = Field(SHIPPED_BASE, description="open_clip tag (e.g. openai), local .safetensors "
+                                   "path, s3:// URI, or " + SHIPPED_BASE)
     image_tower: ImageTowerMode = "full"
     cache_dir: str | None = None
 
@@ -67,11 +65,9 @@ class DataConfig(Strict):
         "typographic", description="the world's preference records: typographic attacks (name the shape, not the "
         "word), or the bias task (name the pattern the object shows, not its class's stereotyped one)")
     n_pairs: int = Field(4096, gt=0, description="preference records (attacked images)")
-    n_reg: int = Field(2048, gt=0, description="regularisation images: the KL term holds the base model's answers "
-                       "on them")
-    own_word: float = Field(0.25, ge=0, le=1, description="typographic task: the share of the world's "
-                            "regularisation images that carry their own class name (the rest are clean), so that "
-                            "avoiding the written word is not learned in place of ignoring it (docs/design.md)")
+    n_reg: int = Field(2048, gt=0, description="regularisation images (the KL term's)")
+    own_word: float = Field(0.25, ge=0, le=1, description="typographic task: share of the world's regularisation "
+                            "images with their own class name written (docs/design.md, 'Ignoring the word')")
     n_val: int = Field(500, gt=0, description="images per validation set (for choosing)")
     seed: int = 0
     dataset: str | None = Field(

@@ -144,8 +144,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--n-pairs", type=int, default=4096, help="train preference pairs (default 4096)")
     p.add_argument("--n-reg", type=int, default=2048, help="train regularisation images (default 2048)")
-    p.add_argument("--own-word", type=float, default=0.25,
-                   help="share of them with their own class name written, as data.own_word (default 0.25)")
+    p.add_argument("--own-word", type=float,
+                   help="share of them with their own class name written, as data.own_word (default: its default)")
     p.add_argument("--n-val", type=int, default=500, help="images per validation set (default 500)")
     p.add_argument("--seed", type=int, default=0, help="the train records' seed, as data.seed (default 0)")
     p.add_argument("--rows-per-shard", type=int, default=1024, help="records per shard (default 1024)")

@@ -138,7 +138,7 @@ def validation_sets(n: int = 500, seed: int = 20_000) -> dict[str, ImageSet]:
     return {kind: image_set(kind, n, seed + i) for i, kind in enumerate(EVAL_SEEDS)}
 
 
-def regularisation_set(n: int, seed: int, own_word: float = 0.5) -> ImageSet:
+def regularisation_set(n: int, seed: int, own_word: float) -> ImageSet:
     """The images the KL term holds at the base model's answers: shapes, a share `own_word` of them
     with their own name written. The preference pairs alone reward avoiding the written word as much
     as ignoring it; holding the answer where word and shape agree leaves only ignoring it. With

@@ -2,11 +2,11 @@
 
 A sweep on the world reads its sets from the renderer; a sweep on this dataset reads the same
 images from shards, as it would a user's. The splits are the world's own: `train` holds the
-preference records and regularisation images a run on the world trains on (data.n_pairs / n_reg,
-own_word, seed),
-`val` the world's validation sets and `test` its fixed evaluation sets (their clean and attacked
-kinds: the word-only kind has no preference records), so a release scores the same on the test
-split as on the world (the images are PNG, lossless, at the world's size).
+preference records and regularisation images a run on the world trains on (data.n_pairs, n_reg,
+own_word, seed), `val` the world's validation sets and `test` its fixed evaluation sets (their
+clean and attacked kinds: the word-only and own-word kinds have no preference records), so a
+release scores the same on the test split as on the world (the images are PNG, lossless, at the
+world's size).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from po_cluster.config import DataConfig
 from po_cluster.data import world
 from po_cluster.data.pairs import DATASET_JSON
 from po_cluster.data.records import ImageSet
@@ -62,14 +63,16 @@ def _world_sets(n_pairs: int, n_reg: int, n_val: int, seed: int,
     attacked = ImageSet(pref.images, pref.chosen, pref.rejected, pref.classnames)
     val, test = world.validation_sets(n_val), world.evaluation_sets()
     reg = world.regularisation_set(n_reg, seed + 1, own_word)
-    return [("train", "attacked", attacked, "pair"), ("train", "clean", reg, "regularization"),
+    return [("train", "attacked", attacked, "pair"), ("train", "reg", reg, "regularization"),
             ("val", "attacked", val["attacked"], "pair"), ("val", "clean", val["clean"], "regularization"),
             ("test", "attacked", test["attacked"], "pair"), ("test", "clean", test["clean"], "regularization")]
 
 
 def write_world_dataset(out: str, n_pairs: int = 4096, n_reg: int = 2048, n_val: int = 500, seed: int = 0,
-                        rows_per_shard: int = 1024, own_word: float = 0.25) -> WorldDatasetSummary:
-    """Render the world's sets and write them as shards under `out`, dataset.json last."""
+                        rows_per_shard: int = 1024, own_word: float | None = None) -> WorldDatasetSummary:
+    """Render the world's sets and write them as shards under `out`, dataset.json last. `own_word`:
+    as data.own_word, whose default it takes when None."""
+    own_word = DataConfig().own_word if own_word is None else own_word
     if min(n_pairs, n_reg, n_val, rows_per_shard) <= 0:
         raise ValueError("n_pairs, n_reg, n_val and rows_per_shard must be positive")
     if not 0 <= own_word <= 1:
