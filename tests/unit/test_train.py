@@ -118,7 +118,7 @@ def _typographic_full(own_word: float, sets) -> dict[str, float]:
 @pytest.mark.slow
 def test_own_word_regularisation_makes_the_model_ignore_the_word_not_avoid_it():
     """Clean-only regularisation lets the pairs be met by avoiding whatever word is written, which costs
-    the shapes that carry their own name; holding the base's answers on some of those forbids it."""
+    the shapes that carry their own name; holding the base's answers on some of those steers training away."""
     sets = {k: s for k, s in world.validation_sets(300).items() if k in ("clean", "attacked", "own_word")}
     # Measured: share 0 → clean 0.827, own-word 0.530; share 0.25 (the default) → 0.857, 0.807, attacked 0.293.
     avoids, ignores = _typographic_full(0.0, sets), _typographic_full(0.25, sets)
