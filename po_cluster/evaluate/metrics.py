@@ -41,16 +41,16 @@ def embed_prompts(model: AlignedCLIP, prompts: list[str]) -> torch.Tensor:
     return model.encode_text(model.tokens(prompts).to(device)).float().cpu()
 
 
-def metric_keys(metrics: dict[str, float]) -> tuple[str, ...]:
-    """The keys of `metrics` to show, in order: the headline ones, then each task kept, then the bias sets."""
-    detail = sorted(k for k in metrics if k.startswith(RETENTION_PREFIX)) + [k for k in BIAS_SETS if k in metrics]
-    return tuple(k for k in METRIC_KEYS if k in metrics) + tuple(detail)
-
-
 def shown_keys(rows: list[dict]) -> tuple[str, ...]:
     """The METRIC_KEYS that any of `rows` has, in order: a dataset's sets have no word-only set, and an
     older release's card no own-word one, so a table leaves those columns out instead of blank."""
     return tuple(k for k in METRIC_KEYS if any(k in row for row in rows))
+
+
+def metric_keys(metrics: dict[str, float]) -> tuple[str, ...]:
+    """The keys of `metrics` to show, in order: the headline ones, then each task kept, then the bias sets."""
+    detail = sorted(k for k in metrics if k.startswith(RETENTION_PREFIX)) + [k for k in BIAS_SETS if k in metrics]
+    return shown_keys([metrics]) + tuple(detail)
 
 
 def derived_metrics(accuracy: dict[str, float]) -> dict[str, float]:
