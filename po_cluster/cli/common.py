@@ -7,7 +7,8 @@ here, so that a pipeline publishes to the store that `serve` and `evaluate` then
 
 The environment outranks a config file on purpose: the variable says where this machine's (or this
 cluster's) releases live, for every command at once, while a config travels between machines.
-Entry points read the environment; the library never does (boto3 reads the AWS chain itself).
+This is where commands read $PO_CLUSTER_STORE; the other places that read the environment (RAY_ADDRESS,
+AWS_*, the API-key variable, Serve's ingress variables) are listed in docs/design.md, "The data flow".
 """
 from __future__ import annotations
 

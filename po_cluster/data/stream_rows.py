@@ -140,8 +140,8 @@ def ray_datasets(location: str, meta: dict, size: int, cpus: float = 1.0, passes
     passes of them in a seeded order per pass, each shard read through the store (S3 included) and
     checked against dataset.json, then decoded (with its rows' π_ref from `ref`, a π_ref cache, and
     without images when `pixels` is False), in Ray's CPU tasks. One map rather than a read
-    per pass chained with Dataset.union: on a 2-CPU node a union of 6 passes took 28 s to its
-    first batch, one map 8 s."""
+    per pass chained with Dataset.union, which took several times as long to its first batch
+    (docs/results.md has the timings)."""
     import ray.data
 
     out: dict[str, Any] = {}

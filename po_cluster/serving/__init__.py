@@ -5,5 +5,9 @@
 - `limits` every request limit and the 4xx errors; `engine` the model-side math, without Ray;
 - `local.serve_and_ask` starts the app locally and asks it about one image.
 
-Nothing here imports Ray or torch at import time except `app` (and `engine`, torch).
+At import time Ray is imported by `app` (the Serve deployments) and `client` (handle calls and
+Serve's errors) only; `local` and `observe` import it inside the functions that start Serve or
+record its metrics. torch comes with the model code, through `engine` (and so `gateway`, `api`,
+`app` and `client`). The rest (`args`, `schemas`, `limits`, `auth`, `ratelimit`, `catalog`,
+`ingress`) imports neither.
 """

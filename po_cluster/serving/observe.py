@@ -37,7 +37,7 @@ MAX_REQUEST_ID = 128
 ACCESS_LOGGER = "po_cluster.serving.access"
 OTHER_ROUTE = "other"
 
-# Milliseconds: from a cache hit on the tiny model (~1 ms) to a cold release load (seconds).
+# Milliseconds: from a cache hit on the tiny model (the first bucket) to a cold release load (seconds).
 LATENCY_MS_BOUNDARIES: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_BOUNDARIES: list[float] = [1, 2, 4, 8, 16, 32, 64, 128]
 # t: 0 (base) and 1 (release) are the usual asks; buckets of 0.25 between, coarser outside. A counter
