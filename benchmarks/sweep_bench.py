@@ -51,7 +51,7 @@ def run(share: bool, runner: str, args: argparse.Namespace) -> tuple[dict, dict,
 
     with tempfile.TemporaryDirectory(prefix="po-sweep-bench-") as tmp:
         # TorchTrainer trials keep the demo's whole CPU each when compared with trials in Tune: 8 worker
-        # groups starting at once on 2 CPUs take minutes each (163 s a trial at 0.25 CPU, measured)
+        # groups starting at once on 2 CPUs take minutes each to start (docs/results.md)
         cpus = None if args.compare == "runner" and runner == "torch_trainer" else args.cpus_per_worker
         cfg = bench_config(Path(tmp), args.trials, args.steps, share, args.image_tower, cpus, runner)
         slots = max_concurrent_trials(cfg)

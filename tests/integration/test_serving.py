@@ -62,8 +62,8 @@ def served(tmp_path_factory) -> Served:
 
 
 def store_trained_release(store: Path, workdir: Path) -> None:
-    """A release whose image tower really trained (full, 30 steps of DPO from the shipped base, ~1 min on
-    2 cores): enough to see the demo's attacked image as its shape at t = 1, while t = 0 is the base."""
+    """A release whose image tower really trained (full, 30 steps of DPO from the shipped base): enough
+    to see the demo's attacked image as its shape at t = 1, while t = 0 is the base."""
     from po_cluster.config import RunConfig
     from po_cluster.store.artifacts import open_store
     from po_cluster.train.loop import run_training

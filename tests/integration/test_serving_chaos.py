@@ -24,7 +24,7 @@ from serving_helpers import b64, encode
 pytestmark = pytest.mark.integration
 THREADS = 16
 # (load seconds, second of the model kill, second of the gateway kill). With one model replica every
-# client waits for its restart (measured over 7 s on this machine while the full suite runs), so the
+# client waits for its restart (seconds, longer while the full suite runs: docs/results.md), so the
 # gateway is killed only once requests flow again.
 SCHEDULE = {2: (20.0, 5.0, 12.0), 1: (33.0, 5.0, 25.0)}
 

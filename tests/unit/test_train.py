@@ -92,7 +92,7 @@ def test_the_bias_task_holds_the_class_answers_with_its_kl_term():
 
 @pytest.mark.slow
 def test_the_bias_config_closes_the_gap_along_t_and_keeps_the_classes():
-    # configs/bias-full.yaml cut to a quarter of its steps (the full run: gap 0.402 -> 0.119)
+    # configs/bias-full.yaml cut to a quarter of its steps: the full run's direction (docs/results.md), not its size
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "bias-full.yaml")
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": 150})})
     model = build_model(cfg, torch.device("cpu"))
@@ -120,7 +120,7 @@ def test_own_word_regularisation_makes_the_model_ignore_the_word_not_avoid_it():
     """Clean-only regularisation lets the pairs be met by avoiding whatever word is written, which costs
     the shapes that carry their own name; holding the base's answers on some of those steers training away."""
     sets = {k: s for k, s in world.validation_sets(300).items() if k in ("clean", "attacked", "own_word")}
-    # Measured: share 0 → clean 0.827, own-word 0.530; share 0.25 (the default) → 0.857, 0.807, attacked 0.293.
+    # The margins below sit well inside what these runs measure (docs/results.md, "ignoring the word").
     avoids, ignores = _typographic_full(0.0, sets), _typographic_full(0.25, sets)
     assert avoids["own_word"] < avoids["clean"] - 0.1, avoids  # the failure this guards against is real
     assert ignores["own_word"] > avoids["own_word"] + 0.1 and ignores["own_word"] >= ignores["clean"] - 0.1, ignores
