@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from po_cluster.config import ScalingSettings, WorkerConfig, parse_config
+from po_cluster.config import ReportingConfig, ScalingConfig, TrainJobConfig, parse_config
 from po_cluster.data import world
 from po_cluster.data.typographic import TypographicConfig, build_typographic
 
@@ -40,19 +40,19 @@ def make_dataset(root: Path, n: int) -> str:
 
 
 def train(dataset: str, streaming: bool, steps: int, storage: Path, data_cpus: float) -> dict:
+    from po_cluster.data.selection import prompt_template
     from po_cluster.sweep.trial import fit_trial
-    from po_cluster.train.loop import prompt_template
     from po_cluster.train.ref_cache import ensure_ref_cache
 
     run = parse_config({"data": {"dataset": dataset, "streaming": streaming, "n_pairs": 1 << 30,
                                  "n_reg": 1 << 30, "n_val": 64},
                         "training": {"steps": steps, "batch_size": 64, "reg_batch_size": 64}})
-    scaling = ScalingSettings(num_workers=1, cpus_per_worker=1, data_cpus=data_cpus)
+    scaling = ScalingConfig(num_workers=1, cpus_per_worker=1, data_cpus=data_cpus)
     started = time.perf_counter()
     # Streamed: the dataset's π_ref cache, once per dataset and base (fit_trial would compute it the same way).
     cached = streaming and ensure_ref_cache(run, scaling, prompt_template(run.data)) is not None
     ref_seconds = time.perf_counter() - started if cached else float("nan")
-    worker = WorkerConfig(run=run, report_every=steps, checkpoint_every=steps)
+    worker = TrainJobConfig(run=run, reporting=ReportingConfig(report_every=steps, checkpoint_every=steps))
     result = fit_trial(worker, scaling, str(storage), f"bench-{time.time_ns()}", 0)
     return {**result.metrics, "ref_cache_seconds": ref_seconds}
 

@@ -21,8 +21,9 @@ import torch
 from data_bench import make_dataset
 
 from po_cluster.config import parse_config
+from po_cluster.data.selection import prompt_template
 from po_cluster.data.stream_rows import dataset_meta, image_size, read_numbered_shards
-from po_cluster.train.loop import build_model, prompt_template
+from po_cluster.train.loop import build_model
 from po_cluster.train.ref_cache import ref_cache
 
 

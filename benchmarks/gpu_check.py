@@ -20,8 +20,10 @@ import torch
 from po_cluster.config import RunConfig, parse_config
 from po_cluster.data.images import square_pixels
 from po_cluster.data.records import ImageSet, PreferenceSet
+from po_cluster.data.selection import build_records
 from po_cluster.model.loading import SHIPPED_BASE
-from po_cluster.train.loop import Callback, build_model, build_records, fit, prepare_data
+from po_cluster.train.callbacks import Callback
+from po_cluster.train.loop import build_model, fit, prepare_data
 
 CPU_PRECISIONS = ("fp32", "bf16")  # fp16 needs CUDA (training.precision refuses it elsewhere)
 CUDA_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -126,7 +128,7 @@ def ddp_row(args: argparse.Namespace, gpus: int) -> Row:
 
     import ray
 
-    from po_cluster.config import ScalingSettings, WorkerConfig
+    from po_cluster.config import ReportingConfig, ScalingConfig, TrainJobConfig
     from po_cluster.sweep.trial import fit_trial
 
     cfg = run_config(args, "bf16")
@@ -134,8 +136,9 @@ def ddp_row(args: argparse.Namespace, gpus: int) -> Row:
     ray.init(num_gpus=2, log_to_driver=False, logging_level="ERROR")
     try:
         with tempfile.TemporaryDirectory() as storage:
-            result = fit_trial(WorkerConfig(run=cfg, report_every=steps, checkpoint_every=steps),
-                               ScalingSettings(num_workers=2, use_gpu=True), storage, "gpu-check-ddp", 0)
+            job = TrainJobConfig(run=cfg, reporting=ReportingConfig(report_every=steps, checkpoint_every=steps))
+            result = fit_trial(job,
+                               ScalingConfig(num_workers=2, use_gpu=True), storage, "gpu-check-ddp", 0)
     finally:
         ray.shutdown()
     per_step = cfg.training.batch_size + cfg.training.reg_batch_size

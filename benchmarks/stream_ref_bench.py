@@ -20,7 +20,8 @@ import torch
 
 from po_cluster.config import parse_config
 from po_cluster.data import world
-from po_cluster.train.loop import build_model, build_records, fit, prepare_data, prompt_template
+from po_cluster.data.selection import build_records, prompt_template
+from po_cluster.train.loop import build_model, fit, prepare_data
 from po_cluster.train.stream import StreamSource
 
 

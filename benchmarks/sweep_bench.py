@@ -33,11 +33,11 @@ def bench_config(folder: Path, trials: int, steps: int, share: bool = True,
     """The demo sweep with `trials` trials of `steps` steps, reporting (and checkpointing) as often
     per trial as the demo does, everything written under `folder`."""
     demo = load_config(DEMO, SweepConfig)
-    every = max(1, steps * demo.report_every // demo.base.training.steps)
+    every = max(1, steps * demo.reporting.report_every // demo.base.training.steps)
     data = demo.model_dump(mode="json")
     data |= {"name": "sweep-bench", "storage_path": str(folder / "sweeps"), "store": str(folder / "store"),
-             "num_samples": trials, "report_every": every, "checkpoint_every": every, "share_inputs": share,
-             "trial_runner": trial_runner}
+             "num_samples": trials, "reporting": {"report_every": every, "checkpoint_every": every},
+             "share_inputs": share, "trial_runner": trial_runner}
     data["base"]["training"]["steps"] = steps
     if image_tower is not None:
         data["base"]["model"]["image_tower"] = image_tower
@@ -73,7 +73,8 @@ def print_breakdown(measured: dict) -> None:
 
 def report(measured: dict, from_records: dict, cfg: SweepConfig, trials: int, steps: int) -> float | None:
     print(f"\nshare_inputs {cfg.share_inputs}: {measured['trials']} timed trials of {trials}, {steps} steps each "
-          f"(report every {cfg.report_every}), {cfg.scaling.num_workers} worker × {cfg.scaling.cpus_per_worker} CPU "
+          f"(report every {cfg.reporting.report_every}), {cfg.scaling.num_workers} worker × "
+          f"{cfg.scaling.cpus_per_worker} CPU "
           f"per trial, image tower {cfg.base.model.image_tower}, trial runner {cfg.trial_runner}")
     print_breakdown(measured)
     if measured["efficiency"] is None:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 
 def tower(label: str):
-    from po_cluster.config import LastBlocks, Lora, LoraSpec
+    from po_cluster.config import LastBlocks, Lora, LoraConfig
 
     if label.startswith("last_blocks:"):
         return LastBlocks(last_blocks=int(label.split(":")[1])).model_dump()
     if label == "lora":
-        return Lora(lora=LoraSpec()).model_dump()
+        return Lora(lora=LoraConfig()).model_dump()
     return label
 
 
@@ -31,7 +31,8 @@ def run(label: str, a: argparse.Namespace, out: Path) -> dict:
     from po_cluster.data import world
     from po_cluster.evaluate.metrics import Evaluator
     from po_cluster.model.checkpoint import load_checkpoint
-    from po_cluster.train.loop import run_training
+    from po_cluster.train.run import train
+    from po_cluster.train.session import LocalSession
 
     cfg = RunConfig.model_validate({
         "name": label.replace(":", "-"), "output_dir": str(out), "model": {"image_tower": tower(label)},
@@ -40,7 +41,7 @@ def run(label: str, a: argparse.Namespace, out: Path) -> dict:
         "optimizer": {"lr": a.lr_lora if label == "lora" else a.lr, "spectral_lr": 5e-3, "warmup_steps": 10},
         "training": {"steps": a.steps, "batch_size": 64, "reg_batch_size": 64, "bma": True, "seed": 0}})
     start = time.perf_counter()
-    result = run_training(cfg, eval_sets=world.validation_sets(300))
+    result = train(cfg, LocalSession.for_run(cfg, world.validation_sets(300)))
     seconds = time.perf_counter() - start
     model, _ = load_checkpoint(result.checkpoint)
     evaluator = Evaluator.build(model, world.evaluation_sets())

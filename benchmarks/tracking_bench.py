@@ -27,7 +27,7 @@ def sweep_config(root: Path, name: str, trials: int, steps: int, tracking: dict)
 
     return SweepConfig.model_validate({
         "name": name, "storage_path": str(root / "sweeps"), "store": str(root / "store"), "num_samples": trials,
-        "top_k": trials, "report_every": steps // 2, "checkpoint_every": steps // 2, "seed": 3,
+        "top_k": trials, "reporting": {"report_every": steps // 2, "checkpoint_every": steps // 2}, "seed": 3,
         "space": {"loss_type": ["dpo", "ipo", "kto"], "beta": {"low": 0.02, "high": 0.5},
                   "kl_weight": {"low": 0.05, "high": 0.5}},
         "scheduler": {"grace_period": 2}, "tracking": tracking,

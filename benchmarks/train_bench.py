@@ -17,8 +17,10 @@ import time
 
 import torch
 
-from po_cluster.config import ScalingSettings, WorkerConfig, parse_config
-from po_cluster.train.loop import Callback, batch_indices, build_model, build_records, fit, prepare_data
+from po_cluster.config import ReportingConfig, ScalingConfig, TrainJobConfig, parse_config
+from po_cluster.data.selection import build_records
+from po_cluster.train.callbacks import Callback
+from po_cluster.train.loop import batch_indices, build_model, fit, prepare_data
 
 
 def run_config(tower: str, steps: int):
@@ -92,8 +94,9 @@ def trainer_vs_plain(steps: int, rounds: int) -> tuple[float, list[float], list[
         timer = StepTimer()
         fit(build_model(cfg, torch.device("cpu")), data, cfg, [timer])
         plain.append(steps / timer.seconds)
-        result = fit_trial(WorkerConfig(run=cfg, report_every=steps, checkpoint_every=steps),
-                           ScalingSettings(num_workers=1, cpus_per_worker=cpus), "/tmp/po-bench",
+        job = TrainJobConfig(run=cfg, reporting=ReportingConfig(report_every=steps, checkpoint_every=steps))
+        result = fit_trial(job,
+                           ScalingConfig(num_workers=1, cpus_per_worker=cpus), "/tmp/po-bench",
                            f"b{time.time():.0f}-{i}", 0)
         trainer.append(result.metrics["steps_per_second"])
     ray.shutdown()

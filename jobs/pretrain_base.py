@@ -4,8 +4,9 @@
 """
 import argparse
 
-from po_cluster.config import ConfigError, PretrainConfig, parse_config
+from po_cluster.config import ConfigError, parse_config
 from po_cluster.model.base_model import write_base_model
+from po_cluster.model.pretrain import PretrainConfig
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ class LastBlocks(Strict):
     last_blocks: Annotated[int, Field(gt=0, description="train only the last k blocks of the image tower")]
 
 
-class LoraSpec(Strict):
+class LoraConfig(Strict):
     rank: int = Field(8, gt=0, description="rank r of each adapter B·A")
     alpha: float = Field(16.0, gt=0, description="the adapter's output is scaled by alpha / rank")
     targets: tuple[str, ...] | None = Field(
@@ -35,7 +35,7 @@ class LoraSpec(Strict):
 
 
 class Lora(Strict):
-    lora: LoraSpec = Field(description="train low-rank adapters on the image tower, its weights frozen")
+    lora: LoraConfig = Field(description="train low-rank adapters on the image tower, its weights frozen")
 
 
 ImageTowerMode = Literal["full", "frozen"] | LastBlocks | Lora
@@ -227,23 +227,46 @@ def json_schema(model: type[Strict] = RunConfig) -> dict:
     return model.model_json_schema()
 
 
-# ---- Cluster: Ray Train workers and the Tune sweep ---------------------------------------------
-
-
-class WorkerConfig(Strict):
-    """What one Ray Train run (one trial) receives; validated again inside each worker."""
-
-    run: RunConfig
-    report_every: int = Field(50, gt=0, description="steps between validation reports (ASHA's time unit)")
-    checkpoint_every: int = Field(50, gt=0, description="steps between resumable checkpoints")
+class ObjectiveConfig(Strict):
+    """The weights of the validation objective (po_cluster/evaluate/objective.py)."""
     clean_tolerance: float = Field(0.02, ge=0)
     clean_penalty: float = Field(5.0, ge=0)
     retention_penalty: float = Field(5.0, ge=0, description="weight of the retention (the world's colour and size "
                                      "tasks) lost beyond clean_tolerance, in the objective")
-    fail_at_step: int | None = Field(None, description="test hook: crash rank 0 once at this step")
-    fail_marker: str | None = Field(None, description="test hook: file whose existence means 'already crashed'")
+
+
+class ReportingConfig(Strict):  # a trial's validation reports and resumable checkpoints
+    report_every: int = Field(50, gt=0, description="steps between validation reports (ASHA's time unit)")
+    checkpoint_every: int = Field(50, gt=0, description="steps between resumable checkpoints")
+
+
+class _Sections(Strict):
+    """A config with objective and reporting sections refuses their keys at its top level (where they
+    were before the sections) by name, with their new place."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: object) -> object:
+        sections: dict[str, type[Strict]] = {"objective": ObjectiveConfig, "reporting": ReportingConfig}
+        moved = [f"{key} is now {name}.{key}" for name, section in sections.items() for key in section.model_fields
+                 if isinstance(data, dict) and key in data]
+        if moved:
+            raise ValueError("; ".join(moved))
+        return data
+
+
+class TrainJobConfig(_Sections):
+    """One training job (po_cluster/train/run.py): the run and, for a trial, how it reports and what it is
+    scored by. Without `reporting` (a single-process run) nothing is reported on the way."""
+
+    run: RunConfig
+    objective: ObjectiveConfig = ObjectiveConfig()
+    reporting: ReportingConfig | None = None
     trial_started_at: float | None = Field(None, description="the trial driver's time.time() at its start: "
                                            "reports then carry time_worker_start and time_trial")
+
+
+# ---- Cluster: Ray Train workers and the Tune sweep ---------------------------------------------
 
 
 class LogRange(Strict):
@@ -298,7 +321,7 @@ class SearchSpace(Strict):
         return {**data, "per_loss": {**defaults, **given}}
 
 
-class ScalingSettings(Strict):
+class ScalingConfig(Strict):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, ge=0)
@@ -308,12 +331,12 @@ class ScalingSettings(Strict):
                              "asks, and kept free per trial when the sweep sizes its concurrency")
 
 
-class SchedulerSettings(Strict):
+class SchedulerConfig(Strict):
     grace_period: int = Field(1, gt=0, description="reports before ASHA may stop a trial")
     reduction_factor: float = Field(3.0, gt=1)
 
 
-class SweepConfig(Strict):
+class SweepConfig(_Sections):
     name: str = "sweep"
     storage_path: str = Field("runs/sweeps", description="local folder or s3://bucket/prefix")
     base: RunConfig = RunConfig()
@@ -321,14 +344,10 @@ class SweepConfig(Strict):
     num_samples: int = Field(8, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0, description="None: derived from cluster resources")
     seed: int = 0
-    scaling: ScalingSettings = ScalingSettings()
-    scheduler: SchedulerSettings = SchedulerSettings()
-    report_every: int = Field(50, gt=0)
-    checkpoint_every: int = Field(50, gt=0)
-    clean_tolerance: float = Field(0.02, ge=0)
-    clean_penalty: float = Field(5.0, ge=0)
-    retention_penalty: float = Field(5.0, ge=0, description="weight of the retention (the world's colour and size "
-                                     "tasks) lost beyond clean_tolerance, in the objective")
+    scaling: ScalingConfig = ScalingConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    reporting: ReportingConfig = ReportingConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     max_failures: int = Field(2, ge=-1, description="worker failures a trial recovers from")
     top_k: int = Field(4, gt=0, description="trials combined into soups by `average`")
     share_inputs: bool = Field(True, description="compute the trials' common inputs (records, π_ref, g(y), the "
@@ -379,22 +398,3 @@ class CompareConfig(Strict):
         data.update(name=f"{self.base.name}-{loss_type}", loss=loss)
         return RunConfig.model_validate(data)
 
-
-# ---- Pretraining the shipped base model --------------------------------------------------------
-
-
-class PretrainConfig(Strict):
-    """`jobs/pretrain_base.py`: contrastive pretraining of the tiny base model from random init.
-
-    The run is deterministic from these fields, so the defaults are part of the shipped model's
-    recipe (its card records the values it was made with).
-    """
-
-    name: str = Field("po-tiny-rn", description="open_clip architecture name")
-    steps: int = Field(3600, gt=0, description="the shipped base model was trained for 3600")
-    # A contrastive batch needs at least one negative per image.
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    seed: int = Field(0, ge=0, description="torch init and the batch stream (numpy needs it >= 0)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES",
-    "LossSettings",
+    "LossWeights",
     "PreferenceLogps",
     "ce_loss",
     "dpo_loss",
@@ -168,38 +169,44 @@ class PreferenceLogps:
     target: Tensor
 
 
-@dataclass
-class LossSettings:
-    """Hyper-parameters of the objective; names follow TRL (docs/design.md, "Losses")."""
+@runtime_checkable
+class LossWeights(Protocol):
+    """The objective's hyper-parameters, names after TRL (docs/design.md, "Losses"). The run config's
+    loss section is one (po_cluster/config.py, LossConfig): it is passed as it is, so the numbers are
+    stated once and this module still knows no config."""
 
-    beta: float
-    kl_weight: float
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    @property
+    def beta(self) -> float: ...
+    @property
+    def kl_weight(self) -> float: ...
+    @property
+    def desirable_weight(self) -> float: ...
+    @property
+    def undesirable_weight(self) -> float: ...
 
 
 def _pairs(logps: PreferenceLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected
 
 
-def _dpo(logps: PreferenceLogps, kl: Tensor, s: LossSettings) -> Tensor:
+def _dpo(logps: PreferenceLogps, kl: Tensor, s: LossWeights) -> Tensor:
     return dpo_loss(*_pairs(logps), s.beta)
 
 
-def _ipo(logps: PreferenceLogps, kl: Tensor, s: LossSettings) -> Tensor:
+def _ipo(logps: PreferenceLogps, kl: Tensor, s: LossWeights) -> Tensor:
     return ipo_loss(*_pairs(logps), s.beta)
 
 
-def _kto(logps: PreferenceLogps, kl: Tensor, s: LossSettings) -> Tensor:
+def _kto(logps: PreferenceLogps, kl: Tensor, s: LossWeights) -> Tensor:
     # The regulariser KL doubles as KTO's reference point z (detached inside kto_loss).
     return kto_paired_loss(*_pairs(logps), kl, s.beta, s.desirable_weight, s.undesirable_weight)
 
 
-def _ce(logps: PreferenceLogps, kl: Tensor, s: LossSettings) -> Tensor:
+def _ce(logps: PreferenceLogps, kl: Tensor, s: LossWeights) -> Tensor:
     return ce_loss(logps.policy_all, logps.target)
 
 
-LOSSES: dict[str, Callable[[PreferenceLogps, Tensor, LossSettings], Tensor]] = {
+LOSSES: dict[str, Callable[[PreferenceLogps, Tensor, LossWeights], Tensor]] = {
     "dpo": _dpo,
     "ipo": _ipo,
     "kto": _kto,
@@ -208,7 +215,7 @@ LOSSES: dict[str, Callable[[PreferenceLogps, Tensor, LossSettings], Tensor]] = {
 
 
 def preference_objective(
-    loss_type: str, logps: PreferenceLogps, kl: Tensor, settings: LossSettings
+    loss_type: str, logps: PreferenceLogps, kl: Tensor, weights: LossWeights
 ) -> tuple[Tensor, dict[str, float]]:
     """Total training objective: the chosen loss + λ·KL(π_ref ‖ π) on clean images.
 
@@ -218,10 +225,10 @@ def preference_objective(
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid names: {sorted(LOSSES)}")
     # Checked here too so "ce" (which ignores β) still rejects a bad config early.
-    _check_beta(settings.beta)
-    loss = LOSSES[loss_type](logps, kl, settings)
+    _check_beta(weights.beta)
+    loss = LOSSES[loss_type](logps, kl, weights)
     # total = L_loss_type + λ·KL(π_ref ‖ π)   [design "Losses", "regulariser, added to every loss"]
-    total = loss + settings.kl_weight * kl
+    total = loss + weights.kl_weight * kl
     with torch.no_grad():
         h = _log_ratio_margin(*_pairs(logps))
         metrics = {

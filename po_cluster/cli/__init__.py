@@ -17,14 +17,14 @@ def _quiet_open_clip() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from po_cluster.cli.progress import StepBar
-    from po_cluster.pipelines.train import train
+    from po_cluster.pipelines.train import run_train
     from po_cluster.tracking.client import ui_hint
 
     cfg = load_config(args.config)
     if args.output_dir:
         cfg = cfg.model_copy(update={"output_dir": args.output_dir})
     with StepBar(cfg.training.steps, cfg.name) as bar:
-        tracked = train(cfg, bar.update)
+        tracked = run_train(cfg, bar.update)
     from po_cluster.evaluate.metrics import format_table, shown_keys
 
     result = tracked.run

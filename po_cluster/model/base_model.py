@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from po_cluster.config import SHIPPED_BASE, ModelConfig, PretrainConfig
+from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import WEIGHTS_FILE, load_clip
-from po_cluster.model.pretrain import pretrain
+from po_cluster.model.pretrain import PretrainConfig, pretrain
 from po_cluster.store.manifest import sha256_file
 
 

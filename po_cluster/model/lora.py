@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from po_cluster.config import LoraSpec
+from po_cluster.config import LoraConfig
 
 # Layers whose parent reads `.weight` itself (F.multi_head_attention_forward): a wrapper's forward never runs.
 _READ_BY_PARENT = ("*attnpool.q_proj", "*attnpool.k_proj", "*attnpool.v_proj", "*attnpool.c_proj",
@@ -109,7 +109,7 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def add_adapters(visual: nn.Module, spec: LoraSpec) -> AdapterScale:
+def add_adapters(visual: nn.Module, spec: LoraConfig) -> AdapterScale:
     """Wrap every target layer of `visual` (names matched by spec.targets, fnmatch patterns) in place."""
     patterns = spec.targets or default_targets(visual)
     chosen = [(name, module) for name, module in visual.named_modules() if name and _matches(name, patterns)]

@@ -12,10 +12,28 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from po_cluster.config import PretrainConfig
+from po_cluster.config import Strict
 from po_cluster.data import world
 from po_cluster.model.loading import register_configs, to_model_input
+
+
+class PretrainConfig(Strict):
+    """`jobs/pretrain_base.py`: contrastive pretraining of the tiny base model from random init.
+
+    The run is deterministic from these fields, so the defaults are part of the shipped model's
+    recipe (its card records the values it was made with).
+    """
+
+    name: str = Field("po-tiny-rn", description="open_clip architecture name")
+    steps: int = Field(3600, gt=0, description="the shipped base model was trained for 3600")
+    # A contrastive batch needs at least one negative per image.
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    seed: int = Field(0, ge=0, description="torch init and the batch stream (numpy needs it >= 0)")
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,

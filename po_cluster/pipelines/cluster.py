@@ -64,13 +64,13 @@ class PipelineResult:
 def run_average(cfg: SweepConfig, store: str, top_k: int | None = None, publish: bool = True) -> AverageResult:
     """Soups of the sweep's top-k trials (default: the config's top_k), written as a release folder
     and average.json; published to `store` (a folder or s3://bucket/prefix) unless `publish` is False."""
+    from po_cluster.evaluate.objective import Objective
     from po_cluster.store.artifacts import open_store
     from po_cluster.sweep.average import average_trials
     from po_cluster.sweep.driver import read_sweep
     from po_cluster.sweep.experiment import open_experiment, scratch, work_dir
     from po_cluster.tracking.release import log_average
     from po_cluster.tracking.sweep import TRACKING_FILE
-    from po_cluster.train.worker import Objective
 
     trials = read_sweep(cfg).trials
     experiment = open_experiment(cfg)
@@ -79,7 +79,7 @@ def run_average(cfg: SweepConfig, store: str, top_k: int | None = None, publish:
     lineage = {"sweep": cfg.name, "experiment": experiment.uri,
                "tracking": {k: tracked[k] for k in ("uri", "run_id") if k in tracked} if tracked else None}
     result = average_trials(trials, top_k or cfg.top_k, work_dir(experiment), cfg.base.data,
-                            Objective.of(cfg, cfg.base.data),
+                            Objective.of(cfg.objective, cfg.base.data),
                             locate=lambda path: experiment.fetch(path, downloads / Path(path).name), lineage=lineage)
     if not experiment.is_local:  # a local experiment is the work folder: average_trials wrote it there
         experiment.write_json(AVERAGE_FILE, result.to_json())

@@ -8,7 +8,9 @@ from pathlib import Path
 from po_cluster.config import CompareConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import format_table
-from po_cluster.train.loop import run_training
+from po_cluster.train.callbacks import Callback, ProgressCallback
+from po_cluster.train.run import train
+from po_cluster.train.session import LocalSession
 
 COLUMNS = ("model", "clean", "attacked", "word_only", "own_word", "attack_success", "retention", "kl", "bias_gap",
            "seconds")
@@ -37,11 +39,18 @@ def compare_losses(cfg: CompareConfig, output_dir: str | None = None,
         run = cfg.run_for(loss_type)
         if output_dir:
             run = run.model_copy(update={"output_dir": output_dir})
-        step_done = None if progress is None else (lambda step, metrics, run=run: progress(run, step, metrics))
-        result = run_training(run, step_done, eval_sets)
+        result = train(run, LocalSession.for_run(run, eval_sets), _shown(run, progress))
         if not rows:
             rows.append({"model": "base", **result.before, "seconds": 0.0})
         settings = ", ".join(f"{k}={v:g}" for k, v in (("beta", run.loss.beta), ("kl_weight", run.loss.kl_weight)))
         rows.append({"model": f"{loss_type} ({settings})", **result.after, "seconds": result.seconds})
-        checkpoints[loss_type] = Path(result.checkpoint)
+        assert result.checkpoint is not None, "a local session saves the final checkpoint"
+        checkpoints[loss_type] = result.checkpoint
     return CompareResult(tuple(rows), checkpoints)
+
+
+def _shown(run: RunConfig, progress: Progress | None) -> list[Callback]:
+    """The callback that shows `run`'s progress, if any."""
+    if progress is None:
+        return []
+    return [ProgressCallback(lambda step, metrics: progress(run, step, metrics))]

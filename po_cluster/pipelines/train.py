@@ -1,4 +1,5 @@
-"""`po-cluster train`: single-process training, logged to MLflow when it is done."""
+"""`po-cluster train`: the one training function (po_cluster/train/run.py) in this process, logged to
+MLflow when it is done."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,17 +7,18 @@ from dataclasses import dataclass
 
 from po_cluster.config import RunConfig
 from po_cluster.tracking.training import log_training
-from po_cluster.train.loop import RunResult, run_training
+from po_cluster.train.callbacks import ProgressCallback
+from po_cluster.train.run import RunResult, train
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrackedRun:
     run: RunResult
     tracking_uri: str | None  # where the run was logged; None: tracking off or unreachable
 
 
-def train(cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """run_training, with each step's metrics kept for the tracking run (and passed on to `progress`)."""
+def run_train(cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None) -> TrackedRun:
+    """Train `cfg` alone, with each step's metrics kept for the tracking run (and passed on to `progress`)."""
     history: list[tuple[int, dict[str, float]]] = []
 
     def step_done(step: int, metrics: dict[str, float]) -> None:
@@ -24,5 +26,5 @@ def train(cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | No
         if progress is not None:
             progress(step, metrics)
 
-    result = run_training(cfg, step_done)
-    return TrainResult(result, log_training(cfg, result, history))
+    result = train(cfg, callbacks=[ProgressCallback(step_done)])
+    return TrackedRun(result, log_training(cfg, result, history))

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from po_cluster.config import DataConfig, ModelConfig
+from po_cluster.data.selection import held_out_sets, prompt_template
 from po_cluster.evaluate.metrics import Evaluator
+from po_cluster.evaluate.objective import Objective
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import (
     MODEL_JSON,
@@ -34,8 +36,6 @@ from po_cluster.model.checkpoint import (
 from po_cluster.model.loading import load_clip
 from po_cluster.sweep.card import release_card
 from po_cluster.sweep.soup import greedy_soup, uniform_soup
-from po_cluster.train.loop import held_out_sets, prompt_template
-from po_cluster.train.worker import Objective
 
 if TYPE_CHECKING:  # the driver imports Tune and Optuna, which averaging does not need
     from po_cluster.sweep.driver import TrialRecord

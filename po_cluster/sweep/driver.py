@@ -15,15 +15,15 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from po_cluster.cluster.ref_cache import ensure_ref_cache
+from po_cluster.cluster.shared import shared_inputs
 from po_cluster.config import SweepConfig
+from po_cluster.data.selection import prompt_template
 from po_cluster.sweep.experiment import Experiment, open_experiment
 from po_cluster.sweep.searcher import ReconcileOnRestore, ResumableOptunaSearch, search_algorithm
 from po_cluster.sweep.space import define_by_run, distributions, starting_points
 from po_cluster.sweep.trial import trial_driver, trial_settings
 from po_cluster.tracking.sweep import TRACKING_FILE, finish_sweep, trial_callbacks
-from po_cluster.train.loop import prompt_template
-from po_cluster.train.ref_cache import ensure_ref_cache
-from po_cluster.train.shared import shared_inputs
 
 METRIC = "objective"
 RESULTS_FILE = "sweep_results.json"
@@ -103,7 +103,7 @@ def build_tuner(cfg: SweepConfig, experiment: Experiment, callbacks: list | None
                                      sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                      storage=_study_storage(experiment), seed=cfg.seed)
     search_alg = search_algorithm(searcher, max_concurrent_trials(cfg))
-    reports = math.ceil(cfg.base.training.steps / cfg.report_every)
+    reports = math.ceil(cfg.base.training.steps / cfg.reporting.report_every)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
                               grace_period=min(cfg.scheduler.grace_period, reports),
                               reduction_factor=cfg.scheduler.reduction_factor)

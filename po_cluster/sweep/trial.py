@@ -1,17 +1,19 @@
 """One trial of a sweep, in the Ray Tune trial's own process: its run settings from the sample,
 and the TorchTrainer it builds and waits on (or, with `trial_runner: tune`, the worker it runs
-itself).
+itself). Ray's RunConfig (and ScalingConfig) are written qualified, `ray.train.…`: ours is a run's.
 
 Every trial starts a new process that imports this module, so it imports only what building a
-trainer needs (Ray Tune, Ray Train's TorchTrainer and torch, the configs): 3.7 s and 660 MB,
-against 7.1–9.3 s and 915 MB when the trial ran from po_cluster/sweep/driver.py with Optuna,
-tracking, and the worker's model code (open_clip, torchvision). What only some trials need (a
-streamed dataset's π_ref cache, training in the trial) is imported where it is used.
+trainer needs (Ray Tune, Ray Train's TorchTrainer and torch, the configs): not Optuna, tracking,
+or the training code (open_clip, torchvision), whose import would cost every trial seconds and
+memory (docs/cluster.md). What only some trials need (a streamed dataset's π_ref cache, training
+in the trial) is imported where it is used.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 import ray.train
@@ -19,10 +21,13 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from po_cluster.config import RunConfig, ScalingSettings, SweepConfig, WorkerConfig
+from po_cluster.config import RunConfig, ScalingConfig, SweepConfig, TrainJobConfig
 from po_cluster.data.stream_rows import dataset_meta, image_size, needs_pixels, passes_needed, ray_datasets
 from po_cluster.sweep.space import tower_choices
-from po_cluster.train.entry import SHARED_INPUTS_KEY, train_in_trial, train_loop_per_worker
+
+if TYPE_CHECKING:
+    from po_cluster.train.callbacks import Callback
+from po_cluster.cluster.entry import job_config, train_in_trial, train_loop_per_worker
 
 
 def local_or_uri(path: str) -> str:
@@ -48,24 +53,26 @@ def trial_settings(sweep: dict, sample: dict) -> dict:
     return trial_run_config(SweepConfig.model_validate(sweep), sample, "trial").model_dump(mode="json")
 
 
-def scaling_config(s: ScalingSettings) -> ray.train.ScalingConfig:
+def scaling_config(s: ScalingConfig) -> ray.train.ScalingConfig:
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
 
 
-def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str, name: str, max_failures: int,
-              callbacks: list | None = None, filesystem=None, shared: ray.ObjectRef | None = None) -> ray.train.Result:
+def fit_trial(job: TrainJobConfig, scaling: ScalingConfig, storage_path: str, name: str, max_failures: int,
+              callbacks: list | None = None, filesystem=None, shared: ray.ObjectRef | None = None,
+              train_callbacks: Sequence[Callback] = ()) -> ray.train.Result:
     """One Ray Train run; a run of the same name in the same storage resumes from its last checkpoint.
 
     `storage_path` is a local folder, or a path of `filesystem` (e.g. pyarrow S3: "bucket/prefix");
-    `shared` the sweep's SharedInputs (po_cluster/train/shared.py), which every worker reads.
+    `callbacks` Ray Train's run callbacks; `shared` the sweep's SharedInputs (po_cluster/cluster/shared.py),
+    which every worker reads; `train_callbacks` callbacks every worker adds to its loop (a test's failure).
     """
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(worker, shared),
-        datasets=streamed_datasets(worker.run, scaling),
+        train_loop_config=job_config(job, shared, train_callbacks),
+        datasets=streamed_datasets(job.run, scaling),
         scaling_config=scaling_config(scaling),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path if filesystem is not None else local_or_uri(storage_path),
@@ -78,17 +85,8 @@ def fit_trial(worker: WorkerConfig, scaling: ScalingSettings, storage_path: str,
     return trainer.fit()
 
 
-def worker_config(worker: WorkerConfig, shared: ray.ObjectRef | None) -> dict:
-    """What the worker's entry takes (po_cluster/train/entry.py): the WorkerConfig as JSON, and the
-    sweep's shared inputs by reference under SHARED_INPUTS_KEY."""
-    config = worker.model_dump(mode="json")
-    if shared is not None:
-        config[SHARED_INPUTS_KEY] = shared
-    return config
-
-
-def streamed_datasets(run: RunConfig, scaling: ScalingSettings) -> dict | None:
-    """The Ray Data datasets a streaming run's workers read (po_cluster/train/stream.py), their rows
+def streamed_datasets(run: RunConfig, scaling: ScalingConfig) -> dict | None:
+    """The Ray Data datasets a streaming run's workers read (po_cluster/cluster/stream.py), their rows
     with π_ref from the dataset's π_ref cache (computed first when it is not there), else None."""
     if not run.data.streaming:
         return None
@@ -96,8 +94,8 @@ def streamed_datasets(run: RunConfig, scaling: ScalingSettings) -> dict | None:
     meta = dataset_meta(location)
     passes = {"pref": passes_needed(meta, "pref", t.steps, t.batch_size),
               "reg": passes_needed(meta, "reg", t.steps, t.reg_batch_size)}
-    from po_cluster.train.loop import prompt_template  # the model's code: only where a stream needs π_ref
-    from po_cluster.train.ref_cache import ensure_ref_cache
+    from po_cluster.cluster.ref_cache import ensure_ref_cache  # the model's code: only where a stream needs π_ref
+    from po_cluster.data.selection import prompt_template
 
     ref = ensure_ref_cache(run, scaling, prompt_template(run.data))
     return ray_datasets(location, meta, image_size(meta), scaling.data_cpus, passes, t.seed, ref,
@@ -107,16 +105,14 @@ def streamed_datasets(run: RunConfig, scaling: ScalingSettings) -> dict | None:
 def trial_driver(sample: dict, sweep: dict, filesystem=None, root: str = "",
                  shared: list[ray.ObjectRef] | None = None) -> None:
     """The Tune trainable: build and fit one TorchTrainer for this trial, in the sweep's storage, or
-    with `trial_runner: tune` train here, in the trial (po_cluster/train/session.py)."""
+    with `trial_runner: tune` train here, in the trial (po_cluster/cluster/session.py)."""
     started_at = time.time()  # the worker's phases (po_cluster/train/phases.py) count from here
     cfg = SweepConfig.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
-    worker = WorkerConfig(run=trial_run_config(cfg, sample, trial_id), report_every=cfg.report_every,
-                          checkpoint_every=cfg.checkpoint_every, clean_tolerance=cfg.clean_tolerance,
-                          clean_penalty=cfg.clean_penalty, retention_penalty=cfg.retention_penalty,
-                          trial_started_at=started_at)
+    job = TrainJobConfig(run=trial_run_config(cfg, sample, trial_id), objective=cfg.objective,
+                         reporting=cfg.reporting, trial_started_at=started_at)
     if cfg.trial_runner == "tune":
-        train_in_trial(worker_config(worker, shared[0] if shared else None))
+        train_in_trial(job_config(job, shared[0] if shared else None))
         return
-    fit_trial(worker, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
+    fit_trial(job, cfg.scaling, f"{root.rstrip('/')}/{cfg.name}/trials", trial_id, cfg.max_failures,
               [TuneReportCallback()], filesystem, shared[0] if shared else None)

@@ -11,7 +11,7 @@ from po_cluster.config import RunConfig
 from po_cluster.tracking.client import log_metrics, log_params, open_tracker, run_params
 
 if TYPE_CHECKING:
-    from po_cluster.train.loop import RunResult
+    from po_cluster.train.run import RunResult
 
 CHECKPOINT_TAG = "checkpoint_path"
 
@@ -25,9 +25,10 @@ def log_training(cfg: RunConfig, result: RunResult, history: list[tuple[int, dic
 
     def log() -> str:
         client = tracker.client
-        checkpoint = str(Path(result.checkpoint).resolve())
-        run = client.create_run(tracker.experiment_id, run_name=cfg.name,
-                                tags={"po_cluster.kind": "train", CHECKPOINT_TAG: checkpoint})
+        tags = {"po_cluster.kind": "train"}
+        if result.checkpoint is not None:
+            tags[CHECKPOINT_TAG] = str(Path(result.checkpoint).resolve())
+        run = client.create_run(tracker.experiment_id, run_name=cfg.name, tags=tags)
         run_id = run.info.run_id
         log_params(client, run_id, run_params(cfg.model_dump(mode="json")))
         last = cfg.training.steps

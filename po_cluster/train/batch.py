@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from po_cluster.losses import LossSettings, PreferenceLogps, kl_ref_policy, preference_objective
+from po_cluster.losses import LossWeights, PreferenceLogps, kl_ref_policy, preference_objective
 from po_cluster.train.precision import Precision
 
 
@@ -41,7 +41,7 @@ class BatchSource(Protocol):
 
 
 def batch_objective(model: torch.nn.Module, batch: Batch, text_emb: torch.Tensor, loss_type: str,
-                    settings: LossSettings, precision: Precision | None = None,
+                    weights: LossWeights, precision: Precision | None = None,
                     reg_text_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The objective on one batch. The forward runs under `precision`'s autocast, over preference and
     regularisation images together; the log-probabilities, and so the loss, are fp32.
@@ -62,4 +62,4 @@ def batch_objective(model: torch.nn.Module, batch: Batch, text_emb: torch.Tensor
     logps = PreferenceLogps(policy[rows, batch.chosen], policy[rows, batch.rejected], ref[rows, batch.chosen],
                             ref[rows, batch.rejected], policy, ref, batch.chosen)
     kl = kl_ref_policy(batch.ref_reg_logps, reg_policy)
-    return preference_objective(loss_type, logps, kl, settings)
+    return preference_objective(loss_type, logps, kl, weights)

@@ -1,5 +1,5 @@
-"""Training: the PO train_step and the one loop (`fit`) that the single-process run
-and the Ray Train worker (po_cluster/train/worker.py) both call.
+"""Training: the PO train_step and the one loop (`fit`) that every run goes through
+(po_cluster/train/run.py, alone or in a Ray Train worker or Tune trial).
 
 The text tower is frozen, so the candidate prompts are embedded once. The
 reference model never changes and the records are fixed, so π_ref's
@@ -10,27 +10,23 @@ the spectral layer.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from po_cluster.config import DataConfig, LossConfig, OptimizerConfig, RunConfig
+from po_cluster.config import OptimizerConfig, RunConfig
 from po_cluster.data import world
-from po_cluster.data.records import ImageSet, PreferenceSet, subset_sets
-from po_cluster.evaluate.metrics import Evaluator, embed_images, embed_prompts
-from po_cluster.losses import LossSettings
+from po_cluster.data.records import ImageSet, PreferenceSet
+from po_cluster.evaluate.metrics import embed_images, embed_prompts
+from po_cluster.losses import LossWeights
 from po_cluster.model.aligned import AlignedCLIP
-from po_cluster.model.checkpoint import model_description, save_checkpoint
 from po_cluster.model.loading import load_clip
 from po_cluster.train.batch import Batch, BatchSource, batch_objective
 from po_cluster.train.bma import BetaMovingAverage
+from po_cluster.train.callbacks import Callback
 from po_cluster.train.precision import Precision
-from po_cluster.train.stream import local_source
 
 
 @dataclass
@@ -55,40 +51,6 @@ class TrainData:
         return replace(self, text_emb=self.text_emb.to(device), ref_pref_logps=self.ref_pref_logps.to(device),
                        ref_reg_logps=self.ref_reg_logps.to(device), pref_emb=move(self.pref_emb),
                        reg_emb=move(self.reg_emb), reg_text_emb=move(self.reg_text_emb))
-
-
-def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
-    """Preference records and regularisation images: the train split of `cfg.dataset` when set (val and
-    test are held out for choosing and scoring), else the typo-shapes world's."""
-    if cfg.dataset is not None:
-        from po_cluster.data.pairs import load_preference_data
-
-        return load_preference_data(cfg.dataset, n_pairs=cfg.n_pairs, n_reg=cfg.n_reg, seed=cfg.seed, split="train")
-    records = world.bias_preference_set if cfg.task == "bias" else world.preference_set
-    own_word = cfg.own_word if cfg.task == "typographic" else 0.0
-    return records(cfg.n_pairs, cfg.seed), world.regularisation_set(cfg.n_reg, cfg.seed + 1, own_word)
-
-
-def prompt_template(cfg: DataConfig) -> str:
-    """The world's records hold class names (or, for the bias task, patterns); a dataset's hold whole
-    prompts, used as they are."""
-    from po_cluster.data.pairs import TEXT_TEMPLATE
-
-    if cfg.dataset is not None:
-        return TEXT_TEMPLATE
-    return world.ATTRIBUTE_TEMPLATE if cfg.task == "bias" else world.PROMPT_TEMPLATE
-
-
-def held_out_sets(cfg: DataConfig, split: Literal["val", "test"]) -> dict[str, ImageSet]:
-    """What a run is chosen on (val) and scored on (test), never what it trained on: the world's own
-    validation and fixed evaluation sets, or the dataset's val / test split (val capped at n_val
-    images per set, a seeded subset, so validation stays proportional to the budget)."""
-    if cfg.dataset is None:
-        return world.validation_sets(cfg.n_val) if split == "val" else world.evaluation_sets()
-    from po_cluster.data.pairs import dataset_eval_sets
-
-    sets = dataset_eval_sets(cfg.dataset, split)
-    return subset_sets(sets, cfg.n_val, cfg.seed) if split == "val" else sets
 
 
 @torch.no_grad()
@@ -136,7 +98,7 @@ def memory_batch(model: AlignedCLIP, data: TrainData, pref_idx: np.ndarray, reg_
 
 
 def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
-               loss_type: str, settings: LossSettings,
+               loss_type: str, weights: LossWeights,
                precision: Precision | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The objective on these rows of in-memory records (no optimizer step, so DDP and plain loops
     share it)."""
@@ -144,7 +106,7 @@ def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, re
     device = next(core.parameters()).device
     batch = memory_batch(core, data, pref_idx, reg_idx, device)
     reg_text_emb = None if data.reg_text_emb is None else data.reg_text_emb.to(device)
-    return batch_objective(model, batch, data.text_emb.to(device), loss_type, settings, precision, reg_text_emb)
+    return batch_objective(model, batch, data.text_emb.to(device), loss_type, weights, precision, reg_text_emb)
 
 
 def make_optimizer(model: AlignedCLIP, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -185,35 +147,6 @@ def batch_indices(seed: int, step: int, n_pref: int, n_reg: int, batch: int, reg
     pref = rng.choice(n_pref, size=batch, replace=False)
     reg = rng.choice(n_reg, size=min(reg_batch, n_reg), replace=False)
     return pref[rank::world_size], reg[rank::world_size]
-
-
-def loss_settings(cfg: LossConfig) -> LossSettings:
-    """The objective's hyper-parameters from the loss section (losses.py knows no configs)."""
-    return LossSettings(cfg.beta, cfg.kl_weight, cfg.desirable_weight, cfg.undesirable_weight)
-
-
-class Callback:
-    """Hooks around each training step, named after transformers' TrainerCallback; they do nothing here.
-
-    The single-process run shows progress with one; the Ray worker times steps, injects its test
-    failure, reports and checkpoints with one. Batches never depend on a callback.
-    """
-
-    def on_step_begin(self, step: int) -> None:
-        pass
-
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-
-class ProgressCallback(Callback):
-    """Calls `progress(step, metrics)` after each step (a progress bar's update)."""
-
-    def __init__(self, progress: Callable[[int, dict[str, float]], None]) -> None:
-        self.progress = progress
-
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        self.progress(step, metrics)
 
 
 @dataclass
@@ -270,7 +203,6 @@ def fit(model: torch.nn.Module, data: TrainData | BatchSource, cfg: RunConfig, c
     t = cfg.training
     core = unwrap(model)
     state = state if state is not None else TrainState.start(core, cfg)
-    settings = loss_settings(cfg.loss)
     source = MemorySource(core, data, cfg, rank, world_size) if isinstance(data, TrainData) else data
     metrics: dict[str, float] = {}
     model.train()
@@ -278,7 +210,7 @@ def fit(model: torch.nn.Module, data: TrainData | BatchSource, cfg: RunConfig, c
         for callback in callbacks:
             callback.on_step_begin(step)
         set_lr(state.optimizer, step - 1, t.steps, cfg.optimizer.warmup_steps)
-        loss, metrics = batch_objective(model, source(step), source.text_emb, cfg.loss.loss_type, settings,
+        loss, metrics = batch_objective(model, source(step), source.text_emb, cfg.loss.loss_type, cfg.loss,
                                         state.precision, source.reg_text_emb)
         state.precision.step(loss, state.optimizer)
         if state.bma is not None:
@@ -308,38 +240,3 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(cfg: RunConfig, device: torch.device) -> AlignedCLIP:
     return AlignedCLIP(load_clip(cfg.model), cfg.model.image_tower).to(device)
-
-
-@dataclass
-class RunResult:
-    checkpoint: Path
-    before: dict[str, float]
-    after: dict[str, float]
-    last_iterate: dict[str, float]
-    seconds: float
-
-
-def run_training(cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None,
-                 eval_sets: dict | None = None) -> RunResult:
-    """Single-process training: evaluate, fit, average, evaluate, save a checkpoint."""
-    start = time.time()
-    torch.manual_seed(cfg.training.seed)
-    model = build_model(cfg, resolve_device(cfg.training.device))
-    template = prompt_template(cfg.data)
-    source = local_source(model, cfg, template) if cfg.data.streaming else \
-        MemorySource(model, prepare_data(model, *build_records(cfg.data), template), cfg)
-    eval_sets = eval_sets if eval_sets is not None else held_out_sets(cfg.data, "test")
-    # Before training the model is its own reference: π_ref on the clean set is taken from it once.
-    start_eval = Evaluator.build(model, eval_sets, template=template)
-    before = start_eval.metrics(1.0)
-    result = fit(model, source, cfg, [ProgressCallback(progress)] if progress is not None else [])
-    last = start_eval.with_model(model).metrics(1.0)
-    if result.bma is not None:
-        load_average(model, result.bma)
-    after = last if result.bma is None else start_eval.with_model(model).metrics(1.0)
-    folder = Path(cfg.output_dir) / cfg.name
-    description = model_description(model, cfg.model, source.classnames, template)
-    metrics = {"before": before, "after": after, "last_iterate": last, "train": result.last_metrics,
-               "seconds": time.time() - start}
-    save_checkpoint(folder, model, description, cfg.model_dump(mode="json"), metrics)
-    return RunResult(folder, before, after, last, time.time() - start)

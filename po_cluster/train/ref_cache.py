@@ -3,8 +3,8 @@
 π_ref never changes during a run, nor between the trials of a sweep: every trial starts from the same
 model and reads the same rows. In memory a run computes it once per record before its first step. A
 streaming run cannot hold it for a dataset it does not hold, and computing it per batch costs a
-trained tower one more forward per step (0.76× the in-memory loop's steps/s on the shipped model,
-benchmarks/stream_ref_bench.py), pass after pass and trial after trial. So before the first run on a
+trained tower one more forward per step (benchmarks/stream_ref_bench.py measures it), pass after
+pass and trial after trial. So before the first run on a
 dataset, one pass of the starting model over the train split writes each row's log π_ref into
 `<dataset>/ref/<key>/` (po_cluster/data/ref_files.py); every later run and trial with the same key
 finds it there, and the stream hands it to the step with the row, as TRL's
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from po_cluster.config import SHIPPED_BASE, RunConfig, ScalingSettings
+from po_cluster.config import SHIPPED_BASE, RunConfig
 from po_cluster.data import world
 from po_cluster.data.pairs import DATASET_JSON, read_bytes
 from po_cluster.data.ref_files import REF_DIR, read_ref_manifest, ref_file, write_ref_file, write_ref_manifest
 from po_cluster.data.stream_rows import dataset_meta, image_size, shard_rows, stream_kind
 from po_cluster.evaluate.metrics import embed_images, embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
-from po_cluster.model.loading import SHIPPED_BASE_DIR, WEIGHTS_FILE, is_weights_file, load_clip
+from po_cluster.model.loading import SHIPPED_BASE_DIR, WEIGHTS_FILE, is_weights_file
 from po_cluster.store.location import join, stat
 from po_cluster.store.settings import StoreError
 
@@ -107,23 +107,3 @@ def ref_cache(model: AlignedCLIP, run: RunConfig, template: str) -> dict | None:
         log.warning("cannot write the π_ref cache under %s (%s): π_ref is computed per batch instead",
                     cache_location(run, key), error)
         return None
-
-
-def _computed_in_task(run: RunConfig, template: str) -> dict | None:
-    frozen = run.model.model_copy(update={"image_tower": "frozen"})
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return ref_cache(AlignedCLIP(load_clip(frozen), "frozen").to(device), run, template)
-
-
-def ensure_ref_cache(run: RunConfig, scaling: ScalingSettings, template: str) -> dict | None:
-    """The cache for a Ray run or sweep: read when there, else computed in one Ray task with a trial
-    worker's resources (on a GPU when the workers have one), before any worker starts."""
-    import ray
-
-    found = find_ref_cache(run, template)[1]
-    if found is not None:
-        return found
-    gpus = scaling.gpus_per_worker if scaling.use_gpu else 0
-    task = ray.remote(_computed_in_task).options(num_cpus=max(scaling.cpus_per_worker, 0.01), num_gpus=gpus,
-                                                 name="po-cluster.ref_cache")
-    return ray.get(task.remote(run, template))

@@ -2,9 +2,9 @@
 
 In memory, a run decodes every record before its first step and computes π_ref once per
 record. A dataset of a hundred thousand images does not fit that way in every worker of
-every trial, so a streaming run reads the Parquet shards as it trains: in a Ray Train
-worker from Ray Data (read and decoded in Ray's CPU tasks, split across the workers,
-shuffled within a bounded buffer), in a single process from the shards one at a time.
+every trial, so a streaming run reads the Parquet shards as it trains: in a single process from the
+shards one at a time (here), in a Ray Train worker from Ray Data (po_cluster/cluster/stream.py:
+read and decoded in Ray's CPU tasks, split across the workers, shuffled within a bounded buffer).
 Memory is bounded by blocks and batches, not by the dataset.
 
 What streaming changes:
@@ -30,14 +30,11 @@ import torch
 
 from po_cluster.config import RunConfig
 from po_cluster.data import world
-from po_cluster.data.pairs import DataError
 from po_cluster.data.stream_rows import dataset_meta, image_size, local_stream, needs_pixels
 from po_cluster.evaluate.metrics import embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.train.batch import Batch
 from po_cluster.train.ref_cache import ref_cache
-
-STREAMS = ("pref", "reg")  # the dataset names a Ray Train worker asks for
 
 
 def primed(stream: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
@@ -46,22 +43,6 @@ def primed(stream: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.nda
     counted there, as decoding in memory is, and not as the first training step."""
     first = next(stream)
     return itertools.chain([first], stream)
-
-
-def ray_stream(name: str, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """This Ray Train worker's share of dataset `name`, in batches, pass after pass."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard(name)
-    for epoch in range(1 << 62):
-        yielded = False
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch):
-            yielded = True
-            yield batch
-        if not yielded:
-            raise DataError(f"the {name} stream gave this worker fewer than {batch_size} rows in a pass: "
-                            "lower the batch size or use fewer workers")
 
 
 class StreamSource:
@@ -114,16 +95,3 @@ def local_source(model: AlignedCLIP, cfg: RunConfig, template: str) -> StreamSou
     return StreamSource(model, classnames, text_emb,
                         primed(local_stream(location, meta, False, t.batch_size, t.seed, size, ref, pixels)),
                         primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size, ref, pixels)))
-
-
-def worker_source(model: AlignedCLIP, cfg: RunConfig, template: str, rank: int, world_size: int,
-                  text_emb: torch.Tensor | None = None) -> StreamSource:
-    """A Ray Train worker's stream: its shard of the trainer's "pref" and "reg" datasets, this rank's
-    share of each global batch (as in memory: rows rank, rank + world_size, …)."""
-    meta = dataset_meta(str(cfg.data.dataset))
-    classnames, own = candidate_embeddings(model, meta, template) if text_emb is None else \
-        (tuple(meta["candidates"]), text_emb)
-    t = cfg.training
-    pref, reg = (len(range(rank, size, world_size)) for size in (t.batch_size, t.reg_batch_size))
-    return StreamSource(model, classnames, own, primed(ray_stream("pref", pref, t.seed)),
-                        primed(ray_stream("reg", reg, t.seed + 1)))

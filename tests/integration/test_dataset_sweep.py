@@ -26,7 +26,7 @@ def _sweep_config(root: Path, dataset: str) -> Path:
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump({
         "name": "own-data", "storage_path": str(root / "sweeps"), "store": str(root / "store"),
-        "num_samples": 2, "report_every": 10, "checkpoint_every": 10, "top_k": 2, "seed": 3,
+        "num_samples": 2, "reporting": {"report_every": 10, "checkpoint_every": 10}, "top_k": 2, "seed": 3,
         "space": {"loss_type": ["dpo"], "beta": {"low": 0.1, "high": 0.5}, "kl_weight": {"low": 0.1, "high": 0.5}},
         "base": {"model": {"image_tower": "frozen"},
                  "data": {"dataset": dataset, "n_val": 10_000, "streaming": streaming},

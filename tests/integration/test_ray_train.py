@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from po_cluster.config import ScalingSettings, WorkerConfig, parse_config
+from po_cluster.config import ReportingConfig, ScalingConfig, TrainJobConfig, parse_config
 from po_cluster.data import world
+from po_cluster.data.selection import build_records
 from po_cluster.evaluate.metrics import embed_images, embed_prompts
 from po_cluster.model.checkpoint import load_checkpoint
 from po_cluster.sweep.trial import fit_trial
-from po_cluster.train.loop import build_model, build_records, fit, load_average, prepare_data
+from po_cluster.train.callbacks import CrashOnce
+from po_cluster.train.loop import build_model, fit, load_average, prepare_data
 
 
 def _run_config(name: str, steps: int):
@@ -25,8 +27,8 @@ def _run_config(name: str, steps: int):
 
 def test_two_workers_train_data_parallel_like_one_process(ray_cluster, tmp_path):
     run = _run_config("ddp", 6)
-    result = fit_trial(WorkerConfig(run=run, report_every=3, checkpoint_every=6),
-                       ScalingSettings(num_workers=2), str(tmp_path), "ddp", 0)
+    result = fit_trial(TrainJobConfig(run=run, reporting=ReportingConfig(report_every=3, checkpoint_every=6)),
+                       ScalingConfig(num_workers=2), str(tmp_path), "ddp", 0)
     assert result.error is None
     # DDP keeps both replicas identical: rank 0 broadcast vs every rank, max over workers
     assert result.metrics["replica_divergence"] == 0.0
@@ -56,8 +58,9 @@ def test_two_workers_train_data_parallel_like_one_process(ray_cluster, tmp_path)
 def test_crashed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     run = _run_config("crash", 12)
     marker = tmp_path / "crashed-once"
-    worker = WorkerConfig(run=run, report_every=4, checkpoint_every=4, fail_at_step=10, fail_marker=str(marker))
-    result = fit_trial(worker, ScalingSettings(num_workers=1), str(tmp_path / "runs"), "crash", 1)
+    job = TrainJobConfig(run=run, reporting=ReportingConfig(report_every=4, checkpoint_every=4))
+    result = fit_trial(job, ScalingConfig(num_workers=1), str(tmp_path / "runs"), "crash", 1,
+                       train_callbacks=[CrashOnce(10, marker)])
     assert marker.exists(), "the injected failure did not happen"
     assert result.error is None
     assert result.metrics["step"] == 12

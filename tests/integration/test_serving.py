@@ -66,7 +66,8 @@ def store_trained_release(store: Path, workdir: Path) -> None:
     to see the demo's attacked image as its shape at t = 1, while t = 0 is the base."""
     from po_cluster.config import RunConfig
     from po_cluster.store.artifacts import open_store
-    from po_cluster.train.loop import run_training
+    from po_cluster.train.run import train
+    from po_cluster.train.session import LocalSession
 
     cfg = RunConfig.model_validate({
         "name": "trained", "output_dir": str(workdir), "model": {"image_tower": "full"},
@@ -74,7 +75,7 @@ def store_trained_release(store: Path, workdir: Path) -> None:
         "loss": {"loss_type": "dpo", "beta": 1.0, "kl_weight": 0.3},
         "optimizer": {"lr": 2e-3, "spectral_lr": 5e-3, "warmup_steps": 5},
         "training": {"steps": 30, "batch_size": 64, "reg_batch_size": 64, "bma": False, "seed": 0}})
-    open_store(str(store)).publish_release(run_training(cfg, eval_sets=world.validation_sets(50)).checkpoint,
+    open_store(str(store)).publish_release(train(cfg, LocalSession.for_run(cfg, world.validation_sets(50))).checkpoint,
                                            "r-trained")
 
 

@@ -28,7 +28,7 @@ def sweep_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     cfg = {
         "name": "killed", "storage_path": str(root / "sweeps"), "store": str(root / "store"),
-        "num_samples": NUM_SAMPLES, "report_every": 20, "checkpoint_every": 20, "top_k": 3, "seed": 1,
+        "num_samples": NUM_SAMPLES, "reporting": {"report_every": 20, "checkpoint_every": 20}, "top_k": 3, "seed": 1,
         "space": {"loss_type": ["dpo", "ipo", "kto"], "beta": {"low": 0.02, "high": 0.5},
                   "kl_weight": {"low": 0.05, "high": 0.5}},
         "scheduler": {"grace_period": 2},

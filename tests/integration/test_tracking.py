@@ -71,7 +71,7 @@ def sweep_config(root: Path, name: str, tracking_uri: str, store: str) -> SweepC
     """The integration sweep of test_sweep.py cut to two trials (one per loss), tracked at `tracking_uri`."""
     return SweepConfig.model_validate({
         "name": name, "storage_path": str(root / "sweeps"), "store": store, "num_samples": 2, "top_k": 2,
-        "report_every": REPORT_EVERY, "checkpoint_every": REPORT_EVERY, "seed": 3,
+        "reporting": {"report_every": REPORT_EVERY, "checkpoint_every": REPORT_EVERY}, "seed": 3,
         "space": {"loss_type": ["dpo", "ipo"], "beta": {"low": 0.02, "high": 0.5},
                   "kl_weight": {"low": 0.05, "high": 0.5}},
         "scheduler": {"grace_period": 2},

@@ -7,13 +7,15 @@ import pytest
 import torch
 from ray import tune
 
-from po_cluster.config import SweepConfig, WorkerConfig, parse_config
+from po_cluster.cluster.entry import job_config, train_in_trial
+from po_cluster.config import ReportingConfig, SweepConfig, TrainJobConfig, parse_config
+from po_cluster.data.selection import build_records
 from po_cluster.evaluate.report import peak_overlap
 from po_cluster.model.checkpoint import load_checkpoint, verify_manifest
 from po_cluster.pipelines import run_average
 from po_cluster.sweep.driver import max_concurrent_trials, run_sweep
-from po_cluster.train.entry import train_in_trial
-from po_cluster.train.loop import build_model, build_records, fit, load_average, prepare_data
+from po_cluster.train.callbacks import CrashOnce
+from po_cluster.train.loop import build_model, fit, load_average, prepare_data
 from po_cluster.train.phases import STARTED_KEY, TRIAL_KEY
 
 pytestmark = pytest.mark.slow
@@ -27,8 +29,9 @@ BASE = {"model": {"image_tower": "frozen"}, "data": {"n_pairs": 512, "n_reg": 25
 def test_a_trial_in_tune_resumes_exactly_after_its_process_dies(ray_cluster, tmp_path):
     run = parse_config({**BASE, "name": "crash"})
     marker = tmp_path / "crashed-once"
-    worker = WorkerConfig(run=run, report_every=4, checkpoint_every=4, fail_at_step=10, fail_marker=str(marker))
-    tuner = tune.Tuner(tune.with_resources(train_in_trial, {"cpu": 0.5}), param_space=worker.model_dump(mode="json"),
+    job = TrainJobConfig(run=run, reporting=ReportingConfig(report_every=4, checkpoint_every=4))
+    config = job_config(job, callbacks=[CrashOnce(10, marker)])
+    tuner = tune.Tuner(tune.with_resources(train_in_trial, {"cpu": 0.5}), param_space=config,
                        run_config=tune.RunConfig(name="crash", storage_path=str(tmp_path / "runs"), verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=1)))
     result = tuner.fit()[0]
@@ -54,7 +57,7 @@ def test_a_trial_in_tune_resumes_exactly_after_its_process_dies(ray_cluster, tmp
 def test_a_spectral_sweep_packs_its_trials_and_releases(ray_cluster, tmp_path):
     cfg = SweepConfig.model_validate({
         "name": "packed", "storage_path": str(tmp_path / "sweeps"), "store": str(tmp_path / "store"),
-        "num_samples": 8, "report_every": 6, "checkpoint_every": 6, "top_k": 3, "seed": 2,
+        "num_samples": 8, "reporting": {"report_every": 6, "checkpoint_every": 6}, "top_k": 3, "seed": 2,
         "trial_runner": "tune", "scaling": {"cpus_per_worker": 0.25},
         "space": {"loss_type": ["dpo", "kto"], "beta": {"low": 0.1, "high": 1}, "kl_weight": {"low": 0.1, "high": 1}},
         "scheduler": {"grace_period": 2}, "base": BASE})

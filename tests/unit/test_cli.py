@@ -200,14 +200,15 @@ def test_pipeline_serves_only_on_a_ray_of_its_own_and_prints_each_stage(tmp_path
 
 def test_compare_prints_one_table_with_a_bar_per_loss(tmp_path, monkeypatch, capsys):
     from po_cluster.pipelines import compare
-    from po_cluster.train.loop import RunResult
+    from po_cluster.train.run import RunResult
 
-    def fake_training(run, progress, eval_sets):
+    def fake_training(run, session, callbacks):
         for step in range(1, run.training.steps + 1):
-            progress(step, {"loss": 0.5})
+            for callback in callbacks:
+                callback.on_step_end(step, {"loss": 0.5})
         return RunResult(Path(run.output_dir) / run.name, {"clean": 0.5}, {"clean": 0.7}, {}, 2.0)
 
-    monkeypatch.setattr(compare, "run_training", fake_training)
+    monkeypatch.setattr(compare, "train", fake_training)
     monkeypatch.setattr(compare.world, "evaluation_sets", lambda: {})
     config = tmp_path / "compare.yaml"
     config.write_text(yaml.safe_dump({"base": {"name": "c", "training": {"steps": 5}},

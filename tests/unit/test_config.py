@@ -7,8 +7,7 @@ from po_cluster.config import (
     ConfigError,
     LastBlocks,
     Lora,
-    LoraSpec,
-    PretrainConfig,
+    LoraConfig,
     RunConfig,
     image_tower_label,
     json_schema,
@@ -16,6 +15,7 @@ from po_cluster.config import (
     load_yaml,
     parse_config,
 )
+from po_cluster.model.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +34,8 @@ def test_last_blocks_mode_parses():
 
 def test_lora_mode_parses_and_every_mode_has_one_label():
     cfg = parse_config({"model": {"image_tower": {"lora": {"rank": 4, "targets": ["layer4.*.conv2"]}}}})
-    assert cfg.model.image_tower == Lora(lora=LoraSpec(rank=4, alpha=16.0, targets=("layer4.*.conv2",)))
-    labels = [image_tower_label(m) for m in ("full", "frozen", LastBlocks(last_blocks=2), Lora(lora=LoraSpec()),
+    assert cfg.model.image_tower == Lora(lora=LoraConfig(rank=4, alpha=16.0, targets=("layer4.*.conv2",)))
+    labels = [image_tower_label(m) for m in ("full", "frozen", LastBlocks(last_blocks=2), Lora(lora=LoraConfig()),
                                              cfg.model.image_tower)]
     assert labels == ["full", "frozen", "last_blocks:2", "lora:r8a16", "lora:r4a16tlayer4.*.conv2"]
 
@@ -51,9 +51,9 @@ def test_sweep_searches_image_tower_modes_by_label():
                                                 "image_tower": ["full", lora, {"last_blocks": 1}]}})
     assert distributions(cfg)["image_tower"].choices == ("full", "lora:r4a16", "last_blocks:1")
     sample = {"loss_type": "dpo", "beta": 0.5, "kl_weight": 0.5, "image_tower": "lora:r4a16"}
-    assert trial_run_config(cfg, sample, "t1").model.image_tower == Lora(lora=LoraSpec(rank=4))
+    assert trial_run_config(cfg, sample, "t1").model.image_tower == Lora(lora=LoraConfig(rank=4))
     twice = cfg.model_copy(update={"space": cfg.space.model_copy(update={"image_tower": [
-        Lora(lora=LoraSpec(rank=4)), Lora(lora=LoraSpec(rank=4))]})})
+        Lora(lora=LoraConfig(rank=4)), Lora(lora=LoraConfig(rank=4))]})})
     with pytest.raises(ConfigError, match="share a name"):
         distributions(twice)
 
@@ -138,7 +138,7 @@ def test_pretrain_config_holds_the_shipped_recipe_and_refuses_bad_values():
 
 def test_the_bias_configs_train_the_worlds_bias_task():
     from po_cluster.data import world
-    from po_cluster.train.loop import build_records, prompt_template
+    from po_cluster.data.selection import build_records, prompt_template
 
     for name, tower in (("bias-full", "full"), ("bias-spectral", "frozen")):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")

@@ -55,10 +55,11 @@ def test_derived_metrics_need_their_sets():
 
 
 def test_the_objective_charges_clean_and_retention_lost_beyond_the_tolerance():
-    from po_cluster.train.worker import Objective
+    from po_cluster.config import ObjectiveConfig
+    from po_cluster.evaluate.objective import Objective
 
     base = {"clean": 0.9, "retention": 0.9, "attacked": 0.1}
-    objective = Objective(tolerance=0.02, clean_penalty=5.0, retention_penalty=2.0)
+    objective = Objective(weights=ObjectiveConfig(clean_tolerance=0.02, clean_penalty=5.0, retention_penalty=2.0))
     assert objective.score({"clean": 0.89, "retention": 0.89, "attacked": 0.6}, base) == 0.6
     assert objective.score({"clean": 0.9, "retention": 0.78, "attacked": 0.6}, base) == \
         pytest.approx(0.6 - 2.0 * 0.1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from po_cluster.config import Lora, LoraSpec, ModelConfig, RunConfig
+from po_cluster.config import Lora, LoraConfig, ModelConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, model_description, save_checkpoint
@@ -20,7 +20,7 @@ from po_cluster.serving.engine import Knob, ReleaseModel
 from po_cluster.store.manifest import write_manifest
 from po_cluster.sweep.soup import uniform_soup
 
-LORA = Lora(lora=LoraSpec(rank=4, alpha=8.0))
+LORA = Lora(lora=LoraConfig(rank=4, alpha=8.0))
 
 
 def lora_model(seed: int = 0, mode: Lora = LORA) -> AlignedCLIP:
@@ -86,7 +86,7 @@ def test_one_pass_serves_a_t_per_row(pixels):
 
 def test_vit_mlps_are_the_default_targets_and_rows_keep_their_t():
     torch.manual_seed(0)
-    mode = Lora(lora=LoraSpec(rank=2))
+    mode = Lora(lora=LoraConfig(rank=2))
     model = AlignedCLIP(load_clip(ModelConfig(name="ViT-B-32", pretrained=None)), mode).eval()
     wrapped = dict(adapters(model.clip.visual))
     assert len(wrapped) == 24 and all(isinstance(a, LoraLinear) for a in wrapped.values())
@@ -104,7 +104,7 @@ def test_vit_mlps_are_the_default_targets_and_rows_keep_their_t():
     (("layer1.0.bn1",), "not a Linear or Conv2d")])
 def test_bad_targets_are_refused_by_name(targets, message):
     with pytest.raises(ValueError, match=message):
-        AlignedCLIP(load_clip(ModelConfig()), Lora(lora=LoraSpec(targets=targets)))
+        AlignedCLIP(load_clip(ModelConfig()), Lora(lora=LoraConfig(targets=targets)))
 
 
 def test_a_release_stores_only_adapters_and_w_and_refuses_a_changed_base(tmp_path, pixels):
@@ -159,13 +159,14 @@ def test_engine_mixed_t_batch_equals_each_request_alone():
 
 
 def test_lora_training_moves_only_adapters_and_w(tmp_path):
-    from po_cluster.train.loop import run_training
+    from po_cluster.train.run import train
+    from po_cluster.train.session import LocalSession
 
     cfg = RunConfig.model_validate({
         "name": "lora", "output_dir": str(tmp_path), "model": {"image_tower": LORA.model_dump()},
         "data": {"n_pairs": 64, "n_reg": 64, "n_val": 20}, "optimizer": {"lr": 1e-2},
         "training": {"steps": 3, "batch_size": 32, "reg_batch_size": 32, "bma": False}})
-    result = run_training(cfg, eval_sets=world.validation_sets(20))
+    result = train(cfg, LocalSession.for_run(cfg, world.validation_sets(20)))
     stored = load_file(str(result.checkpoint / WEIGHTS))
     assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in stored.items())  # B left zero
     loaded, description = load_checkpoint(result.checkpoint)

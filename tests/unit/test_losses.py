@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from po_cluster.config import LossConfig
 from po_cluster.losses import (
     LOSSES,
-    LossSettings,
     PreferenceLogps,
     ce_loss,
     dpo_loss,
@@ -200,20 +200,20 @@ def test_objective_adds_weighted_kl_and_reports_metrics() -> None:
     logps, kl = _logps(), torch.tensor(0.4, dtype=torch.float64)
     # h = [(-1.0 + 2.0) − 0, (-1.5 + 1.0) − 0] = [1.0, −0.5]; β = 1
     dpo = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2
-    total, m = preference_objective("dpo", logps, kl, LossSettings(beta=1.0, kl_weight=0.5))
+    total, m = preference_objective("dpo", logps, kl, LossConfig(beta=1.0, kl_weight=0.5))
     assert total.item() == pytest.approx(dpo + 0.5 * 0.4, rel=1e-12)
     assert m["loss"] == pytest.approx(dpo)
     assert m["kl"] == pytest.approx(0.4)
     assert m["reward_margin"] == pytest.approx(0.25)  # (1.0 − 0.5) / 2
     assert m["reward_accuracy"] == pytest.approx(0.5)  # one of two margins > 0
     # changing λ moves the total by Δλ·kl = 1.5 · 0.4 = 0.6
-    total2, _ = preference_objective("dpo", logps, kl, LossSettings(beta=1.0, kl_weight=2.0))
+    total2, _ = preference_objective("dpo", logps, kl, LossConfig(beta=1.0, kl_weight=2.0))
     assert total2.item() - total.item() == pytest.approx(0.6, rel=1e-12)
 
 
 def test_objective_other_losses_by_hand() -> None:
     logps, kl = _logps(), torch.tensor(0.4, dtype=torch.float64)
-    s = LossSettings(beta=0.5, kl_weight=0.1, desirable_weight=2.0, undesirable_weight=1.0)
+    s = LossConfig(beta=0.5, kl_weight=0.1, desirable_weight=2.0, undesirable_weight=1.0)
     # ipo: target 1/(2·0.5) = 1; ((1 − 1)² + (−0.5 − 1)²) / 2 = 1.125
     total, _ = preference_objective("ipo", logps, kl, s)
     assert total.item() == pytest.approx(1.125 + 0.1 * 0.4)
@@ -231,14 +231,14 @@ def test_objective_other_losses_by_hand() -> None:
 
 def test_objective_gradient_flows_through_kl() -> None:
     kl = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
-    total, _ = preference_objective("kto", _logps(), kl, LossSettings(beta=1.0, kl_weight=0.3))
+    total, _ = preference_objective("kto", _logps(), kl, LossConfig(beta=1.0, kl_weight=0.3))
     total.backward()
     # kto uses kl only detached, so the gradient is exactly λ
     assert kl.grad is not None and kl.grad.item() == pytest.approx(0.3)
 
 
 def test_unknown_loss_type_and_bad_beta() -> None:
-    s = LossSettings(beta=1.0, kl_weight=0.0)
+    s = LossConfig(beta=1.0, kl_weight=0.0)
     with pytest.raises(ValueError, match="orpo") as err:
         preference_objective("orpo", _logps(), torch.tensor(0.0), s)
     assert all(name in str(err.value) for name in ("dpo", "ipo", "kto", "ce"))
@@ -250,7 +250,7 @@ def test_unknown_loss_type_and_bad_beta() -> None:
         with pytest.raises(ValueError, match="beta"):
             kto_loss(POL, REF, DES, torch.tensor(0.0), beta=beta)
         with pytest.raises(ValueError, match="beta"):
-            bad = LossSettings(beta=beta, kl_weight=0.0)
+            bad = LossConfig.model_construct(beta=beta, kl_weight=0.0)  # past the config's own check
             preference_objective("ce", _logps(), torch.tensor(0.0), bad)
 
 

@@ -4,7 +4,7 @@ colour and size tasks the preference data never touches) within 0.02."""
 import pytest
 
 from po_cluster.config import CompareConfig, load_config
-from po_cluster.train.loop import run_training
+from po_cluster.train.run import train
 
 pytestmark = pytest.mark.slow
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "kto"])
 def test_po_loss_fixes_typographic_attacks_without_forgetting(loss_type, tmp_path):
     cfg = load_config("configs/compare.yaml", CompareConfig).run_for(loss_type)
-    result = run_training(cfg.model_copy(update={"output_dir": str(tmp_path)}))
+    result = train(cfg.model_copy(update={"output_dir": str(tmp_path)}))
     assert result.after["attacked"] >= result.before["attacked"] + 0.30, result.after
     assert result.after["clean"] >= result.before["clean"] - 0.02, result.after
     assert result.after["retention"] >= result.before["retention"] - 0.02, result.after

@@ -9,7 +9,7 @@ from PIL import Image
 from po_cluster.config import load_config, parse_config
 from po_cluster.data.pairs import DataError, candidate_texts, load_preference_data, read_dataset
 from po_cluster.data.records import NO_WORD
-from po_cluster.train.loop import build_records, prompt_template
+from po_cluster.data.selection import build_records, prompt_template
 
 ROOT = Path(__file__).resolve().parents[2]
 MAN, WOMAN = "a photo of a man", "a photo of a woman"

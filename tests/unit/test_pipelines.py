@@ -136,14 +136,15 @@ def test_run_pipeline_chains_the_stages_and_reports_each(monkeypatch, sweep_cfg)
 
 def test_compare_losses_reports_progress_per_run_and_returns_rows(monkeypatch, tmp_path):
     from po_cluster.pipelines import compare
-    from po_cluster.train.loop import RunResult
+    from po_cluster.train.run import RunResult
 
-    def fake_training(run, progress, eval_sets):
+    def fake_training(run, session, callbacks):
         for step in (1, 2):
-            progress(step, {"loss": 1.0 / step})
+            for callback in callbacks:
+                callback.on_step_end(step, {"loss": 1.0 / step})
         return RunResult(Path(run.output_dir) / run.name, {"clean": 0.5}, {"clean": 0.8}, {}, 1.5)
 
-    monkeypatch.setattr(compare, "run_training", fake_training)
+    monkeypatch.setattr(compare, "train", fake_training)
     monkeypatch.setattr(compare.world, "evaluation_sets", lambda: {})
     steps = []
     cfg = CompareConfig(base={"name": "cmp"}, losses={"dpo": {"beta": 0.2}, "ipo": {}})

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from po_cluster.config import ConfigError, parse_config
-from po_cluster.losses import LossSettings
+from po_cluster.config import ConfigError, LossConfig, parse_config
+from po_cluster.data.selection import build_records
 from po_cluster.model.loading import to_model_input
-from po_cluster.train.loop import TrainState, build_model, build_records, fit, prepare_data, train_step
+from po_cluster.train.loop import TrainState, build_model, fit, prepare_data, train_step
 from po_cluster.train.precision import Precision, PrecisionError
 from po_cluster.train.state import load_train_state, save_train_state
 
@@ -32,8 +32,9 @@ def model_and_data():
 def test_fp32_precision_is_the_plain_step(model_and_data):
     cfg, model, data = model_and_data
     idx = np.arange(16)
-    plain, _ = train_step(model, data, idx, idx, "dpo", LossSettings(0.1, 0.1))
-    at_fp32, _ = train_step(model, data, idx, idx, "dpo", LossSettings(0.1, 0.1), Precision.for_device("fp32", CPU))
+    plain, _ = train_step(model, data, idx, idx, "dpo", LossConfig(beta=0.1, kl_weight=0.1))
+    at_fp32, _ = train_step(model, data, idx, idx, "dpo", LossConfig(beta=0.1, kl_weight=0.1),
+                            Precision.for_device("fp32", CPU))
     assert torch.equal(plain, at_fp32)
 
 
@@ -44,7 +45,7 @@ def test_bf16_forward_is_bf16_and_the_loss_fp32(model_and_data):
     hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) for m in layers]
     try:
         idx = np.arange(16)
-        loss, metrics = train_step(model, data, idx, idx, "dpo", LossSettings(0.1, 0.1),
+        loss, metrics = train_step(model, data, idx, idx, "dpo", LossConfig(beta=0.1, kl_weight=0.1),
                                    Precision.for_device("bf16", CPU))
     finally:
         for hook in hooks:
@@ -84,7 +85,7 @@ def test_the_fp16_scaler_steps_and_its_state_survives_a_checkpoint(model_and_dat
     state = TrainState(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), None,
                        precision)
     idx = np.arange(8)
-    loss, _ = train_step(model, data, idx, idx, "dpo", LossSettings(0.1, 0.1), precision)
+    loss, _ = train_step(model, data, idx, idx, "dpo", LossConfig(beta=0.1, kl_weight=0.1), precision)
     precision.step(loss, state.optimizer)
     scale = precision.scaler.get_scale()
     assert scale != 1024.0  # grown after a finite step, or backed off after an overflow: it ran

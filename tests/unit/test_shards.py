@@ -87,8 +87,8 @@ def test_cli_ingests_and_checks(tmp_path, capsys):
 
 def test_the_world_as_a_dataset_scores_as_the_world(tmp_path, capsys):
     from po_cluster.config import SHIPPED_BASE
+    from po_cluster.data.selection import build_records
     from po_cluster.evaluate.targets import evaluate_target
-    from po_cluster.train.loop import build_records
 
     out = tmp_path / "world"
     assert cli.main(["data", "world", "--out", str(out), "--n-pairs", "64", "--n-reg", "32", "--n-val", "20",

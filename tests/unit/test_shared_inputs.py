@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from po_cluster.config import parse_config
-from po_cluster.train.loop import build_model, build_records, fit, prepare_data, prompt_template
-from po_cluster.train.shared import compute_shared_inputs
-from po_cluster.train.worker import Validation
+from po_cluster.data.selection import build_records, prompt_template
+from po_cluster.train.inputs import compute_shared_inputs
+from po_cluster.train.loop import build_model, fit, prepare_data
+from po_cluster.train.report import Validation
 
 
 def _run(image_tower):

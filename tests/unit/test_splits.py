@@ -8,9 +8,9 @@ import pytest
 
 from po_cluster.config import parse_config
 from po_cluster.data.pairs import DataError, dataset_eval_sets, load_preference_data, read_dataset
+from po_cluster.data.selection import build_records, held_out_sets
 from po_cluster.data.splits import assign_splits, check_fractions, hashed_split
 from po_cluster.data.typographic import TypographicConfig, build_typographic
-from po_cluster.train.loop import build_records, held_out_sets
 from typo_helpers import CLASSES, built_rows, labelled_folder
 
 

@@ -9,7 +9,8 @@ from po_cluster.config import ConfigError, parse_config
 from po_cluster.data.pairs import DataError, dataset_eval_sets, load_preference_data
 from po_cluster.data.stream_rows import dataset_meta, local_stream
 from po_cluster.data.typographic import TypographicConfig, build_typographic
-from po_cluster.train.loop import build_model, fit, prepare_data, run_training
+from po_cluster.train.loop import build_model, fit, prepare_data
+from po_cluster.train.run import train
 from po_cluster.train.stream import local_source
 from typo_helpers import labelled_folder
 
@@ -61,7 +62,7 @@ def test_pi_ref_per_batch_is_the_starting_model_even_after_training(dataset, tow
 
 def test_a_streaming_run_trains_and_saves(dataset, tmp_path):
     run = _run(dataset, steps=4).model_copy(update={"output_dir": str(tmp_path)})
-    result = run_training(run)
+    result = train(run)
     assert (result.checkpoint / "model.safetensors").exists() or any(result.checkpoint.iterdir())
     assert set(result.after) >= {"clean", "attacked", "kl"} and result.after != result.before
 

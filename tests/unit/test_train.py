@@ -5,24 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from po_cluster.config import load_config, parse_config
+from po_cluster.config import LossConfig, load_config, parse_config
 from po_cluster.data import world
+from po_cluster.data.selection import build_records, prompt_template
 from po_cluster.evaluate.metrics import Evaluator
-from po_cluster.losses import LossSettings, kl_ref_policy
-from po_cluster.train.loop import (
-    Callback,
-    ProgressCallback,
-    TrainState,
-    batch_indices,
-    build_model,
-    build_records,
-    fit,
-    load_average,
-    loss_settings,
-    prepare_data,
-    prompt_template,
-    train_step,
-)
+from po_cluster.losses import LossWeights, kl_ref_policy
+from po_cluster.train.callbacks import Callback, ProgressCallback
+from po_cluster.train.loop import TrainState, batch_indices, build_model, fit, load_average, prepare_data, train_step
 from po_cluster.train.state import load_train_state, save_train_state
 
 
@@ -43,7 +32,7 @@ def test_reference_logprobs_are_the_policy_at_step_zero():
     data = prepare_data(model, *build_records(cfg.data))
     assert data.pref_emb is None  # a trainable tower is not cached
     idx = np.arange(16)
-    _, metrics = train_step(model, data, idx, idx, "dpo", LossSettings(1.0, 0.3))
+    _, metrics = train_step(model, data, idx, idx, "dpo", LossConfig(beta=1.0, kl_weight=0.3))
     assert metrics["loss"] == pytest.approx(np.log(2), abs=1e-5)  # h = 0 → −log σ(0)
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
 
@@ -78,7 +67,7 @@ def test_the_bias_task_holds_the_class_answers_with_its_kl_term():
     with torch.no_grad():  # move W off the identity so that the KL term is not zero
         model.spectral.log_sigma.add_(0.3 * torch.randn_like(model.spectral.log_sigma))
     idx = np.arange(32)
-    settings = LossSettings(0.5, 1.0)
+    settings = LossConfig(beta=0.5, kl_weight=1.0)
     _, metrics = train_step(model, data, idx, idx, "dpo", settings)
     # one forward over both candidate sets, renormalised per set, is two separate scorings
     reg_policy = model.logprobs(data.reg_emb[idx], data.reg_text_emb)
@@ -133,17 +122,18 @@ def test_each_loss_learns_on_a_few_steps(loss_type):
     model = build_model(cfg, torch.device("cpu"))
     data = prepare_data(model, *build_records(cfg.data))
     idx = np.arange(256)
-    settings = loss_settings(cfg.loss)
+    settings = cfg.loss
     start, _ = train_step(model, data, idx, idx, loss_type, settings)
     fit(model, data, cfg)
     end, _ = train_step(model, data, idx, idx, loss_type, settings)
     assert end.item() < start.item()
 
 
-def test_loss_settings_come_from_the_loss_section():
+def test_the_loss_section_is_the_objectives_weights():
     cfg = _cfg(loss={"beta": 0.4, "kl_weight": 0.2, "desirable_weight": 2.0, "undesirable_weight": 0.5})
-    assert loss_settings(cfg.loss) == LossSettings(beta=0.4, kl_weight=0.2, desirable_weight=2.0,
-                                                   undesirable_weight=0.5)
+    assert isinstance(cfg.loss, LossWeights)  # passed to the objective as it is: no second copy to drift
+    assert (cfg.loss.beta, cfg.loss.kl_weight, cfg.loss.desirable_weight, cfg.loss.undesirable_weight) == \
+        (0.4, 0.2, 2.0, 0.5)
 
 
 def test_worker_shards_of_a_step_are_the_single_process_batch():

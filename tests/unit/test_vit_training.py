@@ -9,7 +9,8 @@ from PIL import Image
 
 from po_cluster.config import parse_config
 from po_cluster.data import world
-from po_cluster.train.loop import build_model, build_records, fit, prepare_data, prompt_template
+from po_cluster.data.selection import build_records, prompt_template
+from po_cluster.train.loop import build_model, fit, prepare_data
 
 pytestmark = pytest.mark.slow
 SHAPES = ("circle", "square", "star")  # three candidate classes

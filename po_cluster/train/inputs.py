@@ -4,9 +4,9 @@ Trials differ only in the loss, β, λ, the learning rate and (when searched) th
 they start from the same model and read the same records. So the decoded records, the prompt
 embeddings g(y), π_ref's log-probabilities, the starting model's image embeddings f(x) of the
 training, regularisation and validation images, and the base model's validation metrics are the
-same in every trial. One Ray task computes them (with a trial worker's resources, so on a GPU when
-the trials have one) and the sweep hands the object reference to every trial: a trial with a frozen
-tower then never runs its image tower, and one that trains it only drops the cached f(x).
+same in every trial. One Ray task computes them (po_cluster/cluster/shared.py) and the sweep hands
+them to every trial through its session: a trial with a frozen tower then never runs its image
+tower, and one that trains it only drops the cached f(x).
 
 Everything here is deterministic, so a trial restarted after a failure, or in a resumed sweep
 (which computes them again), gets the same inputs and resumes exactly.
@@ -14,15 +14,15 @@ Everything here is deterministic, so a trial restarted after a failure, or in a 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
-from po_cluster.config import RunConfig, ScalingSettings
+from po_cluster.config import RunConfig
 from po_cluster.data.records import ImageSet
+from po_cluster.data.selection import build_records, held_out_sets, prompt_template
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
-from po_cluster.train.loop import TrainData, build_model, build_records, held_out_sets, prepare_data, prompt_template
+from po_cluster.train.loop import TrainData, build_model, prepare_data
 
 
 @dataclass(frozen=True)
@@ -61,29 +61,3 @@ def compute_shared_inputs(run: RunConfig) -> SharedInputs:
     return SharedInputs(data, start.sets, {k: v.cpu() for k, v in start.image_emb.items()},
                         {k: v.cpu() for k, v in start.text_emb.items()}, start.ref_clean_logps.cpu(),
                         start.metrics(0.0))
-
-
-def _computed(run: RunConfig) -> tuple[dict, SharedInputs]:
-    """The task's two returns: a small summary the driver waits on, and the inputs themselves."""
-    inputs = compute_shared_inputs(run)
-    return {"train_records": 0 if inputs.data is None else len(inputs.data.pref)}, inputs
-
-
-def shared_inputs(run: RunConfig, scaling: ScalingSettings):
-    """Compute the shared inputs in one Ray task (a trial worker's resources, so on a GPU when the
-    trials have one) and wait for it; returns the inputs' ObjectRef, owned by the caller (the sweep
-    driver), so they live as long as the sweep.
-
-    The driver waits before any trial starts: a task still queued while the trials' workers hold
-    every CPU, each waiting for its result, would never run. A task that fails (a dataset that
-    cannot be read) fails the sweep here, once, with its error. Only the summary reaches the
-    driver; the inputs stay in the object store."""
-    import ray
-
-    gpus = scaling.gpus_per_worker if scaling.use_gpu else 0
-    task = ray.remote(_computed).options(num_cpus=max(scaling.cpus_per_worker, 0.01), num_gpus=gpus,
-                                         num_returns=2, name="po-cluster.shared_inputs")
-    refs: Any = task.remote(run)  # num_returns=2: two ObjectRefs (Ray's stubs see one)
-    summary, inputs = refs
-    ray.get(summary)
-    return inputs
