@@ -57,8 +57,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 BOUNDARIES: dict[str, list[float]] = {"po_serve_request_latency_ms": LATENCY_MS_BOUNDARIES,
                                       "po_serve_batch_size": BATCH_BOUNDARIES}
-# Serve's own metrics the k8s dashboard uses as well (replicas per deployment).
-SERVE_METRICS = ("ray_serve_deployment_replica_healthy",)
+# Serve's own metrics the k8s dashboard and alerts use as well (replicas per deployment, replica starts).
+SERVE_METRICS = ("ray_serve_deployment_replica_healthy", "ray_serve_deployment_replica_starts_total")
 
 
 def exported_names() -> set[str]:

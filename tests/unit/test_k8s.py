@@ -1,9 +1,11 @@
 """The KubeRay manifests in k8s/ against the real KubeRay v1.7.0 CRDs, Kubernetes' own rules for
-core objects, and the project they deploy (the Serve app, the sweep config, the image).
+core objects, and the project they deploy (the Serve app, the sweep config, the image, monitoring).
 
-No cluster is needed: the CRDs' openAPIV3Schema are JSON Schemas, made strict here (an unknown field
-fails, as with `kubectl apply --validate=strict`), and the operator's own semantic checks that a
-schema cannot express are restated next to them.
+No cluster is needed. The CRDs' openAPIV3Schema are JSON Schemas, made strict here (an unknown field
+fails, as with `kubectl apply --validate=strict`); what the API server does beyond the schema (CRD
+defaults, list-type uniqueness, every CEL rule) is done by k8s_apiserver.py on every Ray object,
+including the RayClusters that KubeRay creates from the RayJob and the RayService; the operator's own
+semantic checks that neither can express are restated next to them.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
+from k8s_apiserver import CustomResourceDefinition, Rule
+
 if TYPE_CHECKING:
     from po_cluster.config import SweepConfig
     from po_cluster.serving.args import ServeArgs
@@ -30,7 +34,7 @@ K8S = ROOT / "k8s"
 # KubeRay v1.7.0's CRDs, vendored in the repository (k8s/crds/README.md).
 CRD_DIR = K8S / "crds"
 CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
-MANIFESTS = ("rayjob-sweep.yaml", "rayservice.yaml", "secrets.example.yaml")
+MANIFESTS = ("rayjob-sweep.yaml", "rayservice.yaml", "secrets.example.yaml", "redis.yaml", "configmaps.yaml")
 SECRETS_FILE = "secrets.example.yaml"
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 60k lines
 
@@ -40,7 +44,11 @@ DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 QUALIFIED_NAME = rf"^({DNS1123_LABEL}(\.{DNS1123_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+_DECIMAL = r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+QUANTITY = rf"^(\+|-)?{_DECIMAL}(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?{_DECIMAL}))?$"  # resource.Quantity
+PORT_NAME = r"^(?=.{1,15}$)(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # IANA_SVC_NAME: a named port
 CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"  # keys of Secret and ConfigMap data
+SWEEP_CONFIG = ROOT / "configs" / "sweep-gpu.yaml"  # what k8s/configmaps.yaml holds for the RayJob
 KUBERAY_MAX_NAME = 47  # RayJob / RayService: a RayCluster name (≤ 53) minus the 6 characters KubeRay appends
 
 
@@ -91,30 +99,65 @@ def _data_map(value_schema: dict) -> dict:
             "additionalProperties": value_schema}
 
 
-def core_schemas() -> dict[tuple[str, str], dict]:
-    """Minimal schemas of the core kinds the manifests may hold, by Kubernetes' own rules."""
-    def kind(name: str, **fields: dict) -> dict:
+def _closed(required: list[str] | None = None, **properties: Any) -> dict:
+    return {"type": "object", "additionalProperties": False, "required": required or [], "properties": properties}
+
+
+def core_schemas(pod_template: dict) -> dict[tuple[str, str], dict]:
+    """Schemas of the core kinds the manifests hold, by Kubernetes' own rules: the fields these
+    manifests may use, closed (a misspelling fails). A Deployment's pod template is the real one,
+    PodTemplateSpec as the KubeRay CRDs carry it (generated from Kubernetes' own types)."""
+    def kind(name: str, api_version: str = "v1", name_pattern: str = DNS1123_SUBDOMAIN, **fields: dict) -> dict:
         return {"type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata"],
-                "properties": {"apiVersion": {"const": "v1"}, "kind": {"const": name},
-                               "metadata": object_meta(DNS1123_SUBDOMAIN, 253),
-                               "immutable": {"type": "boolean"}, **fields}}
+                "properties": {"apiVersion": {"const": api_version}, "kind": {"const": name},
+                               "metadata": object_meta(name_pattern, 253 if name_pattern == DNS1123_SUBDOMAIN else 63),
+                               **fields}}
 
     base64_value = {"type": "string", "pattern": BASE64}
+    labels = {"type": "object", "additionalProperties": {"type": "string", "pattern": LABEL_VALUE}}
+    selector = _closed(matchLabels=labels, matchExpressions={"type": "array", "items": _closed(
+        ["key", "operator"], key={"type": "string"}, operator={"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+        values={"type": "array", "items": {"type": "string"}})})
+    int_or_string = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
+                               {"type": "string", "pattern": PORT_NAME}]}
+    quantity = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": QUANTITY}]}
     return {
-        ("v1", "Secret"): kind("Secret", type={"type": "string", "minLength": 1},
+        ("v1", "Secret"): kind("Secret", type={"type": "string", "minLength": 1}, immutable={"type": "boolean"},
                                data=_data_map(base64_value), stringData=_data_map({"type": "string"})),
-        ("v1", "ConfigMap"): kind("ConfigMap", data=_data_map({"type": "string"}),
+        ("v1", "ConfigMap"): kind("ConfigMap", data=_data_map({"type": "string"}), immutable={"type": "boolean"},
                                   binaryData=_data_map(base64_value)),
+        ("v1", "Service"): kind("Service", name_pattern=DNS1035_LABEL, spec=_closed(
+            ["ports"], type={"enum": ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]},
+            selector={"type": "object", "additionalProperties": {"type": "string"}},
+            ports={"type": "array", "minItems": 1, "items": _closed(
+                ["port"], name={"type": "string", "pattern": f"^{DNS1123_LABEL}$", "maxLength": 63},
+                port={"type": "integer", "minimum": 1, "maximum": 65535}, targetPort=int_or_string,
+                protocol={"enum": ["TCP", "UDP", "SCTP"]})})),
+        ("v1", "PersistentVolumeClaim"): kind("PersistentVolumeClaim", spec=_closed(
+            ["accessModes", "resources"], storageClassName={"type": "string"},
+            accessModes={"type": "array", "minItems": 1, "items": {
+                "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}},
+            resources=_closed(["requests"], requests=_closed(["storage"], storage=quantity)))),
+        ("apps/v1", "Deployment"): kind("Deployment", api_version="apps/v1", spec=_closed(
+            ["selector", "template"], replicas={"type": "integer", "minimum": 0}, selector=selector,
+            strategy=_closed(["type"], type={"enum": ["Recreate", "RollingUpdate"]}),
+            template=pod_template)),
     }
+
+
+def load_crds() -> list[dict]:
+    if not CRD_DIR.is_dir():
+        pytest.fail(f"KubeRay CRDs not found at {CRD_DIR} (k8s/crds/ is part of the repository)")
+    return [yaml.load((CRD_DIR / file).read_text(), Loader=Loader) for file in CRD_FILES]
+
+
+CRDS = load_crds()
 
 
 def crd_schemas() -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) → strict schema, for every version of the KubeRay CRDs."""
-    if not CRD_DIR.is_dir():
-        pytest.fail(f"KubeRay CRDs not found at {CRD_DIR} (k8s/crds/ is part of the repository)")
     schemas = {}
-    for file in CRD_FILES:
-        crd = yaml.load((CRD_DIR / file).read_text(), Loader=Loader)
+    for crd in CRDS:
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for version in crd["spec"]["versions"]:
             schema = strict_schema(version["schema"]["openAPIV3Schema"])
@@ -124,10 +167,18 @@ def crd_schemas() -> dict[tuple[str, str], dict]:
     return schemas
 
 
+def pod_template_schema() -> dict:
+    """PodTemplateSpec's strict schema, as the RayCluster CRD declares a head group's template."""
+    [crd] = [c for c in CRDS if c["spec"]["names"]["kind"] == "RayCluster"]
+    [v1] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return strict_schema(v1["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["headGroupSpec"]
+                         ["properties"]["template"])
+
+
 @pytest.fixture(scope="module")
 def validators() -> dict[tuple[str, str], Draft7Validator]:
     out = {}
-    for key, schema in {**crd_schemas(), **core_schemas()}.items():
+    for key, schema in {**crd_schemas(), **core_schemas(pod_template_schema())}.items():
         Draft7Validator.check_schema(schema)
         out[key] = Draft7Validator(schema)
     return out
@@ -277,20 +328,44 @@ def repo_path_of(image_path: str) -> Path:
     raise AssertionError(f"{image_path} is not in the image: no COPY in k8s/Dockerfile puts it there")
 
 
-def entrypoint_config_path() -> Path:
-    """The RayJob entrypoint's --config, as a repository path (it names a path in the image)."""
+def config_maps() -> dict[str, dict[str, str]]:
+    return {doc["metadata"]["name"]: doc.get("data", {}) for _, doc in DOCS if doc["kind"] == "ConfigMap"}
+
+
+def mounted_config(pod: dict, container: dict, path: str) -> tuple[str, str]:
+    """(ConfigMap, key) of the file at `path` in a container: a mount of the file's folder, not a
+    subPath (those miss updates), from a ConfigMap volume holding that key."""
+    folder, name = str(PurePosixPath(path).parent), PurePosixPath(path).name
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == folder]
+    assert len(mounts) == 1 and "subPath" not in mounts[0], f"no mount of a volume at {folder}"
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    source = volumes[mounts[0]["name"]].get("configMap")
+    assert source, f"{folder} is not a ConfigMap volume"
+    keys = {item["key"]: item["path"] for item in source.get("items", [])}
+    key = next((k for k, p in keys.items() if p == name), None) if keys else name
+    assert key is not None and key in config_maps().get(source["name"], {}), \
+        f"{path}: ConfigMap {source['name']} (k8s/configmaps.yaml) has no key for it"
+    return source["name"], key
+
+
+def entrypoint_config() -> tuple[str, str]:
+    """The RayJob entrypoint's --config: (ConfigMap, key) mounted at that path on the head."""
     argv = shlex.split(manifest("RayJob")["spec"]["entrypoint"])
     assert "--config" in argv, f"the entrypoint names no --config: {argv}"
     path = argv[argv.index("--config") + 1]
     # The job's driver runs in a working directory of Ray's choosing, not necessarily the WORKDIR.
-    assert path.startswith("/"), f"the entrypoint's config {path} must be an absolute path in the image"
-    return repo_path_of(path)
+    assert path.startswith("/"), f"the entrypoint's config {path} must be an absolute path"
+    head = cluster_spec(manifest("RayJob"))["headGroupSpec"]["template"]["spec"]
+    return mounted_config(head, head["containers"][0], path)
 
 
 def sweep_config() -> SweepConfig:
     from po_cluster.config import SweepConfig, load_config
 
-    return load_config(entrypoint_config_path(), SweepConfig)
+    name, key = entrypoint_config()
+    assert config_maps()[name][key] == SWEEP_CONFIG.read_text(), \
+        f"ConfigMap {name} in k8s/configmaps.yaml differs from {SWEEP_CONFIG.relative_to(ROOT)}: paste the file again"
+    return load_config(SWEEP_CONFIG, SweepConfig)
 
 
 # ---- the manifests against the schemas ----------------------------------------------------------
@@ -374,6 +449,187 @@ def test_strict_schema_keeps_preserved_objects_open() -> None:
     assert not validator.is_valid({"port": 1.5})
 
 
+# ---- what the API server does beyond the schema: defaults, list types, CEL rules ----------------
+
+# The CEL rules (x-kubernetes-validations) the three CRDs hold across their served versions.
+CEL_RULES_IN_THE_CRDS = 17
+
+
+@pytest.fixture(scope="module")
+def api() -> dict[str, CustomResourceDefinition]:
+    """kind → the CRD as the API server serves it (v1, the stored version), its CEL rules compiled."""
+    return {crd["spec"]["names"]["kind"]: CustomResourceDefinition(crd, "v1") for crd in CRDS}
+
+
+def derived_cluster(doc: dict) -> dict:
+    """The RayCluster KubeRay creates for a RayJob or RayService: its spec is the embedded cluster spec,
+    and the API server admits it against the RayCluster CRD like any other object."""
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": doc["metadata"]["name"], "labels": doc["metadata"].get("labels", {})},
+            "spec": copy.deepcopy(cluster_spec(doc))}
+
+
+def ray_objects() -> list[tuple[str, dict]]:
+    out = []
+    for doc in ray_kinds():
+        out += [(doc["kind"], doc), (f"RayCluster of the {doc['kind']}", derived_cluster(doc))]
+    return out
+
+
+def _at(doc: dict, where: str) -> tuple[dict, str]:
+    """The parent object of a rule's field (made where missing) and the field's name; `[*]` is item 0."""
+    *parents, last = where.split(".")
+    node: Any = doc
+    for part in parents:
+        name, many = (part[:-3], True) if part.endswith("[*]") else (part, False)
+        node = node.setdefault(name, [{}] if many else {})
+        if many:
+            node = node[0]
+    return node, last
+
+
+def with_value(doc: dict, where: str, value: Any) -> dict:
+    """A copy of doc with the field a rule sits on set to value."""
+    doc = copy.deepcopy(doc)
+    parent, name = _at(doc, where)
+    parent[name] = value
+    return doc
+
+
+# For each kind of rule in the CRDs, by the field it guards: a value it admits and one it refuses,
+# or for a transition rule (oldSelf) the stored value and the update that it refuses.
+DELETION_RULE = {"policy": "DeleteCluster", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 60}}
+CEL_CASES: dict[str, tuple[Any, Any]] = {
+    "self in ['ray.io/kuberay-operator', 'kueue.x-k8s.io/multikueue']": (
+        "ray.io/kuberay-operator", "example.com/another-controller"),
+    "!((has(self.onSuccess) || has(self.onFailure)) && has(self.deletionRules))": (
+        {"deletionRules": [DELETION_RULE]},
+        {"onSuccess": {"policy": "DeleteCluster"}, "onFailure": {"policy": "DeleteNone"},
+         "deletionRules": [DELETION_RULE]}),
+    "((has(self.onSuccess) && has(self.onFailure)) || has(self.deletionRules))": (
+        {"onSuccess": {"policy": "DeleteCluster"}, "onFailure": {"policy": "DeleteNone"}},
+        {"onSuccess": {"policy": "DeleteCluster"}}),
+    "!(has(self.jobStatus) && has(self.jobDeploymentStatus))": (
+        {"jobStatus": "FAILED"}, {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed"}),
+    "has(self.jobStatus) || has(self.jobDeploymentStatus)": (
+        {"jobDeploymentStatus": "Failed"}, {"ttlSeconds": 30}),
+}
+TRANSITIONS: dict[str, tuple[Any, Any]] = {  # by field name: (stored, changed)
+    "backend": ("redis", "rocksdb"),
+    "managedBy": ("ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"),
+}
+
+
+def all_rules() -> list[tuple[str, Rule]]:
+    kinds = {crd["spec"]["names"]["kind"]: crd for crd in CRDS}
+    return [(kind, rule) for kind, crd in kinds.items() for rule in CustomResourceDefinition(crd, "v1").all_rules()]
+
+
+RULES = all_rules()
+
+
+def base_object(kind: str) -> dict:
+    """The shipped object of a kind (a RayCluster: the one KubeRay makes from the RayService)."""
+    return derived_cluster(manifest("RayService")) if kind == "RayCluster" else manifest(kind)
+
+
+def test_every_cel_rule_of_the_crds_is_compiled() -> None:
+    served = 0
+    for crd in CRDS:
+        for version in crd["spec"]["versions"]:
+            served += len(CustomResourceDefinition(crd, version["name"]).all_rules())
+    assert served == CEL_RULES_IN_THE_CRDS == len(RULES)
+    assert {rule.text for _, rule in RULES if not rule.transition} <= set(CEL_CASES)
+    assert {rule.where.rsplit(".", 1)[-1] for _, rule in RULES if rule.transition} <= set(TRANSITIONS)
+
+
+@pytest.mark.parametrize("name,doc", ray_objects(), ids=[name for name, _ in ray_objects()])
+def test_manifest_is_admitted_as_the_api_server_would(api, name: str, doc: dict) -> None:
+    """Create, then re-apply unchanged (an update: transition rules run): no error either way."""
+    created = api[doc["kind"]].create(doc)
+    assert created.errors == [], name
+    updated = api[doc["kind"]].update(doc, doc)
+    assert updated.errors == [], name
+    if "gcsFaultToleranceOptions" in cluster_spec(doc) if doc["kind"] != "RayCluster" else \
+            "gcsFaultToleranceOptions" in doc["spec"]:
+        assert any(rule.text == "self == oldSelf" for rule, _ in updated.evaluated), \
+            f"{name}: the backend's immutability rule was not evaluated on the update"
+
+
+@pytest.mark.parametrize("kind,rule", RULES, ids=[f"{k}:{r.where}:{r.text[:40]}" for k, r in RULES])
+def test_each_cel_rule_admits_the_good_and_refuses_the_broken_with_its_message(api, kind: str, rule: Rule) -> None:
+    crd, base = api[kind], base_object(kind)
+    field_name = rule.where.rsplit(".", 1)[-1]
+    if rule.transition:
+        stored, changed = TRANSITIONS[field_name]
+        old = with_value(base, rule.where, stored)
+        admitted = crd.update(old, old)
+        refused = crd.update(old, with_value(base, rule.where, changed))
+        assert crd.create(with_value(base, rule.where, changed)).errors == [], "a create runs no transition rule"
+    else:
+        good, bad = CEL_CASES[rule.text]
+        admitted = crd.create(with_value(base, rule.where, good))
+        refused = crd.create(with_value(base, rule.where, bad))
+    assert admitted.errors == [] and rule in [r for r, _ in admitted.evaluated], f"{rule.where}: not evaluated"
+    path = rule.where.replace("[*]", "[0]")
+    assert any(e.startswith(f"{path}: Invalid value: ") and e.endswith(f": {rule.message}") for e in refused.errors), \
+        refused.errors
+
+
+def test_defaults_are_applied_before_validation(api) -> None:
+    """As stored, a RayJob carries the CRD's defaults: a port's protocol, a job's backoffLimit."""
+    job = manifest("RayJob")
+    stored = api["RayJob"].create({**job, "spec": {k: v for k, v in job["spec"].items() if k != "backoffLimit"}}).obj
+    assert stored["spec"]["backoffLimit"] == 0
+    head = stored["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {port.get("protocol") for port in head["ports"]} == {"TCP"}
+    assert "protocol" not in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "ports"][0], "the manifest itself is left as written"
+
+
+RAY_HEAD = ("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0)
+LIST_TYPE_BROKEN = {
+    # list-map keyed by (containerPort, protocol): the duplicate shows only once protocol is defaulted
+    "port listed twice": ((*RAY_HEAD, "ports"), lambda ports: [*ports, {"containerPort": 8000, "name": "serve2",
+                                                                        "protocol": "TCP"}],
+                          "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].ports[7]: Duplicate value: "
+                          '{"containerPort": 8000, "protocol": "TCP"}'),
+    "env variable set twice": ((*RAY_HEAD, "env"), lambda env: [*env, {"name": "RAY_SERVE_ENABLE_HA_PROXY",
+                                                                       "value": "0"}],
+                               "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].env[4]: Duplicate "
+                               'value: {"name": "RAY_SERVE_ENABLE_HA_PROXY"}'),
+    "volume mount without its key": ((*RAY_HEAD, "volumeMounts"), lambda mounts: [*mounts, {"name": "dshm"}],
+                                     "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].volumeMounts[3]"
+                                     ".mountPath: Required value"),
+    # list-set: an exit code twice in a container's restart rule
+    "exit code twice in a set": ((*RAY_HEAD, "restartPolicyRules"), lambda _: [
+        {"action": "Restart", "exitCodes": {"operator": "In", "values": [42, 42]}}],
+        "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].restartPolicyRules[0].exitCodes.values[1]: "
+        "Duplicate value: 42"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIST_TYPE_BROKEN))
+def test_list_types_are_enforced(api, case: str) -> None:
+    path, change, expected = LIST_TYPE_BROKEN[case]
+    doc = copy.deepcopy(manifest("RayService"))
+    node: Any = doc
+    for part in path[:-1]:
+        node = node[part]
+    assert api["RayService"].create(doc).errors == []
+    node[path[-1]] = change(node.get(path[-1], []))
+    assert expected in api["RayService"].create(doc).errors
+
+
+def test_cel_rules_evaluated_on_the_shipped_manifests(api) -> None:
+    """What the shipped objects make the server evaluate (a rule whose field is absent is skipped, as
+    there): on an update, the RayService's and its RayCluster's backend immutability."""
+    evaluated = [(name, rule.where) for name, doc in ray_objects()
+                 for rule, _ in api[doc["kind"]].update(doc, doc).evaluated]
+    assert ("RayService", "spec.rayClusterConfig.gcsFaultToleranceOptions.backend") in evaluated
+    assert ("RayCluster of the RayService", "spec.gcsFaultToleranceOptions.backend") in evaluated
+
+
 # ---- KubeRay's own checks (validation.go), beyond the CRD schema ---------------------------------
 
 
@@ -416,6 +672,43 @@ def test_rayservice_rules() -> None:
     assert cluster["enableInTreeAutoscaling"] is True
     ft = cluster["gcsFaultToleranceOptions"]
     assert ft["redisAddress"] and "valueFrom" in ft["redisPassword"], "the Redis password comes from a Secret"
+
+
+def one(kind: str, file: str) -> dict:
+    found = [doc for f, doc in DOCS if f == file and doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} in k8s/{file}"
+    return found[0]
+
+
+def test_the_redis_of_gcs_fault_tolerance_is_shipped() -> None:
+    """redisAddress names k8s/redis.yaml's Service and port; that Service selects the Redis pod, whose
+    password is the Secret key the RayService hands the GCS; its data outlives the pod."""
+    ft = cluster_spec(manifest("RayService"))["gcsFaultToleranceOptions"]
+    host, port = ft["redisAddress"].rsplit(":", 1)
+    service, deployment = one("Service", "redis.yaml"), one("Deployment", "redis.yaml")
+    assert service["metadata"]["name"] == host and int(port) in [p["port"] for p in service["spec"]["ports"]]
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"], labels)
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items()), "the Service selects no Redis pod"
+    [container] = pod["spec"]["containers"]
+    target = next(p["targetPort"] for p in service["spec"]["ports"] if p["port"] == int(port))
+    ports = named_ports(container)
+    assert (target in ports) if isinstance(target, str) else (target in ports.values()), "no such container port"
+    password = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == password, "Redis and the GCS use one password"
+    argv = container.get("command", []) + container.get("args", [])
+    assert argv[argv.index("--requirepass") + 1] == "$(REDIS_PASSWORD)", "the password comes from the Secret"
+    assert argv[argv.index("--appendonly") + 1] == "yes", "every write reaches the disk"
+    data_dir = argv[argv.index("--dir") + 1]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == data_dir]
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    claim = one("PersistentVolumeClaim", "redis.yaml")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate", \
+        "one Redis at a time on a ReadWriteOnce volume"
+    _check_resources("redis", container["resources"])
 
 
 def test_rayservice_pods_run_serves_high_throughput_ingress() -> None:
@@ -538,9 +831,19 @@ def test_ray_containers_get_s3_credentials(doc: dict) -> None:
 
 def test_serve_config_v2_is_serve_config_yaml() -> None:
     # One source of truth: no per-environment overrides. Edit serve/config.yaml, paste it into
-    # k8s/rayservice.yaml under serveConfigV2.
+    # k8s/rayservice.yaml under serveConfigV2 and into k8s/configmaps.yaml.
     assert serve_config_v2() == serve_config(), \
         "k8s/rayservice.yaml spec.serveConfigV2 differs from serve/config.yaml: paste the file again"
+    head = cluster_spec(manifest("RayService"))["headGroupSpec"]["template"]["spec"]
+    name, key = mounted_config(head, head["containers"][0], "/etc/po-cluster/serve/config.yaml")
+    assert config_maps()[name][key] == (ROOT / "serve" / "config.yaml").read_text(), \
+        f"ConfigMap {name} in k8s/configmaps.yaml differs from serve/config.yaml: paste the file again"
+
+
+def test_no_config_is_baked_into_the_image() -> None:
+    """Configs come from ConfigMaps: the image holds no configs/ or serve/ to drift from them."""
+    copied = {source.rstrip("/") for sources, _ in dockerfile_copies() for source in sources}
+    assert not copied & {"configs", "serve"}, "k8s/Dockerfile copies a config folder"
 
 
 def test_serve_config_v2_parses_and_imports_the_real_app() -> None:
@@ -654,12 +957,13 @@ def test_dockerfile_builds_the_project_with_the_pinned_torch() -> None:
 
 # ---- monitoring: the PodMonitor and the Grafana dashboard ------------------------------------------
 
-PODMONITOR = K8S / "podmonitor.yaml"
+MONITORING = K8S / "monitoring.yaml"
 DASHBOARD = K8S / "grafana-dashboard.json"
 PROMQL_WORDS = {  # functions, aggregations and keywords: what in an expression is not a metric name
     "sum", "min", "max", "avg", "count", "topk", "bottomk", "quantile", "stddev", "rate", "irate", "increase",
     "histogram_quantile", "scalar", "vector", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "and", "or", "unless", "bool", "offset", "label_values", "clamp_min", "clamp_max", "abs"}
+    "and", "or", "unless", "bool", "offset", "label_values", "clamp_min", "clamp_max", "abs", "max_over_time",
+    "absent"}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -714,9 +1018,8 @@ def test_dashboard_charts_what_an_operator_asks_first() -> None:
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
-def podmonitor() -> dict:
-    [doc] = [d for d in yaml.safe_load_all(PODMONITOR.read_text()) if d is not None]
-    return doc
+def monitoring(kind: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(MONITORING.read_text()) if d is not None and d["kind"] == kind]
 
 
 def selects(selector: dict, labels: dict[str, str]) -> bool:
@@ -729,32 +1032,126 @@ def selects(selector: dict, labels: dict[str, str]) -> bool:
     return all(tests[e["operator"]](e) for e in selector.get("matchExpressions", []))
 
 
-def test_podmonitor_is_well_formed() -> None:
-    doc = podmonitor()
-    assert (doc["apiVersion"], doc["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
-    assert re.fullmatch(DNS1123_SUBDOMAIN, doc["metadata"]["name"])
-    assert set(doc["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
-    for endpoint in doc["spec"]["podMetricsEndpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"}
-        assert re.fullmatch(r"\d+[smh]", endpoint.get("interval", "30s"))
-    for expression in doc["spec"]["selector"].get("matchExpressions", []):
-        assert expression["operator"] in {"In", "NotIn", "Exists", "DoesNotExist"}
+def test_monitoring_objects_are_well_formed() -> None:
+    docs = [d for d in yaml.safe_load_all(MONITORING.read_text()) if d is not None]
+    assert {d["kind"] for d in docs} == {"PodMonitor", "PrometheusRule"}
+    for doc in docs:
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert re.fullmatch(DNS1123_SUBDOMAIN, doc["metadata"]["name"])
+    for doc in monitoring("PodMonitor"):
+        assert set(doc["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
+        for endpoint in doc["spec"]["podMetricsEndpoints"]:
+            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"}
+            assert re.fullmatch(r"\d+[smh]", endpoint.get("interval", "30s"))
+        for expression in doc["spec"]["selector"].get("matchExpressions", []):
+            assert expression["operator"] in {"In", "NotIn", "Exists", "DoesNotExist"}
+
+
+def kuberay_pods(doc: dict) -> Iterator[tuple[str, dict, dict]]:
+    """(where, labels, Ray container) of each Ray pod KubeRay makes: the template's labels and those
+    KubeRay adds (ray.io/node-type, ray.io/group, ray.io/cluster, ray.io/is-ray-node)."""
+    cluster = cluster_spec(doc)
+    groups = [("head", "headgroup", cluster["headGroupSpec"])] + \
+             [("worker", g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for node_type, name, group in groups:
+        labels = {**group["template"].get("metadata", {}).get("labels", {}), "ray.io/node-type": node_type,
+                  "ray.io/group": name, "ray.io/cluster": doc["metadata"]["name"], "ray.io/is-ray-node": "yes"}
+        yield f"{doc['kind']} {node_type} {name}", labels, group["template"]["spec"]["containers"][0]
+
+
+def named_ports(container: dict) -> dict[str, int]:
+    return {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
 
 
 @pytest.mark.parametrize("kind", ["RayService", "RayJob"])
-def test_podmonitor_scrapes_every_ray_pod_on_its_metrics_port(kind: str) -> None:
-    doc, monitor = manifest(kind), podmonitor()
+def test_every_ray_pod_is_scraped_on_its_metrics_port(kind: str) -> None:
+    doc = manifest(kind)
+    [monitor] = [m for m in monitoring("PodMonitor") if m["metadata"]["name"] == "po-cluster-ray"]
     ports = {endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]}
     cluster = cluster_spec(doc)
-    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
-    for where, group in groups:
-        labels = group["template"].get("metadata", {}).get("labels", {})
-        assert selects(monitor["spec"]["selector"], labels), f"{kind} {where}: not selected by the PodMonitor"
-        container = group["template"]["spec"]["containers"][0]
-        named = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    for (where, labels, container), group in zip(kuberay_pods(doc), [cluster["headGroupSpec"],
+                                                                     *cluster["workerGroupSpecs"]], strict=True):
+        assert selects(monitor["spec"]["selector"], labels), f"{where}: not selected by the PodMonitor"
+        named = named_ports(container)
         port = int(group.get("rayStartParams", {}).get("metrics-export-port", 8080))  # KubeRay's default
         assert ports <= set(named) and all(named[p] == port for p in ports), \
-            f"{kind} {where}: the scraped port is not Ray's metrics-export-port {port}"
+            f"{where}: the scraped port is not Ray's metrics-export-port {port}"
     if kind == "RayJob":  # the submitter runs no Ray node: nothing to scrape there
         labels = doc["spec"]["submitterPodTemplate"].get("metadata", {}).get("labels", {})
-        assert not selects(monitor["spec"]["selector"], labels)
+        assert not any(selects(m["spec"]["selector"], labels) for m in monitoring("PodMonitor"))
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayJob"])
+def test_the_heads_autoscaler_and_dashboard_are_scraped(kind: str) -> None:
+    """As KubeRay's own monitor config: the head's autoscaler and dashboard exporters, on the ports
+    Ray 2.60 opens for them, and on no worker (which runs neither)."""
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
+    [monitor] = [m for m in monitoring("PodMonitor") if m["metadata"]["name"] == "po-cluster-ray-head"]
+    ports = {endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]}
+    assert ports == {"as-metrics", "dash-metrics"}
+    for where, labels, container in kuberay_pods(manifest(kind)):
+        if labels["ray.io/node-type"] == "head":
+            assert selects(monitor["spec"]["selector"], labels), where
+            assert named_ports(container).get("as-metrics") == AUTOSCALER_METRIC_PORT, where
+            assert named_ports(container).get("dash-metrics") == DASHBOARD_METRIC_PORT, where
+        else:
+            assert not selects(monitor["spec"]["selector"], labels), f"{where}: a worker has no such exporter"
+
+
+def test_redis_is_not_scraped_as_a_ray_pod() -> None:
+    [deployment] = [d for _, d in DOCS if d["kind"] == "Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert not any(selects(m["spec"]["selector"], labels) for m in monitoring("PodMonitor"))
+
+
+def ray_train_metrics() -> tuple[str, str, str]:
+    """(series name, state label, errored value) of Ray Train's controller-state gauge, read from the
+    installed Ray: each trial of the sweep is a TorchTrainer run, whose controller sets it."""
+    from ray.train.v2._internal.execution.controller.state import TrainControllerStateType
+    from ray.train.v2._internal.metrics.controller import ControllerMetrics
+
+    return (f"ray_{ControllerMetrics.CONTROLLER_STATE}", ControllerMetrics.CONTROLLER_STATE_TAG_KEY,
+            TrainControllerStateType.ERRORED.name)
+
+
+def alert_rules() -> dict[str, dict]:
+    [rule] = monitoring("PrometheusRule")
+    return {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+
+
+def test_alert_rules_are_well_formed() -> None:
+    for name, rule in alert_rules().items():
+        assert re.fullmatch(r"[A-Z][A-Za-z0-9]+", name), name
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, name
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), name
+        assert rule["labels"]["severity"] in ("page", "warn"), name
+        assert {"summary", "description"} <= set(rule["annotations"]), name
+        expr = rule["expr"]
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), name
+        assert re.search(r"[<>]=?\s*[0-9.]+\s*$", expr), f"{name}: an alert compares with a threshold"
+
+
+def test_alerts_read_only_metrics_that_are_exported() -> None:
+    """Every series an alert reads is one po-cluster exports (observe.exported_names, which the
+    integration test checks on Ray's endpoint) or Ray Train's controller state (read from Ray)."""
+    from po_cluster.serving.observe import exported_names
+
+    train_state, state_label, errored = ray_train_metrics()
+    known = exported_names() | {train_state}
+    for name, rule in alert_rules().items():
+        names = metric_names(rule["expr"])
+        assert names, f"{name}: no metric in {rule['expr']!r}"
+        assert names <= known, f"{name}: {sorted(names - known)} are not exported"
+    sweep = alert_rules()["PoSweepTrialsFailing"]["expr"]
+    assert f'{state_label}="{errored}"' in sweep
+
+
+def test_alerts_cover_what_a_serving_team_pages_on() -> None:
+    exprs = {name: rule["expr"] for name, rule in alert_rules().items()}
+    assert any('status_class="5xx"' in e and "ray_po_serve_requests_total" in e for e in exprs.values()), "5xx"
+    assert any("histogram_quantile(0.99," in e and "ray_po_serve_request_latency_ms_bucket" in e
+               for e in exprs.values()), "p99 latency"
+    assert any("ray_serve_deployment_replica_starts_total" in e for e in exprs.values()), "replica restarts"
+    assert any(ray_train_metrics()[0] in e for e in exprs.values()), "a sweep with failing trials"
