@@ -81,8 +81,9 @@ def _validation_error(error: RequestValidationError) -> ApiError:
     param = _param(tuple(first.get("loc", ())))
     message = f"{param}: {first.get('msg', 'invalid')}"
     if param.startswith("input.") and first.get("type") in _BRANCH_MISMATCH:
-        message = (f"{param}: an input item is a string (a text), {{\"type\": \"text\", \"text\": …}} or "
-                   f"{{\"type\": \"image\", \"image\": <base64>}}")
+        message = (f"{param}: an input item is a string (a text), {{\"type\": \"text\", \"text\": …}}, "
+                   f"{{\"type\": \"image\", \"image\": <base64>}} or "
+                   f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:image/…;base64,…\"}}}}")
     return ApiError(422, param, message, str(first.get("type", "invalid")))
 
 

@@ -35,6 +35,7 @@ from po_cluster.serving.schemas import (
     EmbeddingsResponse,
     Health,
     ImageInput,
+    ImageUrlInput,
     Knobs,
     ModelCard,
     ModelList,
@@ -122,14 +123,16 @@ class GatewayService:
             Score(label=labels[i], index=i, probability=probabilities[i], logit=logits[i]) for i in order])
 
     @staticmethod
-    def _split_inputs(request: EmbeddingsRequest) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-        """(index, text) and (index, base64) pairs (the texts were checked with the request); images are
-        decoded later."""
+    def _split_inputs(request: EmbeddingsRequest) -> tuple[list[tuple[int, str]], list[tuple[int, str, str]]]:
+        """(index, text) pairs and (index, base64 or data URL, its field) triples (the texts were checked
+        with the request); images are decoded later."""
         items = [request.input] if isinstance(request.input, str) else request.input
         texts, images = [], []
         for i, item in enumerate(items):
             if isinstance(item, ImageInput):
-                images.append((i, item.image))
+                images.append((i, item.image, f"input.{i}.image"))
+            elif isinstance(item, ImageUrlInput):  # its url is a data URL: the request model checked it
+                images.append((i, item.image_url.url, f"input.{i}.image_url.url"))
             else:
                 texts.append((i, item if isinstance(item, str) else item.text))
         return texts, images
@@ -137,10 +140,15 @@ class GatewayService:
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         texts, encoded = self._split_inputs(request)
         meta, knob = await self._knob(request)
-        images = [await self._image(data, f"input.{i}.image") for i, data in encoded]
+        if request.dimensions is not None and request.dimensions != meta.embed_dim:
+            raise ApiError(422, "dimensions", f"dimensions {request.dimensions} is not offered: release "
+                           f"{meta.release_id} gives {meta.embed_dim}-dimensional embeddings, and CLIP embeddings "
+                           f"are not trained to be shortened; leave dimensions out or ask {meta.embed_dim}",
+                           "unsupported_dimensions")
+        images = [await self._image(data, param) for _, data, param in encoded]
         image_vectors, text_vectors, tokens = await self.model.embed(
             meta.release_id, images, [text for _, text in texts], knob)
-        vectors = (dict(zip([i for i, _ in encoded], image_vectors, strict=True))
+        vectors = (dict(zip([i for i, _, _ in encoded], image_vectors, strict=True))
                    | dict(zip([i for i, _ in texts], text_vectors, strict=True)))
         data = [Embedding(index=i, embedding=_vector(vectors[i], request.encoding_format)) for i in sorted(vectors)]
         return EmbeddingsResponse(data=data, model=meta.release_id,

@@ -2,10 +2,18 @@
 
 Embeddings follow the OpenAI shape. How a request tells texts from images: an
 `input` item is either a plain string (a text) or an object with a `type`:
-`{"type": "text", "text": "…"}` or `{"type": "image", "image": "<base64>"}`,
-where the image is base64 of the file bytes (PNG, JPEG or WebP by default) or
-a `data:image/…;base64,…` URL. Nothing else is an image: an `http(s)://` URL is
-refused (the server never fetches anything a request names).
+`{"type": "text", "text": "…"}`, `{"type": "image", "image": "<base64>"}`, where the
+image is base64 of the file bytes (PNG, JPEG or WebP by default) or a
+`data:image/…;base64,…` URL, or OpenAI's content part
+`{"type": "image_url", "image_url": {"url": "data:image/…;base64,…"}}`, whose url must be
+a data URL. Nothing else is an image: an `http(s)://` URL is refused (the server never
+fetches anything a request names).
+
+`dimensions` (which OpenAI clients may send) is accepted when it equals the release's
+embedding width, and changes nothing then; any other value is a 422 naming that width.
+Shortening is not offered: CLIP embeddings are not trained so that a prefix of one keeps
+its meaning (as Matryoshka-trained ones are), so a truncated vector would silently score
+worse.
 
 The request classes here are the types the gateway works with; what a server
 validates, and documents, is `request_models(limits)`: the same classes with that
@@ -37,6 +45,14 @@ SIGMA_INDEX = r"^(?:0|[1-9][0-9]*)$"
 # A format of our own: base64 of an image file (MIME line breaks allowed), or the same as a lower-case
 # data:image/<type>;base64, URL. No pattern: none can say "a PNG", and the decoder is what checks it.
 IMAGE_FORMAT = "image-base64"
+# OpenAI's image_url content part: only a data URL of an image (the server fetches nothing), the same
+# base64 after it. Its own format, for document readers and fuzzers: always a data URL. The validation
+# checks DATA_URL; the document gives the format, not the pattern, since no pattern can say "an image
+# file" and a value made to the pattern alone (a fuzzer's) is no image.
+DATA_URL = r"^data:image/[A-Za-z0-9.+-]+;base64,"
+IMAGE_DATA_URL_FORMAT = "image-data-url"
+URL_NOT_FETCHED = ("only a data:image/<type>;base64,… URL is accepted: the server never fetches a remote URL; "
+                   "send the image's bytes in a data URL")
 
 
 class Strict(BaseModel):
@@ -62,6 +78,12 @@ def _index(value: object) -> object:
     return int(value) if isinstance(value, str) and re.fullmatch(SIGMA_INDEX, value) else value
 
 
+def _integral(value: object) -> object:
+    """A JSON number with no fraction (64.0) is an integer, as JSON Schema's "integer" says; strict mode
+    alone would refuse it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _distinct(labels: list[str]) -> list[str]:
     first: dict[str, int] = {}
     for i, label in enumerate(labels):
@@ -84,6 +106,15 @@ def _image(limits: Limits) -> Any:
         description=f"base64 of a {formats} file (at most {limits.max_image_bytes} bytes and "
                     f"{limits.max_image_pixels} pixels, else 413; another format: 415), or a "
                     "data:image/…;base64,… URL; checked by decoding it")]
+
+
+def _data_url(limits: Limits) -> Any:
+    formats = "/".join(limits.image_formats)
+    return Annotated[str, Field(
+        json_schema_extra={"format": IMAGE_DATA_URL_FORMAT},
+        description=f"data:image/<type>;base64, and a {formats} file (at most {limits.max_image_bytes} bytes and "
+                    f"{limits.max_image_pixels} pixels, else 413; another format: 415); a remote URL is a 422"),
+        _matching(DATA_URL, "url_not_allowed", URL_NOT_FETCHED)]
 
 
 SigmaIndex = Annotated[int, BeforeValidator(_index), Field(ge=0)]
@@ -115,15 +146,33 @@ class ImageInput(Strict):
     image: str = Field(description="base64 of a PNG/JPEG/WebP file, or a data:image/…;base64,… URL")
 
 
-InputObject = Annotated[TextInput | ImageInput, Field(discriminator="type")]
+class ImageUrl(Strict):
+    url: str = Field(description="a data:image/…;base64,… URL (a remote URL is refused: nothing is fetched)")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="accepted for OpenAI compatibility, ignored: every image is seen at the model's size")
+
+
+class ImageUrlInput(Strict):
+    """OpenAI's image content part."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+InputObject = Annotated[TextInput | ImageInput | ImageUrlInput, Field(discriminator="type")]
 InputItem = str | InputObject
 
 
 class EmbeddingsRequest(Knobs):
     input: str | list[InputItem] = Field(
-        description='a text, or a list of texts (strings or {"type":"text"}) and images ({"type":"image"})')
+        description='a text, or a list of texts (strings or {"type":"text"}) and images ({"type":"image"}, or '
+                    'OpenAI\'s {"type":"image_url","image_url":{"url":"data:…"}})')
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="float: a JSON list; base64: little-endian float32 bytes (as OpenAI clients ask)")
+    dimensions: Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None = Field(
+        None, description="accepted when it equals the release's embedding width (GET /v1/models lists the "
+                                "releases; the width is d of sigma_overrides); any other value is a 422: CLIP "
+                                "embeddings are not trained to be shortened")
     user: str | None = Field(None, max_length=256, description="accepted for OpenAI compatibility, ignored")
 
 
@@ -155,7 +204,9 @@ def request_models(limits: Limits) -> RequestModels:
             Knobs.model_fields["sigma_overrides"])}
     text_input = create_model("TextInput", __base__=TextInput, text=(text, ...))
     image_input = create_model("ImageInput", __base__=ImageInput, image=(_image(limits), ...))
-    item: Any = text | Annotated[text_input | image_input, Field(discriminator="type")]
+    image_url = create_model("ImageUrl", __base__=ImageUrl, url=(_data_url(limits), ...))
+    image_url_input = create_model("ImageUrlInput", __base__=ImageUrlInput, image_url=(image_url, ...))
+    item: Any = text | Annotated[text_input | image_input | image_url_input, Field(discriminator="type")]
     items: Any = Annotated[list[item], Field(min_length=1, max_length=limits.max_inputs)]
     embeddings = create_model("EmbeddingsRequest", __base__=EmbeddingsRequest, **knobs,
                               input=(text | items, EmbeddingsRequest.model_fields["input"]))

@@ -3,9 +3,10 @@
 1. How to make a value of the document's `image-base64` format: base64 of a small image file in an allowed
    format, sometimes as a data URL or with MIME line breaks. A regex cannot say "a PNG"; without this every
    generated image would be refused by the decoder.
-2. σ override indices below the served releases' d (SCHEMA_DIM). The document says the range is the named
-   release's and cannot give a number that holds for every release; only valid (positive) cases are
-   trimmed, negative ones still go out as generated.
+   The `image-data-url` format (OpenAI's image_url content part) is the same, always as a data URL.
+2. σ override indices below the served releases' d (SCHEMA_DIM), and `dimensions` equal to it. The document
+   says both depend on the named release and cannot give a number that holds for every release; only valid
+   (positive) cases are changed, negative ones still go out as generated.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ DIM = int(os.environ.get("SCHEMA_DIM", "0"))
 
 
 @st.composite
-def _image_base64(draw: st.DrawFn) -> str:
+def _image_file(draw: st.DrawFn) -> tuple[str, str]:
+    """(format, base64 of a small image file in it, sometimes with MIME line breaks)."""
     height, width = draw(st.integers(1, 24)), draw(st.integers(1, 24))
     seed, fmt = draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from(FORMATS))
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -32,10 +34,21 @@ def _image_base64(draw: st.DrawFn) -> str:
     data = base64.b64encode(buffer.getvalue()).decode()
     if draw(st.booleans()):
         data = "\r\n".join(data[i:i + 76] for i in range(0, len(data), 76))
-    return f"data:image/{fmt.lower()};base64,{data}" if draw(st.booleans()) else data
+    return fmt, data
+
+
+def _data_url(file: tuple[str, str]) -> str:
+    return f"data:image/{file[0].lower()};base64,{file[1]}"
+
+
+@st.composite
+def _image_base64(draw: st.DrawFn) -> str:
+    file = draw(_image_file())
+    return _data_url(file) if draw(st.booleans()) else file[1]
 
 
 schemathesis.openapi.format("image-base64", _image_base64())
+schemathesis.openapi.format("image-data-url", _image_file().map(_data_url))
 
 
 @schemathesis.hook
@@ -46,4 +59,6 @@ def map_case(context, case):  # noqa: ARG001 - the hook's signature
         overrides = body.get("sigma_overrides")
         if isinstance(overrides, dict):
             body["sigma_overrides"] = {k: v for k, v in overrides.items() if int(k) < DIM}
+        if isinstance(body.get("dimensions"), int | float) and not isinstance(body["dimensions"], bool):
+            body["dimensions"] = DIM
     return case

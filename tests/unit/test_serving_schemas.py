@@ -96,3 +96,23 @@ def test_statuses_and_security_only_where_configured(tmp_path, monkeypatch):
     assert {"401", "429"} <= set(responses) and "Retry-After" in responses["429"]["headers"]
     assert keyed["paths"]["/v1/models"]["get"]["security"] == [{"HTTPBearer": []}]
     assert "401" not in keyed["paths"]["/healthz"]["get"]["responses"]  # the probe needs no key
+
+
+def test_an_image_url_part_takes_a_data_url_only():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+    body = MODELS.embeddings.model_validate({"input": [image, "a text"]})
+    assert body.input[0].image_url.url.startswith("data:image/png;base64,")
+    for url in ("https://example.com/cat.png", "iVBORw0KGgo=", "data:text/plain;base64,aGk="):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        [(loc, message)] = [(loc, m) for code, loc, m in _errors(MODELS.embeddings, {"input": [part]})
+                            if code == "url_not_allowed"]  # the union's other branches (a string) fail too
+        assert loc[-2:] == ("image_url", "url") and "never fetches a remote URL" in message
+    extra = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "y": 1}}
+    assert "extra_forbidden" in {code for code, _, _ in _errors(MODELS.embeddings, {"input": [extra]})}
+
+
+def test_dimensions_is_a_positive_integer_and_an_integral_number_is_one():
+    assert MODELS.embeddings.model_validate({"input": "a", "dimensions": 64.0}).dimensions == 64
+    assert MODELS.embeddings.model_validate({"input": "a"}).dimensions is None
+    for bad, code in ((0, "greater_than_equal"), (64.5, "int_type"), ("64", "int_type"), (True, "int_type")):
+        assert _errors(MODELS.embeddings, {"input": "a", "dimensions": bad})[0][0] == code, bad
