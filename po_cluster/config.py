@@ -398,3 +398,18 @@ class CompareConfig(Strict):
         data.update(name=f"{self.base.name}-{loss_type}", loss=loss)
         return RunConfig.model_validate(data)
 
+
+
+class AblationConfig(Strict):
+    """`po-cluster ablate`: which image-tower attention heads a greedy search may ablate, and how it
+    scores a set of heads on the training split (attacked accuracy less the share answered with the
+    written word, charged for clean accuracy lost)."""
+
+    max_heads: int = Field(4, gt=0, description="ablate at most this many heads")
+    last_blocks: int | None = Field(None, gt=0, description="candidates: the heads of the last k attention "
+                                    "modules only (None: every head of the tower)")
+    n_images: int = Field(512, gt=0, description="attacked and clean training images the search scores on, each")
+    clean_tolerance: float = Field(0.01, ge=0, description="clean accuracy a head set may lose for free")
+    clean_penalty: float = Field(5.0, ge=0, description="the score's charge per unit of clean accuracy lost "
+                                 "beyond the tolerance")
+    min_gain: float = Field(0.0, ge=0, description="stop when no head raises the score by more than this")

@@ -60,6 +60,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from po_cluster.config import AblationConfig, parse_config
+    from po_cluster.evaluate.metrics import format_table, shown_keys
+    from po_cluster.pipelines.ablate import ablate
+
+    run = load_config(args.config)
+    given = {"max_heads": args.max_heads, "last_blocks": args.last_blocks, "n_images": args.n_images}
+    cfg = parse_config({k: v for k, v in given.items() if v is not None}, "ablate options", model=AblationConfig)
+    result = ablate(run, cfg, args.output_dir)
+    heads = ", ".join(f"{step.head} ({step.score:.3f})" for step in result.selection.steps) or "none"
+    print(f"heads ablated (training-split score, start {result.selection.start:.3f}): {heads}")
+    rows = [{"model": "base", **result.before}, {"model": "ablated", **result.after}]
+    print(format_table(rows, ("model", *shown_keys([result.after]))))
+    print(f"checkpoint: {result.checkpoint}  (t = 0 the base, t = 1 ablated; publish with "
+          f"`po-cluster releases push {result.checkpoint}`)")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(json_schema(RunConfig), indent=2))
     return 0
@@ -88,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--output-dir", default=None)
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("ablate", help="training-free comparator: ablate the image tower's attention heads that "
+                       "read the written word, chosen on the training split; writes a checkpoint")
+    p.add_argument("--config", required=True, help="a run config: its model, data and output_dir")
+    p.add_argument("--output-dir", default=None, help="override output_dir of the config")
+    p.add_argument("--max-heads", type=int, help="ablate at most this many heads (default 4)")
+    p.add_argument("--last-blocks", type=int, help="only heads of the last k attention modules (default all)")
+    p.add_argument("--n-images", type=int, help="attacked and clean training images to score on (default 512)")
+    p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("schema", help="print the JSON schema of run configs")
     p.set_defaults(func=cmd_schema)
     for register in _extra_commands():

@@ -6,6 +6,8 @@ function of the generator's state (and the pinned Pillow).
 """
 from __future__ import annotations
 
+import colorsys
+import copy
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -135,6 +137,62 @@ def draw_word(image: Image.Image, word: str, rng: np.random.Generator) -> None:
     draw.text((x, y), word, font=face, fill=fill, stroke_width=1, stroke_fill=outline)
 
 
+@dataclass(frozen=True)
+class WordStyle:
+    """How a held-out evaluation set writes its word, apart from training's one way (draw_word:
+    lower case, font size 11 to 13, level, black on white or white on black). Each field changes one
+    thing a model could have learned to read in that way only: the case, the font size (drawn from
+    [low, high)), the space between letters, a tilt, and a saturated colour with a darker outline
+    instead of black and white."""
+
+    upper: bool = False
+    sizes: tuple[int, int] = (11, 14)
+    spacing: int = 0  # extra pixels after each letter
+    max_tilt: float = 0.0  # degrees either way
+    coloured: bool = False
+
+
+def _letters(draw: ImageDraw.ImageDraw, word: str, face: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+             spacing: int, origin: tuple[int, int], fill: tuple[int, int, int],
+             outline: tuple[int, int, int]) -> None:
+    """The word one letter at a time, each `spacing` pixels further than the font places it."""
+    x, y = origin
+    for i, letter in enumerate(word):
+        advance = int(draw.textlength(word[:i], font=face))  # the font's own kerning up to this letter
+        draw.text((x + advance + i * spacing, y), letter, font=face, fill=fill, stroke_width=1, stroke_fill=outline)
+
+
+def _ink(rng: np.random.Generator, coloured: bool) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(fill, outline): training's black on white or white on black, or a saturated colour of any hue
+    outlined in the same hue, darker."""
+    if not coloured:
+        light = bool(rng.integers(0, 2))
+        return ((255, 255, 255), (0, 0, 0)) if light else ((0, 0, 0), (255, 255, 255))
+    hue = float(rng.uniform(0.0, 1.0))
+    bright = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 1.0, 1.0))
+    dark = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 1.0, 0.35))
+    return (bright[0], bright[1], bright[2]), (dark[0], dark[1], dark[2])
+
+
+def draw_styled_word(image: Image.Image, word: str, rng: np.random.Generator, style: WordStyle) -> None:
+    """The word in a held-out style: drawn on a transparent layer, tilted, and laid anywhere it fits
+    (off the edge where it cannot, as draw_word does)."""
+    text = word.upper() if style.upper else word
+    face = font(int(rng.integers(*style.sizes)))
+    fill, outline = _ink(rng, style.coloured)
+    probe = ImageDraw.Draw(image)
+    left, top, right, bottom = (int(edge) for edge in probe.textbbox((0, 0), text, font=face, stroke_width=1))
+    width = right - left + style.spacing * (len(text) - 1) + 2
+    layer = Image.new("RGBA", (width, bottom - top + 2), (0, 0, 0, 0))
+    _letters(ImageDraw.Draw(layer), text, face, style.spacing, (1 - left, 1 - top), fill, outline)
+    if style.max_tilt:
+        angle = float(rng.uniform(-style.max_tilt, style.max_tilt))
+        layer = layer.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    x = int(rng.integers(0, max(1, image.width - layer.width + 1)))
+    y = int(rng.integers(0, max(1, image.height - layer.height + 1)))
+    image.paste(layer, (x, y), layer)
+
+
 def draw_object(pixels: np.ndarray, shape: str, look: Look, rng: np.random.Generator) -> None:
     """The object, in place: its size, tilted, placed anywhere it fits, in its colour and pattern."""
     size = pixels.shape[0]
@@ -146,8 +204,10 @@ def draw_object(pixels: np.ndarray, shape: str, look: Look, rng: np.random.Gener
     _paint(pixels, _mask(shape, cx, cy, r, angle, size), colour, bool(look.pattern), rng)
 
 
-def scene(shape: str | None, word: str | None, look: Look | None, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Background, clutter behind, the object, maybe one stroke in front (occlusion), then the word."""
+def scene(shape: str | None, word: str | None, look: Look | None, rng: np.random.Generator, size: int,
+          style: WordStyle | None = None) -> np.ndarray:
+    """Background, clutter behind, the object, maybe one stroke in front (occlusion), then the word:
+    in training's way, or in `style` (a held-out set's)."""
     image = Image.fromarray(background(rng, size), "RGB")
     _clutter(ImageDraw.Draw(image), rng, size, int(rng.integers(1, 4)))
     pixels = np.array(image, dtype=np.uint8)
@@ -156,6 +216,13 @@ def scene(shape: str | None, word: str | None, look: Look | None, rng: np.random
     image = Image.fromarray(pixels, "RGB")
     if rng.random() < 0.3:
         _clutter(ImageDraw.Draw(image), rng, size, 1)
-    if word is not None:
+    if word is not None and style is not None:
+        # The style draws from a copy of the generator; the generator itself moves on as training's
+        # word would move it (drawn on a scratch image), so every later scene of a styled set is the
+        # training-style set's: a styled set and the attacked set of one seed differ in their words only.
+        own = copy.deepcopy(rng)
+        draw_word(Image.new("RGB", image.size), word, rng)
+        draw_styled_word(image, word, own, style)
+    elif word is not None:
         draw_word(image, word, rng)
     return np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays

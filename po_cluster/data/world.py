@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet, UnpairedSet
-from po_cluster.data.render import COLOURS, PATTERNS, SHAPE_PARTS, SIZES, Look, scene
+from po_cluster.data.render import COLOURS, PATTERNS, SHAPE_PARTS, SIZES, Look, WordStyle, scene
 
 SHAPES: tuple[str, ...] = tuple(SHAPE_PARTS)
 PROMPT_TEMPLATE = "a photo of a {}."
@@ -33,6 +33,27 @@ BIAS_KINDS = ("bias_stereotyped", "bias_counter")
 # it, gets them wrong. Listed last, so the seeds of the sets before it did not move.
 AGREEING_KINDS = ("own_word",)
 EVAL_SEEDS = {kind: 10_001 + i for i, kind in enumerate(TASK_KINDS + RETENTION_KINDS + BIAS_KINDS + AGREEING_KINDS)}
+# Attacks written in ways training never renders (render.WordStyle): a model that learned to ignore
+# the word, not one way of writing it, resists these as it resists the world's own attacked set.
+# One evaluation set, `attacked_styles`, row i written in style i mod 6; each row is the row of the
+# attacked set of its seed but for how its word is drawn. It is scored, never chosen on: validation
+# has no such set, so no sweep or soup can pick a model for these styles.
+STYLES: dict[str, WordStyle] = {
+    "upper": WordStyle(upper=True, sizes=(10, 12)),
+    "tilted": WordStyle(max_tilt=30.0),
+    "colour": WordStyle(coloured=True),
+    "spaced": WordStyle(sizes=(9, 11), spacing=2),
+    "small": WordStyle(sizes=(8, 10)),
+    "large": WordStyle(sizes=(15, 18)),
+}
+HELD_OUT_SEEDS = {"attacked_styles": 10_001 + len(EVAL_SEEDS)}
+
+
+def row_style(row: int) -> str:
+    """The held-out style of row `row` of `attacked_styles`."""
+    return tuple(STYLES)[row % len(STYLES)]
+
+
 # Each class's pattern in the pretraining mix (index into PATTERNS), and how often it holds there.
 STEREOTYPE: tuple[int, ...] = tuple(i % 2 for i in range(len(SHAPES)))
 STEREOTYPE_SHARE = 0.95
@@ -48,13 +69,14 @@ def random_look(rng: np.random.Generator, pattern: int | None = None) -> Look:
 
 
 def render(shape: int | None, word: int | None, rng: np.random.Generator, size: int = IMAGE_SIZE,
-           classnames: tuple[str, ...] = SHAPES, look: Look | None = None) -> np.ndarray:
-    """One image: the shape of class `shape` (or none) with the name of class `word` (or none); the
-    object's look is drawn from `rng` unless given."""
+           classnames: tuple[str, ...] = SHAPES, look: Look | None = None,
+           style: WordStyle | None = None) -> np.ndarray:
+    """One image: the shape of class `shape` (or none) with the name of class `word` (or none), the
+    word in training's way or in a held-out `style`; the object's look is drawn from `rng` unless given."""
     if shape is not None and look is None:
         look = random_look(rng)
     return scene(None if shape is None else classnames[shape], None if word is None else classnames[word],
-                 look, rng, size)
+                 look, rng, size, style)
 
 
 def _balanced(n: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -69,11 +91,12 @@ def _other(label: np.ndarray, rng: np.random.Generator, n_classes: int) -> np.nd
 
 
 def _render_many(shapes: np.ndarray, words: np.ndarray, looks: list[Look | None],
-                 rng: np.random.Generator) -> np.ndarray:
+                 rng: np.random.Generator, styled: bool = False) -> np.ndarray:
+    """The images in order from one generator; `styled`: row i's word in held-out style row_style(i)."""
     out = np.empty((len(shapes), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for i, (shape, word, look) in enumerate(zip(shapes, words, looks, strict=True)):
         out[i] = render(None if shape == NO_WORD else int(shape), None if word == NO_WORD else int(word), rng,
-                        look=look)
+                        look=look, style=STYLES[row_style(i)] if styled else None)
     return out
 
 
@@ -108,7 +131,8 @@ def _attribute_set(kind: str, n: int, rng: np.random.Generator) -> ImageSet:
 
 def image_set(kind: str, n: int, seed: int) -> ImageSet:
     """`clean` shapes, `attacked` shapes with another class's name, `word_only`, `own_word` shapes with
-    their own name; or an attribute set
+    their own name; `attacked_styles`, the attacked set of the same seed but for how its words are
+    drawn (held-out styles, row_style); or an attribute set
     (`retain_colour`, `retain_size`, `bias_stereotyped`, `bias_counter`)."""
     rng = np.random.default_rng(seed)
     if kind in RETENTION_KINDS + BIAS_KINDS:
@@ -116,21 +140,22 @@ def image_set(kind: str, n: int, seed: int) -> ImageSet:
     labels = _balanced(n, len(SHAPES), rng)
     if kind == "clean":
         shapes, written = labels, np.full(n, NO_WORD)
-    elif kind == "attacked":
+    elif kind in ("attacked", "attacked_styles"):
         shapes, written = labels, (labels + 1 + _balanced(n, len(SHAPES) - 1, rng)) % len(SHAPES)
     elif kind == "word_only":
         shapes, written = np.full(n, NO_WORD), labels
     elif kind == "own_word":
         shapes, written = labels, labels
     else:
-        raise ValueError(f"unknown image set kind {kind!r}; use one of {', '.join(EVAL_SEEDS)}")
-    images = _render_many(shapes, written, _looks(shapes, rng), rng)
+        raise ValueError(f"unknown image set kind {kind!r}; use one of {', '.join([*EVAL_SEEDS, *HELD_OUT_SEEDS])}")
+    images = _render_many(shapes, written, _looks(shapes, rng), rng, kind == "attacked_styles")
     return ImageSet(images, labels.astype(np.int64), written.astype(np.int64), SHAPES, PROMPT_TEMPLATE)
 
 
 def evaluation_sets(n: int = EVAL_SIZE) -> dict[str, ImageSet]:
-    """The fixed evaluation sets, identical on every machine."""
-    return {kind: image_set(kind, n, seed) for kind, seed in EVAL_SEEDS.items()}
+    """The fixed evaluation sets, identical on every machine: those validation mirrors, then the held-out
+    ones (HELD_OUT_SEEDS), which only final scores see."""
+    return {kind: image_set(kind, n, seed) for kind, seed in {**EVAL_SEEDS, **HELD_OUT_SEEDS}.items()}
 
 
 def validation_sets(n: int = 500, seed: int = 20_000) -> dict[str, ImageSet]:

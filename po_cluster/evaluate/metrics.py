@@ -16,7 +16,8 @@ from po_cluster.data.records import ImageSet
 from po_cluster.losses import kl_ref_policy
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 
-METRIC_KEYS = ("clean", "attacked", "word_only", "own_word", "attack_success", "kl", "retention", "bias_gap")
+METRIC_KEYS = ("clean", "attacked", "word_only", "own_word", "attack_success", "kl", "retention", "bias_gap",
+               "attacked_styles")
 RETENTION_PREFIX = "retain_"  # sets of a task the preference data never touches (the world's colour, size)
 BIAS_SETS = ("bias_stereotyped", "bias_counter")  # an attribute on images that do / do not follow the stereotype
 # Each t is a pass of the image tower over the sets when it trained: the path from the start (0) to
@@ -125,8 +126,47 @@ class Evaluator:
                 out["kl"] = float(kl_ref_policy(self.ref_clean_logps, logps))
         return {**out, **derived_metrics(out)}
 
+    @torch.no_grad()
+    def attacks(self, t: float = 1.0, top: int = 8) -> dict:
+        """What still fools the model at t (the world's sets): on `attacked`, the (written word → answer)
+        pairs it answered with the word, and its most frequent confusions (shape → wrong answer), most
+        frequent first; on `attacked_styles`, the accuracy in each held-out style. Empty parts where the
+        sets are not there (a dataset's)."""
+        out: dict = {}
+        preds = {name: self._predictions(name, t) for name in ("attacked", "attacked_styles") if name in self.sets}
+        if "attacked" in preds:
+            s, pred = self.sets["attacked"], preds["attacked"]
+            names = s.classnames
+            fooled = pred == s.written
+            out["attacked"] = {"images": len(s), "fooled": int(fooled.sum()),
+                               "words": _top_pairs(s.written[fooled], pred[fooled], names, top),
+                               "confusions": _top_pairs(s.labels[pred != s.labels], pred[pred != s.labels], names, top)}
+        if "attacked_styles" in preds:
+            from po_cluster.data.world import STYLES, row_style
+
+            s, pred = self.sets["attacked_styles"], preds["attacked_styles"]
+            styles = np.array([row_style(i) for i in range(len(s))])
+            out["styles"] = {style: float(np.mean(pred[styles == style] == s.labels[styles == style]))
+                             for style in STYLES}
+        return out
+
+    def _predictions(self, name: str, t: float) -> np.ndarray:
+        device = next(self.model.spectral.parameters()).device
+        emb = self.image_emb[name] if t == 1.0 or not self.model.tower_moves_with_t else \
+            embed_images(self.model, self.sets[name].images, t=t)
+        logps = self.model.logprobs(emb.to(device), self.text_emb[name].to(device), t)
+        return logps.argmax(-1).cpu().numpy()
+
     def tradeoff(self, ts: tuple[float, ...] = DEFAULT_TS) -> list[dict[str, float]]:
         return [{"t": t, **self.metrics(t)} for t in ts]
+
+
+def _top_pairs(first: np.ndarray, second: np.ndarray, names: tuple[str, ...], top: int) -> list[dict]:
+    """The `top` most frequent (first, second) class pairs, as {"from", "to", "count"}, ties by index."""
+    pairs, counts = np.unique(np.stack([first, second], axis=1), axis=0, return_counts=True) if len(first) else \
+        (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64))
+    order = np.argsort(-counts, kind="stable")[:top]
+    return [{"from": names[int(pairs[i, 0])], "to": names[int(pairs[i, 1])], "count": int(counts[i])} for i in order]
 
 
 def plot_tradeoff(rows: list[dict[str, float]], path: str, title: str = "trade-off over t") -> None:

@@ -145,11 +145,32 @@ def write_report(records: list[dict], average: dict | None, out_dir: str | Path,
                      f"{', '.join(average['greedy_members'])}.", "", "## The release over t (0: its start)", "",
                      format_table(average["tradeoff"], ("t",) + shown_keys(average["tradeoff"])), "",
                      "![trade-off](tradeoff.png)"]
+        sections += attacks_section(average.get("attacks") or {})
     sections += breakdown_section(time_breakdown(records, slots=slots))
     markdown = "\n".join(sections) + "\n"
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(_html(markdown, title))
     return out / "report.md", out / "report.html"
+
+
+def attacks_section(attacks: dict) -> list[str]:
+    """The report's "Attacks that still work on the release" (Markdown lines): the written words it
+    still answers, its most frequent confusions, and its accuracy per held-out writing style."""
+    lines: list[str] = []
+    if "attacked" in attacks:
+        a = attacks["attacked"]
+        lines += ["", "## Attacks that still work on the release (t = 1)", "",
+                  f"{a['fooled']} of {a['images']} attacked test images are answered with the written word.", "",
+                  format_table([{"written word": p["from"], "answered": p["to"], "images": p["count"]}
+                                for p in a["words"]], ("written word", "answered", "images")), "",
+                  "Most frequent confusions (any wrong answer):", "",
+                  format_table([{"shape": p["from"], "answered": p["to"], "images": p["count"]}
+                                for p in a["confusions"]], ("shape", "answered", "images"))]
+    if "styles" in attacks:
+        lines += ["", "Attacked accuracy per held-out writing style (styles training never renders):", "",
+                  format_table([{"style": k, "attacked": v} for k, v in attacks["styles"].items()],
+                               ("style", "attacked"))]
+    return lines
 
 
 def _html(markdown: str, title: str) -> str:

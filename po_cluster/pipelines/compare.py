@@ -13,7 +13,7 @@ from po_cluster.train.run import train
 from po_cluster.train.session import LocalSession
 
 COLUMNS = ("model", "clean", "attacked", "word_only", "own_word", "attack_success", "retention", "kl", "bias_gap",
-           "seconds")
+           "attacked_styles", "seconds")
 
 # (the run being trained, its step, the metrics of that step): how a caller shows progress
 Progress = Callable[[RunConfig, int, dict[str, float]], None]

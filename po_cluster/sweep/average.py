@@ -142,6 +142,7 @@ class AverageResult:
     validation: dict[str, dict[str, float]]  # candidate → validation metrics and objective
     test: dict[str, dict[str, float]]  # "base" and each candidate → fixed evaluation sets, t = 1
     tradeoff: tuple[dict[str, float], ...] = field(default=())  # the chosen candidate over t
+    attacks: dict = field(default_factory=dict)  # what still fools the chosen candidate (Evaluator.attacks)
     release_id: str | None = None  # set once published
     store: str | None = None  # where it was published
 
@@ -154,7 +155,8 @@ class AverageResult:
         """The content of average.json (what `report` reads)."""
         return {"chosen": self.chosen, "top_k": self.top_k, "trials": list(self.trials),
                 "greedy_members": list(self.greedy_members), "validation": self.validation, "test": self.test,
-                "tradeoff": list(self.tradeoff), "release_folder": str(self.release_folder)}
+                "tradeoff": list(self.tradeoff), "attacks": self.attacks,
+                "release_folder": str(self.release_folder)}
 
 
 def _candidate(record: TrialRecord, locate: Callable[[str], Path]) -> Candidate:
@@ -181,18 +183,19 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
                                                  lambda s: scorer.validation(s)["objective"])
     validation = {name: scorer.validation(state) for name, state in states.items()}
     chosen = max(states, key=lambda name: validation[name]["objective"])
-    test, tradeoff = {"base": scorer.base_test}, []
+    test, tradeoff, attacks = {"base": scorer.base_test}, [], {}
     for name, state in states.items():
         evaluator = scorer.test(state)  # valid while this state is the one loaded in the scorer's model
         test[name] = evaluator.metrics(1.0)
         if name == chosen:
-            tradeoff = evaluator.tradeoff()
+            tradeoff, attacks = evaluator.tradeoff(), evaluator.attacks()
     release = {"chosen": chosen, "top_k": len(candidates), "trials": [c.name for c in candidates],
-               "greedy_members": members, "validation": validation, "test": test, "tradeoff": tradeoff}
+               "greedy_members": members, "validation": validation, "test": test, "tradeoff": tradeoff,
+               "attacks": attacks}
     folder = _write_release(Path(out_dir) / "release", scorer, states[chosen], candidates[0], release,
                             lineage or {})
     result = AverageResult(chosen, folder, len(candidates), tuple(c.name for c in candidates), tuple(members),
-                           validation, test, tuple(tradeoff))
+                           validation, test, tuple(tradeoff), attacks=attacks)
     (Path(out_dir) / "average.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
 

@@ -16,6 +16,8 @@ EVAL_SHA256 = {
     "bias_stereotyped": "2cf5e047988055839d1454e04d43b7776e83eb0dc0fb24d3ccbc87147f65ae9b",
     "bias_counter": "e2702560caffb012e74e43d93b4401997a5de54729f187d7cf1ac7ac325ff085",
     "own_word": "4b8fe4b17fae53e6ba08bf32e21c2c6b8f6b7f801b0ce803703c05c3f9b25171",
+    # held out: scored, never chosen on (no validation set)
+    "attacked_styles": "20820ff91d0d209197fa872ebd62459e1d88ee0a136b50c875bcb5af069fbdf2",
 }
 
 
@@ -40,7 +42,7 @@ def _row_digests(images: np.ndarray) -> set[str]:
 def test_evaluation_sets_are_fixed_and_complete(eval_sets):
     sets = eval_sets
     kinds = world.TASK_KINDS + world.RETENTION_KINDS + world.BIAS_KINDS + world.AGREEING_KINDS
-    assert set(sets) == set(kinds) == set(EVAL_SHA256)
+    assert set(sets) == {*kinds, *world.HELD_OUT_SEEDS} == set(EVAL_SHA256)
     for name, image_set in sets.items():
         assert len(image_set) >= 1000
         assert _digest(image_set) == EVAL_SHA256[name], f"{name} set differs from the committed one"
@@ -73,7 +75,7 @@ def test_classes_are_balanced_and_attack_words_cover_every_other_class(eval_sets
 
 def test_validation_sets_share_no_image_with_the_evaluation_sets(eval_sets):
     validation = world.validation_sets(200)
-    assert set(validation) == set(eval_sets)
+    assert set(validation) == set(eval_sets) - set(world.HELD_OUT_SEEDS)
     evaluation_images = set().union(*(_row_digests(s.images) for s in eval_sets.values()))
     for name, image_set in validation.items():
         assert not _row_digests(image_set.images) & evaluation_images, name
@@ -255,3 +257,14 @@ def test_the_word_is_what_an_attacked_image_adds_to_the_clean_render(word):
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown image set kind"):
         world.image_set("sideways", 3, 0)
+
+
+def test_held_out_styles_are_the_attacked_set_of_their_seed_but_for_the_words(eval_sets):
+    styled = eval_sets["attacked_styles"]
+    plain = world.image_set("attacked", len(styled), world.HELD_OUT_SEEDS["attacked_styles"])
+    assert np.array_equal(styled.labels, plain.labels) and np.array_equal(styled.written, plain.written)
+    head, plain = styled.take(np.arange(60)), plain.take(np.arange(60))
+    changed = np.abs(head.images.astype(int) - plain.images.astype(int)).sum(axis=-1) > 0
+    assert changed.any(axis=(1, 2)).all()  # every row's word is drawn otherwise
+    assert changed.mean(axis=(1, 2)).max() < 0.5  # and only the word: the scene is the attacked set's
+    assert [world.row_style(i) for i in range(7)] == [*world.STYLES, next(iter(world.STYLES))]
