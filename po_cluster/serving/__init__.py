@@ -1,7 +1,9 @@
 """Serving: the aligned CLIP model over HTTP on Ray Serve.
 
-- `app.build_app(args)` builds the Serve application (the `import_path` of serve/config.yaml);
-- `args.ServeArgs` the validated application args; `schemas` the HTTP request/response models;
+- `app.build_app(args)` builds the Serve application (the `import_path` of serve/config.yaml), whose
+  deployments take their `user_config` in `reconfigure`; `app.local_app` the same from one ServeArgs;
+- `args`: the app's args, each deployment's user_config and the flat `ServeArgs`, validated (and a
+  whole Serve config checked: `check_application`); `schemas` the HTTP request/response models;
 - `limits` every request limit and the 4xx errors; `engine` the model-side math, without Ray;
 - `local.serve_and_ask` starts the app locally and asks it about one image.
 

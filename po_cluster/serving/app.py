@@ -1,5 +1,9 @@
 """The Ray Serve application: `build_app(args)` is the import_path of serve/config.yaml.
 
+In Serve's terms (args.py): `args` is the store (a change replaces the replicas); each deployment's
+options and `user_config` come from the config's `deployments:` entries, and `reconfigure` applies a
+new user_config to the running replicas, which keep their ids, processes and loaded releases.
+
 Two deployments:
 
     HTTP ─► Gateway (FastAPI ingress: keys, limits, decoding, release lookup;
@@ -30,7 +34,7 @@ from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 from po_cluster.serving.api import make_api
-from po_cluster.serving.args import ServeArgs
+from po_cluster.serving.args import GATEWAY, MODEL, AppArgs, GatewaySettings, ModelSettings, ServeArgs, validated
 from po_cluster.serving.client import HandleClient
 from po_cluster.serving.engine import ClassifyItem, EmbedRequest, EmbedResult, ReleaseModel, Scores
 from po_cluster.serving.gateway import GatewayService
@@ -39,16 +43,17 @@ from po_cluster.serving.observe import keep_reporting_releases, record_batch, re
 from po_cluster.store.artifacts import open_store
 
 
-@serve.deployment(name="AlignedModel")
+@serve.deployment(name=MODEL)
 class AlignedModel:
     def __init__(self, args: dict[str, Any]) -> None:
+        import ray
         import torch
 
-        self.args = ServeArgs.model_validate(args)
-        settings = self.args.model
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self.device = "cuda" if settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.args = validated(AppArgs, args, "args")
+        memory = self.args.model
+        self.settings = ModelSettings()  # until reconfigure brings the deployment's user_config
+        # A GPU only where Ray gave this replica one (ray_actor_options num_gpus).
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.store = open_store(self.args.store, self.args.store_settings)
         # One forward at a time, off the event loop: the loop keeps filling the next batch meanwhile,
         # and two concurrent forwards would only fight over the same cores.
@@ -60,13 +65,24 @@ class AlignedModel:
             return await self._load(release_id)
 
         # Applied here rather than on the class so that the bound comes from the args.
-        self.release = serve.multiplexed(max_num_models_per_replica=settings.max_releases_per_replica)(load)
+        self.release = serve.multiplexed(max_num_models_per_replica=memory.max_releases_per_replica)(load)
+        self.reconfigure(None)
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """The deployment's user_config (ModelSettings), at the start and on every change, in place."""
+        import torch
+
+        self.settings = validated(ModelSettings, user_config, f"deployments[{MODEL}].user_config")
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
         # Calls arrive as chunks already coalesced by the gateways; chunks that queue while a forward
         # runs are merged into the next one (no waiting: the gateways did that).
         # Serve's batch wrappers carry this setter; its type stubs do not declare it.
         wrappers: tuple[Any, ...] = (self._classify_chunks, self._embed_chunks)
         for batched in wrappers:
-            batched.set_max_batch_size(self.args.batching.max_batch_size)
+            batched.set_max_batch_size(self.settings.max_batch_size)
+        for release in list(self.loaded.values()):  # the releases held keep serving, in the new chunk size
+            release.max_forward = self.settings.max_batch_size
 
     async def _run(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
@@ -74,7 +90,7 @@ class AlignedModel:
     async def _load(self, release_id: str) -> ReleaseModel:
         folder = await asyncio.to_thread(self.store.pull_release, release_id)  # verified against its manifest
         release = await self._run(ReleaseModel.load, release_id, folder, self.args.model.text_cache_size,
-                                  self.device, self.args.batching.max_batch_size, False,
+                                  self.device, self.settings.max_batch_size, False,
                                   self.args.model.tower_cache_size)
         self.loaded[release_id] = release
         record_releases_loaded(len(self.loaded))
@@ -126,34 +142,67 @@ def _split(flat: list, sizes: list[int]) -> list[list]:
     return out
 
 
-@serve.deployment(name="Gateway")
+class LiveApp:
+    """The gateway's ASGI app as Serve sees it: it hands each request to the FastAPI app of the current
+    settings. Serve builds a replica's ASGI app once; reconfigure replaces the FastAPI app behind this
+    (its limits, keys and statuses are baked into its routes and document), and a request already
+    inside the old one finishes there."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+@serve.deployment(name=GATEWAY)
 @serve.ingress()
 class GatewayDeployment:
     def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
-        parsed = ServeArgs.model_validate(args)
-        self.service = GatewayService(parsed, HandleClient(model, parsed.batching))
+        self.args = validated(AppArgs, args, "args")
+        settings = self._settings(GatewaySettings())  # until reconfigure brings the user_config
+        self.client = HandleClient(model, settings.batching)
+        self.service = GatewayService(settings, self.client)
+        self.live = LiveApp(make_api(self.service, echo_request_id=False))  # Serve returns the x-request-id
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
+    def _settings(self, settings: GatewaySettings) -> ServeArgs:
+        # GatewayService reads these fields of ServeArgs; each part is validated already, and the one rule
+        # across them (model.max_ongoing_requests ≥ batch size) is the model deployment's, not this one's.
+        return ServeArgs.model_construct(store=self.args.store, store_settings=self.args.store_settings,
+                                         **dict(settings))
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """The deployment's user_config (GatewaySettings), at the start and on every change, in place."""
+        settings = self._settings(validated(GatewaySettings, user_config, f"deployments[{GATEWAY}].user_config"))
+        self.client.configure(settings.batching)
+        self.service.configure(settings)
+        self.live.app = make_api(self.service, echo_request_id=False)
+
+    def __serve_build_asgi_app__(self) -> LiveApp:
         # Late-bound ingress: the app is built per replica, with this replica's limits and keys.
-        return make_api(self.service, echo_request_id=False)  # Serve returns the x-request-id itself
+        return self.live
+
+
+def _bind(args: dict[str, Any], options: dict[str, dict[str, Any]]) -> Application:
+    parsed = validated(AppArgs, args, "args")
+    plain = parsed.model_dump(mode="json")  # replicas re-validate the same dict
+    # @serve.deployment turned both classes into Deployments; mypy does not apply class decorators.
+    model_deployment, gateway_deployment = cast(Deployment, AlignedModel), cast(Deployment, GatewayDeployment)
+    model_app = model_deployment.options(**options.get(MODEL, {})).bind(plain)
+    return gateway_deployment.options(**options.get(GATEWAY, {})).bind(model_app, plain)
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application for `args` (ServeArgs; a ValidationError names the bad field)."""
+    """The Serve application for the config's `args` (AppArgs: a ConfigError names the bad field). The
+    deployments' options and user_configs are the config's `deployments:` entries, which Serve applies."""
+    return _bind(args, {})
+
+
+def local_app(args: dict[str, Any]) -> Application:
+    """The same application from one ServeArgs document (`po-cluster serve`, start_local): its options and
+    user_configs are those ServeArgs.deployments() writes, as a config file would state them."""
     parsed = ServeArgs.model_validate(args)
-    plain = parsed.model_dump(mode="json")  # replicas re-validate the same dict
-    model, gateway = parsed.model, parsed.gateway
-    scaling: dict[str, Any] = ({"autoscaling_config": model.autoscaling.model_dump(exclude_none=True)}
-                               if model.autoscaling else {"num_replicas": model.num_replicas})
-    # @serve.deployment turned both classes into Deployments; mypy does not apply class decorators.
-    model_deployment, gateway_deployment = cast(Deployment, AlignedModel), cast(Deployment, GatewayDeployment)
     # max_queued_requests: past that, Serve answers BackPressureError at once instead of queueing
     # without bound (the client maps it to a 503 with Retry-After; the proxy does the same for HTTP).
-    model_app = model_deployment.options(
-        ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
-        max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
-        **model.draining.model_dump(), **scaling).bind(plain)
-    return gateway_deployment.options(
-        ray_actor_options={"num_cpus": gateway.num_cpus}, num_replicas=gateway.num_replicas,
-        max_ongoing_requests=gateway.max_ongoing_requests, max_queued_requests=gateway.max_queued_requests,
-        **gateway.draining.model_dump()).bind(model_app, plain)
+    options = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in parsed.deployments()}
+    return _bind(parsed.app_args(), options)

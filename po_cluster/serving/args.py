@@ -1,13 +1,32 @@
-"""The application args of `build_app` (the `args:` of serve/config.yaml), validated once at the edge."""
+"""The serving app's settings, in Ray Serve's terms, validated at the edge.
+
+A Serve config (serve/config.yaml, a RayService's serveConfigV2) splits them as Serve does:
+
+- the application's `args` (`AppArgs`): only what a running replica cannot take in place, since Serve
+  treats a change of args as new code and replaces every replica: the store each replica opens, and
+  the memory it sizes when it starts (releases per replica, its caches);
+- each deployment's options in its `deployments:` entry (replicas, autoscaling, max ongoing and queued
+  requests, actor options, graceful shutdown, max_replicas_per_node): Serve applies a change of
+  replicas, autoscaling, queue bounds or shutdown timing to the running replicas;
+- each deployment's `user_config` (`GatewaySettings`, `ModelSettings`): what may change while serving
+  (limits, rate limit, keys, default release, batching), handed to the running replicas' `reconfigure`.
+
+`ServeArgs` holds all of it in one document, for `po-cluster serve` and `start_local`; `deployments()`
+and `app_args()` split it into the same Serve options and user_configs a config file states.
+"""
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from typing import Any, TypeVar
 
-from po_cluster.config import Strict
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from po_cluster.config import ConfigError, Strict
 from po_cluster.serving.auth import AuthArgs
 from po_cluster.serving.limits import Limits
 from po_cluster.serving.ratelimit import RateLimit
 from po_cluster.store.artifacts import StoreError, StoreSettings, check_release_id
+
+M = TypeVar("M", bound=Strict)
 
 
 class Batching(Strict):
@@ -45,7 +64,16 @@ class Draining(Strict):
     graceful_shutdown_timeout_s: float = Field(30, ge=0)
 
 
-class ModelDeploymentArgs(Strict):
+class ReplicaMemory(Strict):
+    """What a model replica sizes when it starts (Serve's multiplexer takes its bound once)."""
+
+    max_releases_per_replica: int = Field(2, ge=1, description="releases held in memory (LRU), multiplexing")
+    text_cache_size: int = Field(4096, ge=0, description="text embeddings g(y) cached per release")
+    tower_cache_size: int = Field(4, ge=0, description="image towers at θ(t) kept per release (LRU, one per "
+                                  "t to 0.01; each a copy of the trained tower weights)")
+
+
+class ModelDeploymentArgs(ReplicaMemory):
     num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per model replica")
     num_gpus: float = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own)")
@@ -57,10 +85,8 @@ class ModelDeploymentArgs(Strict):
     max_queued_requests: int = Field(64, ge=1, description="calls a gateway replica queues for the model "
                                      "deployment beyond those in flight; more are a 503 at once")
     draining: Draining = Draining()
-    max_releases_per_replica: int = Field(2, ge=1, description="releases held in memory (LRU), multiplexing")
-    text_cache_size: int = Field(4096, ge=0, description="text embeddings g(y) cached per release")
-    tower_cache_size: int = Field(4, ge=0, description="image towers at θ(t) kept per release (LRU, one per "
-                                  "t to 0.01; each a copy of the trained tower weights)")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="at most this many model replicas on "
+                                              "one node (pod), so that losing one loses fewer")
 
 
 class GatewayArgs(Strict):
@@ -71,6 +97,59 @@ class GatewayArgs(Strict):
     max_queued_requests: int = Field(512, ge=1, description="requests the proxy queues for the gateway "
                                      "beyond those in flight; more are a 503 at once")
     draining: Draining = Draining()
+    max_replicas_per_node: int | None = Field(None, ge=1)
+
+
+def _release_name(value: str) -> str:
+    if value != "latest":
+        try:
+            check_release_id(value)
+        except StoreError as error:
+            raise ValueError(str(error)) from None
+    return value
+
+
+class AppArgs(Strict):
+    """The application's `args`: what needs new replicas (a change replaces every replica)."""
+
+    store: str = Field(description="release store: a folder or s3://bucket/prefix")
+    store_settings: StoreSettings = StoreSettings()
+    model: ReplicaMemory = ReplicaMemory()
+
+
+class GatewaySettings(Strict):
+    """The Gateway deployment's user_config: applied to running replicas by reconfigure."""
+
+    default_release: str = Field("latest", description='served when a request names none; "latest" follows '
+                                                       "the store's pointer")
+    latest_ttl_s: float = Field(5.0, ge=0, description="how long the latest pointer is trusted before re-reading")
+    limits: Limits = Limits()
+    batching: Batching = Batching()
+    auth: AuthArgs = AuthArgs()
+    rate_limit: RateLimit = RateLimit()
+
+    _release = field_validator("default_release")(_release_name)
+
+
+class ModelSettings(Strict):
+    """The AlignedModel deployment's user_config: applied to running replicas by reconfigure."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="inputs per tower pass and per merged call; "
+                                "the gateways' batching.max_batch_size")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own)")
+
+
+GATEWAY, MODEL = "Gateway", "AlignedModel"  # the deployments' names (app.py)
+USER_CONFIG: dict[str, type[Strict]] = {GATEWAY: GatewaySettings, MODEL: ModelSettings}
+
+
+def validated(model: type[M], value: Any, where: str) -> M:
+    """`model` from value, or a ConfigError naming each bad field under `where`."""
+    try:
+        return model.model_validate(value if value is not None else {})
+    except ValidationError as error:
+        fields = "; ".join(f"{where}.{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"invalid {where}: {fields}") from None
 
 
 class ServeArgs(Strict):
@@ -86,18 +165,70 @@ class ServeArgs(Strict):
     auth: AuthArgs = AuthArgs()
     rate_limit: RateLimit = RateLimit()
 
-    @field_validator("default_release")
-    @classmethod
-    def _release(cls, value: str) -> str:
-        if value != "latest":
-            try:
-                check_release_id(value)
-            except StoreError as error:
-                raise ValueError(str(error)) from None
-        return value
+    _release = field_validator("default_release")(_release_name)
 
     @model_validator(mode="after")
     def _batches_can_fill(self) -> ServeArgs:
         if self.model.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("model.max_ongoing_requests must be ≥ batching.max_batch_size")
         return self
+
+    def app_args(self) -> dict[str, Any]:
+        memory = ReplicaMemory.model_fields
+        return AppArgs(store=self.store, store_settings=self.store_settings,
+                       model=ReplicaMemory(**{k: getattr(self.model, k) for k in memory})).model_dump(mode="json")
+
+    def gateway_settings(self) -> GatewaySettings:
+        return GatewaySettings(default_release=self.default_release, latest_ttl_s=self.latest_ttl_s,
+                               limits=self.limits, batching=self.batching, auth=self.auth, rate_limit=self.rate_limit)
+
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings(max_batch_size=self.batching.max_batch_size, torch_threads=self.model.torch_threads)
+
+    def deployments(self) -> list[dict[str, Any]]:
+        """Each deployment's entry as a Serve config's `deployments:` states it: options and user_config."""
+        model, gateway = self.model, self.gateway
+        scaling: dict[str, Any] = ({"autoscaling_config": model.autoscaling.model_dump(exclude_none=True)}
+                                   if model.autoscaling else {"num_replicas": model.num_replicas})
+        per_node = {"max_replicas_per_node": model.max_replicas_per_node} if model.max_replicas_per_node else {}
+        gateway_per_node = {"max_replicas_per_node": gateway.max_replicas_per_node} \
+            if gateway.max_replicas_per_node else {}
+        return [
+            {"name": GATEWAY, "num_replicas": gateway.num_replicas,
+             "max_ongoing_requests": gateway.max_ongoing_requests, "max_queued_requests": gateway.max_queued_requests,
+             **gateway.draining.model_dump(), **gateway_per_node, "ray_actor_options": {"num_cpus": gateway.num_cpus},
+             "user_config": self.gateway_settings().model_dump(mode="json")},
+            {"name": MODEL, **scaling, "max_ongoing_requests": model.max_ongoing_requests,
+             "max_queued_requests": model.max_queued_requests, **model.draining.model_dump(), **per_node,
+             "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+             "user_config": self.model_settings().model_dump(mode="json")},
+        ]
+
+
+def check_application(app: dict[str, Any]) -> AppArgs:
+    """A Serve config's application of this app, each section checked as a deploy would check it (Serve's
+    own schema for the options; args and each user_config here): a ConfigError names the bad field."""
+    from ray.serve.schema import ServeApplicationSchema
+
+    try:
+        ServeApplicationSchema.model_validate(app)
+    except ValidationError as error:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
+    args = validated(AppArgs, app.get("args"), "args")
+    entries = {entry["name"]: entry for entry in app.get("deployments") or []}
+    for name in entries:
+        if name not in USER_CONFIG:
+            raise ConfigError(f"deployments: no deployment named {name!r} (there are {sorted(USER_CONFIG)})")
+    gateway = validated(GatewaySettings, entries.get(GATEWAY, {}).get("user_config"),
+                        f"deployments[{GATEWAY}].user_config")
+    model = validated(ModelSettings, entries.get(MODEL, {}).get("user_config"), f"deployments[{MODEL}].user_config")
+    ongoing = entries.get(MODEL, {}).get("max_ongoing_requests", ModelDeploymentArgs().max_ongoing_requests)
+    if ongoing < gateway.batching.max_batch_size:  # a model replica must hold one whole gateway batch
+        raise ConfigError(f"deployments[{MODEL}].max_ongoing_requests ({ongoing}) must be ≥ "
+                          f"deployments[{GATEWAY}].user_config.batching.max_batch_size "
+                          f"({gateway.batching.max_batch_size})")
+    if model.max_batch_size != gateway.batching.max_batch_size:  # one batch size at both tiers
+        raise ConfigError(f"deployments[{MODEL}].user_config.max_batch_size ({model.max_batch_size}) must equal "
+                          f"deployments[{GATEWAY}].user_config.batching.max_batch_size "
+                          f"({gateway.batching.max_batch_size})")
+    return args

@@ -39,6 +39,10 @@ RETRY_AFTER_S = 1.0
 class HandleClient:
     def __init__(self, handle: DeploymentHandle, batching: Batching) -> None:
         self.handle = handle
+        self.configure(batching)
+
+    def configure(self, batching: Batching) -> None:
+        """New batch bounds, in place (Serve's batch wrappers take them for the next batch)."""
         # Serve's batch wrappers carry these setters; its type stubs do not declare them.
         wrappers: tuple[Any, ...] = (self._classify, self._embed)
         for batched in wrappers:

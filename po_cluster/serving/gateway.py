@@ -66,14 +66,24 @@ def _vector(vector: np.ndarray, encoding: str) -> list[float] | str:
 
 class GatewayService:
     def __init__(self, args: ServeArgs, model: ModelClient, environ: Mapping[str, str] | None = None) -> None:
+        self.model, self.environ = model, environ
+        self.catalog = ReleaseCatalog(open_store(args.store, args.store_settings), args.latest_ttl_s)
+        self.configure(args)
+
+    def configure(self, args: ServeArgs) -> None:
+        """Take new settings in place (Serve's reconfigure): limits, keys, rate, default release, the latest
+        pointer's TTL. The store stays the one opened at the start: a new store is a new replica. A new
+        rate limit starts with full buckets; requests already in flight finish under the old settings."""
         from PIL import Image
 
-        self.args, self.limits, self.model = args, args.limits, model
+        before = getattr(self, "args", args)
+        if (args.store, args.store_settings) != (before.store, before.store_settings):
+            raise ValueError("the store cannot change in place: it is an app arg (new replicas)")
         # Pillow's own bomb guard at our limit too (it raises above twice this), should a path skip ours.
         Image.MAX_IMAGE_PIXELS = args.limits.max_image_pixels
-        self.keys = ApiKeys(args.auth, environ)
-        self.buckets = TokenBuckets(args.rate_limit)
-        self.catalog = ReleaseCatalog(open_store(args.store, args.store_settings), args.latest_ttl_s)
+        keys, buckets = ApiKeys(args.auth, self.environ), TokenBuckets(args.rate_limit)
+        self.args, self.limits, self.keys, self.buckets = args, args.limits, keys, buckets
+        self.catalog.ttl_s = args.latest_ttl_s
 
     def check_key(self, authorization: str | None) -> None:
         """The key (401), then its rate (429): both before anything of the request is read."""

@@ -75,9 +75,9 @@ class LocalServer:
         """Replace the running app with one built from new args (same proxy, same URL)."""
         from ray import serve
 
-        from po_cluster.serving.app import build_app
+        from po_cluster.serving.app import local_app
 
-        serve.run(build_app(args), name=self.name, route_prefix=self.route_prefix)
+        serve.run(local_app(args), name=self.name, route_prefix=self.route_prefix)
         self.wait_healthy()
 
     def stop(self) -> None:
@@ -122,7 +122,7 @@ def start_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None 
     import ray
     from ray import serve
 
-    from po_cluster.serving.app import build_app
+    from po_cluster.serving.app import local_app
 
     started_ray = not ray.is_initialized()
     if started_ray:  # "local": never attach to somebody else's cluster found on this machine
@@ -134,7 +134,7 @@ def start_local(args: dict[str, Any], host: str = "127.0.0.1", port: int | None 
     try:
         serve.start(http_options={"host": host, "port": port})
         server.url = _proxy_url(host, port) + route_prefix.rstrip("/")
-        serve.run(build_app(args), name=name, route_prefix=route_prefix)
+        serve.run(local_app(args), name=name, route_prefix=route_prefix)
         server.wait_healthy(ready_timeout_s)  # serve.run returns once replicas are up; the proxy may lag
     except BaseException:
         server.stop()

@@ -27,7 +27,7 @@ from k8s_apiserver import CustomResourceDefinition, Rule
 
 if TYPE_CHECKING:
     from po_cluster.config import SweepConfig
-    from po_cluster.serving.args import ServeArgs
+    from po_cluster.serving.args import AppArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -265,11 +265,22 @@ def serve_config_v2() -> dict:
     return yaml.safe_load(manifest("RayService")["spec"]["serveConfigV2"])
 
 
-def serve_args() -> ServeArgs:
-    from po_cluster.serving.args import ServeArgs
-
+def serve_application() -> dict:
     (app,) = serve_config_v2()["applications"]
-    return ServeArgs.model_validate(app["args"])
+    return app
+
+
+def serve_args() -> AppArgs:
+    """The application's args, after every section of it is checked as a deploy checks it."""
+    from po_cluster.serving.args import check_application
+
+    return check_application(serve_application())
+
+
+def serve_deployment(name: str) -> dict:
+    """A deployment's entry in serveConfigV2 (its Serve options and user_config)."""
+    [entry] = [d for d in serve_application()["deployments"] if d["name"] == name]
+    return entry
 
 
 def cpu_cores(quantity: str | float) -> float:
@@ -855,7 +866,7 @@ def test_serve_config_v2_parses_and_imports_the_real_app() -> None:
     schema = ServeDeploySchema.model_validate(serve_config_v2())
     assert [app.import_path for app in schema.applications] == ["po_cluster.serving.app:build_app"]
     assert import_attr(schema.applications[0].import_path) is build_app
-    args = serve_args()  # what build_app validates first
+    args = serve_args()  # what build_app validates first, and each deployment's user_config
     assert args.store.startswith("s3://"), "pods share no disk: the store must be S3"
 
 
@@ -867,7 +878,7 @@ def test_serve_port_is_declared_on_every_pod() -> None:
 
 
 def test_api_keys_file_is_mounted_on_every_pod() -> None:
-    keys_file = PurePosixPath(serve_args().auth.api_keys_file)
+    keys_file = PurePosixPath(serve_deployment("Gateway")["user_config"]["auth"]["api_keys_file"])
     for where, spec in pod_specs(manifest("RayService")):
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         mounts = [m for m in spec["containers"][0].get("volumeMounts", [])
@@ -879,17 +890,23 @@ def test_api_keys_file_is_mounted_on_every_pod() -> None:
 
 
 def test_serve_replicas_fit_the_worker_groups() -> None:
-    args, groups = serve_args(), worker_groups(manifest("RayService"))
-    model = args.model
-    replicas = model.autoscaling.max_replicas if model.autoscaling else model.num_replicas
-    if model.num_gpus > 0:
-        usable = [g for g in groups if g["gpus"] >= model.num_gpus]
-        assert sum(g["max"] * g["gpus"] for g in usable) >= replicas * model.num_gpus
+    groups, model, gateway = worker_groups(manifest("RayService")), serve_deployment("AlignedModel"), \
+        serve_deployment("Gateway")
+    replicas = model["autoscaling_config"]["max_replicas"] if "autoscaling_config" in model else model["num_replicas"]
+    cpus, gpus = model["ray_actor_options"].get("num_cpus", 1), model["ray_actor_options"].get("num_gpus", 0)
+    if gpus > 0:
+        usable = [g for g in groups if g["gpus"] >= gpus]
+        assert sum(g["max"] * g["gpus"] for g in usable) >= replicas * gpus
     else:
         usable = [g for g in groups if g["gpus"] == 0]  # the autoscaler keeps GPU pods for GPU work
-        need = replicas * model.num_cpus + args.gateway.num_replicas * args.gateway.num_cpus
+        need = replicas * cpus + gateway["num_replicas"] * gateway["ray_actor_options"]["num_cpus"]
         assert sum(g["max"] * g["cpus"] for g in usable) >= need, "max replicas do not fit the CPU group"
-    assert any(g["cpus"] >= model.num_cpus for g in usable), "one model replica fits no pod"
+    assert any(g["cpus"] >= cpus for g in usable), "one model replica fits no pod"
+    if "max_replicas_per_node" in model:  # Serve spreads them: as many pods as replicas, at most per node each
+        pods = sum(g["max"] for g in usable)
+        assert pods * model["max_replicas_per_node"] >= replicas, "max_replicas_per_node leaves replicas no pod"
+        assert model["max_replicas_per_node"] < model.get("autoscaling_config", {}).get(
+            "min_replicas", model.get("num_replicas", 1)), "one pod could hold every replica of the minimum"
 
 
 def test_rayservice_has_cpu_and_gpu_groups() -> None:

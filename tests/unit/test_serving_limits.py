@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -167,15 +168,68 @@ def test_serve_config_yaml_is_a_serve_deploy_config_whose_args_build_the_app():
     from ray.serve.schema import ServeDeploySchema
 
     from po_cluster.serving.app import build_app
+    from po_cluster.serving.args import check_application
 
     config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     app_config = schema.applications[0]
     assert app_config.import_path == "po_cluster.serving.app:build_app"
-    args = ServeArgs.model_validate(app_config.args)
-    assert args.model.autoscaling is not None and args.auth.api_keys_file
+    assert set(app_config.args) <= {"store", "store_settings", "model"}, "args: only what needs new replicas"
+    check_application(config["applications"][0])
+    names = {d.name for d in app_config.deployments}
+    assert names == {"Gateway", "AlignedModel"} and all(d.user_config for d in app_config.deployments)
     application = build_app(app_config.args)  # binds the deployments; needs no cluster
     assert type(application).__name__ == "Application"
+
+
+def _application(**change) -> dict:
+    app = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]
+    entries = {d["name"]: d for d in app["deployments"]}
+    for where, value in change.items():
+        section, _, rest = where.partition("__")
+        node = app["args"] if section == "args" else entries[section]
+        *parents, last = rest.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return app
+
+
+@pytest.mark.parametrize("where,value,named", [
+    ("args__store", 3, "args.store"),
+    ("args__stor", "/s", "args.stor"),
+    ("args__model__max_releases_per_replica", 0, "args.model.max_releases_per_replica"),
+    ("Gateway__user_config__limits__t_min", 0.5, "deployments[Gateway].user_config.limits"),
+    ("Gateway__user_config__default_release", "../x", "deployments[Gateway].user_config.default_release"),
+    ("Gateway__user_config__rate_limit__rate_per_s", -1, "deployments[Gateway].user_config.rate_limit.rate_per_s"),
+    ("Gateway__user_config__limts", {}, "deployments[Gateway].user_config.limts"),
+    ("AlignedModel__user_config__max_batch_size", 0, "deployments[AlignedModel].user_config.max_batch_size"),
+    ("AlignedModel__max_ongoing_requests", 4, "deployments[AlignedModel].max_ongoing_requests"),
+    ("AlignedModel__num_replicas", "two", "num_replicas"),
+])
+def test_every_section_of_a_serve_config_is_checked_naming_the_field(where, value, named):
+    from po_cluster.config import ConfigError
+    from po_cluster.serving.args import check_application
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        check_application(_application(**{where: value}))
+
+
+def test_serve_args_split_into_the_options_and_user_configs_a_config_states():
+    """One ServeArgs document (po-cluster serve, start_local) makes the same sections as serve/config.yaml."""
+    from po_cluster.serving.args import check_application
+
+    args = ServeArgs.model_validate({"store": "/s", "default_release": "r-1", "rate_limit": {"rate_per_s": 5},
+                                     "model": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 2},
+                                     "gateway": {"num_replicas": 2}})
+    app = {"name": "a", "import_path": "po_cluster.serving.app:build_app", "args": args.app_args(),
+           "deployments": args.deployments()}
+    assert check_application(app).store == "/s"
+    gateway, model = app["deployments"]
+    settings = gateway["user_config"]
+    assert settings["default_release"] == "r-1" and settings["rate_limit"]["rate_per_s"] == 5
+    assert (model["num_replicas"], model["max_replicas_per_node"], model["ray_actor_options"]["num_cpus"]) == (2, 1, 2)
+    assert model["user_config"]["max_batch_size"] == gateway["user_config"]["batching"]["max_batch_size"]
 
 
 def test_refusals_carry_their_headers():
@@ -273,9 +327,10 @@ def test_rate_limited_small_body_is_read_and_the_connection_kept():
 
 
 def test_shipped_configs_run_two_of_each_and_drain():
-    args = ServeArgs.model_validate(yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"][0]["args"])
-    model = args.model
-    assert (model.autoscaling.min_replicas if model.autoscaling else model.num_replicas) >= 2
-    assert args.gateway.num_replicas >= 2
-    assert model.draining.graceful_shutdown_timeout_s > 0 and args.gateway.draining.graceful_shutdown_timeout_s > 0
-    assert args.rate_limit.rate_per_s is not None
+    app = yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"][0]
+    entries = {d["name"]: d for d in app["deployments"]}
+    model, gateway = entries["AlignedModel"], entries["Gateway"]
+    assert model.get("autoscaling_config", {}).get("min_replicas", model.get("num_replicas", 1)) >= 2
+    assert gateway["num_replicas"] >= 2 and model["max_replicas_per_node"] == 1
+    assert model["graceful_shutdown_timeout_s"] > 0 and gateway["graceful_shutdown_timeout_s"] > 0
+    assert gateway["user_config"]["rate_limit"]["rate_per_s"] is not None
