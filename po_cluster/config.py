@@ -86,7 +86,7 @@ class DataConfig(Strict):
         return self
 
 
-LossType = Literal["dpo", "ipo", "kto", "ce"]
+LossType = Literal["dpo", "ipo", "kto", "ce", "anchor"]
 
 
 class LossConfig(Strict):
@@ -95,6 +95,10 @@ class LossConfig(Strict):
     kl_weight: float = Field(0.3, ge=0, description="λ, weight of KL(π_ref ‖ π) on clean images")
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
+    anchor_weight: float = Field(0.0, ge=0, description="μ, weight of the word-free anchor KL(π_ref(·|x̄) ‖ "
+                                 "π(·|x)) (x̄: the attacked image's scene without its word) added to dpo, ipo, kto "
+                                 "or ce; loss_type anchor is that term alone. With the anchor on, the KL term's "
+                                 "π_ref answers are the reference's on the word-free twins too (docs/design.md)")
 
 
 class OptimizerConfig(Strict):
@@ -162,6 +166,17 @@ class RunConfig(Strict):
     def _batch_fits(self) -> RunConfig:
         if self.training.batch_size > self.data.n_pairs:
             raise ValueError(f"training.batch_size {self.training.batch_size} > data.n_pairs {self.data.n_pairs}")
+        return self
+
+    @model_validator(mode="after")
+    def _anchor_has_twins(self) -> RunConfig:
+        # The anchor compares each image with its word-free twin: only the world's typographic
+        # records carry one (a built dataset's rows do not, nor do the bias task's pattern pairs).
+        anchor = self.loss.loss_type == "anchor" or self.loss.anchor_weight > 0
+        if anchor and (self.data.dataset is not None or self.data.task != "typographic"):
+            raise ValueError("loss.loss_type anchor / loss.anchor_weight > 0 need each training image's "
+                             "word-free twin, which only the world's typographic records carry (not "
+                             "data.dataset, not data.task bias)")
         return self
 
 
@@ -377,29 +392,6 @@ def _every_loss() -> dict[LossType, dict[str, float]]:
     return {loss_type: {} for loss_type in get_args(LossType)}
 
 
-class CompareConfig(Strict):
-    """`po-cluster compare`: one base run, trained once per loss with that loss's settings."""
-
-    base: RunConfig = RunConfig()
-    losses: dict[LossType, dict[str, float]] = Field(
-        default_factory=_every_loss,
-        description="loss_type → overrides of the loss section (beta, kl_weight, …)",
-    )
-
-    @model_validator(mode="after")
-    def _overrides_valid(self) -> CompareConfig:
-        for loss_type, overrides in self.losses.items():
-            LossConfig.model_validate({**self.base.loss.model_dump(), **overrides, "loss_type": loss_type})
-        return self
-
-    def run_for(self, loss_type: LossType) -> RunConfig:
-        loss = {**self.base.loss.model_dump(), **self.losses[loss_type], "loss_type": loss_type}
-        data = self.base.model_dump(mode="json")
-        data.update(name=f"{self.base.name}-{loss_type}", loss=loss)
-        return RunConfig.model_validate(data)
-
-
-
 class AblationConfig(Strict):
     """`po-cluster ablate`: which image-tower attention heads a greedy search may ablate, and how it
     scores a set of heads on the training split (attacked accuracy less the share answered with the
@@ -413,3 +405,28 @@ class AblationConfig(Strict):
     clean_penalty: float = Field(5.0, ge=0, description="the score's charge per unit of clean accuracy lost "
                                  "beyond the tolerance")
     min_gain: float = Field(0.0, ge=0, description="stop when no head raises the score by more than this")
+
+
+class CompareConfig(Strict):
+    """`po-cluster compare`: one base run, trained once per loss with that loss's settings, and the
+    training-free head ablation of the same base beside them."""
+
+    base: RunConfig = RunConfig()
+    losses: dict[LossType, dict[str, float]] = Field(
+        default_factory=_every_loss,
+        description="loss_type → overrides of the loss section (beta, kl_weight, …)",
+    )
+    ablation: AblationConfig | None = Field(AblationConfig(), description="`po-cluster ablate` of the base "
+                                            "run's model as one more row (null: none)")
+
+    @model_validator(mode="after")
+    def _overrides_valid(self) -> CompareConfig:
+        for loss_type, overrides in self.losses.items():
+            LossConfig.model_validate({**self.base.loss.model_dump(), **overrides, "loss_type": loss_type})
+        return self
+
+    def run_for(self, loss_type: LossType) -> RunConfig:
+        loss = {**self.base.loss.model_dump(), **self.losses[loss_type], "loss_type": loss_type}
+        data = self.base.model_dump(mode="json")
+        data.update(name=f"{self.base.name}-{loss_type}", loss=loss)
+        return RunConfig.model_validate(data)

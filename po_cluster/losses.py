@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "LOSSES",
     "LossWeights",
+    "anchor_on",
     "PreferenceLogps",
     "ce_loss",
     "dpo_loss",
@@ -158,6 +159,8 @@ class PreferenceLogps:
     policy_chosen / policy_rejected / ref_chosen / ref_rejected: [B], log π(y_w|x) etc.
     policy_all / ref_all: [B, C] full log-prob rows on the attacked images.
     target: [B] long, the index of the true class (= y_w) in C.
+    anchor_all: [B, C] log π_ref on each image's word-free twin (the same scene before its word was
+        written), where the records have twins and the anchor is on; else None.
     """
 
     policy_chosen: Tensor
@@ -167,6 +170,7 @@ class PreferenceLogps:
     policy_all: Tensor
     ref_all: Tensor
     target: Tensor
+    anchor_all: Tensor | None = None
 
 
 @runtime_checkable
@@ -183,6 +187,16 @@ class LossWeights(Protocol):
     def desirable_weight(self) -> float: ...
     @property
     def undesirable_weight(self) -> float: ...
+    @property
+    def anchor_weight(self) -> float: ...
+    @property
+    def loss_type(self) -> str: ...
+
+
+def anchor_on(weights: LossWeights) -> bool:
+    """Whether the word-free anchor is part of the objective: the `anchor` loss, or μ > 0 beside
+    another. Then π_ref's answers on the regularisation images are also its answers on their twins."""
+    return weights.loss_type == "anchor" or weights.anchor_weight > 0
 
 
 def _pairs(logps: PreferenceLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -206,18 +220,34 @@ def _ce(logps: PreferenceLogps, kl: Tensor, s: LossWeights) -> Tensor:
     return ce_loss(logps.policy_all, logps.target)
 
 
+def anchor_loss(logps: PreferenceLogps) -> Tensor:
+    """The word-free anchor: KL(π_ref(·|x̄) ‖ π(·|x)) averaged over the batch, x an attacked image and
+    x̄ its word-free twin. Zero exactly when the policy answers the attacked image as the reference
+    answers the same scene without the word: the word is ignored, neither read nor avoided."""
+    if logps.anchor_all is None:
+        raise ValueError("the word-free anchor needs π_ref on each image's word-free twin (anchor_all)")
+    # L_anchor = E_x[KL(π_ref(·|x̄) ‖ π(·|x))]   [design "Losses", "anchor"]
+    return kl_ref_policy(logps.anchor_all, logps.policy_all)
+
+
+def _anchor(logps: PreferenceLogps, kl: Tensor, s: LossWeights) -> Tensor:
+    return anchor_loss(logps)
+
+
 LOSSES: dict[str, Callable[[PreferenceLogps, Tensor, LossWeights], Tensor]] = {
     "dpo": _dpo,
     "ipo": _ipo,
     "kto": _kto,
     "ce": _ce,
+    "anchor": _anchor,
 }
 
 
 def preference_objective(
     loss_type: str, logps: PreferenceLogps, kl: Tensor, weights: LossWeights
 ) -> tuple[Tensor, dict[str, float]]:
-    """Total training objective: the chosen loss + λ·KL(π_ref ‖ π) on clean images.
+    """Total training objective: the chosen loss + λ·KL(π_ref ‖ π) on the regularisation images, and
+    + μ·L_anchor when `anchor_weight` μ > 0 beside a preference loss.
 
     `kl` is computed by the caller on the regularisation images, with grad.
     Returns (total, metrics); metrics are detached Python floats for logging.
@@ -229,6 +259,9 @@ def preference_objective(
     loss = LOSSES[loss_type](logps, kl, weights)
     # total = L_loss_type + λ·KL(π_ref ‖ π)   [design "Losses", "regulariser, added to every loss"]
     total = loss + weights.kl_weight * kl
+    anchor = anchor_loss(logps) if loss_type == "anchor" or weights.anchor_weight > 0 else None
+    if anchor is not None and loss_type != "anchor":
+        total = total + weights.anchor_weight * anchor  # + μ·L_anchor   [design "Losses", "anchor"]
     with torch.no_grad():
         h = _log_ratio_margin(*_pairs(logps))
         metrics = {
@@ -240,4 +273,6 @@ def preference_objective(
             "reward_margin": float(h.mean()),
             "reward_accuracy": float((h > 0).float().mean()),
         }
+        if anchor is not None:
+            metrics["anchor_kl"] = float(anchor.detach())
     return total, metrics

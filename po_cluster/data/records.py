@@ -32,15 +32,26 @@ class ImageSet:
     # The set's own prompt template, when its classes are not the task's (the world's attribute sets);
     # None: the template of the task it is evaluated with.
     template: str | None = None
+    # Each image's word-free twin (the same scene before its word was written), where the source can
+    # render it (the world's training sets); None elsewhere.
+    twins: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_rows("ImageSet", self.images, self.labels, self.written)
+        _check_twins("ImageSet", self.images, self.twins)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def take(self, rows: np.ndarray) -> ImageSet:
-        return ImageSet(self.images[rows], self.labels[rows], self.written[rows], self.classnames, self.template)
+        return ImageSet(self.images[rows], self.labels[rows], self.written[rows], self.classnames, self.template,
+                        None if self.twins is None else self.twins[rows])
+
+
+def _check_twins(name: str, images: np.ndarray, twins: np.ndarray | None) -> None:
+    if twins is not None and (twins.shape != images.shape or twins.dtype != images.dtype):
+        raise ValueError(f"{name}: twins must be like the images ({images.dtype} {images.shape}), got "
+                         f"{twins.dtype} {twins.shape}")
 
 
 def subset_sets(sets: dict[str, ImageSet], n: int, seed: int) -> dict[str, ImageSet]:
@@ -59,9 +70,11 @@ class PreferenceSet:
     chosen: np.ndarray
     rejected: np.ndarray
     classnames: tuple[str, ...]
+    twins: np.ndarray | None = None  # as ImageSet.twins
 
     def __post_init__(self) -> None:
         _check_rows("PreferenceSet", self.images, self.chosen, self.rejected)
+        _check_twins("PreferenceSet", self.images, self.twins)
         if np.any(self.chosen == self.rejected):
             raise ValueError("PreferenceSet: a record has chosen == rejected")
 

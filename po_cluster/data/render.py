@@ -208,6 +208,13 @@ def scene(shape: str | None, word: str | None, look: Look | None, rng: np.random
           style: WordStyle | None = None) -> np.ndarray:
     """Background, clutter behind, the object, maybe one stroke in front (occlusion), then the word:
     in training's way, or in `style` (a held-out set's)."""
+    return scene_pair(shape, word, look, rng, size, style)[1]
+
+
+def scene_pair(shape: str | None, word: str | None, look: Look | None, rng: np.random.Generator, size: int,
+               style: WordStyle | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the scene without its word, the scene): one draw of the generator, so the second is exactly
+    `scene`'s image and the first the same picture before the word was written on it."""
     image = Image.fromarray(background(rng, size), "RGB")
     _clutter(ImageDraw.Draw(image), rng, size, int(rng.integers(1, 4)))
     pixels = np.array(image, dtype=np.uint8)
@@ -216,6 +223,7 @@ def scene(shape: str | None, word: str | None, look: Look | None, rng: np.random
     image = Image.fromarray(pixels, "RGB")
     if rng.random() < 0.3:
         _clutter(ImageDraw.Draw(image), rng, size, 1)
+    bare = np.array(image, dtype=np.uint8)
     if word is not None and style is not None:
         # The style draws from a copy of the generator; the generator itself moves on as training's
         # word would move it (drawn on a scratch image), so every later scene of a styled set is the
@@ -225,4 +233,4 @@ def scene(shape: str | None, word: str | None, look: Look | None, rng: np.random
         draw_styled_word(image, word, own, style)
     elif word is not None:
         draw_word(image, word, rng)
-    return np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
+    return bare, np.array(image, dtype=np.uint8)  # writable copies: torch warns on read-only arrays

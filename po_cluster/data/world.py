@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet, UnpairedSet
-from po_cluster.data.render import COLOURS, PATTERNS, SHAPE_PARTS, SIZES, Look, WordStyle, scene
+from po_cluster.data.render import COLOURS, PATTERNS, SHAPE_PARTS, SIZES, Look, WordStyle, scene_pair
 
 SHAPES: tuple[str, ...] = tuple(SHAPE_PARTS)
 PROMPT_TEMPLATE = "a photo of a {}."
@@ -73,10 +73,17 @@ def render(shape: int | None, word: int | None, rng: np.random.Generator, size: 
            style: WordStyle | None = None) -> np.ndarray:
     """One image: the shape of class `shape` (or none) with the name of class `word` (or none), the
     word in training's way or in a held-out `style`; the object's look is drawn from `rng` unless given."""
+    return render_pair(shape, word, rng, size, classnames, look, style)[1]
+
+
+def render_pair(shape: int | None, word: int | None, rng: np.random.Generator, size: int = IMAGE_SIZE,
+                classnames: tuple[str, ...] = SHAPES, look: Look | None = None,
+                style: WordStyle | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(its word-free twin, the image) of `render`, from the same draw of `rng`."""
     if shape is not None and look is None:
         look = random_look(rng)
-    return scene(None if shape is None else classnames[shape], None if word is None else classnames[word],
-                 look, rng, size, style)
+    return scene_pair(None if shape is None else classnames[shape], None if word is None else classnames[word],
+                      look, rng, size, style)
 
 
 def _balanced(n: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -93,11 +100,19 @@ def _other(label: np.ndarray, rng: np.random.Generator, n_classes: int) -> np.nd
 def _render_many(shapes: np.ndarray, words: np.ndarray, looks: list[Look | None],
                  rng: np.random.Generator, styled: bool = False) -> np.ndarray:
     """The images in order from one generator; `styled`: row i's word in held-out style row_style(i)."""
-    out = np.empty((len(shapes), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    return _render_pairs(shapes, words, looks, rng, styled)[1]
+
+
+def _render_pairs(shapes: np.ndarray, words: np.ndarray, looks: list[Look | None], rng: np.random.Generator,
+                  styled: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(the word-free twins, the images) of `_render_many`, from the same draws."""
+    twins = np.empty((len(shapes), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    out = np.empty_like(twins)
     for i, (shape, word, look) in enumerate(zip(shapes, words, looks, strict=True)):
-        out[i] = render(None if shape == NO_WORD else int(shape), None if word == NO_WORD else int(word), rng,
-                        look=look, style=STYLES[row_style(i)] if styled else None)
-    return out
+        twins[i], out[i] = render_pair(None if shape == NO_WORD else int(shape),
+                                       None if word == NO_WORD else int(word), rng, look=look,
+                                       style=STYLES[row_style(i)] if styled else None)
+    return twins, out
 
 
 def _looks(labels: np.ndarray, rng: np.random.Generator, stereotyped: float | None = None,
@@ -129,11 +144,12 @@ def _attribute_set(kind: str, n: int, rng: np.random.Generator) -> ImageSet:
     return ImageSet(images, labels, np.full(n, NO_WORD, dtype=np.int64), names, ATTRIBUTE_TEMPLATE)
 
 
-def image_set(kind: str, n: int, seed: int) -> ImageSet:
+def image_set(kind: str, n: int, seed: int, twins: bool = False) -> ImageSet:
     """`clean` shapes, `attacked` shapes with another class's name, `word_only`, `own_word` shapes with
     their own name; `attacked_styles`, the attacked set of the same seed but for how its words are
     drawn (held-out styles, row_style); or an attribute set
-    (`retain_colour`, `retain_size`, `bias_stereotyped`, `bias_counter`)."""
+    (`retain_colour`, `retain_size`, `bias_stereotyped`, `bias_counter`). `twins`: with each image's
+    word-free twin (a typographic kind's)."""
     rng = np.random.default_rng(seed)
     if kind in RETENTION_KINDS + BIAS_KINDS:
         return _attribute_set(kind, n, rng)
@@ -148,8 +164,9 @@ def image_set(kind: str, n: int, seed: int) -> ImageSet:
         shapes, written = labels, labels
     else:
         raise ValueError(f"unknown image set kind {kind!r}; use one of {', '.join([*EVAL_SEEDS, *HELD_OUT_SEEDS])}")
-    images = _render_many(shapes, written, _looks(shapes, rng), rng, kind == "attacked_styles")
-    return ImageSet(images, labels.astype(np.int64), written.astype(np.int64), SHAPES, PROMPT_TEMPLATE)
+    bare, images = _render_pairs(shapes, written, _looks(shapes, rng), rng, kind == "attacked_styles")
+    return ImageSet(images, labels.astype(np.int64), written.astype(np.int64), SHAPES, PROMPT_TEMPLATE,
+                    bare if twins else None)
 
 
 def evaluation_sets(n: int = EVAL_SIZE) -> dict[str, ImageSet]:
@@ -169,18 +186,19 @@ def regularisation_set(n: int, seed: int, own_word: float) -> ImageSet:
     as ignoring it; holding the answer where word and shape agree leaves only ignoring it. With
     `own_word` 0, exactly the clean set of that seed."""
     if own_word == 0:
-        return image_set("clean", n, seed)
+        return image_set("clean", n, seed, twins=True)
     rng = np.random.default_rng(seed)
     labels = _balanced(n, len(SHAPES), rng)
     written = np.where(rng.random(n) < own_word, labels, NO_WORD)
-    images = _render_many(labels, written, _looks(labels, rng), rng)
-    return ImageSet(images, labels.astype(np.int64), written.astype(np.int64), SHAPES, PROMPT_TEMPLATE)
+    bare, images = _render_pairs(labels, written, _looks(labels, rng), rng)
+    return ImageSet(images, labels.astype(np.int64), written.astype(np.int64), SHAPES, PROMPT_TEMPLATE, bare)
 
 
 def preference_set(n: int, seed: int) -> PreferenceSet:
-    """Typographic attacks: chosen = the drawn shape, rejected = the written word."""
-    attacked = image_set("attacked", n, seed)
-    return PreferenceSet(attacked.images, attacked.labels, attacked.written, SHAPES)
+    """Typographic attacks: chosen = the drawn shape, rejected = the written word; each image with its
+    word-free twin."""
+    attacked = image_set("attacked", n, seed, twins=True)
+    return PreferenceSet(attacked.images, attacked.labels, attacked.written, SHAPES, attacked.twins)
 
 
 def unpaired_set(n: int, seed: int) -> UnpairedSet:

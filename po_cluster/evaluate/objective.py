@@ -17,8 +17,9 @@ class Objective:
     """The validation objective: the target accuracy, minus `clean_penalty` (`retention_penalty`) times
     the clean accuracy (the retention) lost beyond `clean_tolerance`. Retention counts only where the
     sets have tasks to keep (the world's, not a dataset's). Where they have shapes with their own name
-    written (`own_word`), accuracy on those below clean is clean accuracy lost too: a model that avoids
-    the written word instead of ignoring it (docs/design.md, "Ignoring the word, not avoiding it")."""
+    written (`own_word`), the typographic target is the worse of attacked and own-word accuracy: a
+    model that reads the word fails the first, one that avoids it the second, and only one that ignores
+    it scores on both (docs/design.md, "Ignoring the word, not avoiding it")."""
 
     target: str = "attacked"
     weights: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -30,9 +31,10 @@ class Objective:
     def score(self, metrics: dict[str, float], base: dict[str, float]) -> float:
         w = self.weights
         tolerance = w.clean_tolerance
-        score = metrics[self.target] - w.clean_penalty * max(0.0, base["clean"] - metrics["clean"] - tolerance)
-        if "own_word" in metrics:
-            score -= w.clean_penalty * max(0.0, metrics["clean"] - metrics["own_word"] - tolerance)
+        target = metrics[self.target]
+        if self.target == "attacked" and "own_word" in metrics:
+            target = min(target, metrics["own_word"])
+        score = target - w.clean_penalty * max(0.0, base["clean"] - metrics["clean"] - tolerance)
         if "retention" in metrics and "retention" in base:
             score -= w.retention_penalty * max(0.0, base["retention"] - metrics["retention"] - tolerance)
         return score

@@ -1,4 +1,5 @@
-"""`po-cluster compare`: train each loss from the base model and compare them in one table."""
+"""`po-cluster compare`: train each loss from the base model and compare them, and the training-free
+head ablation of that model, in one table."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,6 +9,7 @@ from pathlib import Path
 from po_cluster.config import CompareConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import format_table
+from po_cluster.pipelines.ablate import ablate
 from po_cluster.train.callbacks import Callback, ProgressCallback
 from po_cluster.train.run import train
 from po_cluster.train.session import LocalSession
@@ -22,7 +24,7 @@ Progress = Callable[[RunConfig, int, dict[str, float]], None]
 @dataclass(frozen=True)
 class CompareResult:
     rows: tuple[dict, ...]  # "base" first, then one per loss, in COLUMNS
-    checkpoints: dict[str, Path]  # loss → its checkpoint folder
+    checkpoints: dict[str, Path]  # loss (or "ablation") → its checkpoint folder
 
     def table(self) -> str:
         lines = [f"  {loss}: {folder}" for loss, folder in self.checkpoints.items()]
@@ -46,6 +48,14 @@ def compare_losses(cfg: CompareConfig, output_dir: str | None = None,
         rows.append({"model": f"{loss_type} ({settings})", **result.after, "seconds": result.seconds})
         assert result.checkpoint is not None, "a local session saves the final checkpoint"
         checkpoints[loss_type] = result.checkpoint
+    if cfg.ablation is not None:
+        base = cfg.base if not output_dir else cfg.base.model_copy(update={"output_dir": output_dir})
+        ablated = ablate(base, cfg.ablation, test_sets=eval_sets)
+        if not rows:
+            rows.append({"model": "base", **ablated.before, "seconds": 0.0})
+        heads = ", ".join(str(head) for head in ablated.selection.heads) or "none worth it"
+        rows.append({"model": f"head ablation ({heads})", **ablated.after, "seconds": ablated.seconds})
+        checkpoints["ablation"] = ablated.checkpoint
     return CompareResult(tuple(rows), checkpoints)
 
 

@@ -27,6 +27,7 @@ class Batch:
     ref_pref_logps: torch.Tensor  # [B, C]
     reg_inputs: torch.Tensor
     ref_reg_logps: torch.Tensor  # [M, C]
+    anchor_logps: torch.Tensor | None = None  # [B, C] π_ref on the pairs' word-free twins (anchor on)
 
 
 class BatchSource(Protocol):
@@ -60,6 +61,6 @@ def batch_objective(model: torch.nn.Module, batch: Batch, text_emb: torch.Tensor
     ref = batch.ref_pref_logps
     rows = torch.arange(n, device=policy.device)
     logps = PreferenceLogps(policy[rows, batch.chosen], policy[rows, batch.rejected], ref[rows, batch.chosen],
-                            ref[rows, batch.rejected], policy, ref, batch.chosen)
+                            ref[rows, batch.rejected], policy, ref, batch.chosen, batch.anchor_logps)
     kl = kl_ref_policy(batch.ref_reg_logps, reg_policy)
     return preference_objective(loss_type, logps, kl, weights)

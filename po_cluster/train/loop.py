@@ -20,7 +20,7 @@ from po_cluster.config import OptimizerConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.data.records import ImageSet, PreferenceSet
 from po_cluster.evaluate.metrics import embed_images, embed_prompts
-from po_cluster.losses import LossWeights
+from po_cluster.losses import LossWeights, anchor_on
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import load_clip
 from po_cluster.train.batch import Batch, BatchSource, batch_objective
@@ -41,6 +41,10 @@ class TrainData:
     pref_emb: torch.Tensor | None = None  # cached f(x) when the image tower is frozen
     reg_emb: torch.Tensor | None = None
     reg_text_emb: torch.Tensor | None = None  # [C', d] when the regularisation set has its own candidates
+    # π_ref on the word-free twins (records that carry them): the anchor's targets on the pairs, and
+    # the KL term's on the regularisation images when the anchor is on (losses.anchor_on).
+    anchor_pref_logps: torch.Tensor | None = None  # [N, C]
+    anchor_reg_logps: torch.Tensor | None = None  # [M, C']
 
     def to(self, device: torch.device) -> TrainData:
         """Every tensor on `device`, once (g(y), π_ref's log-probs, cached f(x)); the uint8 images stay
@@ -50,7 +54,8 @@ class TrainData:
 
         return replace(self, text_emb=self.text_emb.to(device), ref_pref_logps=self.ref_pref_logps.to(device),
                        ref_reg_logps=self.ref_reg_logps.to(device), pref_emb=move(self.pref_emb),
-                       reg_emb=move(self.reg_emb), reg_text_emb=move(self.reg_text_emb))
+                       reg_emb=move(self.reg_emb), reg_text_emb=move(self.reg_text_emb),
+                       anchor_pref_logps=move(self.anchor_pref_logps), anchor_reg_logps=move(self.anchor_reg_logps))
 
 
 @torch.no_grad()
@@ -68,8 +73,15 @@ def prepare_data(model: AlignedCLIP, pref: PreferenceSet, reg: ImageSet,
     ref_pref = model.logprobs(pref_emb, text_emb, t=0.0)
     ref_reg = model.logprobs(reg_emb, text_emb if reg_text_emb is None else reg_text_emb, t=0.0)
     frozen = model.image_tower_frozen
-    return TrainData(pref, reg, text_emb, ref_pref, ref_reg,
-                     pref_emb if frozen else None, reg_emb if frozen else None, reg_text_emb)
+    anchor_pref = anchor_reg = None
+    if pref.twins is not None and reg.twins is not None:
+        anchor_pref = model.logprobs(embed_images(model, pref.twins), text_emb, t=0.0)
+        anchor_reg = model.logprobs(embed_images(model, reg.twins), text_emb if reg_text_emb is None else reg_text_emb,
+                                    t=0.0)
+        # Training reads only these answers on the twins, never their pixels: the records go on without.
+        pref, reg = replace(pref, twins=None), replace(reg, twins=None)
+    return TrainData(pref, reg, text_emb, ref_pref, ref_reg, pref_emb if frozen else None,
+                     reg_emb if frozen else None, reg_text_emb, anchor_pref, anchor_reg)
 
 
 def unwrap(model: torch.nn.Module) -> AlignedCLIP:
@@ -87,14 +99,21 @@ def _inputs(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None,
 
 
 def memory_batch(model: AlignedCLIP, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
-                 device: torch.device) -> Batch:
-    """The batch of these rows of records held in memory, with their precomputed π_ref."""
+                 device: torch.device, anchor: bool = False) -> Batch:
+    """The batch of these rows of records held in memory, with their precomputed π_ref; with `anchor`,
+    π_ref on the pairs' twins, and the KL term's targets from the regularisation images' twins."""
+    if anchor and (data.anchor_pref_logps is None or data.anchor_reg_logps is None):
+        raise ValueError("the word-free anchor is on, but these records carry no word-free twins")
+    reg_targets = data.anchor_reg_logps if anchor else data.ref_reg_logps
+    assert reg_targets is not None
     return Batch(_inputs(model, data.pref.images, data.pref_emb, pref_idx, device).to(device),
                  torch.as_tensor(data.pref.chosen[pref_idx], device=device),
                  torch.as_tensor(data.pref.rejected[pref_idx], device=device),
                  data.ref_pref_logps[pref_idx].to(device),
                  _inputs(model, data.reg.images, data.reg_emb, reg_idx, device).to(device),
-                 data.ref_reg_logps[reg_idx].to(device))
+                 reg_targets[reg_idx].to(device),
+                 data.anchor_pref_logps[pref_idx].to(device) if anchor and data.anchor_pref_logps is not None
+                 else None)
 
 
 def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
@@ -104,7 +123,7 @@ def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, re
     share it)."""
     core = unwrap(model)
     device = next(core.parameters()).device
-    batch = memory_batch(core, data, pref_idx, reg_idx, device)
+    batch = memory_batch(core, data, pref_idx, reg_idx, device, anchor_on(weights))
     reg_text_emb = None if data.reg_text_emb is None else data.reg_text_emb.to(device)
     return batch_objective(model, batch, data.text_emb.to(device), loss_type, weights, precision, reg_text_emb)
 
@@ -184,11 +203,12 @@ class MemorySource:
         self.rank, self.world_size, self.text_emb = rank, world_size, self.data.text_emb
         self.reg_text_emb = self.data.reg_text_emb
         self.classnames = data.pref.classnames
+        self.anchor = anchor_on(cfg.loss)
 
     def __call__(self, step: int) -> Batch:
         pref_idx, reg_idx = batch_indices(self.t.seed, step, len(self.data.pref), len(self.data.reg),
                                           self.t.batch_size, self.t.reg_batch_size, self.rank, self.world_size)
-        return memory_batch(self.model, self.data, pref_idx, reg_idx, self.device)
+        return memory_batch(self.model, self.data, pref_idx, reg_idx, self.device, self.anchor)
 
 
 def fit(model: torch.nn.Module, data: TrainData | BatchSource, cfg: RunConfig, callbacks: Sequence[Callback] = (),

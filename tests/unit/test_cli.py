@@ -213,7 +213,7 @@ def test_compare_prints_one_table_with_a_bar_per_loss(tmp_path, monkeypatch, cap
     monkeypatch.setattr(compare.world, "evaluation_sets", lambda: {})
     config = tmp_path / "compare.yaml"
     config.write_text(yaml.safe_dump({"base": {"name": "c", "training": {"steps": 5}},
-                                      "losses": {"dpo": {}, "kto": {}}}))
+                                      "losses": {"dpo": {}, "kto": {}}, "ablation": None}))
     assert main(["compare", "--config", str(config), "--output-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "c-dpo" in captured.err and "c-kto" in captured.err  # one progress bar per run, on stderr

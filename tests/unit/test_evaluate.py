@@ -64,10 +64,11 @@ def test_the_objective_charges_clean_and_retention_lost_beyond_the_tolerance():
     assert objective.score({"clean": 0.9, "retention": 0.78, "attacked": 0.6}, base) == \
         pytest.approx(0.6 - 2.0 * 0.1)
     assert objective.score({"clean": 0.78, "attacked": 0.6}, {"clean": 0.9}) == pytest.approx(0.6 - 5.0 * 0.1)
-    # shapes with their own name scored below clean: clean accuracy lost where the word agrees
+    # the worse of attacked and own-word: reading fails the first, avoiding the word the second
     assert objective.score({"clean": 0.89, "own_word": 0.88, "attacked": 0.6}, {"clean": 0.9}) == 0.6
-    assert objective.score({"clean": 0.89, "own_word": 0.65, "attacked": 0.6}, {"clean": 0.9}) == \
-        pytest.approx(0.6 - 5.0 * 0.22)
+    assert objective.score({"clean": 0.89, "own_word": 0.45, "attacked": 0.6}, {"clean": 0.9}) == 0.45
     assert objective.score({"clean": 0.89, "own_word": 0.99, "attacked": 0.6}, {"clean": 0.9}) == 0.6
+    assert objective.score({"clean": 0.78, "own_word": 0.5, "attacked": 0.6}, {"clean": 0.9}) == \
+        pytest.approx(0.5 - 5.0 * 0.1)
     bias = Objective(target="bias_counter")
     assert bias.score({"clean": 0.9, "bias_counter": 0.7}, {"clean": 0.9}) == 0.7

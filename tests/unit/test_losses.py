@@ -193,7 +193,7 @@ def _logps() -> PreferenceLogps:
 
 
 def test_registry_names() -> None:
-    assert set(LOSSES) == {"dpo", "ipo", "kto", "ce"}
+    assert set(LOSSES) == {"dpo", "ipo", "kto", "ce", "anchor"}
 
 
 def test_objective_adds_weighted_kl_and_reports_metrics() -> None:
@@ -227,6 +227,36 @@ def test_objective_other_losses_by_hand() -> None:
     # ce: target 0 on both rows → −(log 0.6 + log 0.2) / 2
     total, _ = preference_objective("ce", logps, kl, s)
     assert total.item() == pytest.approx(-(math.log(0.6) + math.log(0.2)) / 2 + 0.04, rel=1e-12)
+
+
+def test_anchor_by_hand_alone_and_beside_a_loss() -> None:
+    from dataclasses import replace
+
+    # π on the attacked images: rows [0.6, 0.3, 0.1], [0.2, 0.5, 0.3]; π_ref on their word-free twins:
+    # [0.6, 0.3, 0.1] (the same: 0) and [0.5, 0.4, 0.1]
+    twins = torch.log(t(0.6, 0.3, 0.1, 0.5, 0.4, 0.1).reshape(2, 3))
+    logps, kl = replace(_logps(), anchor_all=twins), torch.tensor(0.4, dtype=torch.float64)
+    row1 = 0.5 * math.log(0.5 / 0.2) + 0.4 * math.log(0.4 / 0.5) + 0.1 * math.log(0.1 / 0.3)
+    anchor = (0.0 + row1) / 2
+    total, m = preference_objective("anchor", logps, kl, LossConfig(kl_weight=0.5))
+    assert total.item() == pytest.approx(anchor + 0.5 * 0.4, rel=1e-12) and m["anchor_kl"] == pytest.approx(anchor)
+    ce = -(math.log(0.6) + math.log(0.2)) / 2
+    total, m = preference_objective("ce", logps, kl, LossConfig(kl_weight=0.5, anchor_weight=2.0))
+    assert total.item() == pytest.approx(ce + 0.5 * 0.4 + 2.0 * anchor, rel=1e-12)
+    # the paper's losses stay exactly the paper's: no anchor term, no anchor metric, twins or not
+    total, m = preference_objective("ce", logps, kl, LossConfig(kl_weight=0.5))
+    assert total.item() == pytest.approx(ce + 0.5 * 0.4, rel=1e-12) and "anchor_kl" not in m
+    with pytest.raises(ValueError, match="word-free twin"):
+        preference_objective("anchor", _logps(), kl, LossConfig())
+
+
+def test_anchor_config_needs_records_with_twins() -> None:
+    from po_cluster.config import RunConfig
+
+    with pytest.raises(ValueError, match="word-free twin"):
+        RunConfig.model_validate({"loss": {"loss_type": "anchor"}, "data": {"task": "bias"}})
+    with pytest.raises(ValueError, match="word-free twin"):
+        RunConfig.model_validate({"loss": {"anchor_weight": 1.0}, "data": {"dataset": "/somewhere"}})
 
 
 def test_objective_gradient_flows_through_kl() -> None:

@@ -147,7 +147,7 @@ def test_compare_losses_reports_progress_per_run_and_returns_rows(monkeypatch, t
     monkeypatch.setattr(compare, "train", fake_training)
     monkeypatch.setattr(compare.world, "evaluation_sets", lambda: {})
     steps = []
-    cfg = CompareConfig(base={"name": "cmp"}, losses={"dpo": {"beta": 0.2}, "ipo": {}})
+    cfg = CompareConfig(base={"name": "cmp"}, losses={"dpo": {"beta": 0.2}, "ipo": {}}, ablation=None)
     result = compare.compare_losses(cfg, str(tmp_path), progress=lambda run, step, m: steps.append((run.name, step)))
     assert steps == [("cmp-dpo", 1), ("cmp-dpo", 2), ("cmp-ipo", 1), ("cmp-ipo", 2)]
     assert [row["model"] for row in result.rows][:2] == ["base", "dpo (beta=0.2, kl_weight=0.3)"]

@@ -199,9 +199,10 @@ def test_bias_sets_follow_and_break_the_stereotype(monkeypatch):
 
     def record(shape, word, rng, *args, look=None, **kwargs):
         drawn.append((shape, look))
-        return np.zeros((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), dtype=np.uint8)
+        blank = np.zeros((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), dtype=np.uint8)
+        return blank, blank
 
-    monkeypatch.setattr(world, "render", record)
+    monkeypatch.setattr(world, "render_pair", record)
     for kind, follows in (("bias_stereotyped", True), ("bias_counter", False)):
         drawn.clear()
         image_set = world.image_set(kind, 200, 1)
@@ -268,3 +269,16 @@ def test_held_out_styles_are_the_attacked_set_of_their_seed_but_for_the_words(ev
     assert changed.any(axis=(1, 2)).all()  # every row's word is drawn otherwise
     assert changed.mean(axis=(1, 2)).max() < 0.5  # and only the word: the scene is the attacked set's
     assert [world.row_style(i) for i in range(7)] == [*world.STYLES, next(iter(world.STYLES))]
+
+
+def test_training_sets_carry_word_free_twins_of_the_same_draw():
+    pref = world.preference_set(40, 3)
+    assert pref.twins is not None and pref.twins.shape == pref.images.shape
+    assert np.array_equal(pref.images, world.image_set("attacked", 40, 3).images)  # the records did not move
+    differs = (pref.twins != pref.images).any(axis=-1)
+    assert differs.any(axis=(1, 2)).all() and differs.mean() < 0.25  # each twin lacks its word, nothing else
+    reg = world.regularisation_set(64, 4, own_word=0.5)
+    bare = reg.written == NO_WORD
+    assert np.array_equal(reg.twins[bare], reg.images[bare])  # no word: its own twin
+    assert (reg.twins[~bare] != reg.images[~bare]).any(axis=(1, 2, 3)).all()
+    assert world.image_set("clean", 8, 1).twins is None  # evaluation sets carry none
