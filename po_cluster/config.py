@@ -351,6 +351,21 @@ class SchedulerConfig(Strict):
     reduction_factor: float = Field(3.0, gt=1)
 
 
+class AblationConfig(Strict):
+    """`po-cluster ablate`: which image-tower attention heads a greedy search may ablate, and how it
+    scores a set of heads on the training split (attacked accuracy less the share answered with the
+    written word, charged for clean accuracy lost)."""
+
+    max_heads: int = Field(4, gt=0, description="ablate at most this many heads")
+    last_blocks: int | None = Field(None, gt=0, description="candidates: the heads of the last k attention "
+                                    "modules only (None: every head of the tower)")
+    n_images: int = Field(512, gt=0, description="attacked and clean training images the search scores on, each")
+    clean_tolerance: float = Field(0.01, ge=0, description="clean accuracy a head set may lose for free")
+    clean_penalty: float = Field(5.0, ge=0, description="the score's charge per unit of clean accuracy lost "
+                                 "beyond the tolerance")
+    min_gain: float = Field(0.0, ge=0, description="stop when no head raises the score by more than this")
+
+
 class SweepConfig(_Sections):
     name: str = "sweep"
     storage_path: str = Field("runs/sweeps", description="local folder or s3://bucket/prefix")
@@ -369,6 +384,9 @@ class SweepConfig(_Sections):
                                "start's f(x)) once per sweep in one Ray task and hand them to every trial")
     store: str = Field("artifacts", description="artifact store for the release: local folder or s3://")
     tracking: TrackingConfig = TrackingConfig()
+    ablation: AblationConfig | None = Field(None, description="also ablate the base model's heads "
+                                            "(`po-cluster ablate`) and report it beside the release (typographic "
+                                            "task; null: not)")
     trial_runner: Literal["torch_trainer", "tune"] = Field(
         "torch_trainer", description="torch_trainer: each trial fits a TorchTrainer (DDP over scaling.num_workers); "
         "tune: a frozen-tower trial trains in the Tune trial itself, on scaling.cpus_per_worker (and "
@@ -390,21 +408,6 @@ class SweepConfig(_Sections):
 
 def _every_loss() -> dict[LossType, dict[str, float]]:
     return {loss_type: {} for loss_type in get_args(LossType)}
-
-
-class AblationConfig(Strict):
-    """`po-cluster ablate`: which image-tower attention heads a greedy search may ablate, and how it
-    scores a set of heads on the training split (attacked accuracy less the share answered with the
-    written word, charged for clean accuracy lost)."""
-
-    max_heads: int = Field(4, gt=0, description="ablate at most this many heads")
-    last_blocks: int | None = Field(None, gt=0, description="candidates: the heads of the last k attention "
-                                    "modules only (None: every head of the tower)")
-    n_images: int = Field(512, gt=0, description="attacked and clean training images the search scores on, each")
-    clean_tolerance: float = Field(0.01, ge=0, description="clean accuracy a head set may lose for free")
-    clean_penalty: float = Field(5.0, ge=0, description="the score's charge per unit of clean accuracy lost "
-                                 "beyond the tolerance")
-    min_gain: float = Field(0.0, ge=0, description="stop when no head raises the score by more than this")
 
 
 class CompareConfig(Strict):

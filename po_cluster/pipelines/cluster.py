@@ -80,13 +80,25 @@ def run_average(cfg: SweepConfig, store: str, top_k: int | None = None, publish:
                "tracking": {k: tracked[k] for k in ("uri", "run_id") if k in tracked} if tracked else None}
     result = average_trials(trials, top_k or cfg.top_k, work_dir(experiment), cfg.base.data,
                             Objective.of(cfg.objective, cfg.base.data),
-                            locate=lambda path: experiment.fetch(path, downloads / Path(path).name), lineage=lineage)
+                            locate=lambda path: experiment.fetch(path, downloads / Path(path).name), lineage=lineage,
+                            comparators=_comparators(cfg, work_dir(experiment)))
     if not experiment.is_local:  # a local experiment is the work folder: average_trials wrote it there
         experiment.write_json(AVERAGE_FILE, result.to_json())
     if publish:
         result = replace(result, release_id=open_store(store).publish_release(result.release_folder), store=store)
     log_average(cfg, experiment, result)  # after publishing: the registered version points at the release
     return result
+
+
+def _comparators(cfg: SweepConfig, folder: Path) -> dict[str, dict[str, float]]:
+    """The training-free defence of the same base on the same test sets, when the config asks for it."""
+    if cfg.ablation is None or cfg.base.data.task != "typographic":
+        return {}
+    from po_cluster.pipelines.ablate import ablate
+
+    result = ablate(cfg.base, cfg.ablation, folder / "ablation")
+    heads = ", ".join(str(head) for head in result.selection.heads) or "none worth it"
+    return {f"head ablation ({heads})": result.after}
 
 
 def run_report(cfg: SweepConfig) -> ReportResult:

@@ -168,11 +168,13 @@ def _candidate(record: TrialRecord, locate: Callable[[str], Path]) -> Candidate:
 
 def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Path, data: DataConfig,
                    objective: Objective | None = None,
-                   locate: Callable[[str], Path] = Path, lineage: dict | None = None) -> AverageResult:
+                   locate: Callable[[str], Path] = Path, lineage: dict | None = None,
+                   comparators: dict[str, dict[str, float]] | None = None) -> AverageResult:
     """Soups of the top-k trials; writes `out_dir/release` (manifest last) and `out_dir/average.json`.
 
     `locate` turns a trial's checkpoint path into a local folder (a download, for S3); `lineage` (the
-    sweep, its experiment, its MLflow run) goes into the release's model.json and card.
+    sweep, its experiment, its MLflow run) goes into the release's model.json and card. `comparators`:
+    other models' metrics on the same test sets (a head ablation), shown after the base.
     """
     top = soup_candidates(records, top_k)
     candidates = [_candidate(r, locate) for r in top]
@@ -183,7 +185,7 @@ def average_trials(records: Sequence[TrialRecord], top_k: int, out_dir: str | Pa
                                                  lambda s: scorer.validation(s)["objective"])
     validation = {name: scorer.validation(state) for name, state in states.items()}
     chosen = max(states, key=lambda name: validation[name]["objective"])
-    test, tradeoff, attacks = {"base": scorer.base_test}, [], {}
+    test, tradeoff, attacks = {"base": scorer.base_test, **(comparators or {})}, [], {}
     for name, state in states.items():
         evaluator = scorer.test(state)  # valid while this state is the one loaded in the scorer's model
         test[name] = evaluator.metrics(1.0)

@@ -153,3 +153,23 @@ def test_compare_losses_reports_progress_per_run_and_returns_rows(monkeypatch, t
     assert [row["model"] for row in result.rows][:2] == ["base", "dpo (beta=0.2, kl_weight=0.3)"]
     assert result.checkpoints == {"dpo": tmp_path / "cmp-dpo", "ipo": tmp_path / "cmp-ipo"}
     assert "checkpoints:" in result.table() and f"  ipo: {tmp_path / 'cmp-ipo'}" in result.table()
+
+
+def test_the_sweep_reports_the_head_ablation_only_where_asked_and_typographic(tmp_path, monkeypatch):
+    from po_cluster.config import SweepConfig
+    from po_cluster.pipelines import ablate as ablate_module
+    from po_cluster.pipelines.cluster import _comparators
+
+    calls = []
+
+    def fake_ablate(run, cfg, output_dir):
+        calls.append((run.name, cfg.max_heads, output_dir))
+        return ablate_module.AblationResult(tmp_path, ablate_module.Selection(0.0, ()), {}, {"clean": 0.5}, 1.0)
+
+    monkeypatch.setattr(ablate_module, "ablate", fake_ablate)
+    assert _comparators(SweepConfig(), tmp_path) == {}  # not asked
+    bias = SweepConfig(base={"data": {"task": "bias"}}, ablation={"max_heads": 2})
+    assert _comparators(bias, tmp_path) == {}  # no word to remove
+    asked = SweepConfig(base={"name": "s"}, ablation={"max_heads": 2})
+    assert _comparators(asked, tmp_path) == {"head ablation (none worth it)": {"clean": 0.5}}
+    assert calls == [("s", 2, tmp_path / "ablation")]
