@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_configs_load():
     cfg = load_config("configs/demo.yaml")
-    assert cfg.loss.loss_type == "dpo" and cfg.model.image_tower == "full"
+    assert cfg.loss.loss_type == "anchor" and cfg.model.image_tower == "full"
     spectral = load_config("configs/demo-spectral.yaml")
     assert spectral.model.image_tower == "frozen"
 
