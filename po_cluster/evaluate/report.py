@@ -7,7 +7,7 @@ from pathlib import Path
 from po_cluster.evaluate.metrics import format_table, plot_tradeoff, shown_keys
 from po_cluster.train.phases import PHASE_KEYS, STARTED_KEY, TRIAL_KEY
 
-MARKERS = {"dpo": "o", "ipo": "s", "kto": "^", "ce": "x"}
+MARKERS = {"dpo": "o", "ipo": "s", "kto": "^", "ce": "x", "anchor": "D"}
 TRIAL_COLUMNS = ("trial", "loss", "beta", "kl_weight", "lr", "image_tower", "val_clean", "val_attacked",
                  "val_word_only", "val_own_word", "val_retention", "val_kl", "val_bias_gap", "objective", "step")
 
@@ -101,14 +101,15 @@ def plot_beta_lambda(rows: list[dict], path: Path) -> None:
     scored = [r for r in rows if r.get("objective") is not None]
     low = min((r["objective"] for r in scored), default=0.0)
     high = max((r["objective"] for r in scored), default=1.0)
-    for offset, (loss, marker) in enumerate(MARKERS.items()):
+    points = None
+    for offset, loss in enumerate(dict.fromkeys([*MARKERS, *(str(r["loss"]) for r in scored)])):
         mine = [r for r in scored if r["loss"] == loss]
         if mine:  # losses dodged a little along β, so trials at the same point stay visible
             dodge = 1.06 ** (offset - 1.5)
             points = ax.scatter([r["beta"] * dodge for r in mine], [r["kl_weight"] for r in mine],
                                 c=[r["objective"] for r in mine], vmin=low, vmax=high, cmap="viridis",
-                                marker=marker, s=80, label=loss, edgecolors="black")
-    if scored:
+                                marker=MARKERS.get(loss, "*"), s=80, label=loss, edgecolors="black")
+    if points is not None:
         fig.colorbar(points, ax=ax, label="objective (validation)")
     ax.set(xscale="log", yscale="log", xlabel="β", ylabel="λ (kl_weight)", title="trials: β–λ map")
     ax.legend(loc="best", fontsize=8)

@@ -173,3 +173,21 @@ def test_the_sweep_reports_the_head_ablation_only_where_asked_and_typographic(tm
     asked = SweepConfig(base={"name": "s"}, ablation={"max_heads": 2})
     assert _comparators(asked, tmp_path) == {"head ablation (none worth it)": {"clean": 0.5}}
     assert calls == [("s", 2, tmp_path / "ablation")]
+
+
+def test_the_report_of_an_anchor_sweep_has_its_map_and_the_attacks_that_still_work(tmp_path):
+    from po_cluster.evaluate.report import write_report
+
+    records = [{"trial_id": f"t{i}", "config": {"loss_type": "anchor", "beta": 0.3, "kl_weight": 1.0 + i},
+                "metrics": {"objective": 0.5 + i / 10, "val_attacked": 0.6}} for i in range(2)]
+    attacks = {"attacked": {"images": 10, "fooled": 2, "words": [{"from": "star", "to": "star", "count": 2}],
+                            "confusions": [{"from": "kite", "to": "star", "count": 3}]},
+               "styles": {"upper": 0.7, "colour": 0.4}}
+    average = {"chosen": "best_trial", "greedy_members": ["t1"], "test": {"base": {"clean": 0.9}},
+               "tradeoff": [{"t": 0.0, "clean": 0.9}, {"t": 1.0, "clean": 0.88}], "attacks": attacks}
+    markdown, _ = write_report(records, average, tmp_path, "anchor sweep")
+    text = markdown.read_text()
+    assert (tmp_path / "beta_lambda.png").stat().st_size > 0
+    assert "## Attacks that still work on the release (t = 1)" in text
+    assert "2 of 10 attacked test images are answered with the written word." in text
+    assert "| kite | star | 3 |" in text and "| colour | 0.400 |" in text
