@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from po_cluster.config import RunConfig, parse_config
-from po_cluster.data.images import square_pixels
+from po_cluster.data.images import Geometry
 from po_cluster.data.records import ImageSet, PreferenceSet
 from po_cluster.data.selection import build_records
 from po_cluster.model.loading import SHIPPED_BASE
@@ -47,11 +47,11 @@ def run_config(args: argparse.Namespace, precision: str) -> RunConfig:
                      "precision": precision}})
 
 
-def at_model_size(pref: PreferenceSet, reg: ImageSet, size: int) -> tuple[PreferenceSet, ImageSet]:
-    """The records squared to the model's input once, as a built dataset at that size would hold
+def at_model_size(pref: PreferenceSet, reg: ImageSet, geometry: Geometry) -> tuple[PreferenceSet, ImageSet]:
+    """The records fitted to the model's input once, as a built dataset for that model would hold
     them, so the step measures the model rather than a per-batch host resize."""
     def squared(images: np.ndarray) -> np.ndarray:
-        return np.stack([square_pixels(image, size) for image in images])
+        return np.stack([geometry.fit_pixels(image) for image in images])
 
     return replace(pref, images=squared(pref.images)), replace(reg, images=squared(reg.images))
 
@@ -89,7 +89,7 @@ def step_row(args: argparse.Namespace, precision: str) -> Row:
     cfg = run_config(args, precision)
     device = torch.device(args.device)
     model = build_model(cfg, device)
-    pref, reg = at_model_size(*build_records(cfg.data), model.image_size)
+    pref, reg = at_model_size(*build_records(cfg.data), model.preprocess.geometry)
     data = prepare_data(model, pref, reg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -106,7 +106,7 @@ def input_row(args: argparse.Namespace) -> Row:
     cfg = run_config(args, "fp32")
     device = torch.device(args.device)
     model = build_model(cfg, device)
-    pref, _ = at_model_size(*build_records(cfg.data), model.image_size)
+    pref, _ = at_model_size(*build_records(cfg.data), model.preprocess.geometry)
     rng = np.random.default_rng(0)
     batches = [rng.choice(len(pref), args.batch_size) for _ in range(args.steps + args.warmup)]
     seconds = 0.0

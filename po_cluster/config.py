@@ -51,12 +51,30 @@ def image_tower_label(mode: ImageTowerMode) -> str:
     return mode
 
 
+class PreprocessConfig(Strict):
+    """Settings of open_clip's image preprocessing (its PreprocessCfg), each replacing the model's own;
+    the size is always the image tower's."""
+
+    resize_mode: Literal["shortest", "longest", "squash"] | None = Field(
+        None, description="shortest: shorter side to the size, centre crop; longest: longer side, padded; "
+        "squash: both sides, aspect ratio not kept")
+    interpolation: Literal["bicubic", "bilinear"] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None \
+        = None
+    fill_color: int | None = Field(None, ge=0, le=255, description="grey level of `longest`'s padding")
+
+
 class ModelConfig(Strict):
     name: str = Field("po-tiny-rn", description="open_clip architecture name")
     pretrained: str | None = Field(SHIPPED_BASE, description="open_clip tag (e.g. openai), local .safetensors "
                                    "path, s3:// URI, or " + SHIPPED_BASE)
     image_tower: ImageTowerMode = "full"
     cache_dir: str | None = None
+    preprocess: str | PreprocessConfig | None = Field(
+        None, description="the image preprocessing, by default open_clip's for this architecture and pretrained "
+        "tag (SigLIP's squash, …); an open_clip tag takes that tag's (its weights given as a file, which "
+        "open_clip cannot tell), settings replace the model's one by one")
 
 
 class DataConfig(Strict):

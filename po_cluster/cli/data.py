@@ -25,8 +25,11 @@ def _typographic_config(args: argparse.Namespace) -> TypographicConfig:
              "image_size": args.image_size, "prompt_template": args.template,
              "fonts": tuple(args.font) if args.font else None, "workers": args.workers,
              "splits": tuple(args.splits) if args.splits else None, "rows_per_shard": args.rows_per_shard,
-             "own_word": args.own_word}
+             "own_word": args.own_word, "resize_mode": args.resize_mode}
     data.update({key: value for key, value in flags.items() if value is not None})
+    if args.model is not None:
+        model = {"name": args.model, "pretrained": args.pretrained, "preprocess": args.preprocess}
+        data["model"] = {key: value for key, value in model.items() if value is not None}
     return parse_config(data, args.config or "<command line>", TypographicConfig)
 
 
@@ -60,10 +63,11 @@ def cmd_data_world(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    from po_cluster.data.images import Geometry
     from po_cluster.data.pairs import load_preference_data, read_dataset
     from po_cluster.data.splits import SPLITS
 
-    pref, reg = load_preference_data(args.location, image_size=args.image_size)
+    pref, reg = load_preference_data(args.location, None if args.image_size is None else Geometry(args.image_size))
     files = read_dataset(args.location)
     per_split = ", ".join(f"{sum(p.split == s for p in files.pairs)} {s}" for s in SPLITS)
     print(f"{args.location}: {len(pref)} pairs ({per_split}), {len(reg)} regularisation images, "
@@ -93,7 +97,7 @@ def cmd_evaluate_attack_set(args: argparse.Namespace) -> int:
     from po_cluster.evaluate.attack_sets import evaluate_attack_set, read_attack_set
 
     model = _attack_model(args)
-    attack_set = read_attack_set(args.folder, model.image_size)
+    attack_set = read_attack_set(args.folder, model.preprocess.geometry)
     result = evaluate_attack_set(model, attack_set, t=args.t, template=args.template)
     if args.rows:
         Path(args.rows).write_text("".join(json.dumps(row) + "\n" for row in result.rows))
@@ -125,7 +129,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML with TypographicConfig fields; flags override it")
     p.add_argument("--variants", type=int, help="attacked copies per image (default 1)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--model", help="open_clip architecture the dataset is for: its preprocessing fits the images "
+                   "(instead of --image-size, --resize-mode); no weights are read")
+    p.add_argument("--pretrained", help="with --model: its pretrained tag (whose preprocessing it takes: SigLIP's "
+                   "webli squashes)")
+    p.add_argument("--preprocess", help="with --model: take this open_clip tag's preprocessing")
     p.add_argument("--image-size", type=int, help="square side of the written images (default 224)")
+    p.add_argument("--resize-mode", choices=("shortest", "longest", "squash"),
+                   help="how images are fitted to the square (default shortest: resize and centre crop)")
     p.add_argument("--template", help='prompt template (default "a photo of a {}.")')
     p.add_argument("--font", action="append", help=".ttf path (repeatable; default: Pillow's bundled font)")
     p.add_argument("--workers", type=int)

@@ -2,25 +2,26 @@
 labelled image folders and manifests, local or s3://.
 
 Everything read here is data (JSON, CSV, images); nothing is unpickled. Images
-of any size are decoded (EXIF orientation applied) and resized (shorter side) and
-centre-cropped to one square size as they are read, by po_cluster.data.images, so
-the records hold uint8 HxWx3 arrays of one shape. The model-side conversion
-(`to_model_input`) and the serving endpoint use the same functions, so a file gets
-the same pixels here as when it is served.
+of any size are decoded (EXIF orientation applied) and fitted to the model's square
+by its own preprocessing (`Geometry`, open_clip's resize and crop of that model) as
+they are read, by po_cluster.data.images, so the records hold uint8 HxWx3 arrays of
+one shape. The model-side conversion (`to_model_input`) and the serving endpoint use
+the same functions, so a file gets the same pixels here as when it is served.
+
+A dataset fitted when it was built (the typographic builder's) records how (dataset.json's
+"preprocess") and is read for a model of that geometry only: fitting its squares again
+would feed the model other pixels than open_clip's transform of the sources gives.
 
 Files are read through po_cluster.store.location (S3 endpoint, region and
 credentials from boto3's own chain, e.g. AWS_ENDPOINT_URL).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -28,14 +29,14 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from po_cluster.data import images
-from po_cluster.data.images import IMAGE_EXTENSIONS, is_image_name, square
+from po_cluster.data.images import Geometry
 from po_cluster.data.records import NO_WORD, ImageSet, PreferenceSet
 from po_cluster.data.shards import ShardError, read_shard
 from po_cluster.data.splits import SPLITS, Split, hashed_split
 from po_cluster.store import location as store_location
-from po_cluster.store.location import StoreError, exists, is_s3, join, parent, resolve
+from po_cluster.store.location import StoreError, exists, join, parent, resolve
 
-DEFAULT_IMAGE_SIZE = 224  # ViT-B-32's input; the model resizes again if it differs
+DEFAULT_IMAGE_SIZE = 224  # ViT-B-32's input: a dataset of source images read with no model named
 DATASET_JSON = "dataset.json"  # written last by the builder: its presence means complete
 PAIRS_JSONL = "pairs.jsonl"
 REG_JSONL = "regularization.jsonl"
@@ -82,88 +83,33 @@ def decode_image(data: bytes, source: str) -> Image.Image:
         raise DataError(f"{source}: {refused.message}") from None
 
 
-def load_image(location: str, size: int, data: bytes | None = None) -> np.ndarray:
-    """uint8 [size, size, 3]: decoded and squared as served images are (data.images). `data`: the
+def load_image(location: str, geometry: Geometry, data: bytes | None = None) -> np.ndarray:
+    """uint8 [size, size, 3]: decoded and fitted as served images are (data.images). `data`: the
     encoded bytes when they are at hand (a shard's), else read from `location`."""
     encoded = read_bytes(location) if data is None else data
-    return np.asarray(square(decode_image(encoded, location), size), dtype=np.uint8)
+    return np.asarray(geometry.fit(decode_image(encoded, location)), dtype=np.uint8)
 
 
-def load_images(locations: list[str], size: int, data: list[bytes | None] | None = None) -> np.ndarray:
+def load_images(locations: list[str], geometry: Geometry, data: list[bytes | None] | None = None) -> np.ndarray:
     """uint8 [N, size, size, 3], in the order given."""
-    out = np.empty((len(locations), size, size, 3), dtype=np.uint8)
+    out = np.empty((len(locations), geometry.size, geometry.size, 3), dtype=np.uint8)
     encoded = data if data is not None else [None] * len(locations)
     with ThreadPoolExecutor(_READ_WORKERS) as pool:
-        for i, array in enumerate(pool.map(lambda job: load_image(job[0], size, job[1]),
+        for i, array in enumerate(pool.map(lambda job: load_image(job[0], geometry, job[1]),
                                            zip(locations, encoded, strict=True))):
             out[i] = array
     return out
 
 
-# ---------------------------------------------------------------- labelled images: class folders or a manifest
+# ---------------------------------------------------------------- JSON lines
 
 
-@dataclass(frozen=True)
-class LabelledImage:
-    location: str  # where to read it
-    name: str  # its path relative to the source, for the records
-    label: str
-
-
-def display_name(raw: str) -> str:
-    """Folder names use underscores for spaces (golden_retriever); prompts and written words do not."""
-    return " ".join(raw.replace("_", " ").split())
-
-
-def read_labelled(source: str) -> list[LabelledImage]:
-    """A labelled image set: a folder with one sub-folder per class, or a .jsonl / .csv manifest."""
-    items = _read_manifest(source) if source.lower().endswith((".jsonl", ".csv")) else _read_class_folders(source)
-    if not items:
-        raise DataError(f"{source}: no images found")
-    return sorted(items, key=lambda item: (item.label, item.name))
-
-
-def _read_class_folders(root: str) -> list[LabelledImage]:
-    files = list_files(root)
-    items = []
-    for name in files:
-        if not is_image_name(name):
-            continue  # READMEs, .DS_Store, label files: not part of the set
-        if "/" not in name:
-            raise DataError(f"{join(root, name)}: image outside any class folder (expected {root}/<class>/<image>)")
-        items.append(LabelledImage(join(root, name), name, display_name(name.split("/", 1)[0])))
-    if not is_s3(root):  # S3 has no empty folders; on disk an empty class is a mistake worth naming
-        with_images = {item.name.split("/", 1)[0] for item in items}
-        for sub in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if sub.name not in with_images:
-                raise DataError(f"{sub}: class folder with no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return items
-
-
-class _ManifestLine(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    path: str = Field(min_length=1)
-    label: str = Field(min_length=1)
-
-
-def _line_error(where: str, error: ValidationError) -> DataError:
+def line_error(where: str, error: ValidationError) -> DataError:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'line'}: {e['msg']}" for e in error.errors())
     return DataError(f"{where}: {problems}")
 
 
-def _manifest_rows(manifest: str) -> Iterator[tuple[int, object]]:
-    text = read_bytes(manifest).decode("utf-8-sig")
-    if manifest.lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{manifest}:1: the CSV header must name the columns path and label")
-        for row in reader:
-            yield reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}
-        return
-    yield from _jsonl_objects(manifest, text)
-
-
-def _jsonl_objects(source: str, text: str) -> Iterator[tuple[int, object]]:
+def jsonl_objects(source: str, text: str) -> Iterator[tuple[int, object]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -171,20 +117,6 @@ def _jsonl_objects(source: str, text: str) -> Iterator[tuple[int, object]]:
             yield number, json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{source}:{number}: not valid JSON ({error.msg})") from None
-
-
-def _read_manifest(manifest: str) -> list[LabelledImage]:
-    base = parent(manifest)
-    items = []
-    for number, row in _manifest_rows(manifest):
-        if not isinstance(row, dict):
-            raise DataError(f"{manifest}:{number}: expected an object with path and label")
-        try:
-            line = _ManifestLine.model_validate(row)
-        except ValidationError as error:
-            raise _line_error(f"{manifest}:{number}", error) from None
-        items.append(LabelledImage(resolve(base, line.path), line.path, display_name(line.label)))
-    return items
 
 
 # ---------------------------------------------------------------- preference records (docs/records.md)
@@ -223,7 +155,7 @@ def parse_record(row: object, where: str) -> PairLine | RegLine:
             return RegLine.model_validate(row)
         record = PairLine.model_validate(row)
     except ValidationError as error:
-        raise _line_error(where, error) from None
+        raise line_error(where, error) from None
     if record.chosen == record.rejected:
         raise DataError(f"{where}: chosen and rejected are the same text {record.chosen!r}")
     return record
@@ -235,7 +167,7 @@ def read_records(jsonl: str) -> tuple[list[PairLine], list[RegLine]]:
     pairs: list[PairLine] = []
     regs: list[RegLine] = []
     text = read_bytes(jsonl).decode("utf-8-sig")
-    for number, row in _jsonl_objects(jsonl, text):
+    for number, row in jsonl_objects(jsonl, text):
         record = parse_record(row, f"{jsonl}:{number}")
         # A record's split follows its source image; the key is the path as written, the same anywhere.
         split = record.split or hashed_split(str((record.model_extra or {}).get("source") or record.image))
@@ -348,11 +280,40 @@ def select_split(files: RecordFiles, split: Split, location: str) -> RecordFiles
     return chosen
 
 
-def _image_size(files: RecordFiles, image_size: int | None) -> int:
-    return image_size or int(files.meta.get("image_size", DEFAULT_IMAGE_SIZE))
+def stored_geometry(meta: dict) -> Geometry | None:
+    """How a dataset's stored images were fitted, when they were (None: they are source images, to fit
+    when read: the world's renders, ingested files). A typographic build from before datasets recorded
+    it fitted the shorter side to its image_size, bicubic."""
+    recorded = meta.get("preprocess")
+    if isinstance(recorded, dict):
+        try:
+            return Geometry(**recorded)
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{DATASET_JSON}: preprocess {recorded!r} is not usable: {error}") from None
+    config = meta.get("config")
+    if isinstance(config, dict) and "variants" in config and "image_size" in meta:
+        return Geometry(int(meta["image_size"]))
+    return None
 
 
-def load_preference_data(location: str, image_size: int | None = None, n_pairs: int | None = None,
+def _describe(geometry: Geometry) -> str:
+    return f"{geometry.size} px ({geometry.resize_mode}, {geometry.interpolation})"
+
+
+def dataset_geometry(meta: dict, wanted: Geometry | None, location: str) -> Geometry:
+    """The geometry a dataset's images are read with for a model fitting them by `wanted` (None: no model,
+    the dataset's own). DataError when its images were fitted otherwise: the fix is to rebuild it."""
+    stored = stored_geometry(meta)
+    if wanted is None:
+        return stored or Geometry(int(meta.get("image_size", DEFAULT_IMAGE_SIZE)))
+    if stored is not None and stored != wanted:
+        raise DataError(f"{location}: its images were fitted to {_describe(stored)} when it was built; the "
+                        f"model takes {_describe(wanted)}: rebuild it for this model (po-cluster data typographic "
+                        "--model NAME [--pretrained TAG]), so it trains on the pixels it was pretrained on")
+    return wanted
+
+
+def load_preference_data(location: str, geometry: Geometry | None = None, n_pairs: int | None = None,
                          n_reg: int | None = None, seed: int = 0,
                          split: Split | None = None) -> tuple[PreferenceSet, ImageSet]:
     """The trainer's records from a JSONL file or a built dataset: one split's, or all for None.
@@ -364,17 +325,17 @@ def load_preference_data(location: str, image_size: int | None = None, n_pairs: 
     files = read_dataset(location, split)
     # A built dataset lists every candidate; a JSONL file's come from all its records, whatever the split.
     texts = candidate_texts(files if "candidates" in files.meta or split is None else read_dataset(location))
-    size = _image_size(files, image_size)
+    geometry = dataset_geometry(files.meta, geometry, location)
     index = {text: i for i, text in enumerate(texts)}
     rng = np.random.default_rng(seed)
     pairs = [files.pairs[i] for i in _subset(len(files.pairs), n_pairs, rng)]
-    pref = PreferenceSet(load_images([p.image for p in pairs], size, [p._data for p in pairs]),
+    pref = PreferenceSet(load_images([p.image for p in pairs], geometry, [p._data for p in pairs]),
                          np.array([index[p.chosen] for p in pairs], dtype=np.int64),
                          np.array([index[p.rejected] for p in pairs], dtype=np.int64), texts)
     if files.regs:
         regs = [files.regs[i] for i in _subset(len(files.regs), n_reg, rng)]
         labels = np.array([index[r.text] if r.text is not None else NO_WORD for r in regs], dtype=np.int64)
-        reg = ImageSet(load_images([r.image for r in regs], size, [r._data for r in regs]), labels,
+        reg = ImageSet(load_images([r.image for r in regs], geometry, [r._data for r in regs]), labels,
                        np.full(len(regs), NO_WORD), texts)
     else:
         keep = _subset(len(pref), n_reg, rng)
@@ -382,11 +343,11 @@ def load_preference_data(location: str, image_size: int | None = None, n_pairs: 
     return pref, reg
 
 
-def dataset_eval_sets(location: str, split: Split, image_size: int | None = None) -> dict[str, ImageSet]:
+def dataset_eval_sets(location: str, split: Split, geometry: Geometry | None = None) -> dict[str, ImageSet]:
     """A dataset split as evaluation sets: "attacked" (each pair's image, scored against its chosen
     text, `attack_success` = the rejected one) and "clean" (the split's regularisation images that
     name their text; without any, the pair images labelled with their chosen text)."""
-    pref, reg = load_preference_data(location, image_size=image_size, split=split)
+    pref, reg = load_preference_data(location, geometry, split=split)
     labelled = reg.labels != NO_WORD
     clean = reg.take(np.flatnonzero(labelled)) if labelled.any() else \
         ImageSet(pref.images, pref.chosen, np.full(len(pref), NO_WORD), pref.classnames)

@@ -7,16 +7,20 @@ from typing import Literal
 
 from po_cluster.config import DataConfig
 from po_cluster.data import world
+from po_cluster.data.images import Geometry
 from po_cluster.data.records import ImageSet, PreferenceSet, subset_sets
 
 
-def build_records(cfg: DataConfig) -> tuple[PreferenceSet, ImageSet]:
+def build_records(cfg: DataConfig, geometry: Geometry | None = None) -> tuple[PreferenceSet, ImageSet]:
     """Preference records and regularisation images: the train split of `cfg.dataset` when set (val and
-    test are held out for choosing and scoring), else the typo-shapes world's."""
+    test are held out for choosing and scoring), else the typo-shapes world's. A dataset's images are
+    fitted by `geometry`, the model's (data.pairs.dataset_geometry); the world's renders are fitted by
+    the model itself, as any source image."""
     if cfg.dataset is not None:
         from po_cluster.data.pairs import load_preference_data
 
-        return load_preference_data(cfg.dataset, n_pairs=cfg.n_pairs, n_reg=cfg.n_reg, seed=cfg.seed, split="train")
+        return load_preference_data(cfg.dataset, geometry, n_pairs=cfg.n_pairs, n_reg=cfg.n_reg, seed=cfg.seed,
+                                    split="train")
     records = world.bias_preference_set if cfg.task == "bias" else world.preference_set
     own_word = cfg.own_word if cfg.task == "typographic" else 0.0
     return records(cfg.n_pairs, cfg.seed), world.regularisation_set(cfg.n_reg, cfg.seed + 1, own_word)
@@ -32,7 +36,8 @@ def prompt_template(cfg: DataConfig) -> str:
     return world.ATTRIBUTE_TEMPLATE if cfg.task == "bias" else world.PROMPT_TEMPLATE
 
 
-def held_out_sets(cfg: DataConfig, split: Literal["val", "test"]) -> dict[str, ImageSet]:
+def held_out_sets(cfg: DataConfig, split: Literal["val", "test"],
+                  geometry: Geometry | None = None) -> dict[str, ImageSet]:
     """What a run is chosen on (val) and scored on (test), never what it trained on: the world's own
     validation and fixed evaluation sets, or the dataset's val / test split (val capped at n_val
     images per set, a seeded subset, so validation stays proportional to the budget)."""
@@ -40,5 +45,5 @@ def held_out_sets(cfg: DataConfig, split: Literal["val", "test"]) -> dict[str, I
         return world.validation_sets(cfg.n_val) if split == "val" else world.evaluation_sets()
     from po_cluster.data.pairs import dataset_eval_sets
 
-    sets = dataset_eval_sets(cfg.dataset, split)
+    sets = dataset_eval_sets(cfg.dataset, split, geometry)
     return subset_sets(sets, cfg.n_val, cfg.seed) if split == "val" else sets

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from po_cluster.data.pairs import DATASET_JSON, DEFAULT_IMAGE_SIZE, DataError, load_image, read_bytes
+from po_cluster.data.images import Geometry
+from po_cluster.data.pairs import DATASET_JSON, DataError, load_image, read_bytes
 from po_cluster.data.records import NO_WORD
 from po_cluster.data.ref_files import read_ref_rows
 from po_cluster.data.shards import RECORD_SCHEMA, read_shard
@@ -40,9 +41,9 @@ def stream_kind(meta: dict) -> str:
     return "pair" if isinstance(counts, dict) and counts.get("regularization") == 0 else "regularization"
 
 
-def decode_rows(batch: dict[str, Any], kind: str, reg: bool, size: int, candidates: list[str],
+def decode_rows(batch: dict[str, Any], kind: str, reg: bool, geometry: Geometry, candidates: list[str],
                 split: str = "train", pixels: bool = True) -> dict[str, np.ndarray]:
-    """Shard rows → this stream's rows: uint8 images [n, size, size, 3] through the one image path
+    """Shard rows → this stream's rows: uint8 images [n, size, size, 3] fitted by `geometry` (the one image path)
     (none with `pixels` False), and class indices into the candidates. Rows of other splits and kinds
     are dropped here."""
     index = {text: i for i, text in enumerate(candidates)}
@@ -57,9 +58,9 @@ def decode_rows(batch: dict[str, Any], kind: str, reg: bool, size: int, candidat
         rows = {"chosen": np.array([index[batch["chosen"][i]] for i in keep], dtype=np.int64),
                 "rejected": np.array([index[batch["rejected"][i]] for i in keep], dtype=np.int64)}
     if pixels:
-        images = np.empty((len(keep), size, size, 3), dtype=np.uint8)
+        images = np.empty((len(keep), geometry.size, geometry.size, 3), dtype=np.uint8)
         for row, i in enumerate(keep):
-            images[row] = load_image(str(batch["image_name"][i]), size, batch["image"][i])
+            images[row] = load_image(str(batch["image_name"][i]), geometry, batch["image"][i])
         rows["image"] = images
     return rows
 
@@ -74,7 +75,7 @@ def row_count(rows: dict[str, np.ndarray]) -> int:
     return len(next(iter(rows.values())))
 
 
-def shard_rows(location: str, meta: dict, number: int, kind: str, reg: bool, size: int,
+def shard_rows(location: str, meta: dict, number: int, kind: str, reg: bool, geometry: Geometry,
                ref: dict | None = None, pixels: bool = True) -> dict[str, np.ndarray]:
     """Shard `number` of the dataset, read through the store and checked against dataset.json (its
     sha256 and rows), as this stream's decoded rows of the train split; with `ref` (a π_ref cache's
@@ -85,14 +86,15 @@ def shard_rows(location: str, meta: dict, number: int, kind: str, reg: bool, siz
         raise ValueError("rows without pixels need a π_ref cache: its f(x) is the only image input left")
     rows = read_shard(location, meta["shards"][number])
     columns = {name: [row[name] for row in rows] for name in RECORD_SCHEMA.names}
-    decoded = decode_rows(columns, kind, reg, size, meta["candidates"], pixels=pixels)
+    decoded = decode_rows(columns, kind, reg, geometry, meta["candidates"], pixels=pixels)
     if ref is not None:
         decoded |= read_ref_rows(ref, kind, number, row_count(decoded))
     return decoded
 
 
 def local_stream(location: str, meta: dict, reg: bool, batch_size: int, seed: int,
-                 size: int, ref: dict | None = None, pixels: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                 geometry: Geometry, ref: dict | None = None,
+                 pixels: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the train split without Ray, forever: each pass visits the shards in a seeded
     order, one at a time, its rows shuffled within the shard."""
     kind = stream_kind(meta) if reg else "pair"
@@ -101,7 +103,7 @@ def local_stream(location: str, meta: dict, reg: bool, batch_size: int, seed: in
         pending: list[dict[str, np.ndarray]] = []
         yielded = False
         for number in rng.permutation(len(meta["shards"])):
-            decoded = shard_rows(location, meta, int(number), kind, reg, size, ref, pixels)
+            decoded = shard_rows(location, meta, int(number), kind, reg, geometry, ref, pixels)
             order = rng.permutation(row_count(decoded))
             pending.append({name: values[order] for name, values in decoded.items()})
             while sum(row_count(p) for p in pending) >= batch_size:
@@ -127,13 +129,13 @@ def passes_needed(meta: dict, stream: str, steps: int, batch: int) -> int:
 
 
 def read_numbered_shards(batch: dict[str, np.ndarray], location: str, meta: dict, kind: str, reg: bool,
-                         size: int, ref: dict | None = None, pixels: bool = True) -> dict[str, np.ndarray]:
+                         geometry: Geometry, ref: dict | None = None, pixels: bool = True) -> dict[str, np.ndarray]:
     """What a Ray Data task runs: the shards numbered in `batch["shard"]`, as decoded rows."""
-    parts = [shard_rows(location, meta, int(number), kind, reg, size, ref, pixels) for number in batch["shard"]]
+    parts = [shard_rows(location, meta, int(number), kind, reg, geometry, ref, pixels) for number in batch["shard"]]
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def ray_datasets(location: str, meta: dict, size: int, cpus: float = 1.0, passes: dict[str, int] | None = None,
+def ray_datasets(location: str, meta: dict, geometry: Geometry, cpus: float = 1.0, passes: dict[str, int] | None = None,
                  seed: int = 0, ref: dict | None = None, pixels: bool = True) -> dict[str, Any]:
     """The two Ray Data datasets a TorchTrainer splits across its workers (datasets=…): the train
     split's pairs and its clean images. Each is one map over the shards' numbers, `passes[name]`
@@ -148,12 +150,9 @@ def ray_datasets(location: str, meta: dict, size: int, cpus: float = 1.0, passes
     for number, (name, kind, reg) in enumerate((("pref", "pair", False), ("reg", stream_kind(meta), True))):
         rng = np.random.default_rng([seed, number])
         numbers = [int(n) for _ in range((passes or {}).get(name, 1)) for n in rng.permutation(len(meta["shards"]))]
-        read = functools.partial(read_numbered_shards, location=location, meta=meta, kind=kind, reg=reg, size=size,
-                                 ref=ref, pixels=pixels)
+        read = functools.partial(read_numbered_shards, location=location, meta=meta, kind=kind, reg=reg,
+                                 geometry=geometry, ref=ref, pixels=pixels)
         out[name] = ray.data.from_items([{"shard": n} for n in numbers]) \
             .map_batches(read, batch_size=1, batch_format="numpy", num_cpus=cpus)
     return out
 
-
-def image_size(meta: dict) -> int:
-    return int(meta.get("image_size", DEFAULT_IMAGE_SIZE))

@@ -31,10 +31,11 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 from pydantic import Field, field_validator, model_validator
 
-from po_cluster.config import Strict
+from po_cluster.config import ModelConfig, Strict
 from po_cluster.data import pairs as io_
-from po_cluster.data.images import square
-from po_cluster.data.pairs import DataError, LabelledImage
+from po_cluster.data.images import Geometry, Interpolation, ResizeMode
+from po_cluster.data.labelled import LabelledImage, read_labelled
+from po_cluster.data.pairs import DataError
 from po_cluster.data.shards import FORMAT, FORMAT_VERSION, LIGHT_KEYS, ShardWriter, split_counts
 from po_cluster.data.splits import DEFAULT_FRACTIONS, Split, assign_splits, check_fractions
 from po_cluster.store.location import join, remove, write_bytes
@@ -50,8 +51,15 @@ class TypographicConfig(Strict):
     out: str = Field(description="output folder or s3:// prefix")
     variants: int = Field(1, gt=0, description="attacked copies per image, each with a different wrong class")
     seed: int = 0
-    image_size: int = Field(224, ge=32, description="images are resized and centre-cropped to this square "
-                                                     "*before* writing, so the model's crop keeps the text")
+    image_size: int = Field(224, ge=32, description="images are fitted to this square *before* writing, so the "
+                            "model's crop keeps the text")
+    resize_mode: ResizeMode = Field("shortest", description="how they are fitted, as open_clip's preprocessing "
+                                    "(shortest: shorter side and centre crop; longest: padded; squash)")
+    interpolation: Interpolation = "bicubic"
+    fill_color: int = Field(0, ge=0, le=255, description="grey level of `longest`'s padding")
+    model: ModelConfig | None = Field(None, description="the model the dataset is for (a run's `model` section): "
+                                      "its open_clip preprocessing fits the images, instead of image_size, "
+                                      "resize_mode, interpolation and fill_color; no weights are read")
     prompt_template: str = "a photo of a {}."
     fonts: tuple[str, ...] = Field((), description=".ttf/.otf paths; empty: Pillow's bundled font")
     font_size: tuple[Fraction, Fraction] = Field((0.08, 0.18), description="text height range, fraction of side")
@@ -100,7 +108,21 @@ class TypographicConfig(Strict):
     def _size_range(self) -> TypographicConfig:
         if self.font_size[0] > self.font_size[1]:
             raise ValueError(f"font_size range {self.font_size} is reversed")
+        given = sorted(self.model_fields_set & {"image_size", "resize_mode", "interpolation", "fill_color"})
+        if self.model is not None and given:
+            raise ValueError(f"model {self.model.name!r} decides {', '.join(given)}: give either")
         return self
+
+    def geometry(self) -> Geometry:
+        """How the written images are fitted: the model's own preprocessing when a model is named."""
+        if self.model is None:
+            return Geometry(self.image_size, self.resize_mode, self.interpolation, self.fill_color)
+        from po_cluster.model.loading import ModelLoadError, resolve_preprocess
+
+        try:
+            return resolve_preprocess(self.model.name, self.model.pretrained, self.model.preprocess).geometry
+        except ModelLoadError as error:
+            raise DataError(str(error)) from None
 
 
 _thread = threading.local()
@@ -169,11 +191,11 @@ def _regularisation_row(index: int, item: LabelledImage, split: Split, clean: Im
 
 
 def _build_one(index: int, item: LabelledImage, split: Split, classes: tuple[str, ...],
-               cfg: TypographicConfig) -> list[dict]:
+               cfg: TypographicConfig, geometry: Geometry) -> list[dict]:
     """The regularisation copy and the attacked copies of one image as shard rows (the first first),
     PNG-encoded."""
     rng = np.random.default_rng([cfg.seed, index])
-    clean = square(io_.decode_image(io_.read_bytes(item.location), item.location), cfg.image_size)
+    clean = geometry.fit(io_.decode_image(io_.read_bytes(item.location), item.location))
     true = classes.index(item.label)
     others = np.array([c for c in range(len(classes)) if c != true])  # never the image's own class
     written = rng.choice(others, size=cfg.variants, replace=False)
@@ -200,7 +222,8 @@ class BuildSummary:
 
 def build_typographic(cfg: TypographicConfig) -> BuildSummary:
     """Read the labelled set, write attacked and clean images and their records, then dataset.json."""
-    items = io_.read_labelled(cfg.source)
+    geometry = cfg.geometry()
+    items = read_labelled(cfg.source)
     classes = tuple(sorted({item.label for item in items}))
     if len(classes) <= cfg.variants:
         raise DataError(f"{cfg.source}: {len(classes)} classes ({', '.join(classes)}) leave fewer than "
@@ -213,14 +236,15 @@ def build_typographic(cfg: TypographicConfig) -> BuildSummary:
         # In chunks: a build holds one chunk's encoded images, whatever the dataset's size.
         for start in range(0, len(items), cfg.workers * 16):
             chunk = range(start, min(start + cfg.workers * 16, len(items)))
-            for rows in pool.map(lambda i: _build_one(i, items[i], splits[i], classes, cfg), chunk):
+            for rows in pool.map(lambda i: _build_one(i, items[i], splits[i], classes, cfg, geometry), chunk):
                 writer.add(rows)
                 light.extend({k: row.get(k) for k in LIGHT_KEYS} for row in rows)
     shards = writer.close()
     counts = split_counts(light)
     pairs = sum(c["pairs"] for c in counts.values())
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "classes": list(classes),
-            "candidates": [cfg.prompt_template.format(c) for c in classes], "image_size": cfg.image_size,
+            "candidates": [cfg.prompt_template.format(c) for c in classes], "image_size": geometry.size,
+            "preprocess": geometry.to_json(),  # how the stored images were fitted (pairs.stored_geometry)
             "counts": {"images": len(items), "pairs": pairs, "splits": counts},
             "shards": [info.to_json() for info in shards],
             "config": cfg.model_dump(mode="json", exclude={"out", "workers"})}

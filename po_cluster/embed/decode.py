@@ -4,13 +4,13 @@ never an exception that stops the job."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
 from po_cluster.config import Strict
+from po_cluster.data.images import Preprocess  # the release's (AlignedCLIP.preprocess), plain values for CPU tasks
 from po_cluster.serving.limits import ApiError, ImageFormat, Limits
 from po_cluster.store import location
 from po_cluster.store.location import StoreError, StoreSettings
@@ -29,15 +29,6 @@ class DecodeLimits(Strict):
     def serving(self) -> Limits:
         return Limits(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
                       image_formats=self.image_formats)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The model input conversion of a release (AlignedCLIP.pixels), as plain values for the CPU tasks."""
-
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 class BadInput(Exception):
@@ -71,7 +62,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: D
     """Inputs → model input [N, 3, S, S] float32; a bad row gets zeros, a code and a reason."""
     from po_cluster.model.loading import to_model_input
 
-    rules, size = limits.serving(), preprocess.image_size
+    rules, size = limits.serving(), preprocess.size
     uris = [str(u) for u in batch["source_uri"]]
     with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
         raws = list(pool.map(lambda uri: _read(uri, settings, rules.max_image_bytes), uris))
@@ -88,7 +79,6 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: D
     pixels = np.zeros((len(uris), 3, size, size), dtype=np.float32)
     for group in by_shape.values():  # one conversion per shape, as the serving engine's image_features
         rows = [i for i, _ in group]
-        pixels[rows] = to_model_input(np.stack([image for _, image in group]), size, preprocess.mean,
-                                      preprocess.std).numpy()
+        pixels[rows] = to_model_input(np.stack([image for _, image in group]), preprocess).numpy()
     return {"id": batch["id"], "source_uri": batch["source_uri"], "shard": batch["shard"], "pixels": pixels,
             "code": np.array(codes, dtype=object), "reason": np.array(reasons, dtype=object)}

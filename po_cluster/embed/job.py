@@ -117,7 +117,7 @@ def decode_task_memory(cfg: EmbedConfig, preprocess: Preprocess) -> int:
     when their remote args are equal (1 CPU each on a CPU-only cluster), which would decode inside the
     model actors, serially with the model.
     """
-    batch = cfg.decode_batch_size * 3 * preprocess.image_size ** 2 * 4 * 2
+    batch = cfg.decode_batch_size * 3 * preprocess.size ** 2 * 4 * 2
     return batch + 2 * cfg.limits.max_image_bytes + cfg.limits.max_image_pixels * 3 * (1 + 4 + 4)
 
 
@@ -198,7 +198,7 @@ def _load_release(cfg: EmbedConfig) -> tuple[str, Preprocess]:
     release_id = store.resolve(cfg.release)
     # Pulled (every file verified) and loaded here: a bad release fails before Ray starts anything.
     model, _ = load_checkpoint(store.pull_release(release_id), verify=False)
-    return release_id, Preprocess(model.image_size, tuple(model.mean), tuple(model.std))
+    return release_id, model.preprocess
 
 
 def _write_shard(output: OutputDir, shard: Shard, parts: list[dict[str, np.ndarray]], release_id: str,

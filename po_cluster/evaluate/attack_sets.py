@@ -8,8 +8,8 @@ in each file name: `label=<true class>_text=<written text>.<ext>`, e.g.
   point at the folder holding the images (RTA-100: `ours/data`, PAINT:
   `typographic_attacks`). Non-image files are ignored; an image named otherwise
   is an error naming it.
-- `.png .jpg .jpeg .webp .bmp .tif .tiff`, any size (resized and centre-cropped
-  to the model's input, as CLIP preprocessing does).
+- `.png .jpg .jpeg .webp .bmp .tif .tiff`, any size (fitted to the model's input by
+  its own open_clip preprocessing).
 - the label runs to the first `_text=`, so labels may contain underscores; an
   optional `_<digits>` just before the extension is taken as a duplicate
   counter (`label=dog_text=cat_2.png`), not part of the text.
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from po_cluster.data.images import is_image_name
-from po_cluster.data.pairs import DataError, display_name, list_files, load_images
+from po_cluster.data.images import Geometry, is_image_name
+from po_cluster.data.labelled import display_name
+from po_cluster.data.pairs import DataError, list_files, load_images
 from po_cluster.data.records import ImageSet
 from po_cluster.evaluate.metrics import embed_images, embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
@@ -57,8 +58,9 @@ class AttackSet:
     files: tuple[str, ...]  # relative to the folder, in row order
 
 
-def read_attack_set(folder: str, image_size: int) -> AttackSet:
-    """Every attack image under `folder`, sorted by name; candidates sorted for a stable order."""
+def read_attack_set(folder: str, geometry: Geometry) -> AttackSet:
+    """Every attack image under `folder`, sorted by name, fitted by `geometry` (the model's); candidates
+    sorted for a stable order."""
     files = [name for name in list_files(folder) if is_image_name(name)]
     if not files:
         raise DataError(f"{folder}: no images (expected files named label=<class>_text=<text>.png)")
@@ -67,7 +69,7 @@ def read_attack_set(folder: str, image_size: int) -> AttackSet:
     index = {name: i for i, name in enumerate(classnames)}
     labels = np.array([index[label] for label, _ in parsed], dtype=np.int64)
     written = np.array([index[text] for _, text in parsed], dtype=np.int64)
-    images = load_images([join(folder, name) for name in files], image_size)
+    images = load_images([join(folder, name) for name in files], geometry)
     return AttackSet(ImageSet(images, labels, written, classnames), tuple(files))
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
+from po_cluster.data.images import Geometry
 from po_cluster.data.records import ImageSet
 from po_cluster.evaluate.metrics import DEFAULT_TS, Evaluator, format_table, metric_keys, plot_tradeoff
 from po_cluster.model.aligned import AlignedCLIP
@@ -42,13 +43,14 @@ def load_target(target: str) -> tuple[AlignedCLIP, str]:
     return load_checkpoint(folder)[0], folder.name
 
 
-def target_sets(dataset: str | None, split: Split) -> tuple[dict[str, ImageSet], str]:
-    """(sets, prompt template): the world's fixed evaluation sets, or a built dataset's split."""
+def target_sets(dataset: str | None, split: Split, geometry: Geometry | None = None) -> tuple[dict[str, ImageSet], str]:
+    """(sets, prompt template): the world's fixed evaluation sets, or a built dataset's split (its images
+    fitted by `geometry`, the model's)."""
     if dataset is None:
         return world.evaluation_sets(), world.PROMPT_TEMPLATE
     from po_cluster.data.pairs import TEXT_TEMPLATE, dataset_eval_sets
 
-    return dataset_eval_sets(dataset, split), TEXT_TEMPLATE
+    return dataset_eval_sets(dataset, split, geometry), TEXT_TEMPLATE
 
 
 def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | None = None,
@@ -57,8 +59,8 @@ def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | No
     report ("text"). `target` is anything resolve_target takes; release ids are looked up in `store`.
     With `dataset`, on that dataset's `split` (a dataset without written-word-only images has no
     word_only key)."""
-    sets, template = target_sets(dataset, split)
     model, label = load_target(resolve_target(target, store))
+    sets, template = target_sets(dataset, split, model.preprocess.geometry)
     evaluator = Evaluator.build(model, sets, template)
     metrics = evaluator.metrics(t)
     keys = metric_keys(metrics)

@@ -45,6 +45,19 @@ def _image_blocks(visual: Any) -> list[nn.Module]:
     raise ValueError(f"last_blocks is not supported for image tower {type(visual).__name__}")
 
 
+def _embedding_dim(clip: Any) -> int:
+    """The joint embedding's width: CLIP's text projection's, else a tower's output_dim (a CustomTextCLIP
+    such as SigLIP keeps it on its text tower; a timm image tower has none)."""
+    projection = getattr(clip, "text_projection", None)
+    if isinstance(projection, torch.Tensor):
+        return int(projection.shape[1])
+    for tower in (getattr(clip, "visual", None), getattr(clip, "text", None)):
+        dim = getattr(tower, "output_dim", None)
+        if isinstance(dim, int):
+            return dim
+    raise ValueError(f"cannot tell the embedding width of {type(clip).__name__}")
+
+
 class AlignedCLIP(nn.Module):
     def __init__(self, loaded: LoadedCLIP, image_tower: ImageTowerMode = "full") -> None:
         super().__init__()
@@ -52,10 +65,8 @@ class AlignedCLIP(nn.Module):
         self.clip = clip
         self.name = loaded.name
         self.tokenizer = loaded.tokenizer
-        self.image_size, self.mean, self.std = loaded.image_size, loaded.mean, loaded.std
-        dim = int(clip.text_projection.shape[1]) if hasattr(clip, "text_projection") and \
-            isinstance(clip.text_projection, torch.Tensor) else int(clip.visual.output_dim)
-        self.spectral = SpectralLayer(dim)
+        self.preprocess = loaded.preprocess  # open_clip's of this model: every image enters through it
+        self.spectral = SpectralLayer(_embedding_dim(clip))
         # The scale is that of the loaded model and is not trained (docs/design.md, "Policy").
         self.logit_scale = float(clip.logit_scale.exp().clamp(max=100).item())
         self.image_tower = image_tower
@@ -90,6 +101,10 @@ class AlignedCLIP(nn.Module):
         if self.adapter_scale is None:
             return keys
         return {k for k in keys if ".lora_A" in k or ".lora_B" in k or k.startswith("spectral.")}
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.size
 
     @property
     def image_tower_frozen(self) -> bool:
@@ -159,7 +174,7 @@ class AlignedCLIP(nn.Module):
 
     def pixels(self, images, device: torch.device | None = None) -> torch.Tensor:
         """uint8 [N, H, W, 3] → this model's normalised input (on `device`, converted there on CUDA)."""
-        return to_model_input(images, self.image_size, self.mean, self.std, device)
+        return to_model_input(images, self.preprocess, device)
 
     @torch.no_grad()
     def tokens(self, texts: list[str]) -> torch.Tensor:

@@ -18,9 +18,9 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 
-from po_cluster.config import ImageTowerMode, Lora, ModelConfig
+from po_cluster.config import ImageTowerMode, Lora, ModelConfig, PreprocessConfig
 from po_cluster.model.aligned import AlignedCLIP
-from po_cluster.model.loading import is_weights_file, load_clip, resolve_weights
+from po_cluster.model.loading import is_weights_file, load_clip, preprocess_config, resolve_weights
 from po_cluster.store.manifest import MANIFEST, ManifestError, sha256_file, verify_manifest, write_manifest
 
 WEIGHTS = "model.safetensors"
@@ -42,7 +42,10 @@ def model_description(model: AlignedCLIP, model_cfg: ModelConfig, classnames: tu
     description = {"architecture": model.name, "pretrained": model_cfg.pretrained,
                    "image_tower": mode if isinstance(mode, str) else mode.model_dump(mode="json"),
                    "embed_dim": model.spectral.dim, "logit_scale": model.logit_scale,
-                   "classnames": list(classnames), "prompt_template": template}
+                   "classnames": list(classnames), "prompt_template": template,
+                   # open_clip's preprocessing of the start (its tag's, when it was one): the release is built
+                   # from bare weights, and must see the pixels its start was pretrained on
+                   "preprocess": model.preprocess.to_open_clip()}
     if model.adapter_scale is not None:  # the release needs its base: say which bytes it was
         description["pretrained_sha256"] = _base_sha256(model_cfg.pretrained, model_cfg.cache_dir)
     return description
@@ -115,11 +118,26 @@ def _load_reference(model: AlignedCLIP, folder: Path) -> None:
         raise CheckpointError(f"{folder}: {REFERENCE} does not fit the model: {error}") from None
 
 
+def recorded_preprocess(description: dict, where: str) -> PreprocessConfig | None:
+    """The preprocessing a model.json records (None in one written before it did: the architecture's)."""
+    recorded = description.get("preprocess")
+    if recorded is None:
+        return None
+    from po_cluster.data.images import Preprocess
+
+    try:
+        return preprocess_config(Preprocess.from_open_clip(recorded))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{where}: {MODEL_JSON}: preprocess {recorded!r} is not usable: {error}") from None
+
+
 def _architecture_config(description: dict, mode: ImageTowerMode, folder: Path) -> ModelConfig:
     """What to build before loading the weights: the bare architecture, or for LoRA its base model."""
+    preprocess = recorded_preprocess(description, str(folder))
     if not isinstance(mode, Lora):
-        return ModelConfig(name=description["architecture"], pretrained=None)
-    cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
+        return ModelConfig(name=description["architecture"], pretrained=None, preprocess=preprocess)
+    cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"),
+                      preprocess=preprocess)
     recorded = description.get("pretrained_sha256")
     if recorded is not None and _base_sha256(cfg.pretrained, cfg.cache_dir) != recorded:
         raise CheckpointError(f"{folder}: a LoRA release of base {cfg.pretrained!r}, whose weights have changed "

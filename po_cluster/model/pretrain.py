@@ -16,7 +16,7 @@ from pydantic import Field
 
 from po_cluster.config import Strict
 from po_cluster.data import world
-from po_cluster.model.loading import register_configs, to_model_input
+from po_cluster.model.loading import register_configs, resolve_preprocess, to_model_input
 
 
 class PretrainConfig(Strict):
@@ -58,7 +58,7 @@ def pretrain(cfg: PretrainConfig, progress=None) -> open_clip.model.CLIP:
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(cfg.name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(cfg.name)
-    mean, std = model.visual.image_mean, model.visual.image_std
+    preprocess = resolve_preprocess(cfg.name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     model.train()
@@ -68,7 +68,7 @@ def pretrain(cfg: PretrainConfig, progress=None) -> open_clip.model.CLIP:
         caption_ids = torch.tensor([unique[c] for c in captions])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        image_emb = model.encode_image(to_model_input(images, world.IMAGE_SIZE, mean, std), normalize=True)
+        image_emb = model.encode_image(to_model_input(images, preprocess), normalize=True)
         text_emb = model.encode_text(tokenizer(captions), normalize=True)
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale.exp().clamp(max=100), caption_ids)
         optimizer.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ from po_cluster.model.checkpoint import (
     image_tower_mode,
     load_trained_state,
     read_json,
+    recorded_preprocess,
     save_checkpoint,
     verify_manifest,
     write_manifest,
@@ -61,7 +62,7 @@ def check_same_architecture(candidates: list[Candidate]) -> None:
     """Soups only make sense between checkpoints of one architecture from one start."""
     first = candidates[0]
     for other in candidates[1:]:
-        for key in ("architecture", "pretrained", "embed_dim", "image_tower"):
+        for key in ("architecture", "pretrained", "embed_dim", "image_tower", "preprocess"):
             if other.description.get(key) != first.description.get(key):
                 raise CheckpointError(
                     f"cannot average {first.name} ({key}={first.description.get(key)}) with "
@@ -72,13 +73,15 @@ class Scorer:
     """Evaluates weights of one architecture on validation and test sets against the base model."""
 
     def __init__(self, description: dict, data: DataConfig, objective: Objective) -> None:
-        cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"))
+        cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"),
+                          preprocess=recorded_preprocess(description, "a candidate"))
         self.base = AlignedCLIP(load_clip(cfg), "frozen")
         # Built from the base's weights in the trials' mode, so its θ_ref (what t = 0 serves) is the
         # start every trial shared; the states scored and released are then loaded into it.
         self.model = AlignedCLIP(load_clip(cfg), image_tower_mode(description))
         # Soups are chosen on val and the release scored on test: neither is what the trials trained on.
-        self.val_sets, self.test_sets = held_out_sets(data, "val"), held_out_sets(data, "test")
+        geometry = self.base.preprocess.geometry
+        self.val_sets, self.test_sets = held_out_sets(data, "val", geometry), held_out_sets(data, "test", geometry)
         self.template = prompt_template(data)
         base_val = Evaluator.build(self.base, self.val_sets, self.template)
         base_test = Evaluator.build(self.base, self.test_sets, self.template)

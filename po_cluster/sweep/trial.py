@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from po_cluster.config import RunConfig, ScalingConfig, SweepConfig, TrainJobConfig
-from po_cluster.data.stream_rows import dataset_meta, image_size, needs_pixels, passes_needed, ray_datasets
+from po_cluster.data.stream_rows import dataset_meta, needs_pixels, passes_needed, ray_datasets
 from po_cluster.sweep.space import tower_choices
 
 if TYPE_CHECKING:
@@ -95,10 +95,15 @@ def streamed_datasets(run: RunConfig, scaling: ScalingConfig) -> dict | None:
     passes = {"pref": passes_needed(meta, "pref", t.steps, t.batch_size),
               "reg": passes_needed(meta, "reg", t.steps, t.reg_batch_size)}
     from po_cluster.cluster.ref_cache import ensure_ref_cache  # the model's code: only where a stream needs π_ref
+    from po_cluster.data.pairs import dataset_geometry
     from po_cluster.data.selection import prompt_template
+    from po_cluster.model.loading import resolve_preprocess
 
+    model = run.model
+    geometry = dataset_geometry(meta, resolve_preprocess(model.name, model.pretrained, model.preprocess).geometry,
+                                location)
     ref = ensure_ref_cache(run, scaling, prompt_template(run.data))
-    return ray_datasets(location, meta, image_size(meta), scaling.data_cpus, passes, t.seed, ref,
+    return ray_datasets(location, meta, geometry, scaling.data_cpus, passes, t.seed, ref,
                         needs_pixels(run.model.image_tower, ref))
 
 

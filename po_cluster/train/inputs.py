@@ -56,8 +56,8 @@ def compute_shared_inputs(run: RunConfig) -> SharedInputs:
     template = prompt_template(run.data)
     # A streaming sweep shares its validation alone: its trials read the train split as they go.
     data = None if run.data.streaming else \
-        prepare_data(model, *build_records(run.data), template).to(torch.device("cpu"))
-    start = Evaluator.build(model, held_out_sets(run.data, "val"), template=template)
+        prepare_data(model, *build_records(run.data, model.preprocess.geometry), template).to(torch.device("cpu"))
+    start = Evaluator.build(model, held_out_sets(run.data, "val", model.preprocess.geometry), template=template)
     return SharedInputs(data, start.sets, {k: v.cpu() for k, v in start.image_emb.items()},
                         {k: v.cpu() for k, v in start.text_emb.items()}, start.ref_clean_logps.cpu(),
                         start.metrics(0.0))

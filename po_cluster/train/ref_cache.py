@@ -26,9 +26,9 @@ import torch
 
 from po_cluster.config import SHIPPED_BASE, RunConfig
 from po_cluster.data import world
-from po_cluster.data.pairs import DATASET_JSON, read_bytes
+from po_cluster.data.pairs import DATASET_JSON, dataset_geometry, read_bytes
 from po_cluster.data.ref_files import REF_DIR, read_ref_manifest, ref_file, write_ref_file, write_ref_manifest
-from po_cluster.data.stream_rows import dataset_meta, image_size, shard_rows, stream_kind
+from po_cluster.data.stream_rows import dataset_meta, shard_rows, stream_kind
 from po_cluster.evaluate.metrics import embed_images, embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import SHIPPED_BASE_DIR, WEIGHTS_FILE, is_weights_file
@@ -54,6 +54,8 @@ def cache_key(run: RunConfig, template: str) -> str:
     location = str(run.data.dataset)
     parts = {"version": KEY_VERSION, "dataset": hashlib.sha256(read_bytes(join(location, DATASET_JSON))).hexdigest(),
              "model": run.model.name, "weights": weights_identity(run.model.pretrained), "template": template}
+    if run.model.preprocess is not None:  # otherwise the name and weights' tag decide the preprocessing
+        parts["preprocess"] = run.model.model_dump(mode="json")["preprocess"]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -78,12 +80,13 @@ def compute_ref_cache(model: AlignedCLIP, run: RunConfig, template: str, key: st
     """One pass of `model` at t = 0 (the starting model) over the train split, shard by shard, each
     file written as its shard is done; ref.json last. Returns the manifest (with its location)."""
     location, meta = str(run.data.dataset), dataset_meta(str(run.data.dataset))
+    geometry = dataset_geometry(meta, model.preprocess.geometry, location)
     device = next(model.parameters()).device
     text_emb = embed_prompts(model, world.prompts(tuple(meta["candidates"]), template)).to(device)
     out, files = cache_location(run, key), {}
     for number in range(len(meta["shards"])):
         for kind in stream_kinds(meta):
-            rows = shard_rows(location, meta, number, kind, kind != "pair", image_size(meta))
+            rows = shard_rows(location, meta, number, kind, kind != "pair", geometry)
             # a shard may hold none of a kind
             emb = torch.empty((0, text_emb.shape[1]), device=device)
             logps = torch.empty((0, len(meta["candidates"])), device=device)

@@ -96,8 +96,9 @@ class Validation:
 
     @classmethod
     def of_start(cls, model, data: DataConfig) -> Validation:
-        sets = held_out_sets(data, "val")
-        evaluator = Evaluator.build(unwrap(model), sets, template=prompt_template(data))
+        core = unwrap(model)
+        sets = held_out_sets(data, "val", core.preprocess.geometry)
+        evaluator = Evaluator.build(core, sets, template=prompt_template(data))
         return cls(evaluator, evaluator.metrics(0.0))
 
     def metrics(self, model, bma) -> dict[str, float]:

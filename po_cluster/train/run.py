@@ -92,7 +92,7 @@ def _training_source(model: AlignedCLIP, run: RunConfig, session: Session, templ
     if run.data.streaming:
         return session.stream(model, run, template)
     data = session.shared.train_data(model.image_tower_frozen) if session.shared is not None else \
-        prepare_data(model, *build_records(run.data), template)
+        prepare_data(model, *build_records(run.data, model.preprocess.geometry), template)
     return MemorySource(model, data, run, session.rank, session.world_size)
 
 
@@ -125,7 +125,8 @@ class _FinalScore:
         # Before training the model is its own reference: π_ref on the clean set is taken from it once.
         if session.final_checkpoint is None:
             return None
-        sets = session.test_sets if session.test_sets is not None else held_out_sets(run.data, "test")
+        sets = session.test_sets if session.test_sets is not None else \
+            held_out_sets(run.data, "test", model.preprocess.geometry)
         evaluator = Evaluator.build(model, sets, template=template)
         return cls(evaluator, evaluator.metrics(1.0), session.final_checkpoint)
 

@@ -30,7 +30,8 @@ import torch
 
 from po_cluster.config import RunConfig
 from po_cluster.data import world
-from po_cluster.data.stream_rows import dataset_meta, image_size, local_stream, needs_pixels
+from po_cluster.data.pairs import dataset_geometry
+from po_cluster.data.stream_rows import dataset_meta, local_stream, needs_pixels
 from po_cluster.evaluate.metrics import embed_prompts
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.train.batch import Batch
@@ -90,8 +91,10 @@ def local_source(model: AlignedCLIP, cfg: RunConfig, template: str) -> StreamSou
     location, t = str(cfg.data.dataset), cfg.training
     meta = dataset_meta(location)
     classnames, text_emb = candidate_embeddings(model, meta, template)
-    size, ref = image_size(meta), ref_cache(model, cfg, template)  # before training: model is θ_ref
+    geometry = dataset_geometry(meta, model.preprocess.geometry, location)
+    ref = ref_cache(model, cfg, template)  # before training: model is θ_ref
     pixels = needs_pixels(model.image_tower, ref)
     return StreamSource(model, classnames, text_emb,
-                        primed(local_stream(location, meta, False, t.batch_size, t.seed, size, ref, pixels)),
-                        primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, size, ref, pixels)))
+                        primed(local_stream(location, meta, False, t.batch_size, t.seed, geometry, ref, pixels)),
+                        primed(local_stream(location, meta, True, t.reg_batch_size, t.seed + 1, geometry, ref,
+                                            pixels)))

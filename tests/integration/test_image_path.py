@@ -86,7 +86,7 @@ def trained(photos, model) -> np.ndarray:
     """(a) The training data path: the records file read as the trainer reads it, at the model's size."""
     from po_cluster.data.pairs import load_preference_data
 
-    pref, _ = load_preference_data(str(photos["root"] / "pairs.jsonl"), image_size=model.image_size)
+    pref, _ = load_preference_data(str(photos["root"] / "pairs.jsonl"), model.preprocess.geometry)
     assert pref.images.shape == (len(ORIENTATIONS), model.image_size, model.image_size, 3)
     return _embed(model, pref.images)
 

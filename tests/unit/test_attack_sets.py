@@ -10,6 +10,7 @@ from torch import nn
 
 from po_cluster import cli
 from po_cluster.data import world
+from po_cluster.data.images import Geometry
 from po_cluster.data.pairs import DataError
 from po_cluster.data.records import ImageSet
 from po_cluster.evaluate.attack_sets import evaluate_attack_set, parse_attack_name, read_attack_set, score
@@ -69,7 +70,7 @@ def test_rta100_style_folder_is_scored_with_known_answers(tmp_path):
     _tile(root / "label=teddy_bear_text=car_2.png", VOCAB.index("car"), (30, 16))  # attack succeeds
     _tile(root / "label=car_text=cat.png", VOCAB.index("dog"))  # neither
     (root / "README.txt").write_text("not an image, ignored")
-    attack_set = read_attack_set(str(tmp_path / "rta100"), image_size=16)
+    attack_set = read_attack_set(str(tmp_path / "rta100"), Geometry(16))
     assert attack_set.images.classnames == VOCAB  # union of labels and texts, sorted
     result = evaluate_attack_set(RedChannelReader(), attack_set)
     assert result.metrics == {"accuracy": 0.25, "attack_success": 0.5, "n": 4.0}
@@ -78,7 +79,7 @@ def test_rta100_style_folder_is_scored_with_known_answers(tmp_path):
                          "label=dog_text=cat.png": "dog", "label=teddy_bear_text=car_2.png": "car"}
     _tile(root / "photo.png", 0)
     with pytest.raises(DataError, match=r"photo.png: not named label="):
-        read_attack_set(str(tmp_path / "rta100"), 16)
+        read_attack_set(str(tmp_path / "rta100"), Geometry(16))
 
 
 def test_score_on_crafted_logprobs():
@@ -92,7 +93,7 @@ def test_agrees_with_the_evaluator_on_the_shipped_base(tmp_path, base_model, cap
     names = world.SHAPES
     for i, (image, label, text) in enumerate(zip(attacked.images, attacked.labels, attacked.written, strict=True)):
         Image.fromarray(image).save(tmp_path / f"label={names[label]}_text={names[text]}_{i}.png")
-    attack_set = read_attack_set(str(tmp_path), base_model.image_size)
+    attack_set = read_attack_set(str(tmp_path), base_model.preprocess.geometry)
     assert set(attack_set.images.classnames) == set(names)  # every shape occurs, so candidates match
     # rows are sorted by file name; put the evaluator's set in the same order
     order = np.array([int(f.rsplit("_", 1)[1].split(".")[0]) for f in attack_set.files])

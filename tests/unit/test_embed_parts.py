@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from po_cluster.config import ConfigError, parse_config
+from po_cluster.data.images import Geometry
 from po_cluster.embed.decode import BadInput, DecodeLimits, Preprocess, decode_batch, decode_file
 from po_cluster.embed.inputs import EmbedError, list_inputs
 from po_cluster.embed.job import EmbedConfig
@@ -108,13 +109,12 @@ def test_decode_batch_keeps_every_row_and_matches_the_model_input(tmp_path):
     image = _image(1, 24)
     (tmp_path / "ok.png").write_bytes(_png(image))
     (tmp_path / "bad.png").write_bytes(b"nope")
-    preprocess = Preprocess(16, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    preprocess = Preprocess(Geometry(16), (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
     batch = {"id": np.array(["ok", "bad", "gone"], dtype=object), "shard": np.array([0, 0, 1], dtype=np.int32),
              "source_uri": np.array([str(tmp_path / n) for n in ("ok.png", "bad.png", "gone.png")], dtype=object)}
     out = decode_batch(batch, preprocess, DecodeLimits(), EmbedConfig.model_fields["store_settings"].default)
     assert out["code"].tolist() == ["", "not_an_image", "unreadable"] and out["pixels"].shape == (3, 3, 16, 16)
-    np.testing.assert_array_equal(out["pixels"][0], to_model_input(image[None], 16, (0.5, 0.4, 0.3),
-                                                                   (0.2, 0.2, 0.2))[0].numpy())
+    np.testing.assert_array_equal(out["pixels"][0], to_model_input(image[None], preprocess)[0].numpy())
     assert not out["pixels"][1:].any() and "No such file" in out["reason"][2]
 
 

@@ -1,4 +1,4 @@
-"""The one image path (po_cluster.data.images): EXIF orientation, RGB conversion, refusals, the square resize,
+"""The one image path (po_cluster.data.images): EXIF orientation, RGB conversion, refusals, the model's resize and crop,
 and the same pixels and embedding whether a file is read as training data or decoded by the endpoint.
 (Through the served app and the embed job too: tests/integration/test_image_path.py.)"""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from po_cluster.data import images
-from po_cluster.data.images import ImageRefused, decode, decode_square, is_image_name, square, square_pixels
+from po_cluster.data.images import Geometry, ImageRefused, Preprocess, decode, decode_fit, is_image_name
 from po_cluster.data.pairs import DataError, decode_image, load_image, load_images
 from po_cluster.model.loading import to_model_input
 from po_cluster.serving.limits import ApiError, Limits, decode_image_bytes
@@ -70,7 +70,7 @@ def test_every_exif_orientation_comes_out_upright(tmp_path, fmt, orientation):
     np.testing.assert_array_equal(served(raw), upright)  # the endpoint (and the embed job) too
     path = tmp_path / f"o{orientation}.{fmt.lower()}"
     path.write_bytes(raw)
-    np.testing.assert_array_equal(load_image(str(path), 24), square(Image.fromarray(upright), 24))
+    np.testing.assert_array_equal(load_image(str(path), Geometry(24)), Geometry(24).fit(Image.fromarray(upright)))
 
 
 @pytest.mark.parametrize("orientation", [6, 8])
@@ -121,7 +121,8 @@ def test_modes_convert_to_rgb_as_before(tmp_path):
         np.testing.assert_array_equal(images.to_pixels(decode(raw)), want, err_msg=name)
         np.testing.assert_array_equal(served(raw, Limits(image_formats=("PNG", "JPEG"))), want, err_msg=name)
         (tmp_path / f"{name}.img").write_bytes(raw)
-        np.testing.assert_array_equal(load_image(str(tmp_path / f"{name}.img"), 32), square_pixels(want, 32))
+        np.testing.assert_array_equal(load_image(str(tmp_path / f"{name}.img"), Geometry(32)),
+                                      Geometry(32).fit_pixels(want))
     np.testing.assert_array_equal(decode(files["rgba"]), rgb)  # alpha dropped, colours kept
     assert (images.to_pixels(decode(files["grey"])) == grey[..., None]).all()  # three equal channels
     colours = np.asarray(palette.convert("RGB"))
@@ -172,9 +173,9 @@ def test_the_data_path_names_the_file(tmp_path):
     (tmp_path / "a.png").write_bytes(b"not a png")
     (tmp_path / "b.png").write_bytes(encode(photo(), "PNG")[:100])
     with pytest.raises(DataError, match=r"a.png: not a readable image \(unknown format or not an image\)"):
-        load_images([str(tmp_path / "a.png")], 16)
+        load_images([str(tmp_path / "a.png")], Geometry(16))
     with pytest.raises(DataError, match=r"b.png: the PNG image is truncated or corrupt"):
-        load_image(str(tmp_path / "b.png"), 16)
+        load_image(str(tmp_path / "b.png"), Geometry(16))
     with pytest.raises(DataError, match="x.jpg: the image is empty"):
         decode_image(b"", "x.jpg")
 
@@ -189,34 +190,46 @@ def test_the_endpoint_maps_codes_to_statuses():
         assert (caught.value.status, caught.value.code, caught.value.param) == (status, code, "input.3.image")
 
 
-# ---------------------------------------------------------------- the square
+# ---------------------------------------------------------------- the geometry (open_clip's resize and crop)
 
 
-def test_square_resizes_the_shorter_side_and_crops_the_centre():
+def test_shortest_resizes_the_shorter_side_and_crops_the_centre():
     image = Image.fromarray(photo(100, 50))
-    out = square(image, 20)
+    out = Geometry(20).fit(image)
     assert out.size == (20, 20)
     want = image.resize((20, 40), Image.Resampling.BICUBIC).crop((0, 10, 20, 30))
     np.testing.assert_array_equal(out, want)
-    same = square(Image.fromarray(photo(20, 20)), 20)
+    same = Geometry(20).fit(Image.fromarray(photo(20, 20)))
     np.testing.assert_array_equal(same, photo(20, 20))  # already that size: untouched
-    np.testing.assert_array_equal(square_pixels(photo(100, 50), 20), out)
+    np.testing.assert_array_equal(Geometry(20).fit_pixels(photo(100, 50)), out)
     small = photo(16, 16)
-    assert square_pixels(small, 16) is small and square_pixels(photo(9, 30), 16).shape == (16, 16, 3)
-    np.testing.assert_array_equal(decode_square(encode(photo(100, 50), "PNG"), 20), out)
+    assert Geometry(16).fit_pixels(small) is small and Geometry(16).fit_pixels(photo(9, 30)).shape == (16, 16, 3)
+    np.testing.assert_array_equal(decode_fit(encode(photo(100, 50), "PNG"), Geometry(20)), out)
     with pytest.raises(ValueError, match="positive"):
-        square(image, 0)
+        Geometry(0)
+    with pytest.raises(ValueError, match="resize_mode 'crop'"):
+        Geometry(16, "crop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\]"):
-        square_pixels(photo().astype(np.float32), 16)
+        Geometry(16).fit_pixels(photo().astype(np.float32))
 
 
-def test_model_input_resizes_with_the_same_square():
+def test_longest_pads_with_the_fill_and_squash_ignores_the_aspect_ratio():
+    image = Image.fromarray(photo(100, 50))
+    padded = np.asarray(Geometry(20, "longest", fill_color=7).fit(image))
+    # 100 × 50 → 20 × 10 (both sides over the larger ratio), centred in 20 × 20: 5 columns of fill each side
+    np.testing.assert_array_equal(padded[:, 5:15], image.resize((10, 20), Image.Resampling.BICUBIC))
+    assert (padded[:, :5] == 7).all() and (padded[:, 15:] == 7).all()
+    squashed = Geometry(20, "squash", "bilinear").fit(image)
+    np.testing.assert_array_equal(squashed, image.resize((20, 20), Image.Resampling.BILINEAR))
+
+
+def test_model_input_resizes_with_the_same_geometry():
     pixels = np.stack([photo(90, 70, seed=s) for s in range(3)])
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    want = to_model_input(np.stack([square_pixels(p, 64) for p in pixels]), 64, mean, std)
-    torch.testing.assert_close(to_model_input(pixels, 64, mean, std), want, rtol=0, atol=0)
-    torch.testing.assert_close(to_model_input(torch.from_numpy(pixels), 64, mean, std), want, rtol=0, atol=0)
-    assert to_model_input(pixels[:0], 64, mean, std).shape == (0, 3, 64, 64)
+    preprocess = Preprocess(Geometry(64, "squash"), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    want = to_model_input(np.stack([preprocess.geometry.fit_pixels(p) for p in pixels]), preprocess)
+    torch.testing.assert_close(to_model_input(pixels, preprocess), want, rtol=0, atol=0)
+    torch.testing.assert_close(to_model_input(torch.from_numpy(pixels), preprocess), want, rtol=0, atol=0)
+    assert to_model_input(pixels[:0], preprocess).shape == (0, 3, 64, 64)
 
 
 def test_image_names():
@@ -232,12 +245,12 @@ def test_a_phone_photo_embeds_the_same_read_as_data_or_served(tmp_path, base_mod
     upright = photo(120, 80)
     raw = encode(stored_as(upright, 6), "JPEG", 6, quality=90)
     (tmp_path / "phone.jpg").write_bytes(raw)
-    size = base_model.image_size
 
     def embedding(pixels: np.ndarray) -> np.ndarray:
         return base_model.encode_image(base_model.pixels(pixels[None]))[0].numpy()
 
-    trained = embedding(load_image(str(tmp_path / "phone.jpg"), size))  # the training records' pixels
+    # the training records' pixels
+    trained = embedding(load_image(str(tmp_path / "phone.jpg"), base_model.preprocess.geometry))
     from_endpoint = embedding(decode_image_bytes(base64.b64decode(base64.b64encode(raw)), "image", Limits()))
     as_stored = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
     reference = embedding(np.ascontiguousarray(np.rot90(as_stored, -1)))  # the decoded file, turned by hand

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from po_cluster.config import LastBlocks, ModelConfig
+from po_cluster.data.images import Geometry, Preprocess
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 from po_cluster.model.loading import ModelLoadError, load_clip, resolve_weights, to_model_input
 
@@ -54,7 +55,7 @@ def test_corrupt_weights_are_refused(tmp_path):
 
 def test_to_model_input_resizes_and_normalises():
     images = np.full((2, 100, 80, 3), 255, dtype=np.uint8)
-    x = to_model_input(images, 64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = to_model_input(images, Preprocess(Geometry(64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     assert x.shape == (2, 3, 64, 64)
     assert torch.allclose(x, torch.full_like(x, 2.0), atol=1e-4)
 
@@ -68,7 +69,7 @@ def test_open_clip_tag_goes_through_open_clip(monkeypatch):
         seen["pretrained"] = pretrained
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
     with pytest.raises(RuntimeError, match="stop here"):
         load_clip(ModelConfig(name="ViT-B-32", pretrained="openai"))
     assert seen["pretrained"] == "openai"

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from po_cluster.config import load_config, parse_config
+from po_cluster.data.images import Geometry
 from po_cluster.data.pairs import DataError, candidate_texts, load_preference_data, read_dataset
 from po_cluster.data.records import NO_WORD
 from po_cluster.data.selection import build_records, prompt_template
@@ -37,7 +38,7 @@ def test_hand_written_pairs_load_with_distinct_texts_as_candidates(tmp_path):
         {"image": names[1], "chosen": MAN, "rejected": WOMAN},
         {"image": str(tmp_path / names[2]), "chosen": WOMAN, "rejected": "a photo of a child"},
     ])
-    pref, reg = load_preference_data(str(path), image_size=32)
+    pref, reg = load_preference_data(str(path), Geometry(32))
     assert pref.classnames == ("a photo of a child", MAN, WOMAN)  # sorted distinct texts
     assert pref.images.shape == (3, 32, 32, 3) and pref.images.dtype == np.uint8
     assert pref.chosen.tolist() == [2, 1, 2] and pref.rejected.tolist() == [1, 2, 0]
@@ -52,10 +53,10 @@ def test_regularisation_lines_and_caps(tmp_path):
     rows += [{"kind": "regularization", "image": names[4]},
              {"kind": "regularization", "image": names[5], "text": MAN}]
     path = _write(tmp_path / "pairs.jsonl", rows)
-    pref, reg = load_preference_data(str(path), image_size=16)
+    pref, reg = load_preference_data(str(path), Geometry(16))
     assert len(pref) == 4 and reg.labels.tolist() == [NO_WORD, 0]  # MAN sorts first
-    small, small_reg = load_preference_data(str(path), image_size=16, n_pairs=2, n_reg=1, seed=3)
-    again, _ = load_preference_data(str(path), image_size=16, n_pairs=2, n_reg=1, seed=3)
+    small, small_reg = load_preference_data(str(path), Geometry(16), n_pairs=2, n_reg=1, seed=3)
+    again, _ = load_preference_data(str(path), Geometry(16), n_pairs=2, n_reg=1, seed=3)
     assert len(small) == 2 and len(small_reg) == 1 and np.array_equal(small.images, again.images)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from po_cluster.config import ConfigError, LossConfig, parse_config
+from po_cluster.data.images import Geometry, Preprocess
 from po_cluster.data.selection import build_records
 from po_cluster.model.loading import to_model_input
 from po_cluster.train.loop import TrainState, build_model, fit, prepare_data, train_step
@@ -99,6 +100,7 @@ def test_the_fp16_scaler_steps_and_its_state_survives_a_checkpoint(model_and_dat
 def test_model_input_on_a_device_equals_the_host_conversion():
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    host = to_model_input(images, 32, mean, std)
-    placed = to_model_input(images, 32, mean, std, CPU)
+    preprocess = Preprocess(Geometry(32), mean, std)
+    host = to_model_input(images, preprocess)
+    placed = to_model_input(images, preprocess, CPU)
     assert placed.device == CPU and torch.equal(host, placed)

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from po_cluster import cli
+from po_cluster.data.images import Geometry
 from po_cluster.data.ingest import ingest_records
 from po_cluster.data.pairs import DataError, load_preference_data, read_dataset
 from po_cluster.data.typographic import TypographicConfig, build_typographic
@@ -36,8 +37,8 @@ def test_ingested_records_load_as_the_jsonl_does(tmp_path):
     pairs, regs = built_rows(tmp_path / "ds")
     assert {row_image(p).format for p in pairs} == {"JPEG"}  # the bytes as they were, not re-encoded
     for split in (None, "train"):
-        a_pref, a_reg = load_preference_data(str(jsonl), image_size=32, split=split)
-        b_pref, b_reg = load_preference_data(str(tmp_path / "ds"), image_size=32, split=split)
+        a_pref, a_reg = load_preference_data(str(jsonl), Geometry(32), split=split)
+        b_pref, b_reg = load_preference_data(str(tmp_path / "ds"), Geometry(32), split=split)
         assert np.array_equal(a_pref.images, b_pref.images) and np.array_equal(a_reg.images, b_reg.images)
         assert a_pref.chosen.tolist() == b_pref.chosen.tolist() and a_reg.labels.tolist() == b_reg.labels.tolist()
     splits = {r.source: r.split for r in read_dataset(str(jsonl)).pairs if r.model_extra}

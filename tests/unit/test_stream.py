@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from po_cluster.config import ConfigError, parse_config
+from po_cluster.data.images import Geometry
 from po_cluster.data.pairs import DataError, dataset_eval_sets, load_preference_data
 from po_cluster.data.stream_rows import dataset_meta, local_stream
 from po_cluster.data.typographic import TypographicConfig, build_typographic
@@ -14,12 +15,14 @@ from po_cluster.train.run import train
 from po_cluster.train.stream import local_source
 from typo_helpers import labelled_folder
 
+GEOMETRY = Geometry(64)  # the shipped base's input: the dataset is built for the model that trains on it
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("stream")
     build_typographic(TypographicConfig(source=str(labelled_folder(root / "src", per_class=10)), out=str(root / "ds"),
-                                        variants=2, seed=1, image_size=48, rows_per_shard=7))
+                                        variants=2, seed=1, image_size=64, rows_per_shard=7))
     return str(root / "ds")
 
 
@@ -32,8 +35,8 @@ def test_a_pass_yields_train_rows_only_in_a_seeded_order(dataset):
     meta = dataset_meta(dataset)
     train, _ = load_preference_data(dataset, split="train")
     held_out = {img.tobytes() for s in ("val", "test") for img in dataset_eval_sets(dataset, s)["attacked"].images}
-    first = list(zip(range(8), local_stream(dataset, meta, False, 8, seed=3, size=48), strict=False))
-    again = list(zip(range(8), local_stream(dataset, meta, False, 8, seed=3, size=48), strict=False))
+    first = list(zip(range(8), local_stream(dataset, meta, False, 8, seed=3, geometry=GEOMETRY), strict=False))
+    again = list(zip(range(8), local_stream(dataset, meta, False, 8, seed=3, geometry=GEOMETRY), strict=False))
     seen = [img.tobytes() for _, batch in first for img in batch["image"]]
     assert len(seen) == 64
     assert all(np.array_equal(a[1]["image"], b[1]["image"]) for a, b in zip(first, again, strict=True))
@@ -79,7 +82,7 @@ def test_streaming_needs_a_sharded_dataset_and_enough_rows(dataset, tmp_path):
     with pytest.raises(DataError, match=r"dataset.json: not valid JSON"):
         dataset_meta(str(tmp_path))
     with pytest.raises(DataError, match="fewer than 1000 pair rows"):
-        next(local_stream(dataset, dataset_meta(dataset), False, 1000, seed=0, size=48))
+        next(local_stream(dataset, dataset_meta(dataset), False, 1000, seed=0, geometry=GEOMETRY))
 
 
 def test_a_streaming_sweep_leaves_cpus_for_its_data_tasks(monkeypatch, dataset):
@@ -114,14 +117,14 @@ def test_a_changed_shard_fails_the_stream_naming_it(dataset, tmp_path):
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)
     meta = dataset_meta(str(copy))
-    rows = read_numbered_shards({"shard": np.array([0, 1])}, str(copy), meta, "pair", False, 48)
-    assert len(rows["image"]) == len(rows["chosen"]) > 0 and rows["image"].shape[1:] == (48, 48, 3)
+    rows = read_numbered_shards({"shard": np.array([0, 1])}, str(copy), meta, "pair", False, GEOMETRY)
+    assert len(rows["image"]) == len(rows["chosen"]) > 0 and rows["image"].shape[1:] == (64, 64, 3)
     shard = copy / meta["shards"][1]["path"]
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
     with pytest.raises(ShardError, match=f"{meta['shards'][1]['path']}: sha256 differs"):
-        read_numbered_shards({"shard": np.array([1])}, str(copy), meta, "pair", False, 48)
+        read_numbered_shards({"shard": np.array([1])}, str(copy), meta, "pair", False, GEOMETRY)
     with pytest.raises(ShardError, match="sha256 differs"):
-        list(zip(range(100), local_stream(str(copy), meta, False, 8, seed=0, size=48), strict=False))
+        list(zip(range(100), local_stream(str(copy), meta, False, 8, seed=0, geometry=GEOMETRY), strict=False))
 
 
 def _by_image(images: np.ndarray, values) -> dict[bytes, np.ndarray]:
@@ -149,12 +152,12 @@ def test_the_ref_cache_holds_each_rows_pi_ref_and_is_computed_once(dataset, tmp_
     expected = {**_by_image(pref.images, data.ref_pref_logps), **_by_image(reg.images, data.ref_reg_logps)}
     manifest, meta = read_ref_manifest(str(manifests[0].parent), manifests[0].parent.name), dataset_meta(str(copy))
     for reg_stream in (False, True):  # each row's π_ref in the cache, as the starting model computes it
-        batch = next(local_stream(str(copy), meta, reg_stream, 8, 0, 48, manifest))
+        batch = next(local_stream(str(copy), meta, reg_stream, 8, 0, GEOMETRY, manifest))
         assert batch["ref_logps"].shape == (8, 4)
         for image, logps in zip(batch["image"], batch["ref_logps"], strict=True):
             np.testing.assert_allclose(logps, expected[image.tobytes()], atol=1e-5)
     rows = next(source.pref)
-    same_rows = next(local_stream(str(copy), meta, False, 8, run.training.seed, 48, manifest))  # with pixels
+    same_rows = next(local_stream(str(copy), meta, False, 8, run.training.seed, GEOMETRY, manifest))  # with pixels
     np.testing.assert_array_equal(rows["ref_logps"], same_rows["ref_logps"])
     assert ("image" in rows) == (tower != "frozen")  # a frozen tower's stream decodes no image
     inputs, ref = source._inputs_and_ref(rows)  # the cache's π_ref; a frozen tower's input, its cached f(x)
@@ -164,8 +167,8 @@ def test_the_ref_cache_holds_each_rows_pi_ref_and_is_computed_once(dataset, tmp_
             expected_emb = model.encode_image(model.pixels(same_rows["image"]), 0.0)
         torch.testing.assert_close(inputs, expected_emb, atol=1e-5, rtol=1e-5)
     # what a Ray Data task hands the worker: without pixels, the same rows less their images
-    task = {pixels: read_numbered_shards({"shard": np.array([0, 1])}, str(copy), meta, "pair", False, 48, manifest,
-                                         pixels) for pixels in (True, False)}
+    task = {pixels: read_numbered_shards({"shard": np.array([0, 1])}, str(copy), meta, "pair", False, GEOMETRY,
+                                         manifest, pixels) for pixels in (True, False)}
     for image, logps in zip(task[True]["image"], task[True]["ref_logps"], strict=True):
         np.testing.assert_allclose(logps, expected[image.tobytes()], atol=1e-5)
     assert set(task[True]) - set(task[False]) == {"image"}
@@ -230,7 +233,7 @@ def test_rows_without_pixels_decode_no_image_and_need_the_cache(dataset, monkeyp
     rows = stream_rows.decode_rows({"kind": ["pair", "regularization"], "split": ["train", "train"],
                                     "image_name": ["a.png", "b.png"], "image": [b"", b""], "chosen": [circle, ""],
                                     "rejected": [square, ""], "text": ["", circle]},
-                                   "pair", False, 48, meta["candidates"], pixels=False)
+                                   "pair", False, GEOMETRY, meta["candidates"], pixels=False)
     assert set(rows) == {"chosen", "rejected"} and stream_rows.row_count(rows) == 1
     with pytest.raises(ValueError, match="need a π_ref cache"):
-        stream_rows.shard_rows(dataset, meta, 0, "pair", False, 48, ref=None, pixels=False)
+        stream_rows.shard_rows(dataset, meta, 0, "pair", False, GEOMETRY, ref=None, pixels=False)
