@@ -112,9 +112,10 @@ def ablate(run: RunConfig, cfg: AblationConfig, output_dir: str | Path | None = 
     started = time.time()
     model = AlignedCLIP(load_clip(run.model), "full").eval()
     template = prompt_template(run.data)
-    pref, reg = build_records(run.data)
+    pref, reg = build_records(run.data, model.preprocess.geometry)
     search = _SearchSet.of(model, pref, reg, cfg.n_images, run.data.seed, template)
-    evaluator = Evaluator.build(model, test_sets or held_out_sets(run.data, "test"), template=template)
+    evaluator = Evaluator.build(model, test_sets or held_out_sets(run.data, "test", model.preprocess.geometry),
+                                template=template)
     before = evaluator.metrics(1.0)
     base = {k: v.clone() for k, v in model.clip.visual.state_dict().items()}
     selection = greedy_heads(candidate_heads(model, cfg.last_blocks), _scorer(model, base, search, cfg),
