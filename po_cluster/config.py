@@ -52,16 +52,11 @@ def image_tower_label(mode: ImageTowerMode) -> str:
 
 
 class PreprocessConfig(Strict):
-    """Settings of open_clip's image preprocessing (its PreprocessCfg), each replacing the model's own;
-    the size is always the image tower's."""
-
-    resize_mode: Literal["shortest", "longest", "squash"] | None = Field(
-        None, description="shortest: shorter side to the size, centre crop; longest: longer side, padded; "
-        "squash: both sides, aspect ratio not kept")
+    """open_clip's image preprocessing settings (PreprocessCfg), each replacing the model's; size is the tower's."""
+    resize_mode: Literal["shortest", "longest", "squash"] | None = None  # squash: aspect ratio not kept
     interpolation: Literal["bicubic", "bilinear"] | None = None
     mean: tuple[float, float, float] | None = None
-    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None \
-        = None
+    std: tuple[float, float, float] | None = None
     fill_color: int | None = Field(None, ge=0, le=255, description="grey level of `longest`'s padding")
 
 
@@ -71,10 +66,8 @@ class ModelConfig(Strict):
                                    "path, s3:// URI, or " + SHIPPED_BASE)
     image_tower: ImageTowerMode = "full"
     cache_dir: str | None = None
-    preprocess: str | PreprocessConfig | None = Field(
-        None, description="the image preprocessing, by default open_clip's for this architecture and pretrained "
-        "tag (SigLIP's squash, …); an open_clip tag takes that tag's (its weights given as a file, which "
-        "open_clip cannot tell), settings replace the model's one by one")
+    preprocess: str | PreprocessConfig | None = Field(None, description="default: open_clip's for name and "
+                                                      "pretrained; an open_clip tag: that tag's; or settings")
 
 
 class DataConfig(Strict):
