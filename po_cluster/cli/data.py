@@ -84,13 +84,13 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def _attack_model(args: argparse.Namespace) -> AlignedCLIP:
     from po_cluster.config import ModelConfig
-    from po_cluster.evaluate.targets import load_target
     from po_cluster.model.aligned import AlignedCLIP
     from po_cluster.model.loading import load_clip
+    from po_cluster.model.targets import open_target
 
     if args.model:  # a plain open_clip model (e.g. the openai base) before any training
         return AlignedCLIP(load_clip(ModelConfig(name=args.model, pretrained=args.pretrained)), "frozen")
-    return load_target(args.target)[0]
+    return open_target(args.target).model
 
 
 def cmd_evaluate_attack_set(args: argparse.Namespace) -> int:
@@ -112,11 +112,32 @@ def cmd_evaluate_attack_set(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from po_cluster.model.export import export_open_clip
+    from po_cluster.cli.common import default_store
+    from po_cluster.model.export import export_open_clip, export_open_clip_folder
 
-    result = export_open_clip(args.release, args.out, args.t)
+    out = args.out or args.destination
+    if out is None or (args.out and args.destination):
+        raise ValueError("give the export's destination once: --out PATH or PATH")
+    if args.push and args.format != "open_clip":
+        raise ValueError("--push uploads an open_clip folder: it needs --format open_clip")
+    if args.push:
+        from po_cluster.model.hub import repo_id
+
+        repo_id(args.push)  # a malformed name is refused before anything is exported
+    store = default_store(args.store)
+    if args.format == "safetensors":
+        result = export_open_clip(args.release, out, args.t, store)
+        print(f"wrote {result.path} ({result.architecture}, W(t) folded in at t = {result.t:g}); load it with")
+        print(f"  open_clip.create_model_and_transforms({result.architecture!r}, pretrained={str(result.path)!r})")
+        return 0
+    result = export_open_clip_folder(args.release, out, args.t, store)
     print(f"wrote {result.path} ({result.architecture}, W(t) folded in at t = {result.t:g}); load it with")
-    print(f"  open_clip.create_model_and_transforms({result.architecture!r}, pretrained={str(result.path)!r})")
+    print(f"  open_clip.create_model_and_transforms('local-dir:{result.path}')")
+    if args.push:
+        from po_cluster.model.hub import push_folder
+
+        url = push_folder(result.path, args.push)
+        print(f"pushed to {args.push} ({url}); load it with open_clip.create_model_and_transforms({args.push!r})")
     return 0
 
 
@@ -179,9 +200,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--rows", help="write per-image predictions to this JSONL file")
     p.set_defaults(func=cmd_evaluate_attack_set)
-    p = sub.add_parser("export", help="write a stock open_clip .safetensors with W(t) folded in")
-    p.add_argument("--release", required=True,
-                   help="checkpoint folder or <store>/releases/<id or latest> (verified against its manifest)")
+    p = sub.add_parser("export", help="stock open_clip weights with W(t) folded in: one .safetensors file, or the "
+                       "folder open_clip loads as local-dir: (and hf-hub: once pushed)")
+    p.add_argument("destination", nargs="?", help="output file (.safetensors) or folder (--format open_clip)")
+    p.add_argument("--release", default=SHIPPED_BASE,
+                   help="what `evaluate` takes: checkpoint or release folder, <store>/releases/<id or latest> (also "
+                   f"s3://), or a release id / 'latest' in --store (default: {SHIPPED_BASE})")
+    p.add_argument("--store", help="artifact store for release ids (default $PO_CLUSTER_STORE, else ./artifacts)")
     p.add_argument("--t", type=float, default=1.0)
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--format", choices=("safetensors", "open_clip"), default="safetensors",
+                   help="safetensors: one weights file; open_clip: open_clip_config.json (with the preprocessing), "
+                   "weights, tokenizer, README (default safetensors)")
+    p.add_argument("--out", help="the destination, as a flag")
+    p.add_argument("--push", metavar="hf-hub:ORG/NAME", help="with --format open_clip: upload the folder to the "
+                   "Hugging Face Hub (token from HF_TOKEN or `huggingface-cli login`, endpoint from HF_ENDPOINT)")
     p.set_defaults(func=cmd_export)

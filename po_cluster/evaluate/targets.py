@@ -2,45 +2,15 @@
 shipped base, evaluate it on the fixed sets at one t and over the trade-off range, plot, and format."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
 from po_cluster.data.images import Geometry
 from po_cluster.data.records import ImageSet
 from po_cluster.evaluate.metrics import DEFAULT_TS, Evaluator, format_table, metric_keys, plot_tradeoff
-from po_cluster.model.aligned import AlignedCLIP
-from po_cluster.model.checkpoint import load_checkpoint
-from po_cluster.model.loading import load_clip
+from po_cluster.model.targets import open_target
 
 Split = Literal["train", "val", "test"]
-
-
-def resolve_target(target: str, store: str | None = None) -> str:
-    """A target as load_target takes it: the shipped base, a folder or an s3:// release pass as they
-    are; anything else is a release id (or "latest") in `store`, pulled, verified and cached."""
-    if target == SHIPPED_BASE or target.startswith("s3://") or Path(target).exists():
-        return target
-    if store is None:
-        raise FileNotFoundError(f"no checkpoint folder at {target} (and no store given to look it up as a release)")
-    from po_cluster.store.artifacts import open_store
-
-    return str(open_store(store).pull_release(target))
-
-
-def load_target(target: str) -> tuple[AlignedCLIP, str]:
-    """(model, label). A checkpoint is its own reference: at t = 0 it is exactly its starting model."""
-    if target == SHIPPED_BASE:
-        return AlignedCLIP(load_clip(ModelConfig()), "frozen"), "typo-shapes-base"
-    if target.startswith("s3://"):  # <store>/releases/<id|latest>: pulled, verified, cached
-        from po_cluster.store.artifacts import pull_release_uri
-
-        target = str(pull_release_uri(target))
-    folder = Path(target)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder at {target}")
-    return load_checkpoint(folder)[0], folder.name
 
 
 def target_sets(dataset: str | None, split: Split, geometry: Geometry | None = None) -> tuple[dict[str, ImageSet], str]:
@@ -56,10 +26,12 @@ def target_sets(dataset: str | None, split: Split, geometry: Geometry | None = N
 def evaluate_target(target: str, t: float = 1.0, ts: bool = True, plot: str | None = None,
                     store: str | None = None, dataset: str | None = None, split: Split = "test") -> dict:
     """Metrics at `t` ("at_t"), and with `ts` the trade-off over t ("tradeoff"), its plot and a text
-    report ("text"). `target` is anything resolve_target takes; release ids are looked up in `store`.
+    report ("text"). `target` is anything model.targets.resolve_target takes; release ids are looked up
+    in `store`.
     With `dataset`, on that dataset's `split` (a dataset without written-word-only images has no
     word_only key)."""
-    model, label = load_target(resolve_target(target, store))
+    opened = open_target(target, store)
+    model, label = opened.model, opened.label
     sets, template = target_sets(dataset, split, model.preprocess.geometry)
     evaluator = Evaluator.build(model, sets, template)
     metrics = evaluator.metrics(t)

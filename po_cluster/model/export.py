@@ -8,8 +8,13 @@ open_clip model whose normalised embeddings are the aligned ones:
     f = h·P        → h·(P·M)                      (ViT `visual.proj`, text `text_projection` Parameter)
     f = h·Aᵀ + b   → h·(Aᵀ·M) + b·M               (nn.Linear: ModifiedResNet `attnpool.c_proj`, …)
 with M = W(t) acting on row vectors as the spectral layer does (z ↦ z·M).
-`open_clip.create_model_and_transforms(architecture, pretrained=<file>)` loads the
-result; no po-cluster code is needed to use it.
+
+Two forms: one .safetensors file, which `open_clip.create_model_and_transforms(architecture,
+pretrained=<file>)` loads where the architecture is known; or a folder in open_clip's own layout
+(open_clip_config.json with the architecture's model_cfg and the model's preprocess_cfg, the
+weights as open_clip_model.safetensors, a Hugging Face tokenizer's files when it has one, and a
+README), which `create_model_and_transforms("local-dir:<folder>")` loads with its preprocessing,
+and `hf-hub:` once pushed. No po-cluster code is needed to use either.
 """
 from __future__ import annotations
 
@@ -24,8 +29,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from po_cluster.model.aligned import AlignedCLIP
-from po_cluster.model.checkpoint import load_checkpoint
+from po_cluster.model.loading import architecture_config
 from po_cluster.model.lora import merge_adapters
+
+CONFIG_JSON = "open_clip_config.json"
+FOLDER_WEIGHTS = "open_clip_model.safetensors"  # the first name open_clip looks for in a local-dir: folder
 
 
 class ExportError(RuntimeError):
@@ -93,30 +101,86 @@ class ExportResult:
     t: float
 
 
-def checkpoint_folder(release: str | Path) -> Path:
-    """A local checkpoint folder as it is, or `<store>/releases/<id or latest>` pulled (and verified)."""
-    path = Path(release)
-    if path.is_dir():
-        return path
-    if "/releases/" in str(release):
-        from po_cluster.store.artifacts import pull_release_uri
-
-        return pull_release_uri(str(release))
-    raise FileNotFoundError(f"no checkpoint folder at {release} (nor a <store>/releases/<id> URI)")
+def _folded_state(model: AlignedCLIP, t: float) -> dict[str, torch.Tensor]:
+    return {key: value.detach().contiguous() for key, value in folded_clip(model, t).state_dict().items()}
 
 
-def export_open_clip(checkpoint: str | Path, out: str | Path, t: float = 1.0) -> ExportResult:
-    """Verify and load a po-cluster checkpoint, fold W(t), write a stock open_clip .safetensors."""
+def export_open_clip(target: str | Path, out: str | Path, t: float = 1.0, store: str | None = None) -> ExportResult:
+    """Load `target` (anything `evaluate` takes, model.targets), fold W(t), write one stock open_clip
+    .safetensors file."""
+    from po_cluster.model.targets import open_target
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the export must end in .safetensors (open_clip picks its loader by suffix)")
-    model, description = load_checkpoint(checkpoint_folder(checkpoint))
-    clip = folded_clip(model, t)
-    state = {key: value.detach().contiguous() for key, value in clip.state_dict().items()}
+    opened = open_target(target, store)
+    description = opened.description
     metadata = {"format": "open_clip", "architecture": description["architecture"], "po_cluster_t": repr(t),
-                "source": str(checkpoint), "pretrained_base": str(description.get("pretrained")),
+                "source": str(target), "pretrained_base": str(description.get("pretrained")),
                 "classnames": json.dumps(description.get("classnames", [])),
                 "prompt_template": str(description.get("prompt_template", ""))}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata=metadata)
+    save_file(_folded_state(opened.model, t), str(out), metadata=metadata)
     return ExportResult(out, description["architecture"], t)
+
+
+def _save_tokenizer(model: AlignedCLIP, model_cfg: dict, folder: Path) -> None:
+    """open_clip reads a local-dir: model's Hugging Face tokenizer from the folder itself; its own
+    SimpleTokenizer needs no file (the config's context_length is all it takes)."""
+    if not model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        return
+    inner = getattr(getattr(model.tokenizer, "tokenizer", None), "tokenizer", None)  # LazyTokenizer → HFTokenizer
+    if inner is None or not hasattr(inner, "save_pretrained"):
+        raise ExportError(f"{model.name}: its Hugging Face tokenizer could not be loaded to be saved beside the "
+                          "weights (transformers installed, and its files downloaded once, are needed)")
+    inner.save_pretrained(str(folder))
+
+
+def _card(description: dict, t: float, source: str, preprocess: dict) -> str:
+    name = description["architecture"]
+    return f"""---
+library_name: open_clip
+tags: [clip, open_clip, po-cluster]
+---
+# {name}, aligned by po-cluster at t = {t:g}
+
+Exported from `{source}` (base `{description.get('pretrained')}`, image tower `{description.get('image_tower')}`)
+with its image tower at θ(t) and the spectral layer W(t) folded into both projections: plain open_clip
+weights whose normalised embeddings are the aligned model's at t = {t:g}.
+
+```python
+import open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<this folder>")  # or "hf-hub:<repo>"
+tokenizer = open_clip.get_tokenizer("local-dir:<this folder>")
+```
+
+Preprocessing (open_clip_config.json): {json.dumps(preprocess)}.
+Prompt template `{description.get('prompt_template')}`; classes: {', '.join(description.get('classnames', []))}.
+"""
+
+
+def export_open_clip_folder(target: str | Path, out: str | Path, t: float = 1.0,
+                            store: str | None = None) -> ExportResult:
+    """Load `target` (anything `evaluate` takes), fold W(t), write open_clip's local-dir: layout in `out`
+    (a new or empty folder, or one a previous export wrote: its files are replaced)."""
+    from po_cluster.model.targets import open_target
+
+    folder = Path(out)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / CONFIG_JSON).is_file())):
+        raise ExportError(f"{folder}: not an empty folder nor an earlier open_clip export; refusing to write in it")
+    opened = open_target(target, store)
+    model, description = opened.model, opened.description
+    model_cfg = architecture_config(description["architecture"])
+    preprocess = model.preprocess.to_open_clip()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_JSON).unlink(missing_ok=True)  # written last: a folder without it is incomplete
+    save_file(_folded_state(model, t), str(folder / FOLDER_WEIGHTS), metadata={"format": "pt"})
+    _save_tokenizer(model, model_cfg, folder)
+    (folder / "README.md").write_text(_card(description, t, str(target), preprocess))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess,
+              "po_cluster": {"t": t, "source": str(target), "architecture": description["architecture"],
+                             "pretrained_base": description.get("pretrained"),
+                             "classnames": list(description.get("classnames", [])),
+                             "prompt_template": description.get("prompt_template")}}
+    (folder / CONFIG_JSON).write_text(json.dumps(config, indent=2) + "\n")
+    return ExportResult(folder, description["architecture"], t)

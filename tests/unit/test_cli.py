@@ -74,7 +74,7 @@ def test_evaluate_finds_a_release_id_in_the_store_of_the_environment(release_tem
 
 def test_resolve_target_passes_folders_and_looks_ids_up_in_the_store(release_template, tmp_path):
     from po_cluster.config import SHIPPED_BASE
-    from po_cluster.evaluate.targets import resolve_target
+    from po_cluster.model.targets import resolve_target
     from po_cluster.store.artifacts import StoreError, open_store
 
     assert resolve_target(str(release_template)) == str(release_template)
