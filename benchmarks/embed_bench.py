@@ -53,7 +53,7 @@ def in_process_loop(paths: list[Path], folder: Path, t: float, batch_size: int) 
     import torch
 
     from po_cluster.embed.decode import DecodeLimits, decode_file
-    from po_cluster.serving.engine import Knob, ReleaseModel
+    from po_cluster.model.release import Knob, ReleaseModel
 
     release = ReleaseModel.load("bench", folder)
     limits, knob = DecodeLimits().serving(), Knob(t)

@@ -28,7 +28,7 @@ def release(arch: str | None, mode: str):
     from po_cluster.config import Lora, LoraConfig, ModelConfig
     from po_cluster.model.aligned import AlignedCLIP
     from po_cluster.model.loading import load_clip
-    from po_cluster.serving.engine import ReleaseModel
+    from po_cluster.model.release import ReleaseModel
 
     tower = Lora(lora=LoraConfig()) if mode == "lora" else "full"
     cfg = ModelConfig() if arch is None else ModelConfig(name=arch, pretrained=None)
@@ -47,7 +47,7 @@ def timed(fn, *args) -> float:
 
 
 def measure(engine, images: list, prompts: list, repeats: int) -> dict[str, list[float]]:
-    from po_cluster.serving.engine import Knob
+    from po_cluster.model.release import Knob
 
     n = len(images)
 

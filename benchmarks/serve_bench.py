@@ -99,7 +99,7 @@ def in_process(folder: Path, images: np.ndarray, batch: int, threads: int, batch
     """Images/s of the replica's own code (classify_many) on full batches, in this process: the limit."""
     import torch
 
-    from po_cluster.serving.engine import Knob, ReleaseModel
+    from po_cluster.model.release import Knob, ReleaseModel
 
     torch.set_num_threads(threads)
     release = ReleaseModel.load("bench", folder)

@@ -77,7 +77,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: D
         except BadInput as bad:
             codes[i], reasons[i] = bad.code, bad.reason
     pixels = np.zeros((len(uris), 3, size, size), dtype=np.float32)
-    for group in by_shape.values():  # one conversion per shape, as the serving engine's image_features
+    for group in by_shape.values():  # one conversion per shape, as ReleaseModel.image_features
         rows = [i for i, _ in group]
         pixels[rows] = to_model_input(np.stack([image for _, image in group]), preprocess).numpy()
     return {"id": batch["id"], "source_uri": batch["source_uri"], "shard": batch["shard"], "pixels": pixels,

@@ -3,7 +3,7 @@
     input (folder | JSONL/Parquet manifest | s3:// prefix)
       → sorted by id, cut into fixed-size shards (skip those already written)
       → CPU tasks: read, decode with the serving rules, to model input
-      → actor pool: f(x) and W(t)·f re-normalised (the serving engine's math)
+      → actor pool: f(x) and W(t)·f re-normalised (model.release, as serving)
       → the driver writes each shard whole: <output>/errors/<name>, then <output>/embeddings/<name>
 
 A shard's name is derived from (release id, t, shard index, digest of its ids
@@ -81,12 +81,12 @@ class EmbedConfig(Strict):
 
 
 class Embedder:
-    """One loaded release in an actor: the serving engine's ReleaseModel, its towers and projection."""
+    """One loaded release in an actor: model.release's ReleaseModel, its towers and projection."""
 
     def __init__(self, store: str, settings: StoreSettings, release_id: str, t: float, use_gpu: bool) -> None:
         import torch
 
-        from po_cluster.serving.engine import Knob, ReleaseModel
+        from po_cluster.model.release import Knob, ReleaseModel
         from po_cluster.store.artifacts import open_store
 
         folder = open_store(store, settings).pull_release(release_id)  # verified, cached by manifest hash

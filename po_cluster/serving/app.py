@@ -33,10 +33,10 @@ from ray import serve
 from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
+from po_cluster.model.release import ClassifyItem, EmbedRequest, EmbedResult, ReleaseModel, Scores
 from po_cluster.serving.api import make_api
 from po_cluster.serving.args import GATEWAY, MODEL, AppArgs, GatewaySettings, ModelSettings, ServeArgs, validated
 from po_cluster.serving.client import HandleClient
-from po_cluster.serving.engine import ClassifyItem, EmbedRequest, EmbedResult, ReleaseModel, Scores
 from po_cluster.serving.gateway import GatewayService
 from po_cluster.serving.limits import rss_bytes
 from po_cluster.serving.observe import keep_reporting_releases, record_batch, record_releases_loaded

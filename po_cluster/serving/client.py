@@ -26,8 +26,8 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
+from po_cluster.model.release import EmbedResult, Knob, Scores
 from po_cluster.serving.args import Batching
-from po_cluster.serving.engine import EmbedResult, Knob, Scores
 from po_cluster.serving.limits import ApiError
 from po_cluster.store.artifacts import StoreError
 

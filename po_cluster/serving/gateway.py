@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from po_cluster.model.release import Knob
 from po_cluster.serving.args import ServeArgs
 from po_cluster.serving.auth import ApiKeys
 from po_cluster.serving.catalog import ReleaseCatalog, ReleaseMeta
-from po_cluster.serving.engine import Knob
 from po_cluster.serving.limits import (
     ApiError,
     check_overrides,

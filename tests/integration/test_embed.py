@@ -132,7 +132,7 @@ def test_every_good_image_has_a_row_and_every_bad_one_an_error(corpus, reference
 @torch.no_grad()
 def test_embeddings_equal_the_serving_engine_and_the_in_process_model(corpus, reference):
     from po_cluster.model.checkpoint import load_checkpoint
-    from po_cluster.serving.engine import Knob, ReleaseModel
+    from po_cluster.model.release import Knob, ReleaseModel
     from po_cluster.serving.limits import Limits, decode_image
     from po_cluster.store.artifacts import open_store
 

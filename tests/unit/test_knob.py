@@ -16,7 +16,7 @@ from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import REFERENCE, CheckpointError, load_checkpoint, model_description, save_checkpoint
 from po_cluster.model.loading import load_clip
-from po_cluster.serving.engine import Knob, ReleaseModel
+from po_cluster.model.release import Knob, ReleaseModel
 from po_cluster.store.manifest import write_manifest
 
 

@@ -10,7 +10,7 @@ from po_cluster.config import ModelConfig
 from po_cluster.data import world
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import load_clip
-from po_cluster.serving.engine import Knob, ReleaseModel
+from po_cluster.model.release import Knob, ReleaseModel
 
 PROMPTS = ["a photo of a circle.", "a photo of a star.", "a photo of a square.", "a photo of a cross."]
 

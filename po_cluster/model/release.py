@@ -1,4 +1,5 @@
-"""The model-side math of serving, without Ray: one loaded release, batched towers, projections by knob.
+"""One release loaded at t, without Ray: batched towers, projections by knob (serving, the embed job,
+the benchmarks).
 
 A batch holds rows from many requests. The text tower never trains, so every
 text goes through it together. The image tower is served at θ(t) (docs/design.md,
@@ -7,7 +8,8 @@ t; when it trained otherwise, rows are grouped by t rounded to 0.01, each group
 runs through the tower with that t's weights, kept in a small LRU (one
 interpolation per new t, none after); when it did not, all rows go together. The
 projection W(t) then runs once per distinct (t, σ overrides) in the batch.
-The benchmark's in-process baseline calls this same code.
+The serving replicas, the embed job's actors and the benchmarks' in-process baselines all
+call this same code.
 """
 from __future__ import annotations
 
