@@ -52,11 +52,12 @@ def in_process_loop(paths: list[Path], folder: Path, t: float, batch_size: int) 
     """images/s of read → decode (the job's rules) → f(x) → W(t) with the serving engine, one batch at a time."""
     import torch
 
-    from po_cluster.embed.decode import DecodeLimits, decode_file
+    from po_cluster.data.images import ImageLimitsConfig
+    from po_cluster.embed.decode import decode_file
     from po_cluster.model.release import Knob, ReleaseModel
 
     release = ReleaseModel.load("bench", folder)
-    limits, knob = DecodeLimits().serving(), Knob(t)
+    limits, knob = ImageLimitsConfig(), Knob(t)
     start = time.perf_counter()
     with torch.no_grad():
         for begin in range(0, len(paths), batch_size):

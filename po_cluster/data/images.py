@@ -12,6 +12,11 @@ reproduced here pixel for pixel, so what a po-cluster model sees is what open_cl
 feed it. Pure functions of their arguments (Pillow and NumPy only, no Ray, no torch);
 what they refuse is an `ImageRefused` whose `code` is stable (the endpoint's error code)
 and whose message names the problem.
+
+What an untrusted image file may be (bytes, pixels, formats) is one config here,
+`ImageLimitsConfig`, checked by `decode_limited`: the serving endpoint maps its
+refusals to HTTP statuses, the embed job to rows with a code, and both accept the
+same files because both hold the same limits.
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import Field
+
+from po_cluster.config import Strict
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ResizeMode = Literal["shortest", "longest", "squash"]
@@ -43,9 +51,21 @@ _SIGNATURES = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x0
 _CORRUPT = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+ImageFormat = Literal["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]
+
+
+class ImageLimitsConfig(Strict):
+    """What an untrusted image file may be: the endpoint's and the embed job's limits (the serving
+    limits extend this config, so a YAML `limits:` section keeps these keys at its top level)."""
+
+    max_image_bytes: int = Field(8 << 20, gt=0, description="one image file, decoded from base64")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="width × height, checked before decoding")
+    image_formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "WEBP"), min_length=1)
+
+
 class ImageRefused(ValueError):
     """Bytes that do not become pixels; `code` is one of empty_image, not_an_image,
-    unsupported_image_format, image_too_many_pixels, corrupt_image."""
+    unsupported_image_format, image_too_large, image_too_many_pixels, corrupt_image."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -110,6 +130,15 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 def decode(raw: bytes, formats: Sequence[str] | None = None, max_pixels: int | None = None) -> Image.Image:
     """Image file bytes → upright RGB image (`open_image`, then `upright_rgb`)."""
     return upright_rgb(open_image(raw, formats, max_pixels))
+
+
+def decode_limited(raw: bytes, limits: ImageLimitsConfig) -> np.ndarray:
+    """Untrusted image file bytes → upright uint8 [H, W, 3], or `ImageRefused`: the byte count is checked
+    before anything is parsed, the format and the pixel count before the pixels are decoded."""
+    if len(raw) > limits.max_image_bytes:
+        raise ImageRefused("image_too_large",
+                           f"the image has {len(raw)} bytes, over the limit of {limits.max_image_bytes}")
+    return to_pixels(decode(raw, limits.image_formats, limits.max_image_pixels))
 
 
 @dataclass(frozen=True)

@@ -1,34 +1,22 @@
-"""The embed job's decoding (CPU tasks): read each input, decode it by the serving endpoint's
-rules, convert it to the release's model input. A bad input is a row with a code and a reason,
-never an exception that stops the job."""
+"""The embed job's decoding (CPU tasks): read each input, decode it by the image path's limits
+(data.images, the serving endpoint's too), convert it to the release's model input. A bad input
+is a row with a code and a reason, never an exception that stops the job."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
 
-from po_cluster.config import Strict
-from po_cluster.data.images import Preprocess  # the release's (AlignedCLIP.preprocess), plain values for CPU tasks
-from po_cluster.serving.limits import ApiError, ImageFormat, Limits
+from po_cluster.data import images
+from po_cluster.data.images import (  # Preprocess: the release's (AlignedCLIP.preprocess), for CPU tasks
+    ImageLimitsConfig,
+    Preprocess,
+)
 from po_cluster.store import location
 from po_cluster.store.location import StoreError, StoreSettings
 
 _READ_THREADS = 8  # reads are I/O (S3 GETs); threads overlap them inside one decode task
-_SERVING = Limits()
-
-
-class DecodeLimits(Strict):
-    """What an image file may be; the defaults are the serving endpoint's, so both accept the same files."""
-
-    max_image_bytes: int = Field(_SERVING.max_image_bytes, gt=0)
-    max_image_pixels: int = Field(_SERVING.max_image_pixels, gt=0, description="width × height, before decoding")
-    image_formats: tuple[ImageFormat, ...] = Field(_SERVING.image_formats, min_length=1)
-
-    def serving(self) -> Limits:
-        return Limits(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
-                      image_formats=self.image_formats)
 
 
 class BadInput(Exception):
@@ -37,14 +25,12 @@ class BadInput(Exception):
         self.code, self.reason = code, reason
 
 
-def decode_file(raw: bytes, limits: Limits) -> np.ndarray:
-    """uint8 [H, W, 3] by the serving endpoint's own rules (limits.decode_image_bytes), or BadInput."""
-    from po_cluster.serving.limits import decode_image_bytes
-
+def decode_file(raw: bytes, limits: ImageLimitsConfig) -> np.ndarray:
+    """uint8 [H, W, 3] by the image path's limits (data.images.decode_limited), or BadInput with its code."""
     try:
-        return decode_image_bytes(raw, "image", limits)
-    except ApiError as error:
-        raise BadInput(error.code, error.message) from None
+        return images.decode_limited(raw, limits)
+    except images.ImageRefused as refused:
+        raise BadInput(refused.code, refused.message) from None
 
 
 def _read(source: str, settings: StoreSettings, max_bytes: int) -> bytes | BadInput:
@@ -57,22 +43,22 @@ def _read(source: str, settings: StoreSettings, max_bytes: int) -> bytes | BadIn
         return BadInput("unreadable", f"cannot read {source}: {getattr(error, 'strerror', None) or error}")
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: DecodeLimits,
+def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: ImageLimitsConfig,
                  settings: StoreSettings) -> dict[str, np.ndarray]:
     """Inputs → model input [N, 3, S, S] float32; a bad row gets zeros, a code and a reason."""
     from po_cluster.model.loading import to_model_input
 
-    rules, size = limits.serving(), preprocess.size
+    size = preprocess.size
     uris = [str(u) for u in batch["source_uri"]]
     with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
-        raws = list(pool.map(lambda uri: _read(uri, settings, rules.max_image_bytes), uris))
+        raws = list(pool.map(lambda uri: _read(uri, settings, limits.max_image_bytes), uris))
     codes, reasons = [""] * len(uris), [""] * len(uris)
     by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     for i, raw in enumerate(raws):
         try:
             if isinstance(raw, BadInput):
                 raise raw
-            image = decode_file(raw, rules)
+            image = decode_file(raw, limits)
             by_shape.setdefault(image.shape, []).append((i, image))
         except BadInput as bad:
             codes[i], reasons[i] = bad.code, bad.reason

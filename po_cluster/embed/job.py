@@ -34,7 +34,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from po_cluster.config import Strict
-from po_cluster.embed.decode import DecodeLimits, Preprocess, decode_batch
+from po_cluster.data.images import ImageLimitsConfig
+from po_cluster.embed.decode import Preprocess, decode_batch
 from po_cluster.embed.inputs import EmbedError, is_manifest, list_inputs, within
 from po_cluster.embed.shards import EMBEDDINGS, ERRORS, OutputDir, Shard, foreign_shards, plan_shards, shard_tables
 from po_cluster.store.location import StoreSettings
@@ -59,7 +60,7 @@ class EmbedConfig(Strict):
     actor_num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per model actor (its torch threads)")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per model actor; None: 1 when the cluster has GPUs")
     decode_concurrency: int | None = Field(None, gt=0, description="decoding tasks at once; None: as CPUs allow")
-    limits: DecodeLimits = DecodeLimits()
+    limits: ImageLimitsConfig = ImageLimitsConfig()
     store_settings: StoreSettings = StoreSettings()
 
     @field_validator("t")

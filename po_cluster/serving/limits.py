@@ -18,28 +18,25 @@ import math
 import os
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from po_cluster.data import images
+from po_cluster.data.images import ImageLimitsConfig
 
-ImageFormat = Literal["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]
 _URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
 # Lower case, as browsers write it and as the OpenAPI document's pattern says (it cannot say "any case").
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
-# The image path's refusals that are not 422: too many pixels (413), a format not allowed (415).
-_REFUSED_STATUS = {"image_too_many_pixels": 413, "unsupported_image_format": 415}
+# The image path's refusals that are not 422: too many bytes or pixels (413), a format not allowed (415).
+_REFUSED_STATUS = {"image_too_large": 413, "image_too_many_pixels": 413, "unsupported_image_format": 415}
 
 
-class Limits(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Limits(ImageLimitsConfig):
+    """Every request limit; those on an image file are data.images' (the fields it inherits)."""
 
     max_body_bytes: int = Field(16 << 20, gt=0, description="request body, whatever Content-Length says")
-    max_image_bytes: int = Field(8 << 20, gt=0, description="one image file, decoded from base64")
-    max_image_pixels: int = Field(4096 * 4096, gt=0, description="width × height, checked before decoding")
-    image_formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "WEBP"), min_length=1)
     max_inputs: int = Field(64, gt=0, description="items in one embeddings request")
     max_labels: int = Field(64, gt=0, description="candidate labels in one classify request")
     max_text_chars: int = Field(1000, gt=0, description="one text, label or prompt template")
@@ -127,12 +124,9 @@ def decode_image(value: str, param: str, limits: Limits) -> np.ndarray:
 
 def decode_image_bytes(raw: bytes, param: str, limits: Limits) -> np.ndarray:
     """The bytes of an allowed image file → upright uint8 [H, W, 3] by the training data's own decoder
-    (data.images: EXIF orientation, RGB conversion); bytes and pixels checked before decoding."""
-    if len(raw) > limits.max_image_bytes:
-        raise ApiError(413, param, f"the image has {len(raw)} bytes, over the limit of {limits.max_image_bytes}",
-                       "image_too_large")
+    (data.images.decode_limited: limits, EXIF orientation, RGB conversion); its refusals become ApiErrors."""
     try:
-        return images.to_pixels(images.decode(raw, limits.image_formats, limits.max_image_pixels))
+        return images.decode_limited(raw, limits)
     except images.ImageRefused as refused:
         raise ApiError(_REFUSED_STATUS.get(refused.code, 422), param, refused.message, refused.code) from None
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from po_cluster.config import ConfigError, parse_config
-from po_cluster.data.images import Geometry
-from po_cluster.embed.decode import BadInput, DecodeLimits, Preprocess, decode_batch, decode_file
+from po_cluster.data.images import Geometry, ImageLimitsConfig
+from po_cluster.embed.decode import BadInput, Preprocess, decode_batch, decode_file
 from po_cluster.embed.inputs import EmbedError, list_inputs
 from po_cluster.embed.job import EmbedConfig
 from po_cluster.embed.shards import EMBEDDINGS, ERRORS, OutputDir, foreign_shards, plan_shards, shard_tables, t_tag
@@ -97,7 +97,7 @@ def _bomb(width: int, height: int) -> bytes:
     (_bomb(30000, 30000), "image_too_many_pixels"), (b"\x89PNG" + b"\0" * 5000, "image_too_large"),
 ])
 def test_bad_files_get_the_endpoint_codes(data, code):
-    limits = DecodeLimits(max_image_bytes=4000).serving()
+    limits = ImageLimitsConfig(max_image_bytes=4000)
     with pytest.raises(BadInput) as raised:
         decode_file(data, limits)
     assert raised.value.code == code and raised.value.reason
@@ -112,7 +112,7 @@ def test_decode_batch_keeps_every_row_and_matches_the_model_input(tmp_path):
     preprocess = Preprocess(Geometry(16), (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
     batch = {"id": np.array(["ok", "bad", "gone"], dtype=object), "shard": np.array([0, 0, 1], dtype=np.int32),
              "source_uri": np.array([str(tmp_path / n) for n in ("ok.png", "bad.png", "gone.png")], dtype=object)}
-    out = decode_batch(batch, preprocess, DecodeLimits(), EmbedConfig.model_fields["store_settings"].default)
+    out = decode_batch(batch, preprocess, ImageLimitsConfig(), EmbedConfig.model_fields["store_settings"].default)
     assert out["code"].tolist() == ["", "not_an_image", "unreadable"] and out["pixels"].shape == (3, 3, 16, 16)
     np.testing.assert_array_equal(out["pixels"][0], to_model_input(image[None], preprocess)[0].numpy())
     assert not out["pixels"][1:].any() and "No such file" in out["reason"][2]

@@ -184,7 +184,8 @@ def test_the_endpoint_maps_codes_to_statuses():
     limits = Limits(max_image_pixels=1000)
     for raw, status, code in ((encode(photo(), "GIF"), 415, "unsupported_image_format"),
                               (encode(photo(), "PNG"), 413, "image_too_many_pixels"),
-                              (b"", 422, "empty_image"), (b"hello", 422, "not_an_image")):
+                              (b"", 422, "empty_image"), (b"hello", 422, "not_an_image"),
+                              (b"\x89PNG" + bytes(limits.max_image_bytes), 413, "image_too_large")):
         with pytest.raises(ApiError) as caught:
             decode_image_bytes(raw, "input.3.image", limits)
         assert (caught.value.status, caught.value.code, caught.value.param) == (status, code, "input.3.image")

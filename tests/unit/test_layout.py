@@ -1,5 +1,6 @@
 """The package's shape, read from its source with `ast` (nothing is imported):
-no import cycle, no module over 400 lines, no function over 60 lines.
+no import cycle, no stage package importing the applications, no module over 400 lines,
+no function over 60 lines.
 
 Imports inside functions count (a lazy import still ties the two modules together);
 imports under `if TYPE_CHECKING:` do not, as they never run.
@@ -15,6 +16,10 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Functions allowed over MAX_FUNCTION_LINES, as "module:qualified.name". None today: keep it that way.
 LONG_FUNCTIONS: frozenset[str] = frozenset()
+# The stages of the data flow are libraries the applications (serving, pipelines, cli) are built from;
+# a stage that imported serving would pull the HTTP layer (and Ray Serve) into a training run or a batch job.
+STAGES = ("data", "model", "train", "cluster", "sweep", "evaluate", "embed", "store", "tracking")
+APPLICATIONS = ("serving",)
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -149,6 +154,19 @@ def cycle_report(graph: dict[str, dict[str, int]]) -> str:
     return "\n".join(problems)
 
 
+def layer_violations(graph: dict[str, dict[str, int]], root: str, stages: tuple[str, ...],
+                     applications: tuple[str, ...]) -> list[str]:
+    """"importer line N imports imported" for each import of an application package by a stage package."""
+    def package_of(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else ""
+
+    return [f"{importer} line {line} imports {imported}"
+            for importer, imports in sorted(graph.items()) if package_of(importer) in stages
+            for imported, line in sorted(imports.items())
+            if package_of(imported) in applications and imported.startswith(root + ".")]
+
+
 def _function_lengths(node: ast.AST, prefix: str = ""):
     """(qualified name, lines with decorators) of every function under `node`, nested ones included."""
     for child in ast.iter_child_nodes(node):
@@ -178,6 +196,13 @@ def test_the_package_has_no_import_cycle():
     assert len(graph) > 30 and graph["po_cluster.cli"], "the import graph looks empty: is PACKAGE right?"
     report = cycle_report(graph)
     assert not report, "import cycles in po_cluster:\n" + report
+
+
+def test_no_stage_package_imports_serving():
+    graph = import_graph(PACKAGE)
+    assert all(f"po_cluster.{stage}" in graph for stage in STAGES), "a stage package is missing: is STAGES right?"
+    found = layer_violations(graph, "po_cluster", STAGES, APPLICATIONS)
+    assert not found, "stage packages import an application:\n  " + "\n  ".join(found)
 
 
 def test_no_module_is_over_400_lines():
@@ -235,6 +260,15 @@ def test_cycles_are_found_and_named_in_order():
     assert find_cycles(wide) == [["m.a", "m.b", "m.a"]] and tangles(wide) == [{"m.a", "m.b", "m.c"}]
     assert cycle_report(wide).endswith("m.b line 2 imports m.a\n  (and in the same loop: m.c)")
     assert cycle_report({"m.a": {}}) == ""
+
+
+def test_layer_violations_name_each_stage_import_of_an_application():
+    graph = {"m": {}, "m.data.a": {"m.serving.limits": 4, "m.model": 2}, "m.model": {}, "m.serving.limits": {},
+             "m.serving.app": {"m.data.a": 1}, "m.cli": {"m.serving.app": 3}, "m.embed": {"m.serving": 7},
+             "m.serving": {}}
+    assert layer_violations(graph, "m", ("data", "model", "embed"), ("serving",)) == [
+        "m.data.a line 4 imports m.serving.limits", "m.embed line 7 imports m.serving"]
+    assert layer_violations({"m.data": {"m.model": 1}, "m.model": {}}, "m", ("data",), ("serving",)) == []
 
 
 def test_long_functions_are_measured_with_their_decorators_and_nesting(tmp_path):

@@ -21,14 +21,14 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from PIL import Image, ImageOps
 
 from po_cluster.config import ModelConfig, PreprocessConfig
-from po_cluster.data.images import Geometry
+from po_cluster.data.images import Geometry, ImageLimitsConfig
 from po_cluster.data.pairs import DataError, load_preference_data
 from po_cluster.data.typographic import TypographicConfig, build_typographic
-from po_cluster.embed.decode import DecodeLimits, decode_batch
+from po_cluster.embed.decode import decode_batch
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import load_checkpoint, model_description, save_checkpoint
 from po_cluster.model.loading import SHIPPED_BASE_DIR, WEIGHTS_FILE, load_clip, resolve_preprocess
-from po_cluster.serving.engine import ReleaseModel
+from po_cluster.model.release import ReleaseModel
 from po_cluster.serving.limits import Limits, decode_image_bytes
 from po_cluster.store.location import StoreSettings
 
@@ -183,7 +183,7 @@ def test_embed_job_path_feeds_open_clips_pixels(case, tmp_path):
         (tmp_path / f"{n}.img").write_bytes(FILES[n])
     batch = {"id": np.array(names, dtype=object), "shard": np.zeros(len(names), dtype=np.int32),
              "source_uri": np.array([str(tmp_path / f"{n}.img") for n in names], dtype=object)}
-    decoded = decode_batch(batch, model.preprocess, DecodeLimits(), StoreSettings())
+    decoded = decode_batch(batch, model.preprocess, ImageLimitsConfig(), StoreSettings())
     assert decoded["code"].tolist() == [""] * len(names)
     release = ReleaseModel("r-test", model, {"prompt_template": "{}"})
     with TowerInputs(model) as tower:
