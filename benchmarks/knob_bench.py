@@ -25,12 +25,12 @@ import torch
 def release(arch: str | None, mode: str):
     """A trained-looking release: the shipped base (or `arch` with random weights) with its tower moved
     off θ_ref (full) or adapters with B ≠ 0 (lora)."""
-    from po_cluster.config import Lora, LoraConfig, ModelConfig
+    from po_cluster.config import LoraConfig, LoraTowerConfig, ModelConfig
     from po_cluster.model.aligned import AlignedCLIP
     from po_cluster.model.loading import load_clip
     from po_cluster.model.release import ReleaseModel
 
-    tower = Lora(lora=LoraConfig()) if mode == "lora" else "full"
+    tower = LoraTowerConfig(lora=LoraConfig()) if mode == "lora" else "full"
     cfg = ModelConfig() if arch is None else ModelConfig(name=arch, pretrained=None)
     model = AlignedCLIP(load_clip(cfg), tower).eval()
     with torch.no_grad():

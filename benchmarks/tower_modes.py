@@ -17,12 +17,12 @@ from pathlib import Path
 
 
 def tower(label: str):
-    from po_cluster.config import LastBlocks, Lora, LoraConfig
+    from po_cluster.config import LastBlocksConfig, LoraConfig, LoraTowerConfig
 
     if label.startswith("last_blocks:"):
-        return LastBlocks(last_blocks=int(label.split(":")[1])).model_dump()
+        return LastBlocksConfig(last_blocks=int(label.split(":")[1])).model_dump()
     if label == "lora":
-        return Lora(lora=LoraConfig()).model_dump()
+        return LoraTowerConfig(lora=LoraConfig()).model_dump()
     return label
 
 

@@ -22,7 +22,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LastBlocks(Strict):
+class LastBlocksConfig(Strict):
     last_blocks: Annotated[int, Field(gt=0, description="train only the last k blocks of the image tower")]
 
 
@@ -34,18 +34,18 @@ class LoraConfig(Strict):
         "Conv2d layers); default per architecture: a ViT's MLPs, a ResNet's bottleneck convolutions")
 
 
-class Lora(Strict):
+class LoraTowerConfig(Strict):
     lora: LoraConfig = Field(description="train low-rank adapters on the image tower, its weights frozen")
 
 
-ImageTowerMode = Literal["full", "frozen"] | LastBlocks | Lora
+ImageTowerMode = Literal["full", "frozen"] | LastBlocksConfig | LoraTowerConfig
 
 
 def image_tower_label(mode: ImageTowerMode) -> str:
     """One short name per mode, for sweeps, reports and /v1/models: full, frozen, last_blocks:k, lora:r8a16."""
-    if isinstance(mode, LastBlocks):
+    if isinstance(mode, LastBlocksConfig):
         return f"last_blocks:{mode.last_blocks}"
-    if isinstance(mode, Lora):
+    if isinstance(mode, LoraTowerConfig):
         targets = "" if mode.lora.targets is None else "t" + ",".join(mode.lora.targets)
         return f"lora:r{mode.lora.rank}a{mode.lora.alpha:g}{targets}"
     return mode
@@ -295,38 +295,38 @@ class TrainJobConfig(_Sections):
 # ---- Cluster: Ray Train workers and the Tune sweep ---------------------------------------------
 
 
-class LogRange(Strict):
+class LogRangeConfig(Strict):
     low: float = Field(gt=0)
     high: float = Field(gt=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> LogRange:
+    def _ordered(self) -> LogRangeConfig:
         if self.low >= self.high:
             raise ValueError(f"low {self.low} must be < high {self.high}")
         return self
 
 
-class LossSpace(Strict):
+class LossSpaceConfig(Strict):
     """One loss's own ranges; a range left out is the shared one of the search space."""
 
-    beta: LogRange | None = None
-    kl_weight: LogRange | None = None
+    beta: LogRangeConfig | None = None
+    kl_weight: LogRangeConfig | None = None
 
 
-def _default_per_loss() -> dict[LossType, LossSpace]:
-    # IPO regresses the margin onto 1/(2β): from β ≈ 0.022 up it asks for too little of the shipped model
-    # in a trial of 100-150 steps, below 0.014 its squared loss outweighs a λ that keeps clean accuracy;
-    # λ ~ 100 holds it (docs/cluster.md has the measurements).
-    return {"ipo": LossSpace(beta=LogRange(low=0.014, high=0.019), kl_weight=LogRange(low=100.0, high=250.0))}
+def _default_per_loss() -> dict[LossType, LossSpaceConfig]:
+    # IPO regresses the margin onto 1/(2β): a larger β asks too little in a demo trial's steps, a smaller
+    # one needs a larger λ to keep clean accuracy (docs/results.md, "IPO's β range"; docs/cluster.md).
+    return {"ipo": LossSpaceConfig(beta=LogRangeConfig(low=0.014, high=0.019),
+                                   kl_weight=LogRangeConfig(low=100.0, high=250.0))}
 
 
-class SearchSpace(Strict):
+class SearchSpaceConfig(Strict):
     loss_type: list[LossType] = Field(["dpo", "ipo", "kto"], min_length=1)
-    beta: LogRange = LogRange(low=0.05, high=2.0)
-    kl_weight: LogRange = LogRange(low=0.01, high=1.0)
-    per_loss: dict[LossType, LossSpace] = Field(default_factory=dict,
+    beta: LogRangeConfig = LogRangeConfig(low=0.05, high=2.0)
+    kl_weight: LogRangeConfig = LogRangeConfig(low=0.01, high=1.0)
+    per_loss: dict[LossType, LossSpaceConfig] = Field(default_factory=dict,
                                                 description="a loss's own beta / kl_weight ranges")
-    lr: LogRange | None = Field(None, description="log-uniform; None keeps base.optimizer.lr")
+    lr: LogRangeConfig | None = Field(None, description="log-uniform; None keeps base.optimizer.lr")
     image_tower: list[ImageTowerMode] | None = Field(None, description="choices; None keeps base.model.image_tower")
 
     @model_validator(mode="before")
@@ -381,7 +381,7 @@ class SweepConfig(_Sections):
     name: str = "sweep"
     storage_path: str = Field("runs/sweeps", description="local folder or s3://bucket/prefix")
     base: RunConfig = RunConfig()
-    space: SearchSpace = SearchSpace()
+    space: SearchSpaceConfig = SearchSpaceConfig()
     num_samples: int = Field(8, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0, description="None: derived from cluster resources")
     seed: int = 0

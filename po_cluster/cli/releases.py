@@ -16,9 +16,9 @@ from po_cluster.cli.common import DEFAULT_STORE, default_store  # noqa: F401 (cl
 
 
 def _store(args: argparse.Namespace):  # -> ArtifactStore
-    from po_cluster.store.artifacts import StoreSettings, open_store
+    from po_cluster.store.artifacts import StoreConfig, open_store
 
-    return open_store(default_store(args.store), StoreSettings(endpoint_url=args.endpoint_url))
+    return open_store(default_store(args.store), StoreConfig(endpoint_url=args.endpoint_url))
 
 
 def _size(n: float) -> str:

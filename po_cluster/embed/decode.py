@@ -14,7 +14,7 @@ from po_cluster.data.images import (  # Preprocess: the release's (AlignedCLIP.p
     Preprocess,
 )
 from po_cluster.store import location
-from po_cluster.store.location import StoreError, StoreSettings
+from po_cluster.store.location import StoreConfig, StoreError
 
 _READ_THREADS = 8  # reads are I/O (S3 GETs); threads overlap them inside one decode task
 
@@ -33,7 +33,7 @@ def decode_file(raw: bytes, limits: ImageLimitsConfig) -> np.ndarray:
         raise BadInput(refused.code, refused.message) from None
 
 
-def _read(source: str, settings: StoreSettings, max_bytes: int) -> bytes | BadInput:
+def _read(source: str, settings: StoreConfig, max_bytes: int) -> bytes | BadInput:
     try:
         # Local files are measured before they are read: an oversized one costs no memory.
         if not location.is_s3(source) and Path(source).stat().st_size > max_bytes:
@@ -44,7 +44,7 @@ def _read(source: str, settings: StoreSettings, max_bytes: int) -> bytes | BadIn
 
 
 def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: ImageLimitsConfig,
-                 settings: StoreSettings) -> dict[str, np.ndarray]:
+                 settings: StoreConfig) -> dict[str, np.ndarray]:
     """Inputs → model input [N, 3, S, S] float32; a bad row gets zeros, a code and a reason."""
     from po_cluster.model.loading import to_model_input
 

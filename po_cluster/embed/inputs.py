@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 
 from po_cluster.store import location
-from po_cluster.store.location import ObjectMissing, StoreError, StoreSettings
+from po_cluster.store.location import ObjectMissing, StoreConfig, StoreError
 
 
 class EmbedError(RuntimeError):
@@ -34,7 +34,7 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in PurePosixPath(relative).parts)
 
 
-def _folder_inputs(root: str, settings: StoreSettings) -> list[tuple[str, str]]:
+def _folder_inputs(root: str, settings: StoreConfig) -> list[tuple[str, str]]:
     """Every non-hidden file under a folder or S3 prefix: id = its path relative to the root."""
     base = root.rstrip("/") if location.is_s3(root) else str(Path(root).expanduser().absolute())
     try:
@@ -46,7 +46,7 @@ def _folder_inputs(root: str, settings: StoreSettings) -> list[tuple[str, str]]:
     return [(name, location.join(base, name)) for name in names if not _hidden(name)]
 
 
-def _manifest_rows(manifest: str, settings: StoreSettings) -> list[dict]:
+def _manifest_rows(manifest: str, settings: StoreConfig) -> list[dict]:
     data = location.read_bytes(manifest, settings)
     if manifest.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -62,7 +62,7 @@ def _manifest_rows(manifest: str, settings: StoreSettings) -> list[dict]:
     return rows
 
 
-def _manifest_inputs(manifest: str, settings: StoreSettings) -> list[tuple[str, str]]:
+def _manifest_inputs(manifest: str, settings: StoreConfig) -> list[tuple[str, str]]:
     """Rows with `path` or `uri` (relative paths against the manifest's folder) and an optional `id`."""
     base, items = location.parent(manifest), []
     for number, row in enumerate(_manifest_rows(manifest, settings), start=1):
@@ -74,9 +74,9 @@ def _manifest_inputs(manifest: str, settings: StoreSettings) -> list[tuple[str, 
     return items
 
 
-def list_inputs(source: str, settings: StoreSettings | None = None) -> pa.Table:
+def list_inputs(source: str, settings: StoreConfig | None = None) -> pa.Table:
     """(id, source_uri) of every input, sorted by id; EmbedError on duplicate ids or nothing to do."""
-    settings = settings or StoreSettings()
+    settings = settings or StoreConfig()
     try:
         items = (_manifest_inputs if is_manifest(source) else _folder_inputs)(source, settings)
     except StoreError as error:  # its message names what could not be read

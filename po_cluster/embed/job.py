@@ -38,7 +38,7 @@ from po_cluster.data.images import ImageLimitsConfig
 from po_cluster.embed.decode import Preprocess, decode_batch
 from po_cluster.embed.inputs import EmbedError, is_manifest, list_inputs, within
 from po_cluster.embed.shards import EMBEDDINGS, ERRORS, OutputDir, Shard, foreign_shards, plan_shards, shard_tables
-from po_cluster.store.location import StoreSettings
+from po_cluster.store.location import StoreConfig
 
 if TYPE_CHECKING:
     import ray.data
@@ -61,7 +61,7 @@ class EmbedConfig(Strict):
     num_gpus: float | None = Field(None, ge=0, description="GPUs per model actor; None: 1 when the cluster has GPUs")
     decode_concurrency: int | None = Field(None, gt=0, description="decoding tasks at once; None: as CPUs allow")
     limits: ImageLimitsConfig = ImageLimitsConfig()
-    store_settings: StoreSettings = StoreSettings()
+    store_settings: StoreConfig = StoreConfig()
 
     @field_validator("t")
     @classmethod
@@ -84,7 +84,7 @@ class EmbedConfig(Strict):
 class Embedder:
     """One loaded release in an actor: model.release's ReleaseModel, its towers and projection."""
 
-    def __init__(self, store: str, settings: StoreSettings, release_id: str, t: float, use_gpu: bool) -> None:
+    def __init__(self, store: str, settings: StoreConfig, release_id: str, t: float, use_gpu: bool) -> None:
         import torch
 
         from po_cluster.model.release import Knob, ReleaseModel

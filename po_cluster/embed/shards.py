@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from po_cluster.store import location
-from po_cluster.store.location import ObjectMissing, StoreSettings
+from po_cluster.store.location import ObjectMissing, StoreConfig
 
 EMBEDDINGS, ERRORS = "embeddings", "errors"
 _NAME = re.compile(r"^(?P<release>[A-Za-z0-9][A-Za-z0-9._-]*)_t(?P<t>[^_]+)_(?P<index>\d{6})-(?P<digest>[0-9a-f]{12})"
@@ -68,11 +68,11 @@ def foreign_shards(existing: set[str], shards: list[Shard], release_id: str, t: 
 class OutputDir:
     """embeddings/ and errors/ under a folder or S3 prefix."""
 
-    def __init__(self, uri: str, settings: StoreSettings | None = None) -> None:
+    def __init__(self, uri: str, settings: StoreConfig | None = None) -> None:
         self.uri = uri.rstrip("/")
         self.local = not location.is_s3(uri)
         self.root = str(Path(uri).expanduser().absolute()) if self.local else self.uri
-        self.settings = settings or StoreSettings()
+        self.settings = settings or StoreConfig()
         self._arrow: tuple[Any, str] | None = None  # (pyarrow filesystem, root on it), made when first needed
 
     def names(self, sub: str) -> set[str]:

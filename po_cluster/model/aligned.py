@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from po_cluster.config import ImageTowerMode, LastBlocks, Lora
+from po_cluster.config import ImageTowerMode, LastBlocksConfig, LoraTowerConfig
 from po_cluster.model.loading import LoadedCLIP, to_model_input
 from po_cluster.model.lora import AdapterScale, add_adapters
 from po_cluster.model.spectral import SpectralLayer
@@ -84,14 +84,14 @@ class AlignedCLIP(nn.Module):
         if mode == "full":
             for p in self.clip.visual.parameters():
                 p.requires_grad_(True)
-        elif isinstance(mode, LastBlocks):
+        elif isinstance(mode, LastBlocksConfig):
             blocks = _image_blocks(self.clip.visual)
             if mode.last_blocks > len(blocks):
                 raise ValueError(f"last_blocks {mode.last_blocks} > the {len(blocks)} blocks of the image tower")
             for block in blocks[-mode.last_blocks:]:
                 for p in block.parameters():
                     p.requires_grad_(True)
-        elif isinstance(mode, Lora):
+        elif isinstance(mode, LoraTowerConfig):
             self.adapter_scale = add_adapters(self.clip.visual, mode.lora)  # new parameters: trainable
 
     def trained_keys(self) -> set[str]:

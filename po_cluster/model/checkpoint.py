@@ -18,7 +18,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 
-from po_cluster.config import ImageTowerMode, Lora, ModelConfig, PreprocessConfig
+from po_cluster.config import ImageTowerMode, LoraTowerConfig, ModelConfig, PreprocessConfig
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import is_weights_file, load_clip, preprocess_config, resolve_weights
 from po_cluster.store.manifest import MANIFEST, ManifestError, sha256_file, verify_manifest, write_manifest
@@ -134,7 +134,7 @@ def recorded_preprocess(description: dict, where: str) -> PreprocessConfig | Non
 def _architecture_config(description: dict, mode: ImageTowerMode, folder: Path) -> ModelConfig:
     """What to build before loading the weights: the bare architecture, or for LoRA its base model."""
     preprocess = recorded_preprocess(description, str(folder))
-    if not isinstance(mode, Lora):
+    if not isinstance(mode, LoraTowerConfig):
         return ModelConfig(name=description["architecture"], pretrained=None, preprocess=preprocess)
     cfg = ModelConfig(name=description["architecture"], pretrained=description.get("pretrained"),
                       preprocess=preprocess)

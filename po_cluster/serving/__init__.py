@@ -1,8 +1,8 @@
 """Serving: the aligned CLIP model over HTTP on Ray Serve.
 
 - `app.build_app(args)` builds the Serve application (the `import_path` of serve/config.yaml), whose
-  deployments take their `user_config` in `reconfigure`; `app.local_app` the same from one ServeArgs;
-- `args`: the app's args, each deployment's user_config and the flat `ServeArgs`, validated (and a
+  deployments take their `user_config` in `reconfigure`; `app.local_app` the same from one ServeConfig;
+- `args`: the app's args, each deployment's user_config and the flat `ServeConfig`, validated (and a
   whole Serve config checked: `check_application`); `schemas` the HTTP request/response models;
 - `limits` every request limit and the 4xx errors (the model-side math is po_cluster.model.release);
 - `local.serve_and_ask` starts the app locally and asks it about one image.

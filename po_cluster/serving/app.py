@@ -35,7 +35,15 @@ from ray.serve.handle import DeploymentHandle
 
 from po_cluster.model.release import ClassifyItem, EmbedRequest, EmbedResult, ReleaseModel, Scores
 from po_cluster.serving.api import make_api
-from po_cluster.serving.args import GATEWAY, MODEL, AppArgs, GatewaySettings, ModelSettings, ServeArgs, validated
+from po_cluster.serving.args import (
+    GATEWAY,
+    MODEL,
+    AppConfig,
+    GatewayUserConfig,
+    ModelUserConfig,
+    ServeConfig,
+    validated,
+)
 from po_cluster.serving.client import HandleClient
 from po_cluster.serving.gateway import GatewayService
 from po_cluster.serving.limits import rss_bytes
@@ -49,9 +57,9 @@ class AlignedModel:
         import ray
         import torch
 
-        self.args = validated(AppArgs, args, "args")
+        self.args = validated(AppConfig, args, "args")
         memory = self.args.model
-        self.settings = ModelSettings()  # until reconfigure brings the deployment's user_config
+        self.settings = ModelUserConfig()  # until reconfigure brings the deployment's user_config
         # A GPU only where Ray gave this replica one (ray_actor_options num_gpus).
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.store = open_store(self.args.store, self.args.store_settings)
@@ -69,10 +77,10 @@ class AlignedModel:
         self.reconfigure(None)
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-        """The deployment's user_config (ModelSettings), at the start and on every change, in place."""
+        """The deployment's user_config (ModelUserConfig), at the start and on every change, in place."""
         import torch
 
-        self.settings = validated(ModelSettings, user_config, f"deployments[{MODEL}].user_config")
+        self.settings = validated(ModelUserConfig, user_config, f"deployments[{MODEL}].user_config")
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         # Calls arrive as chunks already coalesced by the gateways; chunks that queue while a forward
@@ -159,21 +167,21 @@ class LiveApp:
 @serve.ingress()
 class GatewayDeployment:
     def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
-        self.args = validated(AppArgs, args, "args")
-        settings = self._settings(GatewaySettings())  # until reconfigure brings the user_config
+        self.args = validated(AppConfig, args, "args")
+        settings = self._settings(GatewayUserConfig())  # until reconfigure brings the user_config
         self.client = HandleClient(model, settings.batching)
         self.service = GatewayService(settings, self.client)
         self.live = LiveApp(make_api(self.service, echo_request_id=False))  # Serve returns the x-request-id
 
-    def _settings(self, settings: GatewaySettings) -> ServeArgs:
-        # GatewayService reads these fields of ServeArgs; each part is validated already, and the one rule
+    def _settings(self, settings: GatewayUserConfig) -> ServeConfig:
+        # GatewayService reads these fields of ServeConfig; each part is validated already, and the one rule
         # across them (model.max_ongoing_requests ≥ batch size) is the model deployment's, not this one's.
-        return ServeArgs.model_construct(store=self.args.store, store_settings=self.args.store_settings,
+        return ServeConfig.model_construct(store=self.args.store, store_settings=self.args.store_settings,
                                          **dict(settings))
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-        """The deployment's user_config (GatewaySettings), at the start and on every change, in place."""
-        settings = self._settings(validated(GatewaySettings, user_config, f"deployments[{GATEWAY}].user_config"))
+        """The deployment's user_config (GatewayUserConfig), at the start and on every change, in place."""
+        settings = self._settings(validated(GatewayUserConfig, user_config, f"deployments[{GATEWAY}].user_config"))
         self.client.configure(settings.batching)
         self.service.configure(settings)
         self.live.app = make_api(self.service, echo_request_id=False)
@@ -184,7 +192,7 @@ class GatewayDeployment:
 
 
 def _bind(args: dict[str, Any], options: dict[str, dict[str, Any]]) -> Application:
-    parsed = validated(AppArgs, args, "args")
+    parsed = validated(AppConfig, args, "args")
     plain = parsed.model_dump(mode="json")  # replicas re-validate the same dict
     # @serve.deployment turned both classes into Deployments; mypy does not apply class decorators.
     model_deployment, gateway_deployment = cast(Deployment, AlignedModel), cast(Deployment, GatewayDeployment)
@@ -193,15 +201,15 @@ def _bind(args: dict[str, Any], options: dict[str, dict[str, Any]]) -> Applicati
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application for the config's `args` (AppArgs: a ConfigError names the bad field). The
+    """The Serve application for the config's `args` (AppConfig: a ConfigError names the bad field). The
     deployments' options and user_configs are the config's `deployments:` entries, which Serve applies."""
     return _bind(args, {})
 
 
 def local_app(args: dict[str, Any]) -> Application:
-    """The same application from one ServeArgs document (`po-cluster serve`, start_local): its options and
-    user_configs are those ServeArgs.deployments() writes, as a config file would state them."""
-    parsed = ServeArgs.model_validate(args)
+    """The same application from one ServeConfig document (`po-cluster serve`, start_local): its options and
+    user_configs are those ServeConfig.deployments() writes, as a config file would state them."""
+    parsed = ServeConfig.model_validate(args)
     # max_queued_requests: past that, Serve answers BackPressureError at once instead of queueing
     # without bound (the client maps it to a 503 with Retry-After; the proxy does the same for HTTP).
     options = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in parsed.deployments()}

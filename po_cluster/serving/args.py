@@ -2,16 +2,16 @@
 
 A Serve config (serve/config.yaml, a RayService's serveConfigV2) splits them as Serve does:
 
-- the application's `args` (`AppArgs`): only what a running replica cannot take in place, since Serve
+- the application's `args` (`AppConfig`): only what a running replica cannot take in place, since Serve
   treats a change of args as new code and replaces every replica: the store each replica opens, and
   the memory it sizes when it starts (releases per replica, its caches);
 - each deployment's options in its `deployments:` entry (replicas, autoscaling, max ongoing and queued
   requests, actor options, graceful shutdown, max_replicas_per_node): Serve applies a change of
   replicas, autoscaling, queue bounds or shutdown timing to the running replicas;
-- each deployment's `user_config` (`GatewaySettings`, `ModelSettings`): what may change while serving
+- each deployment's `user_config` (`GatewayUserConfig`, `ModelUserConfig`): what may change while serving
   (limits, rate limit, keys, default release, batching), handed to the running replicas' `reconfigure`.
 
-`ServeArgs` holds all of it in one document, for `po-cluster serve` and `start_local`; `deployments()`
+`ServeConfig` holds all of it in one document, for `po-cluster serve` and `start_local`; `deployments()`
 and `app_args()` split it into the same Serve options and user_configs a config file states.
 """
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Any, TypeVar
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from po_cluster.config import ConfigError, Strict
-from po_cluster.serving.auth import AuthArgs
-from po_cluster.serving.limits import Limits
-from po_cluster.serving.ratelimit import RateLimit
-from po_cluster.store.artifacts import StoreError, StoreSettings, check_release_id
+from po_cluster.serving.auth import AuthConfig
+from po_cluster.serving.limits import LimitsConfig
+from po_cluster.serving.ratelimit import RateLimitConfig
+from po_cluster.store.artifacts import StoreConfig, StoreError, check_release_id
 
 M = TypeVar("M", bound=Strict)
 
 
-class Batching(Strict):
+class BatchingConfig(Strict):
     """@serve.batch at both tiers: each gateway replica coalesces concurrent requests into one model call
     per release; a model replica merges the calls that queue while it computes, and runs its towers on
     at most max_batch_size inputs (images, or texts) per pass."""
@@ -39,7 +39,7 @@ class Batching(Strict):
                                                                        "fill up")
 
 
-class Autoscaling(Strict):
+class AutoscalingConfig(Strict):
     """Passed to Serve as the model deployment's autoscaling_config."""
 
     min_replicas: int = Field(1, ge=0)
@@ -50,13 +50,13 @@ class Autoscaling(Strict):
     downscale_delay_s: float = Field(300, ge=0)
 
     @model_validator(mode="after")
-    def _order(self) -> Autoscaling:
+    def _order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be ≤ max_replicas")
         return self
 
 
-class Draining(Strict):
+class DrainingConfig(Strict):
     """How a replica that is being stopped (rolling update, downscale) drains: Serve stops routing to it,
     then waits until it has nothing in flight (checked every wait_loop_s), at most timeout_s."""
 
@@ -64,7 +64,7 @@ class Draining(Strict):
     graceful_shutdown_timeout_s: float = Field(30, ge=0)
 
 
-class ReplicaMemory(Strict):
+class ReplicaMemoryConfig(Strict):
     """What a model replica sizes when it starts (Serve's multiplexer takes its bound once)."""
 
     max_releases_per_replica: int = Field(2, ge=1, description="releases held in memory (LRU), multiplexing")
@@ -73,30 +73,30 @@ class ReplicaMemory(Strict):
                                   "t to 0.01; each a copy of the trained tower weights)")
 
 
-class ModelDeploymentArgs(ReplicaMemory):
+class ModelDeploymentConfig(ReplicaMemoryConfig):
     num_cpus: float = Field(1, ge=0, description="Ray CPUs reserved per model replica")
     num_gpus: float = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's own)")
     num_replicas: int = Field(1, ge=1, description="fixed replica count, used when autoscaling is not set "
                               "(1 for a laptop's `po-cluster serve`; the shipped configs run ≥ 2)")
-    autoscaling: Autoscaling | None = None
+    autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(64, ge=1, description="calls in flight per replica, each a gateway "
                                                              "batch; ≥ max_batch_size")
     max_queued_requests: int = Field(64, ge=1, description="calls a gateway replica queues for the model "
                                      "deployment beyond those in flight; more are a 503 at once")
-    draining: Draining = Draining()
+    draining: DrainingConfig = DrainingConfig()
     max_replicas_per_node: int | None = Field(None, ge=1, description="at most this many model replicas on "
                                               "one node (pod), so that losing one loses fewer")
 
 
-class GatewayArgs(Strict):
+class GatewayConfig(Strict):
     num_cpus: float = Field(0.5, ge=0)
     num_replicas: int = Field(1, ge=1, description="the shipped configs run 2, so that losing one (or a "
                               "rolling update) drops nothing")
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(512, ge=1, description="requests the proxy queues for the gateway "
                                      "beyond those in flight; more are a 503 at once")
-    draining: Draining = Draining()
+    draining: DrainingConfig = DrainingConfig()
     max_replicas_per_node: int | None = Field(None, ge=1)
 
 
@@ -109,29 +109,29 @@ def _release_name(value: str) -> str:
     return value
 
 
-class AppArgs(Strict):
+class AppConfig(Strict):
     """The application's `args`: what needs new replicas (a change replaces every replica)."""
 
     store: str = Field(description="release store: a folder or s3://bucket/prefix")
-    store_settings: StoreSettings = StoreSettings()
-    model: ReplicaMemory = ReplicaMemory()
+    store_settings: StoreConfig = StoreConfig()
+    model: ReplicaMemoryConfig = ReplicaMemoryConfig()
 
 
-class GatewaySettings(Strict):
+class GatewayUserConfig(Strict):
     """The Gateway deployment's user_config: applied to running replicas by reconfigure."""
 
     default_release: str = Field("latest", description='served when a request names none; "latest" follows '
                                                        "the store's pointer")
     latest_ttl_s: float = Field(5.0, ge=0, description="how long the latest pointer is trusted before re-reading")
-    limits: Limits = Limits()
-    batching: Batching = Batching()
-    auth: AuthArgs = AuthArgs()
-    rate_limit: RateLimit = RateLimit()
+    limits: LimitsConfig = LimitsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
     _release = field_validator("default_release")(_release_name)
 
 
-class ModelSettings(Strict):
+class ModelUserConfig(Strict):
     """The AlignedModel deployment's user_config: applied to running replicas by reconfigure."""
 
     max_batch_size: int = Field(16, ge=1, le=1024, description="inputs per tower pass and per merged call; "
@@ -140,7 +140,7 @@ class ModelSettings(Strict):
 
 
 GATEWAY, MODEL = "Gateway", "AlignedModel"  # the deployments' names (app.py)
-USER_CONFIG: dict[str, type[Strict]] = {GATEWAY: GatewaySettings, MODEL: ModelSettings}
+USER_CONFIG: dict[str, type[Strict]] = {GATEWAY: GatewayUserConfig, MODEL: ModelUserConfig}
 
 
 def validated(model: type[M], value: Any, where: str) -> M:
@@ -152,38 +152,38 @@ def validated(model: type[M], value: Any, where: str) -> M:
         raise ConfigError(f"invalid {where}: {fields}") from None
 
 
-class ServeArgs(Strict):
+class ServeConfig(Strict):
     store: str = Field(description="release store: a folder or s3://bucket/prefix")
-    store_settings: StoreSettings = StoreSettings()
+    store_settings: StoreConfig = StoreConfig()
     default_release: str = Field("latest", description='served when a request names none; "latest" follows '
                                                        "the store's pointer")
     latest_ttl_s: float = Field(5.0, ge=0, description="how long the latest pointer is trusted before re-reading")
-    limits: Limits = Limits()
-    batching: Batching = Batching()
-    model: ModelDeploymentArgs = ModelDeploymentArgs()
-    gateway: GatewayArgs = GatewayArgs()
-    auth: AuthArgs = AuthArgs()
-    rate_limit: RateLimit = RateLimit()
+    limits: LimitsConfig = LimitsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    model: ModelDeploymentConfig = ModelDeploymentConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
     _release = field_validator("default_release")(_release_name)
 
     @model_validator(mode="after")
-    def _batches_can_fill(self) -> ServeArgs:
+    def _batches_can_fill(self) -> ServeConfig:
         if self.model.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("model.max_ongoing_requests must be ≥ batching.max_batch_size")
         return self
 
     def app_args(self) -> dict[str, Any]:
-        memory = ReplicaMemory.model_fields
-        return AppArgs(store=self.store, store_settings=self.store_settings,
-                       model=ReplicaMemory(**{k: getattr(self.model, k) for k in memory})).model_dump(mode="json")
+        memory = ReplicaMemoryConfig.model_fields
+        model = ReplicaMemoryConfig(**{k: getattr(self.model, k) for k in memory})
+        return AppConfig(store=self.store, store_settings=self.store_settings, model=model).model_dump(mode="json")
 
-    def gateway_settings(self) -> GatewaySettings:
-        return GatewaySettings(default_release=self.default_release, latest_ttl_s=self.latest_ttl_s,
+    def gateway_settings(self) -> GatewayUserConfig:
+        return GatewayUserConfig(default_release=self.default_release, latest_ttl_s=self.latest_ttl_s,
                                limits=self.limits, batching=self.batching, auth=self.auth, rate_limit=self.rate_limit)
 
-    def model_settings(self) -> ModelSettings:
-        return ModelSettings(max_batch_size=self.batching.max_batch_size, torch_threads=self.model.torch_threads)
+    def model_settings(self) -> ModelUserConfig:
+        return ModelUserConfig(max_batch_size=self.batching.max_batch_size, torch_threads=self.model.torch_threads)
 
     def deployments(self) -> list[dict[str, Any]]:
         """Each deployment's entry as a Serve config's `deployments:` states it: options and user_config."""
@@ -205,7 +205,7 @@ class ServeArgs(Strict):
         ]
 
 
-def check_application(app: dict[str, Any]) -> AppArgs:
+def check_application(app: dict[str, Any]) -> AppConfig:
     """A Serve config's application of this app, each section checked as a deploy would check it (Serve's
     own schema for the options; args and each user_config here): a ConfigError names the bad field."""
     from ray.serve.schema import ServeApplicationSchema
@@ -214,15 +214,15 @@ def check_application(app: dict[str, Any]) -> AppArgs:
         ServeApplicationSchema.model_validate(app)
     except ValidationError as error:
         raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
-    args = validated(AppArgs, app.get("args"), "args")
+    args = validated(AppConfig, app.get("args"), "args")
     entries = {entry["name"]: entry for entry in app.get("deployments") or []}
     for name in entries:
         if name not in USER_CONFIG:
             raise ConfigError(f"deployments: no deployment named {name!r} (there are {sorted(USER_CONFIG)})")
-    gateway = validated(GatewaySettings, entries.get(GATEWAY, {}).get("user_config"),
+    gateway = validated(GatewayUserConfig, entries.get(GATEWAY, {}).get("user_config"),
                         f"deployments[{GATEWAY}].user_config")
-    model = validated(ModelSettings, entries.get(MODEL, {}).get("user_config"), f"deployments[{MODEL}].user_config")
-    ongoing = entries.get(MODEL, {}).get("max_ongoing_requests", ModelDeploymentArgs().max_ongoing_requests)
+    model = validated(ModelUserConfig, entries.get(MODEL, {}).get("user_config"), f"deployments[{MODEL}].user_config")
+    ongoing = entries.get(MODEL, {}).get("max_ongoing_requests", ModelDeploymentConfig().max_ongoing_requests)
     if ongoing < gateway.batching.max_batch_size:  # a model replica must hold one whole gateway batch
         raise ConfigError(f"deployments[{MODEL}].max_ongoing_requests ({ongoing}) must be ≥ "
                           f"deployments[{GATEWAY}].user_config.batching.max_batch_size "

@@ -13,13 +13,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from po_cluster.config import Strict
 from po_cluster.serving.limits import ApiError
 
 
-class AuthArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class AuthConfig(Strict):
 
     api_keys_env: str | None = Field(None, description="name of an environment variable: keys separated by "
                                                        "commas or whitespace")
@@ -38,7 +38,7 @@ def _digest(key: str) -> bytes:
 class ApiKeys:
     """The accepted keys; `check(header)` raises a 401 ApiError unless the Bearer key is one of them."""
 
-    def __init__(self, auth: AuthArgs, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, auth: AuthConfig, environ: Mapping[str, str] | None = None) -> None:
         self.auth = auth
         self._env_keys: set[str] = set()
         if auth.api_keys_env:

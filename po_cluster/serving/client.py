@@ -27,7 +27,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from po_cluster.model.release import EmbedResult, Knob, Scores
-from po_cluster.serving.args import Batching
+from po_cluster.serving.args import BatchingConfig
 from po_cluster.serving.limits import ApiError
 from po_cluster.store.artifacts import StoreError
 
@@ -37,11 +37,11 @@ RETRY_AFTER_S = 1.0
 
 
 class HandleClient:
-    def __init__(self, handle: DeploymentHandle, batching: Batching) -> None:
+    def __init__(self, handle: DeploymentHandle, batching: BatchingConfig) -> None:
         self.handle = handle
         self.configure(batching)
 
-    def configure(self, batching: Batching) -> None:
+    def configure(self, batching: BatchingConfig) -> None:
         """New batch bounds, in place (Serve's batch wrappers take them for the next batch)."""
         # Serve's batch wrappers carry these setters; its type stubs do not declare them.
         wrappers: tuple[Any, ...] = (self._classify, self._embed)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from po_cluster.model.release import Knob
-from po_cluster.serving.args import ServeArgs
+from po_cluster.serving.args import ServeConfig
 from po_cluster.serving.auth import ApiKeys
 from po_cluster.serving.catalog import ReleaseCatalog, ReleaseMeta
 from po_cluster.serving.limits import (
@@ -65,12 +65,12 @@ def _vector(vector: np.ndarray, encoding: str) -> list[float] | str:
 
 
 class GatewayService:
-    def __init__(self, args: ServeArgs, model: ModelClient, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, args: ServeConfig, model: ModelClient, environ: Mapping[str, str] | None = None) -> None:
         self.model, self.environ = model, environ
         self.catalog = ReleaseCatalog(open_store(args.store, args.store_settings), args.latest_ttl_s)
         self.configure(args)
 
-    def configure(self, args: ServeArgs) -> None:
+    def configure(self, args: ServeConfig) -> None:
         """Take new settings in place (Serve's reconfigure): limits, keys, rate, default release, the latest
         pointer's TTL. The store stays the one opened at the start: a new store is a new replica. A new
         rate limit starts with full buckets; requests already in flight finish under the old settings."""

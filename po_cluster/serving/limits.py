@@ -33,7 +33,7 @@ _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
 _REFUSED_STATUS = {"image_too_large": 413, "image_too_many_pixels": 413, "unsupported_image_format": 415}
 
 
-class Limits(ImageLimitsConfig):
+class LimitsConfig(ImageLimitsConfig):
     """Every request limit; those on an image file are data.images' (the fields it inherits)."""
 
     max_body_bytes: int = Field(16 << 20, gt=0, description="request body, whatever Content-Length says")
@@ -45,7 +45,7 @@ class Limits(ImageLimitsConfig):
     max_sigma: float = Field(1e4, gt=0, allow_inf_nan=False, description="largest σ override value")
 
     @model_validator(mode="after")
-    def _t_range(self) -> Limits:
+    def _t_range(self) -> LimitsConfig:
         if not self.t_min <= 0 < 1 <= self.t_max:
             raise ValueError("t_min ≤ 0 and t_max ≥ 1 are required (t = 0 and t = 1 must be servable)")
         return self
@@ -99,7 +99,7 @@ def fill_template(template: str, label: str) -> str:
 # ---------------------------------------------------------------- images
 
 
-def _base64_bytes(value: str, param: str, limits: Limits) -> bytes:
+def _base64_bytes(value: str, param: str, limits: LimitsConfig) -> bytes:
     if _URL.match(value):
         raise ApiError(422, param, "URLs are not fetched: send the image bytes as base64 or a data:image/… URL",
                        "url_not_allowed")
@@ -117,12 +117,12 @@ def _base64_bytes(value: str, param: str, limits: Limits) -> bytes:
     return raw
 
 
-def decode_image(value: str, param: str, limits: Limits) -> np.ndarray:
+def decode_image(value: str, param: str, limits: LimitsConfig) -> np.ndarray:
     """base64 (or a data URL) of an allowed image file → uint8 [H, W, 3], its size checked before decoding."""
     return decode_image_bytes(_base64_bytes(value, param, limits), param, limits)
 
 
-def decode_image_bytes(raw: bytes, param: str, limits: Limits) -> np.ndarray:
+def decode_image_bytes(raw: bytes, param: str, limits: LimitsConfig) -> np.ndarray:
     """The bytes of an allowed image file → upright uint8 [H, W, 3] by the training data's own decoder
     (data.images.decode_limited: limits, EXIF orientation, RGB conversion); its refusals become ApiErrors."""
     try:

@@ -17,7 +17,7 @@ from po_cluster.config import Strict
 from po_cluster.serving.limits import ApiError
 
 
-class RateLimit(Strict):
+class RateLimitConfig(Strict):
     rate_per_s: float | None = Field(None, gt=0, description="requests a second per key and gateway replica; "
                                                              "unset: no rate limit")
     burst: int = Field(32, ge=1, description="requests a key may send at once after being idle")
@@ -25,7 +25,7 @@ class RateLimit(Strict):
 
 
 class TokenBuckets:
-    def __init__(self, limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: RateLimitConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit, self.clock = limit, clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key id → (tokens, when)
 

@@ -30,7 +30,8 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from pydantic_core import PydanticCustomError
 
-from po_cluster.serving.limits import Limits
+from po_cluster.config import Strict
+from po_cluster.serving.limits import LimitsConfig
 
 # JSON Schema patterns (searched, not anchored, as JSON Schema does), and the validation uses the same ones.
 # Not blank: a character that no regex engine counts as white space. Spelt out, since \S differs between
@@ -55,11 +56,12 @@ URL_NOT_FETCHED = ("only a data:image/<type>;base64,… URL is accepted: the ser
                    "send the image's bytes in a data URL")
 
 
-class Strict(BaseModel):
-    # Unknown fields are refused by name: a misspelt knob must not be silently ignored. Strict: a number
-    # is a JSON number, not a string that parses as one, as the document says. Python's regex engine:
-    # the one the document's readers (and schema-driven fuzzers) use for the same patterns.
-    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
+class StrictRequest(Strict):
+    # The configs' base (unknown fields refused by name: a misspelt knob must not be silently ignored;
+    # frozen), and stricter: a number is a JSON number, not a string that parses as one, as the document
+    # says (a config stays lax, as YAML writes some numbers as strings). Python's regex engine: the one
+    # the document's readers (and schema-driven fuzzers) use for the same patterns.
+    model_config = ConfigDict(strict=True, regex_engine="python-re")
 
 
 def _matching(pattern: str, code: str, message: str) -> AfterValidator:
@@ -94,12 +96,12 @@ def _distinct(labels: list[str]) -> list[str]:
     return labels
 
 
-def _text(limits: Limits, what: str) -> Any:
+def _text(limits: LimitsConfig, what: str) -> Any:
     return Annotated[str, Field(max_length=limits.max_text_chars, json_schema_extra={"pattern": NON_BLANK}),
                      _matching(NON_BLANK, "empty_text", f"the {what} is empty")]
 
 
-def _image(limits: Limits) -> Any:
+def _image(limits: LimitsConfig) -> Any:
     formats = "/".join(limits.image_formats)
     return Annotated[str, Field(
         json_schema_extra={"format": IMAGE_FORMAT},
@@ -108,7 +110,7 @@ def _image(limits: Limits) -> Any:
                     "data:image/…;base64,… URL; checked by decoding it")]
 
 
-def _data_url(limits: Limits) -> Any:
+def _data_url(limits: LimitsConfig) -> Any:
     formats = "/".join(limits.image_formats)
     return Annotated[str, Field(
         json_schema_extra={"format": IMAGE_DATA_URL_FORMAT},
@@ -124,7 +126,7 @@ ReleaseName = Annotated[str, Field(min_length=1, max_length=128, json_schema_ext
                                   "not a release id: letters, digits, '.', '_' and '-', no '..'")]
 
 
-class Knobs(Strict):
+class Knobs(StrictRequest):
     """What every call takes: the release, t, and σ overrides."""
 
     model: ReleaseName = Field("latest", description='release id, or "latest" (the store\'s latest pointer)')
@@ -136,23 +138,23 @@ class Knobs(Strict):
                           "(d differs per release: a larger index is a 422)")
 
 
-class TextInput(Strict):
+class TextInput(StrictRequest):
     type: Literal["text"]
     text: str
 
 
-class ImageInput(Strict):
+class ImageInput(StrictRequest):
     type: Literal["image"]
     image: str = Field(description="base64 of a PNG/JPEG/WebP file, or a data:image/…;base64,… URL")
 
 
-class ImageUrl(Strict):
+class ImageUrl(StrictRequest):
     url: str = Field(description="a data:image/…;base64,… URL (a remote URL is refused: nothing is fetched)")
     detail: Literal["auto", "low", "high"] | None = Field(
         None, description="accepted for OpenAI compatibility, ignored: every image is seen at the model's size")
 
 
-class ImageUrlInput(Strict):
+class ImageUrlInput(StrictRequest):
     """OpenAI's image content part."""
 
     type: Literal["image_url"]
@@ -190,7 +192,7 @@ class RequestModels:
 
 
 @lru_cache(maxsize=8)
-def request_models(limits: Limits) -> RequestModels:
+def request_models(limits: LimitsConfig) -> RequestModels:
     """The request classes with `limits` as their fields' constraints (subclasses of the ones above, under
     the same names: the OpenAPI document is the server's own)."""
     text = _text(limits, "text")

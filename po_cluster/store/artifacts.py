@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from po_cluster.store import location
-from po_cluster.store.location import ObjectMissing, StoreError, StoreSettings, join, parse_s3_uri
+from po_cluster.store.location import ObjectMissing, StoreConfig, StoreError, join, parse_s3_uri
 from po_cluster.store.manifest import (
     MANIFEST,
     ManifestError,
@@ -86,9 +86,9 @@ def _verified_folder(folder: Path) -> tuple[bytes, dict[str, dict]]:
 class ArtifactStore:
     """Primitive operations on keys (paths relative to the store root), and releases built on them."""
 
-    def __init__(self, uri: str, settings: StoreSettings | None = None) -> None:
+    def __init__(self, uri: str, settings: StoreConfig | None = None) -> None:
         self.uri = uri
-        self.settings = settings or StoreSettings()
+        self.settings = settings or StoreConfig()
 
     def _at(self, key: str) -> str:
         return join(self.uri, key) if key else self.uri
@@ -297,7 +297,7 @@ def _claim_sha(claim: bytes, uri: str, release_id: str) -> str:
 class LocalStore(ArtifactStore):
     """Keys are paths under a root folder; every write goes to a temporary file renamed into place."""
 
-    def __init__(self, root: Path, settings: StoreSettings | None = None) -> None:
+    def __init__(self, root: Path, settings: StoreConfig | None = None) -> None:
         self.root = root.expanduser().absolute()
         super().__init__(str(self.root), settings)
 
@@ -305,7 +305,7 @@ class LocalStore(ArtifactStore):
 class S3Store(ArtifactStore):
     """Keys are objects under s3://bucket/prefix; uploads are single PUTs or multipart, both atomic."""
 
-    def __init__(self, bucket: str, prefix: str, settings: StoreSettings | None = None) -> None:
+    def __init__(self, bucket: str, prefix: str, settings: StoreConfig | None = None) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         super().__init__(f"s3://{bucket}/{self.prefix}".rstrip("/"), settings)
         location.s3_client(self.settings)  # now: settings that cannot make a client fail at open, not later
@@ -314,9 +314,9 @@ class S3Store(ArtifactStore):
 # ---------------------------------------------------------------- entry points
 
 
-def open_store(uri: str, settings: StoreSettings | None = None) -> ArtifactStore:
+def open_store(uri: str, settings: StoreConfig | None = None) -> ArtifactStore:
     """`s3://bucket/prefix` → S3Store; a path (or file://path) → LocalStore."""
-    settings = settings or StoreSettings()
+    settings = settings or StoreConfig()
     if uri.startswith("s3://"):
         bucket, prefix = parse_s3_uri(uri)
         return S3Store(bucket, prefix, settings)
@@ -326,7 +326,7 @@ def open_store(uri: str, settings: StoreSettings | None = None) -> ArtifactStore
 
 
 def pull_release_uri(uri: str, cache_dir: str | Path | None = None,
-                     settings: StoreSettings | None = None) -> Path:
+                     settings: StoreConfig | None = None) -> Path:
     """`<store>/releases/<id or latest>` (s3:// or local) → a verified local folder."""
     store_uri, marker, release_id = uri.rstrip("/").rpartition(f"/{RELEASES}/")
     if not marker or not store_uri or "/" in release_id:
@@ -334,11 +334,11 @@ def pull_release_uri(uri: str, cache_dir: str | Path | None = None,
     return open_store(store_uri, settings).pull_release(release_id, cache_dir)
 
 
-def fetch_file(uri: str, cache_dir: str | Path | None = None, settings: StoreSettings | None = None) -> Path:
+def fetch_file(uri: str, cache_dir: str | Path | None = None, settings: StoreConfig | None = None) -> Path:
     """A local path for `uri`: local paths as they are, s3:// objects cached by key and ETag."""
     if not location.is_s3(uri):
         return Path(uri.removeprefix("file://")).expanduser()
-    settings = settings or StoreSettings()
+    settings = settings or StoreConfig()
     bucket, key = parse_s3_uri(uri)
     if not key or uri.endswith("/"):
         raise StoreError(f"{uri}: not an object (no key)")

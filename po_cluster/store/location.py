@@ -29,9 +29,9 @@ from po_cluster.store.s3 import (
     s3_filesystem,
     transfer_config,
 )
-from po_cluster.store.settings import ObjectMissing, StoreError, StoreSettings
+from po_cluster.store.settings import ObjectMissing, StoreConfig, StoreError
 
-__all__ = ["ObjectInfo", "ObjectMissing", "StoreError", "StoreSettings", "download_file", "download_folder",
+__all__ = ["ObjectInfo", "ObjectMissing", "StoreError", "StoreConfig", "download_file", "download_folder",
            "exists", "is_s3", "is_temporary", "join", "list_files", "list_folders", "parent", "parse_s3_uri",
            "pyarrow_fs", "read_bytes", "read_object", "remove", "resolve", "s3_client", "stat", "upload",
            "upload_file", "write_bytes"]
@@ -116,7 +116,7 @@ def _replacing(dest: Path, if_absent: bool = False) -> Iterator[Path]:
 # ---------------------------------------------------------------- reading
 
 
-def read_object(location: str, settings: StoreSettings | None = None) -> tuple[bytes, datetime]:
+def read_object(location: str, settings: StoreConfig | None = None) -> tuple[bytes, datetime]:
     """The bytes at a location and when they were written; ObjectMissing when nothing is there."""
     if is_s3(location):
         # GET (not HEAD) so that a missing bucket says NoSuchBucket instead of a bare 404.
@@ -131,11 +131,11 @@ def read_object(location: str, settings: StoreSettings | None = None) -> tuple[b
         return data, datetime.fromtimestamp(modified, UTC)
 
 
-def read_bytes(location: str, settings: StoreSettings | None = None) -> bytes:
+def read_bytes(location: str, settings: StoreConfig | None = None) -> bytes:
     return read_object(location, settings)[0]
 
 
-def stat(location: str, settings: StoreSettings | None = None) -> ObjectInfo:
+def stat(location: str, settings: StoreConfig | None = None) -> ObjectInfo:
     """Size and content tag of a file or object, without reading it; ObjectMissing when absent."""
     if not is_s3(location):
         with _local(location, "cannot look up") as path:
@@ -156,7 +156,7 @@ def stat(location: str, settings: StoreSettings | None = None) -> ObjectInfo:
     return ObjectInfo(int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
 
 
-def exists(location: str, settings: StoreSettings | None = None) -> bool:
+def exists(location: str, settings: StoreConfig | None = None) -> bool:
     """Whether a file (not a folder) or an object is there."""
     if not is_s3(location):
         return _path(location).is_file()
@@ -168,7 +168,7 @@ def exists(location: str, settings: StoreSettings | None = None) -> bool:
         return False
 
 
-def _s3_listing(root: str, settings: StoreSettings | None, folders: bool) -> list[str]:
+def _s3_listing(root: str, settings: StoreConfig | None, folders: bool) -> list[str]:
     root = root.rstrip("/")
     prefix = parse_s3_uri(root)[1]
     prefix = f"{prefix}/" if prefix else ""
@@ -180,7 +180,7 @@ def _s3_listing(root: str, settings: StoreSettings | None, folders: bool) -> lis
         return [item["Key"][len(prefix):] for page in pages for item in page.get("Contents", [])]
 
 
-def list_files(root: str, settings: StoreSettings | None = None) -> list[str]:
+def list_files(root: str, settings: StoreConfig | None = None) -> list[str]:
     """Every file under a folder or S3 prefix, recursively, as sorted paths relative to it.
 
     Writes in progress are left out. ObjectMissing when there is no such folder, and on S3 when
@@ -197,7 +197,7 @@ def list_files(root: str, settings: StoreSettings | None = None) -> list[str]:
                       if p.is_file() and not is_temporary(p.name))
 
 
-def list_folders(root: str, settings: StoreSettings | None = None) -> list[str]:
+def list_folders(root: str, settings: StoreConfig | None = None) -> list[str]:
     """Names of the immediate sub-folders (S3: common prefixes) of root, sorted; [] when there are none."""
     if is_s3(root):
         return sorted(_s3_listing(root, settings, folders=True))
@@ -205,11 +205,11 @@ def list_folders(root: str, settings: StoreSettings | None = None) -> list[str]:
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
-def download_file(location: str, dest: Path, settings: StoreSettings | None = None) -> None:
+def download_file(location: str, dest: Path, settings: StoreConfig | None = None) -> None:
     """Copy a file or object to the local path dest (S3: ranged GETs for large objects); ObjectMissing when absent."""
     if is_s3(location):
         with s3_call(location, "cannot download", settings, _no_object(location)) as (client, bucket, key):
-            client.download_file(bucket, key, str(dest), Config=transfer_config(settings or StoreSettings()))
+            client.download_file(bucket, key, str(dest), Config=transfer_config(settings or StoreConfig()))
         return
     with _local(location, "cannot read") as source:
         if not source.is_file():
@@ -217,7 +217,7 @@ def download_file(location: str, dest: Path, settings: StoreSettings | None = No
         shutil.copyfile(source, dest)
 
 
-def download_folder(root: str, dest: Path, settings: StoreSettings | None = None) -> Path:
+def download_folder(root: str, dest: Path, settings: StoreConfig | None = None) -> Path:
     """Every file under a folder or S3 prefix into the local folder dest; ObjectMissing when there are none."""
     for name in list_files(root, settings):
         if name.startswith("/") or ".." in name.split("/"):  # keys decide where files land: none may escape dest
@@ -231,7 +231,7 @@ def download_folder(root: str, dest: Path, settings: StoreSettings | None = None
 # ---------------------------------------------------------------- writing
 
 
-def write_bytes(location: str, data: bytes, settings: StoreSettings | None = None, if_absent: bool = False) -> None:
+def write_bytes(location: str, data: bytes, settings: StoreConfig | None = None, if_absent: bool = False) -> None:
     """Write whole or not at all: a temporary file renamed into place locally, one PUT on S3.
 
     if_absent: StoreError when something is already there (a hard link locally, S3's conditional write)."""
@@ -246,7 +246,7 @@ def write_bytes(location: str, data: bytes, settings: StoreSettings | None = Non
             raise StoreError(f"cannot write {location}: it already exists") from None
 
 
-def _put_object(location: str, data: bytes, settings: StoreSettings | None, if_absent: bool) -> None:
+def _put_object(location: str, data: bytes, settings: StoreConfig | None, if_absent: bool) -> None:
     from botocore.exceptions import ClientError
 
     extra = {"IfNoneMatch": "*"} if if_absent else {}  # S3 conditional write: never overwrite
@@ -260,17 +260,17 @@ def _put_object(location: str, data: bytes, settings: StoreSettings | None, if_a
             client.put_object(Bucket=bucket, Key=key, Body=data)
 
 
-def upload_file(path: Path, location: str, settings: StoreSettings | None = None) -> None:
+def upload_file(path: Path, location: str, settings: StoreConfig | None = None) -> None:
     """Copy a local file to a location, as atomically as write_bytes (S3: multipart above the threshold)."""
     if is_s3(location):
         with s3_call(location, f"cannot upload {path} to", settings) as (client, bucket, key):
-            client.upload_file(str(path), bucket, key, Config=transfer_config(settings or StoreSettings()))
+            client.upload_file(str(path), bucket, key, Config=transfer_config(settings or StoreConfig()))
         return
     with _local(location, "cannot write") as dest, _replacing(dest) as tmp:
         shutil.copyfile(path, tmp)
 
 
-def upload(local: Path, location: str, settings: StoreSettings | None = None) -> None:
+def upload(local: Path, location: str, settings: StoreConfig | None = None) -> None:
     """A local file to `location`, or every file of a local folder under it."""
     if not local.is_dir():
         upload_file(local, location, settings)
@@ -279,7 +279,7 @@ def upload(local: Path, location: str, settings: StoreSettings | None = None) ->
         upload_file(local / name, join(location, name), settings)
 
 
-def remove(location: str, settings: StoreSettings | None = None) -> None:
+def remove(location: str, settings: StoreConfig | None = None) -> None:
     """Delete a file or object if it is there."""
     if is_s3(location):
         with s3_call(location, "cannot delete", settings) as (client, bucket, key):
@@ -292,7 +292,7 @@ def remove(location: str, settings: StoreSettings | None = None) -> None:
 # ---------------------------------------------------------------- pyarrow, for Ray and Parquet readers
 
 
-def pyarrow_fs(uri: str, settings: StoreSettings | None = None) -> tuple[Any, str]:
+def pyarrow_fs(uri: str, settings: StoreConfig | None = None) -> tuple[Any, str]:
     """(pyarrow filesystem, path on it) reaching `uri`: S3 and "bucket/prefix", or local and an absolute folder.
 
     For Ray: `RunConfig(storage_path=path, storage_filesystem=fs)`; for readers that seek (Parquet footers)."""

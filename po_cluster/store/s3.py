@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from po_cluster.store.settings import ObjectMissing, StoreError, StoreSettings
+from po_cluster.store.settings import ObjectMissing, StoreConfig, StoreError
 
 MISSING_CODES = ("NoSuchKey", "404", "NotFound")
 
@@ -24,7 +24,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def _boto_session(settings: StoreSettings):  # -> boto3.session.Session
+def _boto_session(settings: StoreConfig):  # -> boto3.session.Session
     import boto3  # lazy: local locations need no AWS SDK at import time
     from botocore.exceptions import ProfileNotFound
 
@@ -34,7 +34,7 @@ def _boto_session(settings: StoreSettings):  # -> boto3.session.Session
         raise StoreError(f"AWS profile not found: {error}") from None
 
 
-def _new_client(settings: StoreSettings, session: Any) -> Any:
+def _new_client(settings: StoreConfig, session: Any) -> Any:
     from botocore.config import Config
 
     config = Config(retries={"mode": "standard", "max_attempts": settings.max_attempts},
@@ -49,12 +49,12 @@ _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
 
 
-def s3_client(settings: StoreSettings | None = None) -> Any:
+def s3_client(settings: StoreConfig | None = None) -> Any:
     """The process's one boto3 S3 client for these settings (boto3 clients are thread-safe).
 
     The AWS_* environment is part of the key: a client keeps the endpoint and credentials it was
     made with, so a changed environment (another endpoint, rotated keys) gets a client of its own."""
-    settings = settings or StoreSettings()
+    settings = settings or StoreConfig()
     key = (settings, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
     with _clients_lock:
         if key not in _clients:
@@ -64,7 +64,7 @@ def s3_client(settings: StoreSettings | None = None) -> Any:
         return _clients[key]
 
 
-def transfer_config(settings: StoreSettings):  # -> boto3.s3.transfer.TransferConfig
+def transfer_config(settings: StoreConfig):  # -> boto3.s3.transfer.TransferConfig
     from boto3.s3.transfer import TransferConfig
 
     # "classic": the pure-Python transfer manager, whatever the instance type (CRT ignores some settings).
@@ -121,7 +121,7 @@ def s3_errors(what: str, endpoint: str, missing: str | None = None) -> Iterator[
 
 
 @contextmanager
-def s3_call(location: str, what: str, settings: StoreSettings | None,
+def s3_call(location: str, what: str, settings: StoreConfig | None,
             missing: str | None = None) -> Iterator[tuple[Any, str, str]]:
     """(client, bucket, key) of an s3:// location, boto3's errors becoming StoreErrors that name it."""
     bucket, key = parse_s3_uri(location)
@@ -130,7 +130,7 @@ def s3_call(location: str, what: str, settings: StoreSettings | None,
         yield client, bucket, key
 
 
-def s3_filesystem(uri: str, settings: StoreSettings | None = None) -> tuple[Any, str]:
+def s3_filesystem(uri: str, settings: StoreConfig | None = None) -> tuple[Any, str]:
     """(pyarrow.fs.S3FileSystem, "bucket/prefix") reaching what boto3 reaches for `uri`.
 
     Endpoint and region are the ones boto3 resolved; static credentials are passed as
@@ -140,7 +140,7 @@ def s3_filesystem(uri: str, settings: StoreSettings | None = None) -> tuple[Any,
     from botocore.credentials import RefreshableCredentials
     from pyarrow import fs
 
-    settings = settings or StoreSettings()
+    settings = settings or StoreConfig()
     bucket, prefix = parse_s3_uri(uri)
     session = _boto_session(settings)
     resolved = _new_client(settings, session).meta  # the endpoint and region boto3 itself would use

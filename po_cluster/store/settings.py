@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from po_cluster.config import Strict
 
 MiB = 1 << 20
 
@@ -17,10 +19,9 @@ class ObjectMissing(StoreError):
     """Nothing exists at the location (callers may turn it into a message of their own)."""
 
 
-class StoreSettings(BaseModel):
-    """How to reach S3. Credentials are never here: they come from the standard AWS chain."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class StoreConfig(Strict):
+    """How to reach S3 (a config's `store_settings:`). Credentials are never here: they come from the
+    standard AWS chain."""
 
     endpoint_url: str | None = None  # None: boto3's own resolution (AWS_ENDPOINT_URL[_S3], config, AWS)
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / profile config

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
-from po_cluster.config import ConfigError, ImageTowerMode, LogRange, SweepConfig, image_tower_label
+from po_cluster.config import ConfigError, ImageTowerMode, LogRangeConfig, SweepConfig, image_tower_label
 
 Distributions = dict[str, BaseDistribution]
 
@@ -30,10 +30,10 @@ def tower_choices(cfg: SweepConfig) -> dict[str, ImageTowerMode]:
     return choices
 
 
-def loss_ranges(cfg: SweepConfig) -> dict[str, tuple[LogRange, LogRange]]:
+def loss_ranges(cfg: SweepConfig) -> dict[str, tuple[LogRangeConfig, LogRangeConfig]]:
     """(β range, λ range) of each searched loss."""
     space = cfg.space
-    out: dict[str, tuple[LogRange, LogRange]] = {}
+    out: dict[str, tuple[LogRangeConfig, LogRangeConfig]] = {}
     for loss in space.loss_type:
         own = space.per_loss.get(loss)
         out[loss] = (own.beta if own and own.beta else space.beta,
@@ -41,7 +41,7 @@ def loss_ranges(cfg: SweepConfig) -> dict[str, tuple[LogRange, LogRange]]:
     return out
 
 
-def _log(r: LogRange) -> FloatDistribution:
+def _log(r: LogRangeConfig) -> FloatDistribution:
     return FloatDistribution(r.low, r.high, log=True)
 
 
@@ -82,7 +82,7 @@ def define_by_run(cfg: SweepConfig) -> Callable[[optuna.Trial], dict[str, float]
     return functools.partial(sample, distributions(cfg))
 
 
-def _middle(r: LogRange) -> float:
+def _middle(r: LogRangeConfig) -> float:
     return math.sqrt(r.low * r.high)
 
 

@@ -133,7 +133,7 @@ def test_every_good_image_has_a_row_and_every_bad_one_an_error(corpus, reference
 def test_embeddings_equal_the_serving_engine_and_the_in_process_model(corpus, reference):
     from po_cluster.model.checkpoint import load_checkpoint
     from po_cluster.model.release import Knob, ReleaseModel
-    from po_cluster.serving.limits import Limits, decode_image
+    from po_cluster.serving.limits import LimitsConfig, decode_image
     from po_cluster.store.artifacts import open_store
 
     folder = open_store(str(corpus["store"])).pull_release(RELEASE, corpus["root"] / "cache-tests")
@@ -144,7 +144,7 @@ def test_embeddings_equal_the_serving_engine_and_the_in_process_model(corpus, re
     names = [n for n in corpus["good"] if n.startswith("photos/")] + corpus["good"][::61]
     for name in names:
         raw = (corpus["images"] / name).read_bytes()
-        image = decode_image(base64.b64encode(raw).decode(), "image", Limits())  # what the endpoint decodes
+        image = decode_image(base64.b64encode(raw).decode(), "image", LimitsConfig())  # what the endpoint decodes
         served = engine.project(engine.image_features([image]), [Knob(T)])[0].numpy()
         in_process = model.project(model.encode_image(model.pixels(image[None])), T)[0].numpy()
         np.testing.assert_allclose(by_id[name], served, atol=1e-5, err_msg=name)
@@ -252,7 +252,7 @@ def test_cli_on_a_manifest_with_ids(corpus, reference, capsys):
 
 def test_s3_prefix_in_and_out(corpus, reference, moto_s3, bucket):
     from po_cluster.embed.job import run_embed
-    from po_cluster.store.location import StoreSettings, pyarrow_fs
+    from po_cluster.store.location import StoreConfig, pyarrow_fs
 
     client = moto_s3.client()
     names = corpus["good"][:10] + ["bad/anim-a.gif", "bad/truncated-a.png"]
@@ -265,7 +265,7 @@ def test_s3_prefix_in_and_out(corpus, reference, moto_s3, bucket):
     cfg = _config(corpus, f"s3://{bucket}/out", input=f"s3://{bucket}/in/", shard_size=8, store_settings=settings)
     summary = run_embed(cfg, runtime_env={"env_vars": aws})
     assert (summary.ok, summary.failed, summary.shards_written) == (10, 2, 2)
-    filesystem, path = pyarrow_fs(f"s3://{bucket}/out", StoreSettings(endpoint_url=moto_s3.endpoint_url))
+    filesystem, path = pyarrow_fs(f"s3://{bucket}/out", StoreConfig(endpoint_url=moto_s3.endpoint_url))
     rows = _read(path, "embeddings", filesystem)
     assert rows.column("id").to_pylist() == sorted(corpus["good"][:10])
     assert rows.column("source_uri").to_pylist()[0] == f"s3://{bucket}/in/{sorted(corpus['good'][:10])[0]}"

@@ -12,14 +12,14 @@ import pytest
 
 from po_cluster import cli
 from po_cluster.store.artifacts import S3Store, fetch_file, open_store
-from po_cluster.store.location import StoreError, StoreSettings, pyarrow_fs
+from po_cluster.store.location import StoreConfig, StoreError, pyarrow_fs
 
 WEIGHTS = "model.safetensors"
 
 
-def fast(endpoint_url: str | None, **extra) -> StoreSettings:
+def fast(endpoint_url: str | None, **extra) -> StoreConfig:
     """Short timeouts and few retries: an outage must fail the test in well under a second."""
-    return StoreSettings(endpoint_url=endpoint_url, connect_timeout=1, read_timeout=5, max_attempts=2, **extra)
+    return StoreConfig(endpoint_url=endpoint_url, connect_timeout=1, read_timeout=5, max_attempts=2, **extra)
 
 
 @pytest.fixture()
@@ -174,7 +174,7 @@ def test_environment_endpoint_pyarrow_and_fetch_file(moto_s3, bucket, release_fo
 
     # No endpoint in the settings: boto3 takes AWS_ENDPOINT_URL itself, and pyarrow gets the same one.
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint_url)
-    store = open_store(f"s3://{bucket}/sweeps", StoreSettings(cache_dir=tmp_path / "cache"))
+    store = open_store(f"s3://{bucket}/sweeps", StoreConfig(cache_dir=tmp_path / "cache"))
     store.publish_release(release_folder, "r-env")
     fs, path = pyarrow_fs(f"s3://{bucket}/sweeps")
     assert path == f"{bucket}/sweeps"

@@ -11,7 +11,7 @@ import yaml
 
 from po_cluster.cli import main as cli_main
 from po_cluster.store.artifacts import open_store
-from po_cluster.store.location import StoreSettings
+from po_cluster.store.location import StoreConfig
 from test_sweep import STEPS, sweep_command, terminated_trials
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_sweep_on_s3_is_killed_resumes_from_the_bucket_and_publishes(ray_cluster
     monkeypatch.chdir(tmp_path)  # local scratch (release folder) goes under tmp_path
     capsys.readouterr()
     assert cli_main(["average", "--config", str(config)]) == 0
-    store = open_store(f"s3://{bucket}/store", StoreSettings(endpoint_url=moto_s3.endpoint_url))
+    store = open_store(f"s3://{bucket}/store", StoreConfig(endpoint_url=moto_s3.endpoint_url))
     releases = store.list_releases()
     assert len(releases) == 1 and store.latest() == releases[0].release_id
     printed = capsys.readouterr().out.splitlines()

@@ -5,9 +5,9 @@ import pytest
 
 from po_cluster.config import (
     ConfigError,
-    LastBlocks,
-    Lora,
+    LastBlocksConfig,
     LoraConfig,
+    LoraTowerConfig,
     RunConfig,
     image_tower_label,
     json_schema,
@@ -29,14 +29,14 @@ def test_demo_configs_load():
 
 def test_last_blocks_mode_parses():
     cfg = parse_config({"model": {"image_tower": {"last_blocks": 2}}})
-    assert cfg.model.image_tower == LastBlocks(last_blocks=2)
+    assert cfg.model.image_tower == LastBlocksConfig(last_blocks=2)
 
 
 def test_lora_mode_parses_and_every_mode_has_one_label():
     cfg = parse_config({"model": {"image_tower": {"lora": {"rank": 4, "targets": ["layer4.*.conv2"]}}}})
-    assert cfg.model.image_tower == Lora(lora=LoraConfig(rank=4, alpha=16.0, targets=("layer4.*.conv2",)))
-    labels = [image_tower_label(m) for m in ("full", "frozen", LastBlocks(last_blocks=2), Lora(lora=LoraConfig()),
-                                             cfg.model.image_tower)]
+    assert cfg.model.image_tower == LoraTowerConfig(lora=LoraConfig(rank=4, alpha=16.0, targets=("layer4.*.conv2",)))
+    labels = [image_tower_label(m) for m in ("full", "frozen", LastBlocksConfig(last_blocks=2),
+                                             LoraTowerConfig(lora=LoraConfig()), cfg.model.image_tower)]
     assert labels == ["full", "frozen", "last_blocks:2", "lora:r8a16", "lora:r4a16tlayer4.*.conv2"]
 
 
@@ -51,9 +51,9 @@ def test_sweep_searches_image_tower_modes_by_label():
                                                 "image_tower": ["full", lora, {"last_blocks": 1}]}})
     assert distributions(cfg)["image_tower"].choices == ("full", "lora:r4a16", "last_blocks:1")
     sample = {"loss_type": "dpo", "beta": 0.5, "kl_weight": 0.5, "image_tower": "lora:r4a16"}
-    assert trial_run_config(cfg, sample, "t1").model.image_tower == Lora(lora=LoraConfig(rank=4))
+    assert trial_run_config(cfg, sample, "t1").model.image_tower == LoraTowerConfig(lora=LoraConfig(rank=4))
     twice = cfg.model_copy(update={"space": cfg.space.model_copy(update={"image_tower": [
-        Lora(lora=LoraConfig(rank=4)), Lora(lora=LoraConfig(rank=4))]})})
+        LoraTowerConfig(lora=LoraConfig(rank=4)), LoraTowerConfig(lora=LoraConfig(rank=4))]})})
     with pytest.raises(ConfigError, match="share a name"):
         distributions(twice)
 

@@ -104,10 +104,10 @@ def test_vit_b_32_export_matches_in_stock_open_clip(tmp_path):
 
 
 def test_lora_release_export_merges_the_adapters_at_t(tmp_path):
-    from po_cluster.config import Lora, LoraConfig
+    from po_cluster.config import LoraConfig, LoraTowerConfig
     from po_cluster.model.lora import adapters
 
-    mode = Lora(lora=LoraConfig(rank=4))
+    mode = LoraTowerConfig(lora=LoraConfig(rank=4))
     torch.manual_seed(0)
     cfg = ModelConfig(image_tower=mode)  # LoRA needs its base: the shipped one
     model = AlignedCLIP(load_clip(cfg), mode).eval()

@@ -15,10 +15,10 @@ from po_cluster.data import images
 from po_cluster.data.images import Geometry, ImageRefused, Preprocess, decode, decode_fit, is_image_name
 from po_cluster.data.pairs import DataError, decode_image, load_image, load_images
 from po_cluster.model.loading import to_model_input
-from po_cluster.serving.limits import ApiError, Limits, decode_image_bytes
+from po_cluster.serving.limits import ApiError, LimitsConfig, decode_image_bytes
 
 ORIENTATION = 0x0112  # the EXIF tag
-SERVED_LIMITS = Limits()  # the endpoint's defaults
+SERVED_LIMITS = LimitsConfig()  # the endpoint's defaults
 
 
 def photo(height: int = 48, width: int = 32, seed: int = 0) -> np.ndarray:
@@ -51,7 +51,7 @@ def encode(pixels: np.ndarray, fmt: str, orientation: int | None = None, **optio
     return buffer.getvalue()
 
 
-def served(raw: bytes, limits: Limits = SERVED_LIMITS) -> np.ndarray:
+def served(raw: bytes, limits: LimitsConfig = SERVED_LIMITS) -> np.ndarray:
     return decode_image_bytes(raw, "image", limits)
 
 
@@ -119,7 +119,7 @@ def test_modes_convert_to_rgb_as_before(tmp_path):
         want = _converted_as_before(raw)
         assert want.shape == (48, 32, 3), name
         np.testing.assert_array_equal(images.to_pixels(decode(raw)), want, err_msg=name)
-        np.testing.assert_array_equal(served(raw, Limits(image_formats=("PNG", "JPEG"))), want, err_msg=name)
+        np.testing.assert_array_equal(served(raw, LimitsConfig(image_formats=("PNG", "JPEG"))), want, err_msg=name)
         (tmp_path / f"{name}.img").write_bytes(raw)
         np.testing.assert_array_equal(load_image(str(tmp_path / f"{name}.img"), Geometry(32)),
                                       Geometry(32).fit_pixels(want))
@@ -181,7 +181,7 @@ def test_the_data_path_names_the_file(tmp_path):
 
 
 def test_the_endpoint_maps_codes_to_statuses():
-    limits = Limits(max_image_pixels=1000)
+    limits = LimitsConfig(max_image_pixels=1000)
     for raw, status, code in ((encode(photo(), "GIF"), 415, "unsupported_image_format"),
                               (encode(photo(), "PNG"), 413, "image_too_many_pixels"),
                               (b"", 422, "empty_image"), (b"hello", 422, "not_an_image"),
@@ -252,7 +252,7 @@ def test_a_phone_photo_embeds_the_same_read_as_data_or_served(tmp_path, base_mod
 
     # the training records' pixels
     trained = embedding(load_image(str(tmp_path / "phone.jpg"), base_model.preprocess.geometry))
-    from_endpoint = embedding(decode_image_bytes(base64.b64decode(base64.b64encode(raw)), "image", Limits()))
+    from_endpoint = embedding(decode_image_bytes(base64.b64decode(base64.b64encode(raw)), "image", LimitsConfig()))
     as_stored = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
     reference = embedding(np.ascontiguousarray(np.rot90(as_stored, -1)))  # the decoded file, turned by hand
     np.testing.assert_allclose(trained, reference, atol=1e-5)

@@ -27,7 +27,7 @@ from k8s_apiserver import CustomResourceDefinition, Rule
 
 if TYPE_CHECKING:
     from po_cluster.config import SweepConfig
-    from po_cluster.serving.args import AppArgs
+    from po_cluster.serving.args import AppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -270,7 +270,7 @@ def serve_application() -> dict:
     return app
 
 
-def serve_args() -> AppArgs:
+def serve_args() -> AppConfig:
     """The application's args, after every section of it is checked as a deploy checks it."""
     from po_cluster.serving.args import check_application
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from po_cluster.config import LastBlocks, ModelConfig
+from po_cluster.config import LastBlocksConfig, ModelConfig
 from po_cluster.data import world
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
@@ -68,7 +68,7 @@ def test_scores_at_t0_are_the_base_models(trained, base_model, small_sets):
 
 
 def test_last_blocks_keeps_only_its_blocks(pixels, base_model):
-    model = moved(LastBlocks(last_blocks=2), seed=1)
+    model = moved(LastBlocksConfig(last_blocks=2), seed=1)
     trainable = {n for n, p in model.clip.visual.named_parameters() if p.requires_grad}
     assert set(model.reference) == trainable and 0 < len(trainable) < len(list(model.clip.visual.parameters()))
     assert torch.equal(model.encode_image(pixels, 0.0), base_model.encode_image(pixels))

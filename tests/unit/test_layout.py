@@ -1,6 +1,6 @@
 """The package's shape, read from its source with `ast` (nothing is imported):
-no import cycle, no stage package importing the applications, no module over 400 lines,
-no function over 60 lines.
+no import cycle, no stage package importing the applications, every config class named
+…Config, no module over 400 lines, no function over 60 lines.
 
 Imports inside functions count (a lazy import still ties the two modules together);
 imports under `if TYPE_CHECKING:` do not, as they never run.
@@ -167,6 +167,23 @@ def layer_violations(graph: dict[str, dict[str, int]], root: str, stages: tuple[
             if package_of(imported) in applications and imported.startswith(root + ".")]
 
 
+def config_classes(root: Path, base: str = "Strict", not_configs: frozenset[str] = frozenset()) -> set[str]:
+    """The public classes that derive from `base` (by name, through any chain of the package's classes),
+    except those derived through `not_configs` (request models share the base, but are not configs)."""
+    bases: dict[str, set[str]] = {}
+    for path in modules_of(root).values():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                names = {b.id if isinstance(b, ast.Name) else b.attr for b in node.bases
+                         if isinstance(b, (ast.Name, ast.Attribute))}
+                bases.setdefault(node.name, set()).update(names)
+    found, grown = {base}, True
+    while grown:
+        more = {name for name, parents in bases.items() if parents & found and name not in not_configs}
+        grown, found = bool(more - found), found | more
+    return {name for name in found - {base} if not name.startswith("_")}
+
+
 def _function_lengths(node: ast.AST, prefix: str = ""):
     """(qualified name, lines with decorators) of every function under `node`, nested ones included."""
     for child in ast.iter_child_nodes(node):
@@ -203,6 +220,13 @@ def test_no_stage_package_imports_serving():
     assert all(f"po_cluster.{stage}" in graph for stage in STAGES), "a stage package is missing: is STAGES right?"
     found = layer_violations(graph, "po_cluster", STAGES, APPLICATIONS)
     assert not found, "stage packages import an application:\n  " + "\n  ".join(found)
+
+
+def test_every_config_class_is_named_config():
+    # One suffix for one concept: Settings, Args, Limits, Spec each read as something else.
+    found = config_classes(PACKAGE, not_configs=frozenset({"StrictRequest"}))
+    assert {"RunConfig", "ServeConfig", "StoreConfig", "ImageLimitsConfig"} <= found, "is config_classes right?"
+    assert sorted(name for name in found if not name.endswith("Config")) == []
 
 
 def test_no_module_is_over_400_lines():
@@ -269,6 +293,15 @@ def test_layer_violations_name_each_stage_import_of_an_application():
     assert layer_violations(graph, "m", ("data", "model", "embed"), ("serving",)) == [
         "m.data.a line 4 imports m.serving.limits", "m.embed line 7 imports m.serving"]
     assert layer_violations({"m.data": {"m.model": 1}, "m.model": {}}, "m", ("data",), ("serving",)) == []
+
+
+def test_config_classes_follow_the_base_through_the_package(tmp_path):
+    root = _package(tmp_path, {"__init__.py": "", "c.py": "class Strict: ...\nclass AConfig(Strict): ...\n"
+                               "class _Hidden(Strict): ...\nclass Limits(_Hidden): ...\n",
+                               "d.py": "from pkg import c\nclass Args(c.AConfig): ...\nclass Request(c.Strict): ...\n"
+                                       "class Body(Request): ...\nclass Other: ...\n"})
+    assert config_classes(root) == {"AConfig", "Limits", "Args", "Request", "Body"}
+    assert config_classes(root, not_configs=frozenset({"Request"})) == {"AConfig", "Limits", "Args"}
 
 
 def test_long_functions_are_measured_with_their_decorators_and_nesting(tmp_path):

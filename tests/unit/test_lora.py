@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from po_cluster.config import Lora, LoraConfig, ModelConfig, RunConfig
+from po_cluster.config import LoraConfig, LoraTowerConfig, ModelConfig, RunConfig
 from po_cluster.data import world
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, model_description, save_checkpoint
@@ -20,10 +20,10 @@ from po_cluster.model.release import Knob, ReleaseModel
 from po_cluster.store.manifest import write_manifest
 from po_cluster.sweep.soup import uniform_soup
 
-LORA = Lora(lora=LoraConfig(rank=4, alpha=8.0))
+LORA = LoraTowerConfig(lora=LoraConfig(rank=4, alpha=8.0))
 
 
-def lora_model(seed: int = 0, mode: Lora = LORA) -> AlignedCLIP:
+def lora_model(seed: int = 0, mode: LoraTowerConfig = LORA) -> AlignedCLIP:
     torch.manual_seed(seed)
     model = AlignedCLIP(load_clip(ModelConfig(image_tower=mode)), mode).eval()
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_one_pass_serves_a_t_per_row(pixels):
 
 def test_vit_mlps_are_the_default_targets_and_rows_keep_their_t():
     torch.manual_seed(0)
-    mode = Lora(lora=LoraConfig(rank=2))
+    mode = LoraTowerConfig(lora=LoraConfig(rank=2))
     model = AlignedCLIP(load_clip(ModelConfig(name="ViT-B-32", pretrained=None)), mode).eval()
     wrapped = dict(adapters(model.clip.visual))
     assert len(wrapped) == 24 and all(isinstance(a, LoraLinear) for a in wrapped.values())
@@ -104,7 +104,7 @@ def test_vit_mlps_are_the_default_targets_and_rows_keep_their_t():
     (("layer1.0.bn1",), "not a Linear or Conv2d")])
 def test_bad_targets_are_refused_by_name(targets, message):
     with pytest.raises(ValueError, match=message):
-        AlignedCLIP(load_clip(ModelConfig()), Lora(lora=LoraConfig(targets=targets)))
+        AlignedCLIP(load_clip(ModelConfig()), LoraTowerConfig(lora=LoraConfig(targets=targets)))
 
 
 def test_a_release_stores_only_adapters_and_w_and_refuses_a_changed_base(tmp_path, pixels):

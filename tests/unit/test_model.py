@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from po_cluster.config import LastBlocks, ModelConfig
+from po_cluster.config import LastBlocksConfig, ModelConfig
 from po_cluster.data.images import Geometry, Preprocess
 from po_cluster.model.aligned import AlignedCLIP, candidate_logprobs
 from po_cluster.model.loading import ModelLoadError, load_clip, resolve_weights, to_model_input
@@ -28,11 +28,11 @@ def test_image_tower_modes():
     visual = sum(p.numel() for p in full.clip.visual.parameters())
     assert sum(p.numel() for p in full.trainable_image_parameters()) == visual
     assert not any(p.requires_grad for p in full.clip.transformer.parameters())
-    partial = AlignedCLIP(load_clip(ModelConfig(pretrained=None)), LastBlocks(last_blocks=2))
+    partial = AlignedCLIP(load_clip(ModelConfig(pretrained=None)), LastBlocksConfig(last_blocks=2))
     trainable = {n for n, p in partial.clip.visual.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("layer4", "attnpool")) for n in trainable)
     with pytest.raises(ValueError, match="blocks"):
-        AlignedCLIP(load_clip(ModelConfig(pretrained=None)), LastBlocks(last_blocks=99))
+        AlignedCLIP(load_clip(ModelConfig(pretrained=None)), LastBlocksConfig(last_blocks=99))
 
 
 def test_local_weights_must_be_safetensors(tmp_path):

@@ -17,20 +17,20 @@ import yaml
 from PIL import Image
 from pydantic import ValidationError
 
-from po_cluster.serving.args import ServeArgs
-from po_cluster.serving.auth import ApiKeys, AuthArgs
+from po_cluster.serving.args import ServeConfig
+from po_cluster.serving.auth import ApiKeys, AuthConfig
 from po_cluster.serving.limits import (
     ApiError,
-    Limits,
+    LimitsConfig,
     RequestGuard,
     check_overrides,
     decode_image,
     fill_template,
 )
-from po_cluster.serving.ratelimit import RateLimit, TokenBuckets
+from po_cluster.serving.ratelimit import RateLimitConfig, TokenBuckets
 
 ROOT = Path(__file__).resolve().parents[2]
-LIMITS = Limits(max_image_pixels=10_000, max_image_bytes=50_000)
+LIMITS = LimitsConfig(max_image_pixels=10_000, max_image_bytes=50_000)
 
 
 def _file(image: np.ndarray, fmt: str) -> str:
@@ -39,7 +39,7 @@ def _file(image: np.ndarray, fmt: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _refused(value: str, limits: Limits = LIMITS) -> ApiError:
+def _refused(value: str, limits: LimitsConfig = LIMITS) -> ApiError:
     with pytest.raises(ApiError) as caught:
         decode_image(value, "image", limits)
     assert caught.value.param == "image"
@@ -70,7 +70,7 @@ def test_refusals_name_the_reason(image):
     assert _refused("A" * 80_000).status == 413  # too many bytes: refused before decoding
     big = np.zeros((200, 200, 3), np.uint8)
     assert _refused(_file(big, "PNG")).code == "image_too_many_pixels"
-    assert _refused(_file(image, "PNG"), Limits(image_formats=("JPEG",))).status == 415
+    assert _refused(_file(image, "PNG"), LimitsConfig(image_formats=("JPEG",))).status == 415
 
 
 def test_a_decompression_bomb_is_refused_from_its_header():
@@ -80,7 +80,7 @@ def test_a_decompression_bomb_is_refused_from_its_header():
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # 30 GB of pixels, announced
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) \
         + chunk(b"IEND", b"")
-    error = _refused(base64.b64encode(png).decode(), Limits())
+    error = _refused(base64.b64encode(png).decode(), LimitsConfig())
     assert (error.status, error.code) == (413, "image_too_many_pixels")
 
 
@@ -94,9 +94,9 @@ def test_sigma_index_range_is_the_release_s():
 
 
 def test_api_keys_from_env_and_rotating_file(tmp_path):
-    assert not ApiKeys(AuthArgs(), {}).enabled
-    ApiKeys(AuthArgs(), {}).check(None)  # no source: no key asked
-    keys = ApiKeys(AuthArgs(api_keys_env="KEYS"), {"KEYS": "one, two"})
+    assert not ApiKeys(AuthConfig(), {}).enabled
+    ApiKeys(AuthConfig(), {}).check(None)  # no source: no key asked
+    keys = ApiKeys(AuthConfig(api_keys_env="KEYS"), {"KEYS": "one, two"})
     keys.check("Bearer two")
     for header, code in ((None, "missing_api_key"), ("Basic two", "missing_api_key"), ("Bearer three",
                                                                                         "invalid_api_key")):
@@ -104,12 +104,12 @@ def test_api_keys_from_env_and_rotating_file(tmp_path):
             keys.check(header)
         assert (caught.value.status, caught.value.code) == (401, code)
     with pytest.raises(ValueError, match="KEYS"):
-        ApiKeys(AuthArgs(api_keys_env="KEYS"), {})  # named but empty: refuse to run open
+        ApiKeys(AuthConfig(api_keys_env="KEYS"), {})  # named but empty: refuse to run open
     with pytest.raises(ValueError, match="secret file"):
-        ApiKeys(AuthArgs(api_keys_file=str(tmp_path / "absent")), {})
+        ApiKeys(AuthConfig(api_keys_file=str(tmp_path / "absent")), {})
     secret = tmp_path / "keys"
     secret.write_text("old-key\n")
-    keys = ApiKeys(AuthArgs(api_keys_file=str(secret)), {})
+    keys = ApiKeys(AuthConfig(api_keys_file=str(secret)), {})
     keys.check("Bearer old-key")
     secret.write_text("new-key-after-rotation\n")
     keys.check("Bearer new-key-after-rotation")
@@ -152,7 +152,7 @@ def test_request_guard_counts_declared_and_received_bytes():
 
 
 def test_serve_args_are_validated_at_the_edge():
-    args = ServeArgs.model_validate({"store": "/tmp/store"})
+    args = ServeConfig.model_validate({"store": "/tmp/store"})
     assert args.default_release == "latest" and args.batching.max_batch_size == 16
     for bad, field in (({"store": "/s", "batching": {"max_batch_size": 0}}, "max_batch_size"),
                        ({"store": "/s", "limits": {"t_min": 0.5}}, "t_min"),
@@ -161,7 +161,7 @@ def test_serve_args_are_validated_at_the_edge():
                        ({"store": "/s", "limts": {}}, "limts"),
                        ({}, "store")):
         with pytest.raises(ValidationError, match=field):
-            ServeArgs.model_validate(bad)
+            ServeConfig.model_validate(bad)
 
 
 def test_serve_config_yaml_is_a_serve_deploy_config_whose_args_build_the_app():
@@ -216,10 +216,10 @@ def test_every_section_of_a_serve_config_is_checked_naming_the_field(where, valu
 
 
 def test_serve_args_split_into_the_options_and_user_configs_a_config_states():
-    """One ServeArgs document (po-cluster serve, start_local) makes the same sections as serve/config.yaml."""
+    """One ServeConfig document (po-cluster serve, start_local) makes the same sections as serve/config.yaml."""
     from po_cluster.serving.args import check_application
 
-    args = ServeArgs.model_validate({"store": "/s", "default_release": "r-1", "rate_limit": {"rate_per_s": 5},
+    args = ServeConfig.model_validate({"store": "/s", "default_release": "r-1", "rate_limit": {"rate_per_s": 5},
                                      "model": {"num_replicas": 2, "max_replicas_per_node": 1, "num_cpus": 2},
                                      "gateway": {"num_replicas": 2}})
     app = {"name": "a", "import_path": "po_cluster.serving.app:build_app", "args": args.app_args(),
@@ -241,7 +241,7 @@ def test_refusals_carry_their_headers():
 
 def test_token_bucket_per_key_id_refuses_with_the_wait():
     now = [0.0]
-    buckets = TokenBuckets(RateLimit(rate_per_s=2, burst=3), clock=lambda: now[0])
+    buckets = TokenBuckets(RateLimitConfig(rate_per_s=2, burst=3), clock=lambda: now[0])
     for _ in range(3):
         buckets.take("a")
     with pytest.raises(ApiError) as caught:
@@ -253,7 +253,7 @@ def test_token_bucket_per_key_id_refuses_with_the_wait():
     buckets.take("a")
     with pytest.raises(ApiError):
         buckets.take("a")
-    unlimited = TokenBuckets(RateLimit())
+    unlimited = TokenBuckets(RateLimitConfig())
     for _ in range(1000):
         unlimited.take("anonymous")
 
@@ -261,14 +261,14 @@ def test_token_bucket_per_key_id_refuses_with_the_wait():
 def test_key_id_is_a_digest_not_the_key(tmp_path):
     secret = tmp_path / "keys"
     secret.write_text("key-one\nkey-two\n")
-    keys = ApiKeys(AuthArgs(api_keys_file=str(secret)))
+    keys = ApiKeys(AuthConfig(api_keys_file=str(secret)))
     one, two = keys.check("Bearer key-one"), keys.check("Bearer key-two")
     assert one != two and "key-one" not in one and len(one) == 16
-    assert ApiKeys(AuthArgs()).check(None) == "anonymous"
+    assert ApiKeys(AuthConfig()).check(None) == "anonymous"
 
 
 def test_rate_limited_request_is_refused_before_its_body_is_read():
-    buckets = TokenBuckets(RateLimit(rate_per_s=1, burst=1))
+    buckets = TokenBuckets(RateLimitConfig(rate_per_s=1, burst=1))
     sent: list[dict] = []
 
     async def app(scope, receive, send):
@@ -290,7 +290,7 @@ def test_rate_limited_request_is_refused_before_its_body_is_read():
 
 def _refused_for_rate(declared: bytes | None, chunks: list[bytes]) -> tuple[dict, list[bytes]]:
     """The 429 of a request over its rate whose body is `chunks`, and what of the body the guard read."""
-    buckets = TokenBuckets(RateLimit(rate_per_s=1, burst=1))
+    buckets = TokenBuckets(RateLimitConfig(rate_per_s=1, burst=1))
     buckets.take("anonymous")
     sent: list[dict] = []
     pending, read = list(chunks), []

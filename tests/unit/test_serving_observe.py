@@ -76,11 +76,11 @@ def published(release_template, tmp_path_factory) -> str:
 
 def make_app(store: str, echo: bool = True, keys: str | None = None):
     from po_cluster.serving.api import make_api
-    from po_cluster.serving.args import ServeArgs
+    from po_cluster.serving.args import ServeConfig
     from po_cluster.serving.gateway import GatewayService
 
     auth = {"api_keys_env": "PO_TEST_KEYS"} if keys else {}
-    args = ServeArgs(store=store, limits={"max_body_bytes": 4096}, auth=auth)
+    args = ServeConfig(store=store, limits={"max_body_bytes": 4096}, auth=auth)
     return make_api(GatewayService(args, Exploding(), environ={"PO_TEST_KEYS": keys or ""}), echo_request_id=echo)
 
 

@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from po_cluster.serving.limits import Limits
+from po_cluster.serving.limits import LimitsConfig
 from po_cluster.serving.schemas import NON_BLANK, ONE_PLACEHOLDER, RELEASE_NAME, SIGMA_INDEX, request_models
 from po_cluster.store.artifacts import StoreError, check_release_id
 
-LIMITS = Limits(max_inputs=3, max_labels=4, max_text_chars=20, t_min=-1, t_max=2, max_sigma=10)
+LIMITS = LimitsConfig(max_inputs=3, max_labels=4, max_text_chars=20, t_min=-1, t_max=2, max_sigma=10)
 MODELS = request_models(LIMITS)
 
 
@@ -66,7 +66,7 @@ def test_limits_are_the_models_constraints():
     schema = MODELS.embeddings.model_json_schema()
     text, items = schema["properties"]["input"]["anyOf"]
     assert (text["maxLength"], text["pattern"], items["maxItems"], items["minItems"]) == (20, NON_BLANK, 3, 1)
-    assert request_models(Limits(max_inputs=5)).embeddings.model_json_schema()["properties"]["input"][
+    assert request_models(LimitsConfig(max_inputs=5)).embeddings.model_json_schema()["properties"]["input"][
         "anyOf"][1]["maxItems"] == 5  # another server's limits, another document
 
 
@@ -78,11 +78,11 @@ def test_empty_and_blank_texts_are_refused_as_the_document_says():
 
 def _document(tmp_path, **args) -> dict:
     from po_cluster.serving.api import make_api
-    from po_cluster.serving.args import ServeArgs
+    from po_cluster.serving.args import ServeConfig
     from po_cluster.serving.gateway import GatewayService
 
     # The document is built from the args alone: no model is ever asked (None where the handle would be).
-    return make_api(GatewayService(ServeArgs(store=str(tmp_path), **args), None)).openapi()
+    return make_api(GatewayService(ServeConfig(store=str(tmp_path), **args), None)).openapi()
 
 
 def test_statuses_and_security_only_where_configured(tmp_path, monkeypatch):

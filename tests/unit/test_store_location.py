@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from po_cluster.store import location, s3
-from po_cluster.store.location import ObjectMissing, StoreError, StoreSettings
+from po_cluster.store.location import ObjectMissing, StoreConfig, StoreError
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -122,10 +122,10 @@ def aws_dummy(monkeypatch):
 
 
 def test_one_client_per_settings_and_environment(aws_dummy, monkeypatch):
-    settings = StoreSettings(endpoint_url="http://127.0.0.1:9")
+    settings = StoreConfig(endpoint_url="http://127.0.0.1:9")
     client = location.s3_client(settings)
-    assert location.s3_client(StoreSettings(endpoint_url="http://127.0.0.1:9")) is client
-    assert location.s3_client(StoreSettings(endpoint_url="http://127.0.0.1:10")) is not client
+    assert location.s3_client(StoreConfig(endpoint_url="http://127.0.0.1:9")) is client
+    assert location.s3_client(StoreConfig(endpoint_url="http://127.0.0.1:10")) is not client
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")  # a client keeps its credentials: a new one for new keys
     assert location.s3_client(settings) is not client
 

@@ -29,8 +29,8 @@ from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.checkpoint import load_checkpoint, model_description, save_checkpoint
 from po_cluster.model.loading import SHIPPED_BASE_DIR, WEIGHTS_FILE, load_clip, resolve_preprocess
 from po_cluster.model.release import ReleaseModel
-from po_cluster.serving.limits import Limits, decode_image_bytes
-from po_cluster.store.location import StoreSettings
+from po_cluster.serving.limits import LimitsConfig, decode_image_bytes
+from po_cluster.store.location import StoreConfig
 
 TOLERANCE = 1e-6  # the bound; the conversions are the same operations, so the difference is 0
 EXIF_ORIENTATION = 0x0112
@@ -170,7 +170,7 @@ def test_serving_engine_path_feeds_open_clips_pixels(case):
     names = list(FILES)
     release = ReleaseModel("r-test", model, {"prompt_template": "{}"})
     with TowerInputs(model) as tower:
-        release.image_features([decode_image_bytes(FILES[n], "image", Limits()) for n in names])
+        release.image_features([decode_image_bytes(FILES[n], "image", LimitsConfig()) for n in names])
     assert _max_diff(tower.rows(), names, expected) <= TOLERANCE
 
 
@@ -183,7 +183,7 @@ def test_embed_job_path_feeds_open_clips_pixels(case, tmp_path):
         (tmp_path / f"{n}.img").write_bytes(FILES[n])
     batch = {"id": np.array(names, dtype=object), "shard": np.zeros(len(names), dtype=np.int32),
              "source_uri": np.array([str(tmp_path / f"{n}.img") for n in names], dtype=object)}
-    decoded = decode_batch(batch, model.preprocess, ImageLimitsConfig(), StoreSettings())
+    decoded = decode_batch(batch, model.preprocess, ImageLimitsConfig(), StoreConfig())
     assert decoded["code"].tolist() == [""] * len(names)
     release = ReleaseModel("r-test", model, {"prompt_template": "{}"})
     with TowerInputs(model) as tower:
