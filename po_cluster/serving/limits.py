@@ -134,9 +134,9 @@ def decode_image_bytes(raw: bytes, param: str, limits: LimitsConfig) -> np.ndarr
 # ---------------------------------------------------------------- request body
 
 # A request refused for its rate (429) whose body is declared at most this long has the body read and
-# dropped, so that its connection (HAProxy's, in Serve) can carry the next request: measured on 2 cores,
-# the gateway spends about 27 % less CPU per 429 than with the new connection that closing forces
-# (docs/serving.md). A longer or chunked body is not read, and the connection is closed.
+# dropped, so that its connection (HAProxy's, in Serve) can carry the next request: reading a small body
+# costs the gateway less CPU than the new connection that closing forces (docs/results.md, "a 429 that
+# keeps its connection"). A longer or chunked body is not read, and the connection is closed.
 KEEP_ALIVE_DRAIN_BYTES = 64 * 1024
 
 

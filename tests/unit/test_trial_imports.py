@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 # The model's code (open_clip, torchvision and torch._dynamo), the sweep's driver and tracking.
-HEAVY = ("open_clip", "torchvision", "mlflow", "po_cluster.train.worker",
+HEAVY = ("open_clip", "torchvision", "mlflow", "po_cluster.train.run",
          "po_cluster.train.loop", "po_cluster.sweep.driver", "po_cluster.tracking.sweep")
 
 
@@ -24,7 +24,7 @@ def test_a_trials_process_imports_no_model_code():
 
 def test_the_train_entry_imports_neither_torch_nor_the_worker():
     """Ray pickles the entry functions by reference: whoever builds a trainer imports their module."""
-    assert imported_after("po_cluster.train.entry", ("torch", *HEAVY)) == []
+    assert imported_after("po_cluster.cluster.entry", ("torch", *HEAVY)) == []
 
 
 def test_the_sweep_driver_still_does():
