@@ -29,7 +29,7 @@ BROWSER ?= 1
 # Two pytest workers: the integration tests in order on one (tests/conftest.py), the unit tests on the
 # other, which uses the cores the first leaves idle while it waits on Ray, servers and subprocesses.
 PARALLEL ?= -n 2 --dist loadgroup
-BROWSER_TEST := tests/integration/test_serving.py::test_playground_upload_slider_scores_change
+BROWSER_TEST := tests/integration/serving/test_serving.py::test_playground_upload_slider_scores_change
 ifeq ($(BROWSER),0)
 test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=25 $(PARALLEL) --deselect $(BROWSER_TEST)
@@ -38,7 +38,7 @@ test: $(STAMP) lint browser-deps
 	$(PY) -m pytest -q --durations=25 $(PARALLEL)
 endif
 
-# The serving playground's browser test (tests/integration/test_serving.py) drives Debian's chromium
+# The serving playground's browser test (tests/integration/serving/test_serving.py) drives Debian's chromium
 # through the npm package playwright-core (which downloads no browser). Installed when missing; where
 # that is impossible (no root, no apt, no npm) the test is skipped with the reason, except in CI.
 BROWSER_DIR := tests/browser
@@ -54,8 +54,9 @@ browser-deps:
 	     && touch node_modules/.installed) || { echo "browser-deps: npm ci failed"; test -z "$$CI"; }; }; \
 	else echo "browser-deps: no npm, the playground browser test will be skipped"; test -z "$$CI"; fi
 
+# The unit tests and the repository's checks (tests/unit, tests/repo), without those marked slow.
 unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit -m "not slow"
+	$(PY) -m pytest -q tests/unit tests/repo -m "not slow"
 
 # Lint (ruff, the whole repository) and type-check (mypy, the po_cluster package); settings in
 # pyproject.toml. Any finding fails, so `make test` stops before pytest.

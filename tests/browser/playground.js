@@ -1,5 +1,5 @@
 // Drives the serving playground in headless Chromium (Debian's /usr/bin/chromium, through
-// playwright-core: no browser download). Run by tests/integration/test_serving.py:
+// playwright-core: no browser download). Run by tests/integration/serving/test_serving.py:
 //
 //   node tests/browser/playground.js <base url> <api key> <png file> [chromium path] [release id]
 //

@@ -20,7 +20,7 @@ from po_cluster.data import world
 from serving_helpers import b64, bomb_png, encode, listener_process, listening_ports, request
 
 pytestmark = pytest.mark.integration  # `served` starts (or joins) Ray itself, not through ray_cluster
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KEY = "test-key-7f3a9c"
 LABELS = list(world.SHAPES)
 LIMITS = {"max_body_bytes": 1 << 20, "max_image_pixels": 1_000_000, "max_inputs": 8, "max_labels": 16,

@@ -1,6 +1,6 @@
 """The one image path (po_cluster.data.images): EXIF orientation, RGB conversion, refusals, the model's resize and crop,
 and the same pixels and embedding whether a file is read as training data or decoded by the endpoint.
-(Through the served app and the embed job too: tests/integration/test_image_path.py.)"""
+(Through the served app and the embed job too: tests/integration/data/test_image_path.py.)"""
 from __future__ import annotations
 
 import base64

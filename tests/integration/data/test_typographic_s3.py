@@ -1,16 +1,14 @@
 """The typographic builder, the pairs loader and attack sets with s3:// in and out (moto's server, see conftest)."""
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from po_cluster.data.pairs import DataError, load_preference_data  # noqa: E402
-from po_cluster.data.typographic import TypographicConfig, build_typographic  # noqa: E402
-from po_cluster.evaluate.attack_sets import read_attack_set  # noqa: E402
-from typo_helpers import labelled_folder, tree_bytes  # noqa: E402
+from po_cluster.data.pairs import DataError, load_preference_data
+from po_cluster.data.typographic import TypographicConfig, build_typographic
+from po_cluster.evaluate.attack_sets import read_attack_set
+from typo_helpers import labelled_folder, tree_bytes
 
 
 @pytest.fixture()

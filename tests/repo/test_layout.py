@@ -318,6 +318,7 @@ def test_long_functions_are_measured_with_their_decorators_and_nesting(tmp_path)
 
 def test_test_files_have_unique_names():
     # The test folders are not packages, so pytest imports each test file by its bare name: two files
-    # of one name in tests/unit and tests/integration would stop the whole run at collection.
+    # of one name anywhere under tests/ (say tests/unit/data and tests/integration/data) would stop
+    # the whole run at collection.
     names = [path.name for path in (Path(__file__).resolve().parents[1]).rglob("test_*.py")]
     assert sorted(name for name in set(names) if names.count(name) > 1) == []

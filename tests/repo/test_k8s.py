@@ -187,7 +187,7 @@ def validators() -> dict[tuple[str, str], Draft7Validator]:
 def errors(validators: dict[tuple[str, str], Draft7Validator], doc: dict) -> list[str]:
     key = (doc.get("apiVersion"), doc.get("kind"))
     if key not in validators:
-        return [f"no schema for apiVersion/kind {key}: add one to tests/unit/test_k8s.py"]
+        return [f"no schema for apiVersion/kind {key}: add one to tests/repo/test_k8s.py"]
     return [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
             for e in sorted(validators[key].iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
 

@@ -82,7 +82,7 @@ def test_the_bias_task_holds_the_class_answers_with_its_kl_term():
 @pytest.mark.slow
 def test_the_bias_config_closes_the_gap_along_t_and_keeps_the_classes():
     # configs/bias-full.yaml cut to a quarter of its steps: the full run's direction (docs/results.md), not its size
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "bias-full.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[3] / "configs" / "bias-full.yaml")
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": 150})})
     model = build_model(cfg, torch.device("cpu"))
     result = fit(model, prepare_data(model, *build_records(cfg.data), prompt_template(cfg.data)), cfg)

@@ -17,7 +17,7 @@ from po_cluster.config import (
 )
 from po_cluster.model.pretrain import PretrainConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_demo_configs_load():

@@ -5,7 +5,6 @@ chosen on val, the release scored on test, and `evaluate --dataset --split` read
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,7 @@ import yaml
 from po_cluster.cli import main as cli_main
 from po_cluster.data.typographic import TypographicConfig, build_typographic
 from test_sweep import sweep_command
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from typo_helpers import labelled_folder  # noqa: E402
+from typo_helpers import labelled_folder
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from po_cluster.data.pairs import DataError, candidate_texts, load_preference_da
 from po_cluster.data.records import NO_WORD
 from po_cluster.data.selection import build_records, prompt_template
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MAN, WOMAN = "a photo of a man", "a photo of a woman"
 
 

@@ -1,5 +1,5 @@
 """Serving without Ray: image decoding and its limits, knob checks, API keys, the request guard, the args and
-serve/config.yaml. (End to end over HTTP: tests/integration/test_serving.py.)"""
+serve/config.yaml. (End to end over HTTP: tests/integration/serving/test_serving.py.)"""
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +29,7 @@ from po_cluster.serving.limits import (
 )
 from po_cluster.serving.ratelimit import RateLimitConfig, TokenBuckets
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LIMITS = LimitsConfig(max_image_pixels=10_000, max_image_bytes=50_000)
 
 

@@ -2,7 +2,7 @@
 training data, sent to the served app's /v1/embeddings, and embedded by the embed job on the session's
 Ray cluster; and that embedding is the upright picture's, not the stored pixels'.
 
-(The decoding itself, every orientation and colour mode: tests/unit/test_images.py.)
+(The decoding itself, every orientation and colour mode: tests/unit/data/test_images.py.)
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import yaml
 from serving_helpers import request
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LOAD_KEY, PROBE_KEY = "load-key-8d1e", "probe-key-21fa"
 CLIENTS = 16
 CLIENT_PERIOD_S = 0.5  # each client's pace: the load stays below the rate limit deployed later

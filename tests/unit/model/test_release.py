@@ -1,4 +1,5 @@
-"""The serving engine: batched towers, W(t) cached per knob, embeddings of many requests at once.
+"""A release loaded at t (po_cluster/model/release.py): batched towers, W(t) cached per knob,
+embeddings of many requests at once.
 
 Every answer is checked against AlignedCLIP's own methods on the same inputs, one at a time.
 """

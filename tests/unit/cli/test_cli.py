@@ -10,7 +10,7 @@ import yaml
 
 from po_cluster.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 PO = [sys.executable, "-m", "po_cluster.cli"]
 
