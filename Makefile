@@ -54,9 +54,10 @@ browser-deps:
 	     && touch node_modules/.installed) || { echo "browser-deps: npm ci failed"; test -z "$$CI"; }; }; \
 	else echo "browser-deps: no npm, the playground browser test will be skipped"; test -z "$$CI"; fi
 
-# The unit tests and the repository's checks (tests/unit, tests/repo), without those marked slow.
+# The unit tests and the repository's checks (tests/unit, tests/repo), without those marked slow (full
+# evaluations and trainings, which `make test` runs), on two workers: none starts a cluster or a server.
 unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit tests/repo -m "not slow"
+	$(PY) -m pytest -q -n 2 tests/unit tests/repo -m "not slow"
 
 # Lint (ruff, the whole repository) and type-check (mypy, the po_cluster package); settings in
 # pyproject.toml. Any finding fails, so `make test` stops before pytest.

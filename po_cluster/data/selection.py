@@ -3,6 +3,7 @@ dataset's split. Training, the sweep's shared inputs and `average` read them fro
 trial and the release it becomes are measured on the same sets."""
 from __future__ import annotations
 
+from functools import cache
 from typing import Literal
 
 from po_cluster.config import DataConfig
@@ -36,13 +37,30 @@ def prompt_template(cfg: DataConfig) -> str:
     return world.ATTRIBUTE_TEMPLATE if cfg.task == "bias" else world.PROMPT_TEMPLATE
 
 
+@cache
+def _fixed_sets() -> dict[str, ImageSet]:
+    sets = world.evaluation_sets()
+    for image_set in sets.values():
+        for array in (image_set.images, image_set.labels, image_set.written):
+            array.setflags(write=False)
+    return sets
+
+
+def evaluation_sets() -> dict[str, ImageSet]:
+    """The world's fixed evaluation sets, rendered once per process: they are the same on every call
+    (seeded, identical on every machine), and rendering them costs more than evaluating a small model
+    on them, which a process such as `average` or `compare` does many times. Their arrays are
+    read-only, so that no caller can change what the next one reads; the dict is a new one per call."""
+    return dict(_fixed_sets())
+
+
 def held_out_sets(cfg: DataConfig, split: Literal["val", "test"],
                   geometry: Geometry | None = None) -> dict[str, ImageSet]:
     """What a run is chosen on (val) and scored on (test), never what it trained on: the world's own
     validation and fixed evaluation sets, or the dataset's val / test split (val capped at n_val
     images per set, a seeded subset, so validation stays proportional to the budget)."""
     if cfg.dataset is None:
-        return world.validation_sets(cfg.n_val) if split == "val" else world.evaluation_sets()
+        return world.validation_sets(cfg.n_val) if split == "val" else evaluation_sets()
     from po_cluster.data.pairs import dataset_eval_sets
 
     sets = dataset_eval_sets(cfg.dataset, split, geometry)

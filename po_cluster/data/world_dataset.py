@@ -21,6 +21,7 @@ from po_cluster.config import DataConfig
 from po_cluster.data import world
 from po_cluster.data.pairs import DATASET_JSON
 from po_cluster.data.records import ImageSet
+from po_cluster.data.selection import evaluation_sets
 from po_cluster.data.shards import FORMAT, FORMAT_VERSION, LIGHT_KEYS, ShardWriter, split_counts
 from po_cluster.data.splits import Split
 from po_cluster.store.location import join, remove, write_bytes
@@ -61,7 +62,7 @@ def _world_sets(n_pairs: int, n_reg: int, n_val: int, seed: int,
     """The world's sets as (split, name, images, record kind), in the order they are written."""
     pref = world.preference_set(n_pairs, seed)
     attacked = ImageSet(pref.images, pref.chosen, pref.rejected, pref.classnames)
-    val, test = world.validation_sets(n_val), world.evaluation_sets()
+    val, test = world.validation_sets(n_val), evaluation_sets()
     reg = world.regularisation_set(n_reg, seed + 1, own_word)
     return [("train", "attacked", attacked, "pair"), ("train", "reg", reg, "regularization"),
             ("val", "attacked", val["attacked"], "pair"), ("val", "clean", val["clean"], "regularization"),

@@ -7,6 +7,7 @@ from typing import Literal
 from po_cluster.data import world
 from po_cluster.data.images import Geometry
 from po_cluster.data.records import ImageSet
+from po_cluster.data.selection import evaluation_sets
 from po_cluster.evaluate.metrics import DEFAULT_TS, Evaluator, format_table, metric_keys, plot_tradeoff
 from po_cluster.model.targets import open_target
 
@@ -17,7 +18,7 @@ def target_sets(dataset: str | None, split: Split, geometry: Geometry | None = N
     """(sets, prompt template): the world's fixed evaluation sets, or a built dataset's split (its images
     fitted by `geometry`, the model's)."""
     if dataset is None:
-        return world.evaluation_sets(), world.PROMPT_TEMPLATE
+        return evaluation_sets(), world.PROMPT_TEMPLATE
     from po_cluster.data.pairs import TEXT_TEMPLATE, dataset_eval_sets
 
     return dataset_eval_sets(dataset, split, geometry), TEXT_TEMPLATE

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from po_cluster.config import SHIPPED_BASE, ModelConfig
 from po_cluster.data import world
+from po_cluster.data.selection import evaluation_sets
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.model.aligned import AlignedCLIP
 from po_cluster.model.loading import WEIGHTS_FILE, load_clip
@@ -20,7 +21,7 @@ from po_cluster.store.manifest import sha256_file
 def evaluate_weights(name: str, weights: Path) -> dict[str, float]:
     """Base-model metrics on the fixed evaluation sets (t is irrelevant: W = I)."""
     model = AlignedCLIP(load_clip(ModelConfig(name=name, pretrained=str(weights))), "frozen")
-    return Evaluator.build(model, world.evaluation_sets()).metrics(0.0)
+    return Evaluator.build(model, evaluation_sets()).metrics(0.0)
 
 
 def _card_markdown(card: dict) -> str:

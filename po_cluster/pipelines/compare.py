@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from po_cluster.config import CompareConfig, RunConfig
-from po_cluster.data import world
+from po_cluster.data.selection import evaluation_sets
 from po_cluster.evaluate.metrics import format_table
 from po_cluster.pipelines.ablate import ablate
 from po_cluster.train.callbacks import Callback, ProgressCallback
@@ -34,7 +34,7 @@ class CompareResult:
 def compare_losses(cfg: CompareConfig, output_dir: str | None = None,
                    progress: Progress | None = None) -> CompareResult:
     """One run per loss from the same base run, all evaluated on the fixed evaluation sets."""
-    eval_sets = world.evaluation_sets()
+    eval_sets = evaluation_sets()
     rows: list[dict] = []
     checkpoints: dict[str, Path] = {}
     for loss_type in cfg.losses:

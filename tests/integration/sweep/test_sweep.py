@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,21 @@ def sweep_command(config: Path, address: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "po_cluster.cli", "sweep", "--config", str(config), "--address", address, *extra]
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, sweep_config):
+@dataclass
+class Resumed:
+    config: Path
+    experiment: Path
+    running_when_killed: bool
+    finished: set[str]  # the trials Tune recorded as finished when the driver was killed
+    before: dict[str, list[str]]  # their checkpoints then
+    resumed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(ray_cluster, sweep_config) -> Resumed:
+    """The sweep's driver killed (SIGKILL) once a trial has finished, then the sweep resumed to its end.
+    One sweep serves the module: the resume test checks how it got there, the average test reads the
+    finished experiment (a sweep of its own would train the same trials again)."""
     config, experiment = sweep_config
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     driver = subprocess.Popen(sweep_command(config, ray_cluster), env=env, stdout=subprocess.DEVNULL,
@@ -74,15 +89,22 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
     deadline = time.time() + 600
     while not _terminated_trials(experiment) and time.time() < deadline and driver.poll() is None:
         time.sleep(1)
-    assert driver.poll() is None, "the sweep ended before it could be killed; make it longer"
-    os.killpg(driver.pid, signal.SIGKILL)
+    running = driver.poll() is None
+    if running:
+        os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     finished = _terminated_trials(experiment)
-    assert 0 < len(finished) < NUM_SAMPLES
     before = {trial: _checkpoints(experiment, trial) for trial in finished}
-
     resumed = subprocess.run(sweep_command(config, ray_cluster, "--resume"), env=env, capture_output=True,
                              text=True, timeout=900)
+    return Resumed(config, experiment, running, finished, before, resumed)
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(resumed_sweep):
+    experiment, finished, before, resumed = (resumed_sweep.experiment, resumed_sweep.finished,
+                                             resumed_sweep.before, resumed_sweep.resumed)
+    assert resumed_sweep.running_when_killed, "the sweep ended before it could be killed; make it longer"
+    assert 0 < len(finished) < NUM_SAMPLES
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"sweep killed: {NUM_SAMPLES} trials ({NUM_SAMPLES} with a checkpoint) in {experiment}" in resumed.stdout
     records = json.loads((experiment / "sweep_results.json").read_text())["trials"]
@@ -108,17 +130,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, swe
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(ray_cluster, sweep_config, tmp_path_factory):
-    """The same sweep under its own name and folders, run to the end: averaging depends on no other test."""
-    root = tmp_path_factory.mktemp("averaged")
-    cfg = yaml.safe_load(sweep_config[0].read_text()) | {
-        "name": "averaged", "storage_path": str(root / "sweeps"), "store": str(root / "store")}
-    config = root / "sweep.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    done = subprocess.run(sweep_command(config, ray_cluster), env={**os.environ, "RAY_AUTH_MODE": "token"},
-                          capture_output=True, text=True, timeout=900)
+def finished_sweep(resumed_sweep):
+    """The resumed sweep, run to its end: what averaging reads (its driver must have succeeded)."""
+    done = resumed_sweep.resumed
     assert done.returncode == 0, done.stderr[-3000:]
-    return config, root / "sweeps" / "averaged"
+    return resumed_sweep.config, resumed_sweep.experiment
 
 
 def test_average_publishes_a_verified_release_and_report(finished_sweep, capsys):

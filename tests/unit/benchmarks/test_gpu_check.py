@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
+@pytest.mark.slow  # a benchmark's every row, trainings included: `make test` runs it, `make unit` does not
 def test_the_entry_runs_every_row_on_cpu():
     out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--model", "po-tiny-rn",
                           "--steps", "2", "--warmup", "1", "--n-pairs", "32", "--batch-size", "8"],

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[3]
 PO = [sys.executable, "-m", "po_cluster.cli"]
 
 
+@pytest.mark.slow  # the fixed evaluation sets in full: `make test` runs it, `make unit` does not
 def test_evaluate_json_prints_the_documented_keys(capsys):
     assert main(["evaluate", "--json", "--t", "0.5"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -48,6 +49,7 @@ def test_tampered_checkpoint_is_refused_naming_the_file(tmp_path):
     assert "model.safetensors" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # the fixed evaluation sets in full: `make test` runs it, `make unit` does not
 def test_evaluate_a_release_by_id_from_a_store(release_template, tmp_path, capsys):
     from po_cluster.store.artifacts import open_store
 
@@ -61,6 +63,7 @@ def test_evaluate_a_release_by_id_from_a_store(release_template, tmp_path, capsy
     assert "no release r-missing" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the fixed evaluation sets in full: `make test` runs it, `make unit` does not
 def test_evaluate_finds_a_release_id_in_the_store_of_the_environment(release_template, tmp_path, capsys,
                                                                       monkeypatch):
     from po_cluster.store.artifacts import open_store
@@ -210,7 +213,7 @@ def test_compare_prints_one_table_with_a_bar_per_loss(tmp_path, monkeypatch, cap
         return RunResult(Path(run.output_dir) / run.name, {"clean": 0.5}, {"clean": 0.7}, {}, 2.0)
 
     monkeypatch.setattr(compare, "train", fake_training)
-    monkeypatch.setattr(compare.world, "evaluation_sets", lambda: {})
+    monkeypatch.setattr(compare, "evaluation_sets", lambda: {})
     config = tmp_path / "compare.yaml"
     config.write_text(yaml.safe_dump({"base": {"name": "c", "training": {"steps": 5}},
                                       "losses": {"dpo": {}, "kto": {}}, "ablation": None}))

@@ -86,6 +86,7 @@ def test_cli_ingests_and_checks(tmp_path, capsys):
     assert "nowhere.jsonl: file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the fixed evaluation sets in full, twice: `make test` runs it, `make unit` does not
 def test_the_world_as_a_dataset_scores_as_the_world(tmp_path, capsys):
     from po_cluster.config import SHIPPED_BASE
     from po_cluster.data.selection import build_records

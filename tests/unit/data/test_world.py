@@ -35,6 +35,18 @@ def eval_sets():
     return world.evaluation_sets()
 
 
+def test_selection_keeps_one_read_only_copy_of_the_fixed_sets():
+    from po_cluster.data import selection
+
+    first, second = selection.evaluation_sets(), selection.evaluation_sets()
+    assert first is not second and all(first[kind] is second[kind] for kind in first)  # rendered once
+    assert {kind: _digest(image_set) for kind, image_set in first.items()} == EVAL_SHA256
+    for image_set in first.values():
+        assert not any(a.flags.writeable for a in (image_set.images, image_set.labels, image_set.written))
+    with pytest.raises(ValueError, match="read-only"):
+        first["clean"].images[0] = 0
+
+
 def _row_digests(images: np.ndarray) -> set[str]:
     return {hashlib.sha256(image.tobytes()).hexdigest() for image in images}
 

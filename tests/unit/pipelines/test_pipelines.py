@@ -145,7 +145,7 @@ def test_compare_losses_reports_progress_per_run_and_returns_rows(monkeypatch, t
         return RunResult(Path(run.output_dir) / run.name, {"clean": 0.5}, {"clean": 0.8}, {}, 1.5)
 
     monkeypatch.setattr(compare, "train", fake_training)
-    monkeypatch.setattr(compare.world, "evaluation_sets", lambda: {})
+    monkeypatch.setattr(compare, "evaluation_sets", lambda: {})
     steps = []
     cfg = CompareConfig(base={"name": "cmp"}, losses={"dpo": {"beta": 0.2}, "ipo": {}}, ablation=None)
     result = compare.compare_losses(cfg, str(tmp_path), progress=lambda run, step, m: steps.append((run.name, step)))
