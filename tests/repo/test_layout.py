@@ -1,6 +1,6 @@
 """The package's shape, read from its source with `ast` (nothing is imported):
 no import cycle, no stage package importing the applications, every config class named
-…Config, no module over 400 lines, no function over 60 lines.
+…Config, no module over 400 lines (but the allowed, LONG_MODULES), no function over 60 lines.
 
 Imports inside functions count (a lazy import still ties the two modules together);
 imports under `if TYPE_CHECKING:` do not, as they never run.
@@ -14,6 +14,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "po_cluster"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
+# Modules allowed over MAX_MODULE_LINES because they hold one concept whole (issue 35: a long module
+# of one concept stays whole rather than split by a line cap): every config of the package, together,
+# so a reader finds each YAML section's model in one file.
+LONG_MODULES: frozenset[str] = frozenset({"po_cluster.config"})
 # Functions allowed over MAX_FUNCTION_LINES, as "module:qualified.name". None today: keep it that way.
 LONG_FUNCTIONS: frozenset[str] = frozenset()
 # The stages of the data flow are libraries the applications (serving, pipelines, cli) are built from;
@@ -231,7 +235,7 @@ def test_every_config_class_is_named_config():
 
 def test_no_module_is_over_400_lines():
     sizes = {name: len(path.read_text().splitlines()) for name, path in modules_of(PACKAGE).items()}
-    over = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    over = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES and name not in LONG_MODULES}
     assert not over, f"modules over {MAX_MODULE_LINES} lines: " + ", ".join(
         f"{modules_of(PACKAGE)[name].relative_to(PACKAGE.parent)} ({n})" for name, n in sorted(over.items()))
 

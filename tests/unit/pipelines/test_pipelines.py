@@ -92,7 +92,7 @@ def test_average_result_is_written_as_average_json_was():
     assert result.metrics == _metrics(0.9)  # the chosen candidate on the evaluation sets
     assert result.release_id is None and result.store is None  # not published
     assert list(result.to_json()) == ["chosen", "top_k", "trials", "greedy_members", "validation", "test",
-                                      "tradeoff", "release_folder"]
+                                      "tradeoff", "attacks", "release_folder"]
     assert result.to_json()["release_folder"] == "/exp/release" and result.to_json()["trials"] == ["b", "a"]
     with pytest.raises(AttributeError):
         result.chosen = "best_trial"  # frozen
