@@ -13,6 +13,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $$($(PY) -c \
+	  'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["po-cluster"]["no-deps"]))')
 	touch $(STAMP)
 
 # The main job on a local Ray cluster: sweep (resumed if interrupted), soups, release, report.

@@ -41,7 +41,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from po_cluster.evaluate.targets import evaluate_target
 
     report = evaluate_target(args.target, t=args.t, ts=not args.json, plot=args.plot, store=default_store(args.store),
-                             dataset=args.dataset, split=args.split)
+                             dataset=args.dataset, split=args.split, benchmarks=tuple(args.benchmark or ()))
     if args.json:
         print(json.dumps(report["at_t"]))
     else:
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="a built dataset (folder or s3://) to evaluate on, not the world")
     p.add_argument("--split", choices=("train", "val", "test"), default="test",
                    help="the dataset's split (default test, which no trial trained or was chosen on)")
+    p.add_argument("--benchmark", action="append", metavar="[NAME=]PATH",
+                   help="zero-shot accuracy on a benchmark (class folders or clip_benchmark's webdataset shards, "
+                   "local or s3://) with clip_benchmark's class names and templates, as retain_NAME; repeatable")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("compare", help="train each loss from the base model and print one table")
     p.add_argument("--config", required=True)

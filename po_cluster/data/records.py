@@ -35,6 +35,9 @@ class ImageSet:
     # Each image's word-free twin (the same scene before its word was written), where the source can
     # render it (the world's training sets); None elsewhere.
     twins: np.ndarray | None = None
+    # A zero-shot benchmark's prompt templates ("{c}" for the class name): each class is the average of
+    # its prompts, as clip_benchmark scores it; empty: one prompt per class.
+    templates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_rows("ImageSet", self.images, self.labels, self.written)
@@ -45,7 +48,7 @@ class ImageSet:
 
     def take(self, rows: np.ndarray) -> ImageSet:
         return ImageSet(self.images[rows], self.labels[rows], self.written[rows], self.classnames, self.template,
-                        None if self.twins is None else self.twins[rows])
+                        None if self.twins is None else self.twins[rows], self.templates)
 
 
 def _check_twins(name: str, images: np.ndarray, twins: np.ndarray | None) -> None:

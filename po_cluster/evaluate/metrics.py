@@ -67,8 +67,23 @@ def derived_metrics(accuracy: dict[str, float]) -> dict[str, float]:
 
 
 def set_prompts(sets: dict[str, ImageSet], template: str) -> dict[str, list[str]]:
-    """Each set's candidate prompts: its own template when it has one (an attribute task), else the task's."""
-    return {name: world.prompts(s.classnames, s.template or template) for name, s in sets.items()}
+    """Each set's candidate prompts: a benchmark's every template for every class (class by class), else
+    one per class with its own template when it has one (an attribute task), else the task's."""
+    return {name: [t.format(c=c) for c in s.classnames for t in s.templates] if s.templates else
+            world.prompts(s.classnames, s.template or template) for name, s in sets.items()}
+
+
+def zero_shot_logits(model: AlignedCLIP, image_emb: torch.Tensor, prompt_emb: torch.Tensor, templates: int,
+                     t: float, overrides: dict[int, float] | None = None) -> torch.Tensor:
+    """clip_benchmark's zero-shot classifier on the aligned model at t: each class the normalised mean of
+    its prompts' normalised embeddings, each W(t)·g as served; logits 100·⟨image, class⟩. At t = 0
+    without overrides W is bypassed, as AlignedCLIP.logprobs does: exactly the starting model."""
+    def project(emb: torch.Tensor) -> torch.Tensor:
+        plain = t == 0 and not overrides
+        return torch.nn.functional.normalize(emb, dim=-1) if plain else model.project(emb, t, overrides)
+
+    classes = project(prompt_emb).view(-1, templates, prompt_emb.shape[-1]).mean(dim=1)
+    return 100.0 * project(image_emb) @ torch.nn.functional.normalize(classes, dim=-1).T
 
 
 @dataclass
@@ -116,9 +131,13 @@ class Evaluator:
         device = next(self.model.spectral.parameters()).device
         out: dict[str, float] = {}
         for name, emb in self.embeddings(t).items():
-            logps = self.model.logprobs(emb.to(device), self.text_emb[name].to(device), t, overrides).cpu()
-            pred = logps.argmax(-1).numpy()
             image_set = self.sets[name]
+            if image_set.templates:  # a zero-shot benchmark, scored as clip_benchmark scores it
+                logps = zero_shot_logits(self.model, emb.to(device), self.text_emb[name].to(device),
+                                         len(image_set.templates), t, overrides).cpu()
+            else:
+                logps = self.model.logprobs(emb.to(device), self.text_emb[name].to(device), t, overrides).cpu()
+            pred = logps.argmax(-1).numpy()
             out[name] = float(np.mean(pred == image_set.labels))
             if name == "attacked":
                 out["attack_success"] = float(np.mean(pred == image_set.written))
