@@ -70,6 +70,18 @@ class ModelConfig(Strict):
                                                       "pretrained; an open_clip tag: that tag's; or settings")
 
 
+class RetentionSetConfig(Strict):
+    """A zero-shot benchmark the run must not forget (docs/data.md, "Forgetting, measured on standard
+    benchmarks"): split once, by a seeded hash of each example, into a validation subset that trials
+    and soups are chosen on and the rest that the release is scored on."""
+
+    benchmark: str = Field(description="[NAME=]PATH: class folders or clip_benchmark's webdataset shards, "
+                           "local or s3://; its accuracy is retain_NAME")
+    val: int = Field(100, gt=0, description="images of its validation subset")
+    test: int | None = Field(1000, gt=0, description="at most this many of the other images score the release "
+                             "(None: all of them)")
+
+
 class DataConfig(Strict):
     world: Literal["typo_shapes"] = "typo_shapes"
     task: Literal["typographic", "bias"] = Field(
@@ -87,6 +99,9 @@ class DataConfig(Strict):
     streaming: bool = Field(False, description="read the dataset's train split from its Parquet shards while "
                             "training (Ray Data in Ray Train) instead of decoding it into memory first; π_ref then "
                             "comes from the dataset's π_ref cache (docs/data.md); n_pairs / n_reg do not apply")
+    retention: list[RetentionSetConfig] = Field(
+        default_factory=list, description="zero-shot benchmarks kept: their mean accuracy is `retention` (with the "
+        "world's own tasks, on the world), charged by the objective wherever it falls")
 
     @model_validator(mode="after")
     def _streaming_needs_a_dataset(self) -> DataConfig:

@@ -58,10 +58,33 @@ def held_out_sets(cfg: DataConfig, split: Literal["val", "test"],
                   geometry: Geometry | None = None) -> dict[str, ImageSet]:
     """What a run is chosen on (val) and scored on (test), never what it trained on: the world's own
     validation and fixed evaluation sets, or the dataset's val / test split (val capped at n_val
-    images per set, a seeded subset, so validation stays proportional to the budget)."""
+    images per set, a seeded subset, so validation stays proportional to the budget); and each
+    retention benchmark's validation subset or the rest of it, as retain_<name>."""
     if cfg.dataset is None:
-        return world.validation_sets(cfg.n_val) if split == "val" else evaluation_sets()
-    from po_cluster.data.pairs import dataset_eval_sets
+        sets = world.validation_sets(cfg.n_val) if split == "val" else evaluation_sets()
+    else:
+        from po_cluster.data.pairs import dataset_eval_sets
 
-    sets = dataset_eval_sets(cfg.dataset, split, geometry)
-    return subset_sets(sets, cfg.n_val, cfg.seed) if split == "val" else sets
+        sets = dataset_eval_sets(cfg.dataset, split, geometry)
+        sets = subset_sets(sets, cfg.n_val, cfg.seed) if split == "val" else sets
+    return sets | retention_sets(cfg, split, geometry)
+
+
+def retention_sets(cfg: DataConfig, split: Literal["val", "test"],
+                   geometry: Geometry | None = None) -> dict[str, ImageSet]:
+    """Each `cfg.retention` benchmark's part for `split`, its images fitted by `geometry` (the model's;
+    None: clip_benchmark's ViT default of 224 px), as retain_<name>."""
+    if not cfg.retention:
+        return {}
+    from po_cluster.data.benchmarks import as_image_set, keys_and_labels, open_benchmark, split_keys
+
+    out: dict[str, ImageSet] = {}
+    for entry in cfg.retention:
+        bench = open_benchmark(entry.benchmark)
+        keys = [key for key, _ in keys_and_labels(bench)]
+        val, test = split_keys(keys, entry.val, entry.test, cfg.seed)
+        name = f"retain_{bench.name}"
+        if name in out:
+            raise ValueError(f"data.retention names {bench.name!r} twice; give one a NAME= of its own")
+        out[name] = as_image_set(bench, geometry or Geometry(224), val if split == "val" else test)
+    return out
