@@ -85,3 +85,60 @@ def test_sweep_on_a_dataset_is_chosen_on_val_and_scored_on_test(ray_cluster, dat
     base = _evaluate(capsys, "po-cluster:typo-shapes-base", dataset, "test")
     assert base["attacked"] == pytest.approx(average["test"]["base"]["attacked"], abs=1e-6)
     assert set(on_test) >= {"clean", "attacked", "attack_success", "kl"}
+
+
+# ---------------------------------------------------------------- a trial that forgets, charged by retention
+
+
+def _retention_benchmark(root: Path) -> str:
+    """24 world shapes (with no word) as a class-folder benchmark: what the base knows and a run must keep."""
+    import numpy as np
+    from PIL import Image
+
+    from po_cluster.data import world
+
+    clean = world.image_set("clean", 200, seed=11)
+    for shape in ("circle", "square", "star", "triangle"):
+        (root / shape).mkdir(parents=True)
+        for i in np.flatnonzero(clean.labels == world.SHAPES.index(shape))[:6]:
+            Image.fromarray(clean.images[i]).resize((72, 60)).save(root / shape / f"{i}.png")
+    (root / "zeroshot_classification_templates.txt").write_text("a {c}.\na photo of a {c}.\n")
+    return str(root)
+
+
+def test_a_trial_that_forgets_is_refused_by_the_objective_and_the_soups(ray_cluster, tmp_path):
+    out = str(tmp_path / "dataset")
+    build_typographic(TypographicConfig(source=str(labelled_folder(tmp_path / "photos", per_class=10)), out=out,
+                                        variants=2, seed=5, image_size=64))
+    config = _sweep_config(tmp_path, out)
+    data = yaml.safe_load(config.read_text())
+    # seed 4: the first trial starts at the middle of the lr range (0.055), Optuna's second draw is 21
+    data["seed"] = 4
+    data["space"]["lr"] = {"low": 1e-4, "high": 30.0}
+    data["base"]["data"]["retention"] = [{"benchmark": f"kept={_retention_benchmark(tmp_path / 'kept')}",
+                                          "val": 12, "test": None}]
+    config.write_text(yaml.safe_dump(data))
+    done = subprocess.run(sweep_command(config, ray_cluster), env={**os.environ, "RAY_AUTH_MODE": "token"},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    experiment = tmp_path / "sweeps" / "own-data"
+    trials = json.loads((experiment / "sweep_results.json").read_text())["trials"]
+    by_lr = sorted(trials, key=lambda trial: trial["config"]["lr"])
+    careful, reckless = by_lr[0], by_lr[-1]
+    assert careful["config"]["lr"] < 0.1 and reckless["config"]["lr"] > 10  # the seed's draw, as intended
+    m_careful, m_reckless = careful["metrics"], reckless["metrics"]
+    assert {"val_retain_kept", "val_retention"} <= set(m_reckless)  # the benchmark is in the trials' reports
+    assert m_reckless["val_retention"] < m_careful["val_retention"] - 0.1, (m_careful, m_reckless)  # it forgot
+    assert m_reckless["objective"] < m_careful["objective"]  # the objective charges it
+    assert cli_main(["average", "--config", str(config)]) == 0
+    average = json.loads((experiment / "average.json").read_text())
+    chosen = average["chosen"]
+    members = {"greedy_soup": average["greedy_members"], "uniform_soup": average["trials"],
+               "best_trial": average["trials"][:1]}[chosen]
+    assert reckless["trial_id"] not in members, (chosen, members, average["validation"])  # the soups refuse it
+    assert average["validation"][chosen]["retention"] > m_reckless["val_retention"] + 0.1
+    assert "retain_kept" in average["test"][chosen]  # the release is scored on the rest of the benchmark
+    print(f"lr {careful['config']['lr']:.3g}: val retention {m_careful['val_retention']:.3f}, objective "
+          f"{m_careful['objective']:.3f}; lr {reckless['config']['lr']:.3g}: {m_reckless['val_retention']:.3f}, "
+          f"{m_reckless['objective']:.3f}; chosen {chosen} {members}, retention "
+          f"{average['validation'][chosen]['retention']:.3f}")  # the figures for docs/results.md (pytest -s)
