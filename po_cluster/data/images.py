@@ -229,6 +229,8 @@ class Preprocess:
     std: tuple[float, float, float] = OPENAI_STD
 
     def __post_init__(self) -> None:
+        if not isinstance(self.geometry, Geometry):  # a bare size would fail far away, at the first image
+            raise TypeError(f"geometry must be a Geometry, got {type(self.geometry).__name__}")
         object.__setattr__(self, "mean", _triple(self.mean, "mean"))
         object.__setattr__(self, "std", _triple(self.std, "std"))
         if min(self.std) <= 0:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from po_cluster.data.images import Geometry
 from po_cluster.data.pairs import DataError, load_preference_data
 from po_cluster.data.typographic import TypographicConfig, build_typographic
 from po_cluster.evaluate.attack_sets import read_attack_set
@@ -55,5 +56,5 @@ def test_attack_set_from_s3(s3, tmp_path):
     for name in ("label=dog_text=cat.png", "label=cat_text=dog.png"):
         Image.new("RGB", (20, 30), (10, 20, 30)).save(tmp_path / "rta" / name)
     _upload(client, bucket, tmp_path / "rta", "sets/rta100")
-    attack_set = read_attack_set(f"s3://{bucket}/sets/rta100", 16)
+    attack_set = read_attack_set(f"s3://{bucket}/sets/rta100", Geometry(16))
     assert attack_set.images.classnames == ("cat", "dog") and attack_set.images.images.shape == (2, 16, 16, 3)

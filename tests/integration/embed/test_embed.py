@@ -154,6 +154,7 @@ def test_embeddings_equal_the_serving_engine_and_the_in_process_model(corpus, re
 
 
 def test_decoding_runs_in_cpu_tasks_apart_from_the_model_actors(ray_cluster, corpus, capsys):
+    from po_cluster.data.images import Geometry
     from po_cluster.embed.decode import Preprocess
     from po_cluster.embed.inputs import list_inputs
     from po_cluster.embed.job import build_dataset
@@ -161,7 +162,7 @@ def test_decoding_runs_in_cpu_tasks_apart_from_the_model_actors(ray_cluster, cor
 
     shards = plan_shards(list_inputs(str(corpus["images"])), SHARD_SIZE, RELEASE, T)
     cfg = _config(corpus, corpus["root"] / "unused")
-    build_dataset(shards[:2], cfg, RELEASE, Preprocess(64, (0.5,) * 3, (0.5,) * 3), False).explain()
+    build_dataset(shards[:2], cfg, RELEASE, Preprocess(Geometry(64), (0.5,) * 3, (0.5,) * 3), False).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]  # what runs: planned, not executed
     assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in optimized, optimized
     assert "ActorPoolMapOperator[MapBatches(Embedder)]" in optimized, optimized

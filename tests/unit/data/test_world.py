@@ -154,9 +154,10 @@ def test_pretraining_mix_captions_name_the_written_word_on_attacked_images(monke
 
     def record(shape, word, rng, *args, look=None, **kwargs):
         drawn.append((shape, word, look))
-        return np.full((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), len(drawn) % 256, dtype=np.uint8)
+        image = np.full((world.IMAGE_SIZE, world.IMAGE_SIZE, 3), len(drawn) % 256, dtype=np.uint8)
+        return np.zeros_like(image), image  # (twin, image), as render_pair returns them
 
-    monkeypatch.setattr(world, "render", record)  # no pixels needed: only what is drawn
+    monkeypatch.setattr(world, "render_pair", record)  # no pixels needed: only what is drawn
     n = 4000
     images, captions, labels = world.pretraining_batch(n, np.random.default_rng(0))
     assert images.shape[0] == len(captions) == len(labels) == len(drawn) == n
