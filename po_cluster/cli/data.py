@@ -39,6 +39,8 @@ def cmd_data_typographic(args: argparse.Namespace) -> int:
     summary = build_typographic(_typographic_config(args))
     print(f"wrote {summary.pairs} preference pairs from {summary.images} images of {len(summary.classes)} "
           f"classes to {summary.out}")
+    for fault in summary.skipped:  # the build goes on without them; dataset.json lists them too
+        print(f"skipped {fault.where}: {fault.reason}")
     return 0
 
 
@@ -145,7 +147,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build and check preference datasets").add_subparsers(
         dest="data_command", required=True)
     p = data.add_parser("typographic", help="labelled images → typographic-attack preference pairs")
-    p.add_argument("source", nargs="?", help="class folders or a .jsonl/.csv manifest (path,label); local or s3://")
+    p.add_argument("source", nargs="?", help="class folders, a .jsonl/.csv manifest (path,label), or webdataset "
+                   "shards (a folder of .tar, one .tar, or a pattern: shards/{00000..00009}.tar); local or s3://")
     p.add_argument("--out", help="output folder or s3:// prefix")
     p.add_argument("--config", help="YAML with TypographicConfig fields; flags override it")
     p.add_argument("--variants", type=int, help="attacked copies per image (default 1)")

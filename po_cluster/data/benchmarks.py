@@ -26,13 +26,12 @@ from po_cluster.data.images import Geometry, is_image_name
 from po_cluster.data.labelled import display_name
 from po_cluster.data.pairs import DataError, decode_image, list_files, read_bytes
 from po_cluster.data.records import NO_WORD, ImageSet
-from po_cluster.data.tar_shards import ShardError, iter_samples
+from po_cluster.data.tar_shards import IMAGE_MEMBERS, ShardError, image_extension, iter_samples
 from po_cluster.store.location import exists, join
 
 CLASSNAMES_TXT = "classnames.txt"
 TEMPLATES_TXT = "zeroshot_classification_templates.txt"
 NSHARDS_TXT = "nshards.txt"
-IMAGE_MEMBERS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order: the first one a sample has
 DEFAULT_TEMPLATES_OF = "imagenet1k"  # clip_benchmark's fallback for a dataset without templates of its own
 
 
@@ -137,7 +136,8 @@ def _shard_examples(bench: Benchmark, wanted: set[str] | None) -> Iterator[Examp
                 key = f"{number}/{sample.key}"
                 if wanted is not None and key not in wanted:
                     continue
-                image = next((sample.members[m] for m in IMAGE_MEMBERS if m in sample.members), None)
+                extension = image_extension(sample)
+                image = sample.members[extension] if extension else None
                 label = sample.members.get("cls")
                 if image is None or label is None:
                     missing = "an image (" + ", ".join(IMAGE_MEMBERS) + ")" if image is None else "its label (cls)"

@@ -1,9 +1,14 @@
-"""Labelled image sets, the typographic builder's input: a folder with one sub-folder per class, or a
-.jsonl / .csv manifest of (path, label), local or s3://."""
+"""Labelled image sets, the typographic builder's input: a folder with one sub-folder per class, a
+.jsonl / .csv manifest of (path, label), or webdataset shards (data.tar_shards), local or s3://.
+
+A shard's sample is its image and its label: the `cls` member, else the `label` field of its `json`
+member, else its `txt` member (img2dataset writes a caption there; a classification set its class).
+"""
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +17,47 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from po_cluster.data.images import IMAGE_EXTENSIONS, is_image_name
 from po_cluster.data.pairs import DataError, jsonl_objects, line_error, list_files, read_bytes
+from po_cluster.data.tar_shards import (
+    IMAGE_MEMBERS,
+    Fault,
+    Member,
+    Sample,
+    ShardError,
+    ShardSet,
+    folder_shards,
+    image_extension,
+    named_shards,
+    read_member,
+    walk,
+)
 from po_cluster.store.location import is_s3, join, parent, resolve
 
 
 @dataclass(frozen=True)
 class LabelledImage:
-    location: str  # where to read it
-    name: str  # its path relative to the source, for the records
+    location: str  # where to read it: the file, or the shard that holds it
+    name: str  # its path relative to the source, for the records (`00000.tar/000000012.jpg` in a shard)
     label: str
+    member: Member | None = None  # its place in the shard, when it is in one
+
+    @property
+    def where(self) -> str:
+        """The image as an error names it."""
+        return f"{self.location}/{self.member.name}" if self.member else self.location
+
+    def read(self) -> bytes:
+        if self.member is None:
+            return read_bytes(self.location)
+        try:
+            return read_member(self.location, self.member)
+        except ShardError as error:
+            raise DataError(str(error)) from None
+
+
+@dataclass
+class LabelledSet:
+    items: list[LabelledImage]  # sorted by (label, name)
+    faults: list[Fault]  # samples left out, each named with the reason (a shard's missing label or image)
 
 
 def display_name(raw: str) -> str:
@@ -27,16 +65,61 @@ def display_name(raw: str) -> str:
     return " ".join(raw.replace("_", " ").split())
 
 
-def read_labelled(source: str) -> list[LabelledImage]:
-    """A labelled image set: a folder with one sub-folder per class, or a .jsonl / .csv manifest."""
-    items = _read_manifest(source) if source.lower().endswith((".jsonl", ".csv")) else _read_class_folders(source)
-    if not items:
-        raise DataError(f"{source}: no images found")
-    return sorted(items, key=lambda item: (item.label, item.name))
+def read_labelled(source: str) -> LabelledSet:
+    """A labelled image set: a folder with one sub-folder per class, a .jsonl / .csv manifest, or shards."""
+    labelled = _read_source(source)
+    if not labelled.items:
+        raise DataError(f"{source}: no images found" + "".join(f"; {f.where}: {f.reason}" for f in labelled.faults[:3]))
+    labelled.items.sort(key=lambda item: (item.label, item.name))
+    return labelled
 
 
-def _read_class_folders(root: str) -> list[LabelledImage]:
-    files = list_files(root)
+def _read_source(source: str) -> LabelledSet:
+    if source.lower().endswith((".jsonl", ".csv")):
+        return LabelledSet(_read_manifest(source), [])
+    shards = named_shards(source)
+    if shards is not None:
+        return _read_shards(shards)
+    files = list_files(source)
+    shards = folder_shards(source, files)
+    return _read_shards(shards) if shards is not None else LabelledSet(_read_class_folders(source, files), [])
+
+
+def sample_label(sample: Sample) -> str | None:
+    """The sample's class as text (cls, else json's label, else txt); None when it has none readable."""
+    members = sample.members
+    try:
+        if "cls" in members:
+            text = members["cls"].decode("utf-8")
+        elif "json" in members:
+            value = json.loads(members["json"]).get("label")
+            text = str(value) if isinstance(value, str | int) else ""
+        else:
+            text = members.get("txt", b"").decode("utf-8")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # AttributeError: a json member that is not an object
+    return display_name(text) or None
+
+
+def _read_shards(shards: ShardSet) -> LabelledSet:
+    items, faults = [], []
+    for name, sample in walk(shards):
+        if isinstance(sample, Fault):
+            faults.append(sample)
+            continue
+        extension, label = image_extension(sample), sample_label(sample)
+        if extension is None:
+            faults.append(Fault(f"{sample.shard}/{sample.key}", f"no image ({', '.join(IMAGE_MEMBERS)})"))
+            continue
+        member = sample.places[extension]
+        if label is None:
+            faults.append(Fault(f"{sample.shard}/{member.name}", "no label (cls, json with a label, or txt)"))
+            continue
+        items.append(LabelledImage(sample.shard, f"{name}/{member.name}", label, member))
+    return LabelledSet(items, faults)
+
+
+def _read_class_folders(root: str, files: list[str]) -> list[LabelledImage]:
     items = []
     for name in files:
         if not is_image_name(name):

@@ -12,8 +12,12 @@ parallelism in which images are processed.
 Output (a local folder or an s3:// prefix), the records of docs/records.md in Parquet shards:
     shards/part-<n>.parquet   (rows: a clean image's regularisation record, then its attacked copies'
                                preference pairs; each with its split, provenance and PNG bytes)
-    dataset.json   (classes, candidates, counts per split, the shards with their sha256, config;
-                    written last: it marks a complete build)
+    dataset.json   (classes, candidates, counts per split, the shards with their sha256, config, and
+                    the inputs skipped with the reason; written last: it marks a complete build)
+
+A bad input (an image that does not decode, a shard's sample without a label or image, a damaged
+shard) is skipped and named in `skipped`: one bad image among millions does not cost the build, and
+the images already written stay.
 
 Splits are made by source image, stratified by class (po_cluster.data.splits): the clean copy and
 every attacked copy of one image share its split.
@@ -38,6 +42,7 @@ from po_cluster.data.labelled import LabelledImage, read_labelled
 from po_cluster.data.pairs import DataError
 from po_cluster.data.shards import FORMAT, FORMAT_VERSION, LIGHT_KEYS, ShardWriter, split_counts
 from po_cluster.data.splits import DEFAULT_FRACTIONS, Split, assign_splits, check_fractions
+from po_cluster.data.tar_shards import Fault
 from po_cluster.store.location import join, remove, write_bytes
 
 MIN_FONT_PX = 8  # below this the bundled font's glyphs stop being legible
@@ -47,7 +52,8 @@ Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
 class TypographicConfig(Strict):
-    source: str = Field(description="class folders (<root>/<class>/<image>) or a .jsonl/.csv manifest (path,label)")
+    source: str = Field(description="class folders (<root>/<class>/<image>), a .jsonl/.csv manifest (path,label), "
+                        "or webdataset shards (a folder of .tar, one .tar, or a brace pattern {00000..00009}.tar)")
     out: str = Field(description="output folder or s3:// prefix")
     variants: int = Field(1, gt=0, description="attacked copies per image, each with a different wrong class")
     seed: int = 0
@@ -195,7 +201,7 @@ def _build_one(index: int, item: LabelledImage, split: Split, classes: tuple[str
     """The regularisation copy and the attacked copies of one image as shard rows (the first first),
     PNG-encoded."""
     rng = np.random.default_rng([cfg.seed, index])
-    clean = geometry.fit(io_.decode_image(io_.read_bytes(item.location), item.location))
+    clean = geometry.fit(io_.decode_image(item.read(), item.where))
     true = classes.index(item.label)
     others = np.array([c for c in range(len(classes)) if c != true])  # never the image's own class
     written = rng.choice(others, size=cfg.variants, replace=False)
@@ -212,18 +218,28 @@ def _build_one(index: int, item: LabelledImage, split: Split, classes: tuple[str
     return rows
 
 
+def _build_or_skip(index: int, item: LabelledImage, split: Split, classes: tuple[str, ...],
+                   cfg: TypographicConfig, geometry: Geometry) -> list[dict] | Fault:
+    try:
+        return _build_one(index, item, split, classes, cfg, geometry)
+    except DataError as error:  # its message names the image
+        return Fault(item.where, str(error).removeprefix(f"{item.where}: "))
+
+
 @dataclass
 class BuildSummary:
     out: str
     classes: tuple[str, ...]
     images: int
     pairs: int
+    skipped: list[Fault]
 
 
 def build_typographic(cfg: TypographicConfig) -> BuildSummary:
     """Read the labelled set, write attacked and clean images and their records, then dataset.json."""
     geometry = cfg.geometry()
-    items = read_labelled(cfg.source)
+    labelled = read_labelled(cfg.source)
+    items, skipped = labelled.items, list(labelled.faults)
     classes = tuple(sorted({item.label for item in items}))
     if len(classes) <= cfg.variants:
         raise DataError(f"{cfg.source}: {len(classes)} classes ({', '.join(classes)}) leave fewer than "
@@ -231,22 +247,29 @@ def build_typographic(cfg: TypographicConfig) -> BuildSummary:
     meta_location = join(cfg.out, io_.DATASET_JSON)
     remove(meta_location)  # a rebuild in progress is not a complete dataset
     splits = assign_splits([item.label for item in items], cfg.splits, cfg.seed)
-    writer, light = ShardWriter(cfg.out, cfg.rows_per_shard), list[dict]()
+    writer, light, images = ShardWriter(cfg.out, cfg.rows_per_shard), list[dict](), 0
     with ThreadPoolExecutor(cfg.workers) as pool:
         # In chunks: a build holds one chunk's encoded images, whatever the dataset's size.
         for start in range(0, len(items), cfg.workers * 16):
             chunk = range(start, min(start + cfg.workers * 16, len(items)))
-            for rows in pool.map(lambda i: _build_one(i, items[i], splits[i], classes, cfg, geometry), chunk):
+            for rows in pool.map(lambda i: _build_or_skip(i, items[i], splits[i], classes, cfg, geometry), chunk):
+                if isinstance(rows, Fault):
+                    skipped.append(rows)
+                    continue
                 writer.add(rows)
+                images += 1
                 light.extend({k: row.get(k) for k in LIGHT_KEYS} for row in rows)
+    if not images:
+        raise DataError(f"{cfg.source}: no image could be read; the first: {skipped[0].where}: {skipped[0].reason}")
     shards = writer.close()
     counts = split_counts(light)
     pairs = sum(c["pairs"] for c in counts.values())
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "classes": list(classes),
             "candidates": [cfg.prompt_template.format(c) for c in classes], "image_size": geometry.size,
             "preprocess": geometry.to_json(),  # how the stored images were fitted (pairs.stored_geometry)
-            "counts": {"images": len(items), "pairs": pairs, "splits": counts},
+            "counts": {"images": images, "pairs": pairs, "splits": counts},
+            "skipped": [{"input": fault.where, "reason": fault.reason} for fault in skipped],
             "shards": [info.to_json() for info in shards],
             "config": cfg.model_dump(mode="json", exclude={"out", "workers"})}
     write_bytes(meta_location, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return BuildSummary(cfg.out, classes, len(items), pairs)
+    return BuildSummary(cfg.out, classes, images, pairs, skipped)

@@ -130,9 +130,10 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(DataError, match="hexagon: class folder with no images"):
         build_typographic(_cfg(source, tmp_path / "out"))
     (source / "hexagon").rmdir()
-    (source / "star" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"star/broken.png: not a readable image"):
-        build_typographic(_cfg(source, tmp_path / "out"))
+    (source / "star" / "broken.png").write_bytes(b"not a png")  # skipped and named; the others are built
+    summary = build_typographic(_cfg(source, tmp_path / "out"))
+    assert summary.images == 8 and [(s.where, s.reason.split(" (")[0]) for s in summary.skipped] == \
+        [(str(source / "star" / "broken.png"), "not a readable image")]
     (source / "star" / "broken.png").unlink()
     (tmp_path / "m.csv").write_text("path,label\nsrc/star/0.png,star\nsrc/star/1.png,\n")
     with pytest.raises(DataError, match=r"m.csv:3: label: Field required"):
