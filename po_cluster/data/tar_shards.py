@@ -167,12 +167,14 @@ class Fault:
     reason: str
 
 
-def walk(shards: ShardSet, settings: StoreConfig | None = None) -> Iterator[tuple[str, Sample | Fault]]:
-    """(shard's name, sample) for every sample of every shard in order. A damaged shard yields what it held
-    before the damage, then a Fault naming it, and the walk goes on: one bad shard does not cost the others."""
+def walk(shards: ShardSet, settings: StoreConfig | None = None,
+         max_member_bytes: int | None = None) -> Iterator[tuple[str, Sample | Fault]]:
+    """(shard's name, sample) for every sample of every shard in order (members over `max_member_bytes`
+    not read, as iter_samples). A damaged shard yields what it held before the damage, then a Fault naming
+    it, and the walk goes on: one bad shard does not cost the others."""
     for shard, name in zip(shards.shards, shards.names, strict=True):
         try:
-            for sample in iter_samples(shard, settings=settings):
+            for sample in iter_samples(shard, max_member_bytes, settings):
                 yield name, sample
         except ShardError as error:
             yield name, Fault(shard, str(error))

@@ -1,8 +1,10 @@
-"""The embed job's decoding (CPU tasks): read each input, decode it by the image path's limits
-(data.images, the serving endpoint's too), convert it to the release's model input. A bad input
-is a row with a code and a reason, never an exception that stops the job."""
+"""The embed job's decoding (CPU tasks): read each input (a file, or a tar shard's member at its
+place), decode it by the image path's limits (data.images, the serving endpoint's too), convert it
+to the release's model input. A bad input is a row with a code and a reason, never an exception
+that stops the job."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from po_cluster.data.images import (  # Preprocess: the release's (AlignedCLIP.p
     ImageLimitsConfig,
     Preprocess,
 )
+from po_cluster.data.tar_shards import Member, ShardError, read_member
 from po_cluster.store import location
 from po_cluster.store.location import StoreConfig, StoreError
 
@@ -43,6 +46,31 @@ def _read(source: str, settings: StoreConfig, max_bytes: int) -> bytes | BadInpu
         return BadInput("unreadable", f"cannot read {source}: {getattr(error, 'strerror', None) or error}")
 
 
+def _read_member(tar: str, member: Member, settings: StoreConfig, max_bytes: int) -> bytes | BadInput:
+    if member.size > max_bytes:  # its size is in the listing: an oversized one is never read
+        return BadInput("image_too_large", f"the member is over the limit of {max_bytes} bytes")
+    try:
+        return read_member(tar, member, settings)
+    except ShardError as error:
+        return BadInput("unreadable", str(error))
+
+
+def _reader(batch: dict[str, np.ndarray], settings: StoreConfig, max_bytes: int) -> Callable[[int], bytes | BadInput]:
+    """Row i's bytes: its file, or its member's place in a tar shard; a shard's row the listing already
+    refused (no image, a damaged shard) keeps that error."""
+    if "tar" not in batch:
+        return lambda i: _read(str(batch["source_uri"][i]), settings, max_bytes)
+
+    def read(i: int) -> bytes | BadInput:
+        if batch["code"][i]:
+            return BadInput(str(batch["code"][i]), str(batch["reason"][i]))
+        tar = str(batch["tar"][i])
+        name = str(batch["source_uri"][i])[len(tar) + 1:]  # source_uri is <tar>/<member>
+        return _read_member(tar, Member(name, int(batch["offset"][i]), int(batch["size"][i])), settings, max_bytes)
+
+    return read
+
+
 def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: ImageLimitsConfig,
                  settings: StoreConfig) -> dict[str, np.ndarray]:
     """Inputs → model input [N, 3, S, S] float32; a bad row gets zeros, a code and a reason."""
@@ -51,7 +79,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocess: Preprocess, limits: I
     size = preprocess.size
     uris = [str(u) for u in batch["source_uri"]]
     with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(uris)))) as pool:
-        raws = list(pool.map(lambda uri: _read(uri, settings, limits.max_image_bytes), uris))
+        raws = list(pool.map(_reader(batch, settings, limits.max_image_bytes), range(len(uris))))
     codes, reasons = [""] * len(uris), [""] * len(uris)
     by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     for i, raw in enumerate(raws):

@@ -1,5 +1,12 @@
-"""The embed job's inputs: (id, source_uri) of every image, from a folder, an S3 prefix or a
-JSONL/Parquet manifest, sorted by id. Everything is read through po_cluster.store.location."""
+"""The embed job's inputs: (id, source_uri) of every image, from a folder, an S3 prefix, a
+JSONL/Parquet manifest or webdataset shards (data.tar_shards), sorted by id. Everything is read
+through po_cluster.store.location.
+
+A shard's image is named as the same file in a folder would be: its id `00000.tar/000000012.jpg`
+(the shard relative to the folder named, then the member), its source_uri the shard's location and
+the member. Its row also carries where the member's bytes are (tar, offset, size), so decoding reads
+just them; a sample without an image, or a damaged shard, is a row with its error code and reason
+already set. Label members (cls, json, txt) are not read: embedding needs only the image."""
 from __future__ import annotations
 
 import io
@@ -9,12 +16,18 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 
+from po_cluster.data.tar_shards import Fault, ShardSet, folder_shards, image_extension, named_shards, walk
 from po_cluster.store import location
 from po_cluster.store.location import ObjectMissing, StoreConfig, StoreError
 
 
 class EmbedError(RuntimeError):
     """A job that cannot run as configured (bad input listing, foreign shards in the output); one line."""
+
+
+INPUT_SCHEMA = pa.schema([("id", pa.string()), ("source_uri", pa.string()),  # a file's, a manifest row's
+                          ("tar", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),  # and a shard's
+                          ("code", pa.string()), ("reason", pa.string())])
 
 
 def is_manifest(source: str) -> bool:
@@ -34,16 +47,46 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in PurePosixPath(relative).parts)
 
 
-def _folder_inputs(root: str, settings: StoreConfig) -> list[tuple[str, str]]:
-    """Every non-hidden file under a folder or S3 prefix: id = its path relative to the root."""
+def _listing(root: str, settings: StoreConfig) -> tuple[str, list[str]]:
+    """(the folder or S3 prefix as a location, every file under it relative to it)."""
     base = root.rstrip("/") if location.is_s3(root) else str(Path(root).expanduser().absolute())
     try:
-        names = location.list_files(base, settings)
+        return base, location.list_files(base, settings)
     except ObjectMissing:
         if location.is_s3(root):
-            return []  # an empty prefix: "no files", below
+            return base, []  # an empty prefix: "no files", below
         raise EmbedError(f"input {root}: no such folder (or a manifest ending in .jsonl / .parquet)") from None
-    return [(name, location.join(base, name)) for name in names if not _hidden(name)]
+
+
+def _shard_inputs(shards: ShardSet, settings: StoreConfig) -> list[tuple]:
+    """(id, source_uri, tar, offset, size, code, reason) of every sample of the shards."""
+    rows: list[tuple] = []
+    for name, sample in walk(shards, settings, max_member_bytes=0):  # places only: nothing is read twice
+        if isinstance(sample, Fault):
+            rows.append((name, sample.where, "", 0, 0, "unreadable", sample.reason))
+            continue
+        extension = image_extension(sample)
+        if extension is None:
+            reason = f"the sample has no image member, only {', '.join(sorted(sample.places)) or 'nothing'}"
+            rows.append((f"{name}/{sample.key}", f"{sample.shard}/{sample.key}", "", 0, 0, "not_an_image", reason))
+            continue
+        member = sample.places[extension]
+        rows.append((f"{name}/{member.name}", f"{sample.shard}/{member.name}", sample.shard, member.offset,
+                     member.size, "", ""))
+    return rows
+
+
+def _source_inputs(source: str, settings: StoreConfig) -> list[tuple]:
+    if is_manifest(source):
+        return _manifest_inputs(source, settings)
+    shards = named_shards(source)
+    if shards is None:
+        base, names = _listing(source, settings)
+        shards = folder_shards(base, names)
+        if shards is None:
+            # Every non-hidden file under a folder or S3 prefix: id = its path relative to the root.
+            return [(name, location.join(base, name)) for name in names if not _hidden(name)]
+    return _shard_inputs(shards, settings)
 
 
 def _manifest_rows(manifest: str, settings: StoreConfig) -> list[dict]:
@@ -75,10 +118,11 @@ def _manifest_inputs(manifest: str, settings: StoreConfig) -> list[tuple[str, st
 
 
 def list_inputs(source: str, settings: StoreConfig | None = None) -> pa.Table:
-    """(id, source_uri) of every input, sorted by id; EmbedError on duplicate ids or nothing to do."""
+    """(id, source_uri) of every input, sorted by id, and for shards where each image is (tar, offset,
+    size) and the listing's error (code, reason); EmbedError on duplicate ids or nothing to do."""
     settings = settings or StoreConfig()
     try:
-        items = (_manifest_inputs if is_manifest(source) else _folder_inputs)(source, settings)
+        items = _source_inputs(source, settings)
     except StoreError as error:  # its message names what could not be read
         raise EmbedError(f"cannot read the input: {error}") from None
     except OSError as error:
@@ -86,8 +130,9 @@ def list_inputs(source: str, settings: StoreConfig | None = None) -> pa.Table:
     if not items:
         raise EmbedError(f"input {source}: no files")
     items.sort()
-    for (a, _), (b, _) in itertools.pairwise(items):
+    for a, b in itertools.pairwise(item[0] for item in items):
         if a == b:
             raise EmbedError(f"input {source}: id {a!r} appears twice; ids must be unique")
-    ids, uris = zip(*items, strict=True)
-    return pa.table({"id": pa.array(ids, pa.string()), "source_uri": pa.array(uris, pa.string())})
+    columns = list(zip(*items, strict=True))
+    # A folder's and a manifest's rows are the schema's first two columns, a shard's all of them.
+    return pa.table({f.name: pa.array(values, f.type) for f, values in zip(INPUT_SCHEMA, columns, strict=False)})

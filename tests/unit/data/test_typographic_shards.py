@@ -1,47 +1,18 @@
 """The typographic builder on webdataset shards: the same records as the same images in class folders."""
 import json
-from pathlib import Path
 
 import pytest
 
 from po_cluster import cli
 from po_cluster.data.pairs import DataError
 from po_cluster.data.typographic import TypographicConfig, build_typographic
-from typo_helpers import CLASSES, built_rows, labelled_folder
-from wds_helpers import write_shards
-
-CORRUPT, UNLABELLED = 7, 12  # samples 7 (in shard 1) and 12 (in shard 2) of 15
-LABEL_MEMBERS = ("cls", "json", "txt")  # shard n carries its labels in its own kind of member
+from typo_helpers import CLASSES, built_rows
+from wds_helpers import shards_and_folder
 
 
 def _cfg(source, out, **extra) -> TypographicConfig:
     return TypographicConfig(source=str(source), out=str(out), **({"image_size": 64, "variants": 2, "seed": 3,
                                                                     "workers": 2} | extra))
-
-
-def _label(kind: str, label: str) -> dict:
-    if kind == "json":  # img2dataset's metadata, with the label as an added column
-        return {"json": {"label": label, "url": "http://example.com/x.png", "status": "success"}}
-    return {kind: label}
-
-
-def shards_and_folder(root: Path) -> dict:
-    """3 shards of 5 samples (keys numbered across shards, as img2dataset's), and the same labelled
-    images as class folders <class>/<key>.png; the folder holds the corrupt image too (its class known),
-    not the unlabelled one."""
-    images = iter(sorted(labelled_folder(root / "rendered", per_class=4).glob("*/*.png")))
-    shards: list[list[dict]] = [[], [], []]
-    for i in range(15):
-        number, key = i // 5, f"{i // 5:05d}{i % 5:04d}"
-        path = None if i == CORRUPT else next(images)
-        label, data = (path.parent.name, path.read_bytes()) if path else ("star", b"\x89PNG\r\n\x1a\ncut short")
-        sample = {"__key__": key, "png": data}
-        if i != UNLABELLED:
-            sample |= _label(LABEL_MEMBERS[number], label)
-            (root / "folder" / label).mkdir(parents=True, exist_ok=True)
-            (root / "folder" / label / f"{key}.png").write_bytes(data)
-        shards[number].append(sample)
-    return {"shards": write_shards(root / "wds", shards), "folder": root / "folder"}
 
 
 def _without_source(rows: list[dict]) -> list[dict]:

@@ -145,3 +145,55 @@ def test_output_files_appear_whole_and_leftovers_are_cleaned(tmp_path):
     assert leftover.exists()  # not one of this job's shards: left alone
     output.remove_temporaries({"t.parquet"})
     assert not leftover.exists()
+
+
+def test_shard_inputs_are_named_as_the_folders_files_and_decode_to_the_same_pixels(tmp_path):
+    from wds_helpers import shards_and_folder, write_shards
+
+    data = shards_and_folder(tmp_path)
+    write_shards(tmp_path / "extra", [[{"__key__": "caption-only", "txt": "a cat"},
+                                       {"__key__": "big", "png": b"\x89PNG" + b"\0" * 200_000}]])
+    wds = tmp_path / "wds"
+    items = list_inputs(f"{wds}/{{00000..00002}}.tar")
+    assert items.equals(list_inputs(str(wds))) and items.num_rows == 15  # a pattern, or the folder of shards
+    ids = items.column("id").to_pylist()
+    assert ids[:2] == ["00000.tar/000000000.png", "00000.tar/000000001.png"] and ids[-1] == "00002.tar/000020004.png"
+    assert items.column("source_uri").to_pylist()[7] == f"{wds}/00001.tar/000010002.png"
+    assert set(items.column("code").to_pylist()) == {""}  # the unlabelled image is an input: labels are optional
+    preprocess = Preprocess(Geometry(16), (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    limits = ImageLimitsConfig(max_image_bytes=100_000)
+
+    def decode(table: pa.Table) -> dict:
+        batch = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+        return decode_batch(batch | {"shard": np.zeros(table.num_rows, np.int32)}, preprocess, limits,
+                            EmbedConfig.model_fields["store_settings"].default)
+
+    ours = decode(items)
+    files = {f"{p.relative_to(data['folder']).parts[1]}": p for p in data["folder"].rglob("*.png")}
+    folder_rows = pa.table({"id": list(files), "source_uri": [str(p) for p in files.values()]})
+    theirs = decode(folder_rows)
+    by_name = {name: i for i, name in enumerate(files)}
+    for i, item_id in enumerate(ids):
+        name = item_id.split("/")[1]
+        if name in by_name:  # all but the unlabelled image, which the folder lacks
+            np.testing.assert_array_equal(ours["pixels"][i], theirs["pixels"][by_name[name]])
+            assert ours["code"][i] == theirs["code"][by_name[name]]
+    assert ours["code"][7] == "not_an_image" and "00001.tar/000010002.png" in ours["source_uri"][7]
+    assert ours["pixels"][[i for i in range(15) if i != 7]].any(axis=(1, 2, 3)).all()
+    extra = decode(list_inputs(str(tmp_path / "extra" / "00000.tar")))
+    assert extra["id"].tolist() == ["00000.tar/big.png", "00000.tar/caption-only"]
+    assert extra["code"].tolist() == ["image_too_large", "not_an_image"] and "only txt" in extra["reason"][1]
+
+
+def test_a_damaged_shard_is_an_error_row_after_the_samples_before_the_damage(tmp_path):
+    from wds_helpers import shards_and_folder
+
+    paths = shards_and_folder(tmp_path)["shards"]
+    raw = paths[2].read_bytes()
+    paths[2].write_bytes(raw[:len(raw) // 2])
+    items = list_inputs(str(tmp_path / "wds"))
+    rows = items.to_pylist()
+    damaged = [r for r in rows if r["code"]]
+    assert [(r["id"], r["source_uri"], r["code"]) for r in damaged] == [("00002.tar", str(paths[2]), "unreadable")]
+    assert str(paths[2]) in damaged[0]["reason"] and "not a readable tar stream" in damaged[0]["reason"]
+    assert 10 < len(rows) - 1 < 15  # shards 0 and 1 whole, shard 2 up to the damage
