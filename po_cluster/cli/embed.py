@@ -1,4 +1,5 @@
-"""`po-cluster embed`: embed a folder, manifest or S3 prefix with a release, on Ray Data (po_cluster/embed/job.py).
+"""`po-cluster embed`: embed a folder, manifest, S3 prefix or tar shards with a release, on Ray Data
+(po_cluster/embed/job.py).
 
 The flags build an EmbedConfig (over an optional YAML file of the same fields);
 jobs/embed.py reuses them for `ray job submit`.
@@ -9,7 +10,8 @@ import argparse
 from typing import Any
 
 _FLAGS: dict[str, tuple[type, str]] = {  # field: (type, help); each is --field-with-dashes
-    "input": (str, "folder, .jsonl/.parquet manifest (id, path or uri), or s3:// prefix"),
+    "input": (str, "folder, .jsonl/.parquet manifest (id, path or uri), s3:// prefix, or webdataset shards "
+                   "(a folder of .tar, one .tar, or a pattern: shards/{00000..00009}.tar)"),
     "output": (str, "folder or s3:// prefix; embeddings/ and errors/ are written under it"),
     "store": (str, "release store: folder or s3://bucket/prefix (default $PO_CLUSTER_STORE, else the "
                    "config's store, else ./artifacts)"),

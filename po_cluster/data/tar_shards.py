@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from po_cluster.data.images import is_image_name
-from po_cluster.store.location import StoreConfig, is_s3, join, pyarrow_fs
+from po_cluster.store.location import StoreConfig, StoreError, is_s3, join, pyarrow_fs
 
 IMAGE_MEMBERS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order: the first one a sample has
 
@@ -109,7 +109,7 @@ def read_member(location: str, member: Member, settings: StoreConfig | None = No
         filesystem, path = pyarrow_fs(location, settings)
         with filesystem.open_input_file(path) as handle:
             data = handle.read_at(member.size, member.offset)
-    except OSError as error:
+    except (OSError, StoreError) as error:
         raise ShardError(f"{location}/{member.name}: cannot read ({error})") from None
     if len(data) != member.size:  # a shard cut short after it was listed
         raise ShardError(f"{location}/{member.name}: the shard ends inside this member")

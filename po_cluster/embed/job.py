@@ -1,6 +1,6 @@
 """Batch embedding of images with a release, on Ray Data.
 
-    input (folder | JSONL/Parquet manifest | s3:// prefix)
+    input (folder | JSONL/Parquet manifest | s3:// prefix | webdataset tar shards)
       → sorted by id, cut into fixed-size shards (skip those already written)
       → CPU tasks: read, decode with the serving rules, to model input
       → actor pool: f(x) and W(t)·f re-normalised (model.release, as serving)
@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 
 class EmbedConfig(Strict):
-    input: str = Field(min_length=1, description="folder, .jsonl/.parquet manifest (id, path or uri), or s3:// prefix")
+    input: str = Field(min_length=1, description="folder, .jsonl/.parquet manifest (id, path or uri), s3:// prefix, "
+                       "or webdataset shards (a folder of .tar, one .tar, or a pattern {00000..00009}.tar)")
     output: str = Field(min_length=1, description="folder or s3:// prefix for embeddings/ and errors/")
     store: str = Field(min_length=1, description="release store: folder or s3://bucket/prefix")
     release: str = Field("latest", description="release id, or latest (resolved once, at the start)")

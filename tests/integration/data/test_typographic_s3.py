@@ -9,7 +9,7 @@ from po_cluster.data.images import Geometry
 from po_cluster.data.pairs import DataError, load_preference_data
 from po_cluster.data.typographic import TypographicConfig, build_typographic
 from po_cluster.evaluate.attack_sets import read_attack_set
-from typo_helpers import labelled_folder, tree_bytes
+from typo_helpers import built_rows, labelled_folder, tree_bytes
 
 
 @pytest.fixture()
@@ -58,3 +58,20 @@ def test_attack_set_from_s3(s3, tmp_path):
     _upload(client, bucket, tmp_path / "rta", "sets/rta100")
     attack_set = read_attack_set(f"s3://{bucket}/sets/rta100", Geometry(16))
     assert attack_set.images.classnames == ("cat", "dog") and attack_set.images.images.shape == (2, 16, 16, 3)
+
+
+def test_build_from_s3_shards_equals_the_local_shards_build(s3, tmp_path):
+    from wds_helpers import shards_and_folder
+
+    client, bucket = s3
+    shards_and_folder(tmp_path)
+    _upload(client, bucket, tmp_path / "wds", "wds")
+    cfg = dict(variants=2, seed=4, image_size=64, workers=2)
+    local = build_typographic(TypographicConfig(source=str(tmp_path / "wds"), out=str(tmp_path / "local"), **cfg))
+    remote = build_typographic(TypographicConfig(source=f"s3://{bucket}/wds/{{00000..00002}}.tar",
+                                                 out=str(tmp_path / "remote"), **cfg))
+    assert built_rows(tmp_path / "remote") == built_rows(tmp_path / "local") and remote.images == local.images == 13
+    assert [s.where for s in remote.skipped] == [f"s3://{bucket}/wds/00002.tar/000020002.png",
+                                                 f"s3://{bucket}/wds/00001.tar/000010002.png"]
+    by_prefix = build_typographic(TypographicConfig(source=f"s3://{bucket}/wds/", out=str(tmp_path / "p"), **cfg))
+    assert by_prefix.images == 13 and built_rows(tmp_path / "p") == built_rows(tmp_path / "local")

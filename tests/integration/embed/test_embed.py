@@ -277,3 +277,36 @@ def test_s3_prefix_in_and_out(corpus, reference, moto_s3, bucket):
     errors = _read(path, "errors", filesystem)
     assert errors.column("code").to_pylist() == ["unsupported_image_format", "corrupt_image"]
     assert run_embed(cfg, runtime_env={"env_vars": aws}).shards_skipped == 2  # listed on S3: nothing redone
+
+
+def test_webdataset_shards_give_the_folders_embeddings_and_name_the_bad_member(corpus, reference):
+    from po_cluster.embed.job import run_embed
+    from wds_helpers import write_shards
+
+    # 3 shards as img2dataset writes them: 4 of the folder's images each, labelled (cls) but for one;
+    # shard 1 also holds the folder's truncated PNG.
+    shards, names = [[], [], []], {}
+    for i, name in enumerate(corpus["good"][:12:2] + corpus["good"][-6:]):  # PNGs and JPEGs
+        key, extension = f"{i // 4:05d}{i % 4:04d}", name.rsplit(".", 1)[1]
+        sample = {"__key__": key, extension: (corpus["images"] / name).read_bytes()}
+        shards[i // 4].append(sample if i == 9 else sample | {"cls": name.split("/")[1]})
+        names[f"{i // 4:05d}.tar/{key}.{extension}"] = name
+    shards[1].append({"__key__": "000010004", "png": (corpus["images"] / "bad/truncated-a.png").read_bytes(),
+                      "cls": "bad"})
+    write_shards(corpus["root"] / "wds", shards)
+    cfg = _config(corpus, corpus["root"] / "from-shards", input=f"{corpus['root']}/wds/{{00000..00002}}.tar",
+                  shard_size=5)
+    summary = run_embed(cfg)
+    assert (summary.ok, summary.failed, summary.shards_written) == (12, 1, 3)
+    rows = _read(corpus["root"] / "from-shards", "embeddings")
+    assert rows.column("id").to_pylist() == sorted(names)  # the unlabelled image included: embed needs no label
+    assert rows.column("source_uri").to_pylist()[0] == f"{corpus['root']}/wds/{sorted(names)[0]}"
+    expected = _read(reference["output"], "embeddings")
+    want = dict(zip(expected.column("id").to_pylist(), expected.column("embedding").to_pylist(), strict=True))
+    np.testing.assert_allclose(np.array(rows.column("embedding").to_pylist()),
+                               np.array([want[names[i]] for i in rows.column("id").to_pylist()]), atol=1e-6)
+    errors = _read(corpus["root"] / "from-shards", "errors").to_pylist()
+    assert [(e["id"], e["source_uri"], e["code"]) for e in errors] == [
+        ("00001.tar/000010004.png", f"{corpus['root']}/wds/00001.tar/000010004.png", BAD_FILES["bad/truncated-a.png"])]
+    again = run_embed(cfg)  # what was written stays: the re-run lists the shards and skips every output shard
+    assert (again.shards_skipped, again.shards_written, again.ok_total, again.failed_total) == (3, 0, 12, 1)
