@@ -196,12 +196,12 @@ def _regularisation_row(index: int, item: LabelledImage, split: Split, clean: Im
     return row | {"image_name": f"own/{index:06d}.png", "image": _png(own), "written": item.label, **drawn}
 
 
-def _build_one(index: int, item: LabelledImage, split: Split, classes: tuple[str, ...],
+def _build_one(index: int, item: LabelledImage, data: bytes, split: Split, classes: tuple[str, ...],
                cfg: TypographicConfig, geometry: Geometry) -> list[dict]:
     """The regularisation copy and the attacked copies of one image as shard rows (the first first),
     PNG-encoded."""
     rng = np.random.default_rng([cfg.seed, index])
-    clean = geometry.fit(io_.decode_image(item.read(), item.where))
+    clean = geometry.fit(io_.decode_image(data, item.where))
     true = classes.index(item.label)
     others = np.array([c for c in range(len(classes)) if c != true])  # never the image's own class
     written = rng.choice(others, size=cfg.variants, replace=False)
@@ -220,8 +220,11 @@ def _build_one(index: int, item: LabelledImage, split: Split, classes: tuple[str
 
 def _build_or_skip(index: int, item: LabelledImage, split: Split, classes: tuple[str, ...],
                    cfg: TypographicConfig, geometry: Geometry) -> list[dict] | Fault:
+    # A read that fails (storage down, a shard cut after it was listed) stops the build, naming the
+    # image: skipping it would drop data for a passing fault. Bytes that are no image are skipped.
+    data = item.read()
     try:
-        return _build_one(index, item, split, classes, cfg, geometry)
+        return _build_one(index, item, data, split, classes, cfg, geometry)
     except DataError as error:  # its message names the image
         return Fault(item.where, str(error).removeprefix(f"{item.where}: "))
 

@@ -65,3 +65,18 @@ def test_a_damaged_shard_keeps_what_came_before_and_the_other_shards(tmp_path):
     assert damaged and "00000.tar" in damaged[-1].where
     with pytest.raises(DataError, match=r"missing.tar: .*No such file"):
         build_typographic(_cfg(tmp_path / "missing.tar", tmp_path / "none"))
+
+
+def test_a_shard_that_fails_to_read_after_listing_stops_the_build_naming_it(tmp_path, monkeypatch):
+    # Storage that fails mid-build is no bad image: skipping would drop data for a passing fault.
+    from po_cluster.data import tar_shards
+
+    shards_and_folder(tmp_path)
+
+    def unreachable(location, member, settings=None):
+        raise tar_shards.ShardError(f"{location}/{member.name}: cannot read (connection reset)")
+
+    monkeypatch.setattr("po_cluster.data.labelled.read_member", unreachable)
+    with pytest.raises(DataError, match=r"00000\.tar/\S+: cannot read \(connection reset\)"):
+        build_typographic(_cfg(f"{tmp_path}/wds/{{00000..00002}}.tar", tmp_path / "out"))
+    assert not (tmp_path / "out" / "dataset.json").exists()  # never a complete-looking partial dataset
