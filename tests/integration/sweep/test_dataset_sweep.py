@@ -24,6 +24,9 @@ def _sweep_config(root: Path, dataset: str) -> Path:
     path.write_text(yaml.safe_dump({
         "name": "own-data", "storage_path": str(root / "sweeps"), "store": str(root / "store"),
         "num_samples": 2, "reporting": {"report_every": 10, "checkpoint_every": 10}, "top_k": 2, "seed": 3,
+        # In memory, the trials train in the Tune trial (a TorchTrainer's start-up per trial is tested
+        # where the data streams into its workers, which only Ray Train does).
+        **({} if streaming else {"trial_runner": "tune", "scaling": {"cpus_per_worker": 1}}),
         "space": {"loss_type": ["dpo"], "beta": {"low": 0.1, "high": 0.5}, "kl_weight": {"low": 0.1, "high": 0.5}},
         "base": {"model": {"image_tower": "frozen"},
                  "data": {"dataset": dataset, "n_val": 10_000, "streaming": streaming},

@@ -68,9 +68,12 @@ def mlflow_server(tmp_path_factory):
 
 
 def sweep_config(root: Path, name: str, tracking_uri: str, store: str) -> SweepConfig:
-    """The integration sweep of test_sweep.py cut to two trials (one per loss), tracked at `tracking_uri`."""
+    """The integration sweep of test_sweep.py cut to two trials (one per loss), tracked at `tracking_uri`.
+    The trials train in the Tune trial (`trial_runner: tune`): tracking is the subject, and a TorchTrainer
+    per trial (tests/integration/sweep) would add its start-up to each."""
     return SweepConfig.model_validate({
         "name": name, "storage_path": str(root / "sweeps"), "store": store, "num_samples": 2, "top_k": 2,
+        "trial_runner": "tune", "scaling": {"cpus_per_worker": 1},
         "reporting": {"report_every": REPORT_EVERY, "checkpoint_every": REPORT_EVERY}, "seed": 3,
         "space": {"loss_type": ["dpo", "ipo"], "beta": {"low": 0.02, "high": 0.5},
                   "kl_weight": {"low": 0.05, "high": 0.5}},
