@@ -113,6 +113,7 @@ class DataConfig(Strict):
 
 
 LossType = Literal["dpo", "ipo", "kto", "ce", "anchor"]
+AnchorSpace = Literal["logits", "embedding"]
 
 
 class LossConfig(Strict):
@@ -121,10 +122,28 @@ class LossConfig(Strict):
     kl_weight: float = Field(0.3, ge=0, description="λ, weight of KL(π_ref ‖ π) on clean images")
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
-    anchor_weight: float = Field(0.0, ge=0, description="μ, weight of the word-free anchor KL(π_ref(·|x̄) ‖ "
-                                 "π(·|x)) (x̄: the attacked image's scene without its word) added to dpo, ipo, kto "
-                                 "or ce; loss_type anchor is that term alone. With the anchor on, the KL term's "
-                                 "π_ref answers are the reference's on the word-free twins too (docs/design.md)")
+    anchor_weight: float | None = Field(None, ge=0, description="μ, weight of the word-free anchor (x̄: the "
+                                        "attacked image's scene without its word) added to dpo, ipo, kto or ce "
+                                        "(unset: 0, the paper's losses); loss_type anchor is that term alone "
+                                        "(unset: 1). With the anchor on, the KL term's π_ref answers are the "
+                                        "reference's on the word-free twins too (docs/design.md)")
+    anchor_space: AnchorSpace = Field("logits", description="where the anchor holds the policy: logits, "
+                                      "KL(π_ref(·|x̄) ‖ π(·|x)) on the pairs' answers; embedding, 1 − cos(f(x), "
+                                      "f_ref(x̄)) of the image tower's output on the pairs' and the "
+                                      "regularisation images (the tower must train)")
+
+    @model_validator(mode="after")
+    def _anchor_loss_has_weight(self) -> LossConfig:
+        # The anchor loss is its μ-weighted term alone: μ = 0 would leave λ·KL and nothing to learn.
+        if self.loss_type == "anchor" and self.anchor_weight == 0:
+            raise ValueError("loss_type anchor with anchor_weight 0 trains nothing but the KL term; leave "
+                             "anchor_weight unset (1) or give it a weight > 0")
+        return self
+
+    @property
+    def anchor_on(self) -> bool:
+        """The anchor is part of the objective (po_cluster/losses.py, anchor_on, states the same rule)."""
+        return self.loss_type == "anchor" or bool(self.anchor_weight)
 
 
 class OptimizerConfig(Strict):
@@ -198,11 +217,20 @@ class RunConfig(Strict):
     def _anchor_has_twins(self) -> RunConfig:
         # The anchor compares each image with its word-free twin: only the world's typographic
         # records carry one (a built dataset's rows do not, nor do the bias task's pattern pairs).
-        anchor = self.loss.loss_type == "anchor" or self.loss.anchor_weight > 0
-        if anchor and (self.data.dataset is not None or self.data.task != "typographic"):
+        if self.loss.anchor_on and (self.data.dataset is not None or self.data.task != "typographic"):
             raise ValueError("loss.loss_type anchor / loss.anchor_weight > 0 need each training image's "
                              "word-free twin, which only the world's typographic records carry (not "
                              "data.dataset, not data.task bias)")
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_anchor_trains_the_tower(self) -> RunConfig:
+        # The embedding anchor moves the tower's output f(x); a frozen tower's f(x) is fixed (and
+        # cached), so the term would be a constant without a gradient.
+        if self.loss.anchor_on and self.loss.anchor_space == "embedding" and self.model.image_tower == "frozen":
+            raise ValueError("loss.anchor_space embedding holds the image tower's output to the reference's "
+                             "on the twins, which a frozen tower cannot move: train the tower (model."
+                             "image_tower full, last_blocks or lora) or use anchor_space logits")
         return self
 
 
@@ -429,6 +457,18 @@ class SweepConfig(_Sections):
             raise ValueError("trial_runner tune runs one process per trial: scaling.num_workers must be 1")
         if self.base.data.streaming:
             raise ValueError("trial_runner tune reads the sweep's shared inputs: data.streaming must be false")
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_anchor_towers(self) -> SweepConfig:
+        # A trial is the base with a searched tower: refuse a frozen one here rather than in each trial
+        # (RunConfig says why the embedding anchor needs a tower that trains).
+        towers = self.space.image_tower or [self.base.model.image_tower]
+        anchored = any(LossConfig.model_validate({**self.base.loss.model_dump(), "loss_type": loss}).anchor_on
+                       for loss in self.space.loss_type)
+        if anchored and self.base.loss.anchor_space == "embedding" and "frozen" in towers:
+            raise ValueError("base.loss.anchor_space embedding needs a tower that trains; space.image_tower "
+                             "searches frozen")
         return self
 
 

@@ -23,7 +23,10 @@ from torch import Tensor
 __all__ = [
     "LOSSES",
     "LossWeights",
+    "anchor_loss",
     "anchor_on",
+    "anchor_mu",
+    "embedding_anchor_loss",
     "PreferenceLogps",
     "ce_loss",
     "dpo_loss",
@@ -161,6 +164,9 @@ class PreferenceLogps:
     target: [B] long, the index of the true class (= y_w) in C.
     anchor_all: [B, C] log π_ref on each image's word-free twin (the same scene before its word was
         written), where the records have twins and the anchor is on; else None.
+    policy_emb / anchor_emb: [K, d] for the embedding anchor (else None): the policy's image embedding
+        f(x) of the batch's attacked and regularisation images, and the reference's f(x̄) of their twins,
+        row for row.
     """
 
     policy_chosen: Tensor
@@ -171,6 +177,8 @@ class PreferenceLogps:
     ref_all: Tensor
     target: Tensor
     anchor_all: Tensor | None = None
+    policy_emb: Tensor | None = None
+    anchor_emb: Tensor | None = None
 
 
 @runtime_checkable
@@ -188,15 +196,26 @@ class LossWeights(Protocol):
     @property
     def undesirable_weight(self) -> float: ...
     @property
-    def anchor_weight(self) -> float: ...
+    def anchor_weight(self) -> float | None: ...
+    @property
+    def anchor_space(self) -> str: ...
     @property
     def loss_type(self) -> str: ...
 
 
-def anchor_on(weights: LossWeights) -> bool:
-    """Whether the word-free anchor is part of the objective: the `anchor` loss, or μ > 0 beside
-    another. Then π_ref's answers on the regularisation images are also its answers on their twins."""
-    return weights.loss_type == "anchor" or weights.anchor_weight > 0
+def anchor_mu(weights: LossWeights, loss_type: str | None = None) -> float:
+    """μ, the anchor term's weight in the objective of `loss_type` (default: the weights' own): as set;
+    unset, 1 for the `anchor` loss (the term is that loss) and 0 beside dpo, ipo, kto or ce, so that
+    those stay exactly the paper's."""
+    if weights.anchor_weight is not None:
+        return weights.anchor_weight
+    return 1.0 if (loss_type or weights.loss_type) == "anchor" else 0.0
+
+
+def anchor_on(weights: LossWeights, loss_type: str | None = None) -> bool:
+    """Whether the word-free anchor is part of the objective (μ > 0). Then π_ref's answers on the
+    regularisation images are also its answers on their twins."""
+    return anchor_mu(weights, loss_type) > 0
 
 
 def _pairs(logps: PreferenceLogps) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -230,8 +249,33 @@ def anchor_loss(logps: PreferenceLogps) -> Tensor:
     return kl_ref_policy(logps.anchor_all, logps.policy_all)
 
 
+def embedding_anchor_loss(policy_emb: Tensor, anchor_emb: Tensor) -> Tensor:
+    """The word-free anchor on image embeddings: mean of 1 − cos(f(x), f_ref(x̄)) over the rows, x an
+    image and x̄ its word-free twin. Zero exactly when the policy's tower sees each image as the
+    reference sees the same scene without the word; the answers follow from the embedding, and the
+    tower keeps its geometry, which an anchor on the answers alone leaves free."""
+    if policy_emb.shape != anchor_emb.shape:
+        raise ValueError(f"policy_emb has shape {tuple(policy_emb.shape)}, anchor_emb {tuple(anchor_emb.shape)}")
+    # L = E[1 − cos(f(x), f_ref(x̄))]   [design "Losses", "anchor", anchor_space embedding]
+    return (1.0 - F.cosine_similarity(policy_emb, anchor_emb, dim=-1)).mean()
+
+
+def anchor_term(logps: PreferenceLogps, space: str) -> Tensor:
+    """The anchor term, unweighted, in `space`: "logits" holds the answers (anchor_loss), "embedding"
+    the image embeddings (embedding_anchor_loss)."""
+    if space == "logits":
+        return anchor_loss(logps)
+    if space != "embedding":
+        raise ValueError(f"unknown anchor_space {space!r}; valid: logits, embedding")
+    if logps.policy_emb is None or logps.anchor_emb is None:
+        raise ValueError("the embedding anchor needs the policy's f(x) and the reference's f(x̄) of each "
+                         "image's word-free twin (policy_emb, anchor_emb)")
+    return embedding_anchor_loss(logps.policy_emb, logps.anchor_emb)
+
+
 def _anchor(logps: PreferenceLogps, kl: Tensor, s: LossWeights) -> Tensor:
-    return anchor_loss(logps)
+    # The anchor loss is the μ-weighted anchor term alone (μ 1 unless set); no preference term.
+    return anchor_mu(s, "anchor") * anchor_term(logps, s.anchor_space)
 
 
 LOSSES: dict[str, Callable[[PreferenceLogps, Tensor, LossWeights], Tensor]] = {
@@ -247,7 +291,7 @@ def preference_objective(
     loss_type: str, logps: PreferenceLogps, kl: Tensor, weights: LossWeights
 ) -> tuple[Tensor, dict[str, float]]:
     """Total training objective: the chosen loss + λ·KL(π_ref ‖ π) on the regularisation images, and
-    + μ·L_anchor when `anchor_weight` μ > 0 beside a preference loss.
+    + μ·L_anchor when `anchor_weight` μ > 0 beside a preference loss (L_anchor in `anchor_space`).
 
     `kl` is computed by the caller on the regularisation images, with grad.
     Returns (total, metrics); metrics are detached Python floats for logging.
@@ -259,9 +303,8 @@ def preference_objective(
     loss = LOSSES[loss_type](logps, kl, weights)
     # total = L_loss_type + λ·KL(π_ref ‖ π)   [design "Losses", "regulariser, added to every loss"]
     total = loss + weights.kl_weight * kl
-    anchor = anchor_loss(logps) if loss_type == "anchor" or weights.anchor_weight > 0 else None
-    if anchor is not None and loss_type != "anchor":
-        total = total + weights.anchor_weight * anchor  # + μ·L_anchor   [design "Losses", "anchor"]
+    if loss_type != "anchor" and anchor_on(weights, loss_type):  # + μ·L_anchor   [design "Losses", "anchor"]
+        total = total + anchor_mu(weights, loss_type) * anchor_term(logps, weights.anchor_space)
     with torch.no_grad():
         h = _log_ratio_margin(*_pairs(logps))
         metrics = {
@@ -273,6 +316,7 @@ def preference_objective(
             "reward_margin": float(h.mean()),
             "reward_accuracy": float((h > 0).float().mean()),
         }
-        if anchor is not None:
-            metrics["anchor_kl"] = float(anchor.detach())
+        if anchor_on(weights, loss_type):  # the term unweighted, under its own name in each space
+            name = "anchor_kl" if weights.anchor_space == "logits" else "anchor_distance"
+            metrics[name] = float(anchor_term(logps, weights.anchor_space))
     return total, metrics

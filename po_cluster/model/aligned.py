@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -201,14 +201,26 @@ class AlignedCLIP(nn.Module):
         """W(t)·z, re-normalised: the embedding the aligned model serves."""
         return F.normalize(self.spectral(emb, t, overrides), dim=-1)
 
+    @overload
+    def forward(self, images_or_emb: torch.Tensor, text_emb: torch.Tensor, t: float = ...,
+                overrides: dict[int, float] | None = ..., with_embedding: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, images_or_emb: torch.Tensor, text_emb: torch.Tensor, t: float = ...,
+                overrides: dict[int, float] | None = ..., *,
+                with_embedding: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def forward(self, images_or_emb: torch.Tensor, text_emb: torch.Tensor, t: float = 1.0,
-                overrides: dict[int, float] | None = None) -> torch.Tensor:
-        """log π(y|x) for a batch: pixels [N, 3, S, S], or cached f(x) [N, d] when the tower is frozen.
+                overrides: dict[int, float] | None = None,
+                with_embedding: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """log π(y|x) for a batch: pixels [N, 3, S, S], or cached f(x) [N, d] when the tower is frozen;
+        `with_embedding`, also f(x) (L2-normalised, before W), which the embedding anchor holds.
 
         Training goes through this call (not the helpers) so that DDP sees the forward pass.
         """
         emb = images_or_emb if images_or_emb.dim() == 2 else self.encode_image(images_or_emb, t)
-        return self.logprobs(emb, text_emb, t, overrides)
+        logps = self.logprobs(emb, text_emb, t, overrides)
+        return (logps, emb) if with_embedding else logps
 
     def logprobs(self, image_emb: torch.Tensor, text_emb: torch.Tensor, t: float = 1.0,
                  overrides: dict[int, float] | None = None) -> torch.Tensor:

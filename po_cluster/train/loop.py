@@ -45,6 +45,9 @@ class TrainData:
     # the KL term's on the regularisation images when the anchor is on (losses.anchor_on).
     anchor_pref_logps: torch.Tensor | None = None  # [N, C]
     anchor_reg_logps: torch.Tensor | None = None  # [M, C']
+    # The reference's f(x̄) of the same twins: the embedding anchor's targets (loss.anchor_space).
+    anchor_pref_emb: torch.Tensor | None = None  # [N, d]
+    anchor_reg_emb: torch.Tensor | None = None  # [M, d]
 
     def to(self, device: torch.device) -> TrainData:
         """Every tensor on `device`, once (g(y), π_ref's log-probs, cached f(x)); the uint8 images stay
@@ -55,7 +58,8 @@ class TrainData:
         return replace(self, text_emb=self.text_emb.to(device), ref_pref_logps=self.ref_pref_logps.to(device),
                        ref_reg_logps=self.ref_reg_logps.to(device), pref_emb=move(self.pref_emb),
                        reg_emb=move(self.reg_emb), reg_text_emb=move(self.reg_text_emb),
-                       anchor_pref_logps=move(self.anchor_pref_logps), anchor_reg_logps=move(self.anchor_reg_logps))
+                       anchor_pref_logps=move(self.anchor_pref_logps), anchor_reg_logps=move(self.anchor_reg_logps),
+                       anchor_pref_emb=move(self.anchor_pref_emb), anchor_reg_emb=move(self.anchor_reg_emb))
 
 
 @torch.no_grad()
@@ -73,15 +77,18 @@ def prepare_data(model: AlignedCLIP, pref: PreferenceSet, reg: ImageSet,
     ref_pref = model.logprobs(pref_emb, text_emb, t=0.0)
     ref_reg = model.logprobs(reg_emb, text_emb if reg_text_emb is None else reg_text_emb, t=0.0)
     frozen = model.image_tower_frozen
+    twins = None if pref.twins is None or reg.twins is None else \
+        (embed_images(model, pref.twins), embed_images(model, reg.twins))
     anchor_pref = anchor_reg = None
-    if pref.twins is not None and reg.twins is not None:
-        anchor_pref = model.logprobs(embed_images(model, pref.twins), text_emb, t=0.0)
-        anchor_reg = model.logprobs(embed_images(model, reg.twins), text_emb if reg_text_emb is None else reg_text_emb,
-                                    t=0.0)
-        # Training reads only these answers on the twins, never their pixels: the records go on without.
+    if twins is not None:
+        anchor_pref = model.logprobs(twins[0], text_emb, t=0.0)
+        anchor_reg = model.logprobs(twins[1], text_emb if reg_text_emb is None else reg_text_emb, t=0.0)
+        # Training reads only the reference's f and answers on the twins, never their pixels: the records
+        # go on without.
         pref, reg = replace(pref, twins=None), replace(reg, twins=None)
     return TrainData(pref, reg, text_emb, ref_pref, ref_reg, pref_emb if frozen else None,
-                     reg_emb if frozen else None, reg_text_emb, anchor_pref, anchor_reg)
+                     reg_emb if frozen else None, reg_text_emb, anchor_pref, anchor_reg,
+                     *(twins if twins is not None else (None, None)))
 
 
 def unwrap(model: torch.nn.Module) -> AlignedCLIP:
@@ -98,22 +105,33 @@ def _inputs(model: AlignedCLIP, images: np.ndarray, cached: torch.Tensor | None,
         model.pixels(images[idx], device)
 
 
+def anchor_space(weights: LossWeights) -> str | None:
+    """The space the word-free anchor holds the policy in (logits, embedding), or None when it is off."""
+    return weights.anchor_space if anchor_on(weights) else None
+
+
 def memory_batch(model: AlignedCLIP, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
-                 device: torch.device, anchor: bool = False) -> Batch:
-    """The batch of these rows of records held in memory, with their precomputed π_ref; with `anchor`,
-    π_ref on the pairs' twins, and the KL term's targets from the regularisation images' twins."""
-    if anchor and (data.anchor_pref_logps is None or data.anchor_reg_logps is None):
+                 device: torch.device, anchor: str | None = None) -> Batch:
+    """The batch of these rows of records held in memory, with their precomputed π_ref; with the anchor
+    on (`anchor`: its space), the KL term's targets from the regularisation images' twins, and the
+    anchor's own targets: π_ref on the pairs' twins (logits), or the reference's f(x̄) of the pairs'
+    and the regularisation images' twins (embedding)."""
+    if anchor is not None and (data.anchor_pref_logps is None or data.anchor_reg_logps is None):
         raise ValueError("the word-free anchor is on, but these records carry no word-free twins")
-    reg_targets = data.anchor_reg_logps if anchor else data.ref_reg_logps
+    reg_targets = data.anchor_reg_logps if anchor is not None else data.ref_reg_logps
     assert reg_targets is not None
+
+    def rows(tensor: torch.Tensor | None, idx: np.ndarray, space: str) -> torch.Tensor | None:
+        return tensor[idx].to(device) if tensor is not None and anchor == space else None
+
     return Batch(_inputs(model, data.pref.images, data.pref_emb, pref_idx, device).to(device),
                  torch.as_tensor(data.pref.chosen[pref_idx], device=device),
                  torch.as_tensor(data.pref.rejected[pref_idx], device=device),
                  data.ref_pref_logps[pref_idx].to(device),
                  _inputs(model, data.reg.images, data.reg_emb, reg_idx, device).to(device),
                  reg_targets[reg_idx].to(device),
-                 data.anchor_pref_logps[pref_idx].to(device) if anchor and data.anchor_pref_logps is not None
-                 else None)
+                 rows(data.anchor_pref_logps, pref_idx, "logits"),
+                 rows(data.anchor_pref_emb, pref_idx, "embedding"), rows(data.anchor_reg_emb, reg_idx, "embedding"))
 
 
 def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, reg_idx: np.ndarray,
@@ -123,7 +141,7 @@ def train_step(model: torch.nn.Module, data: TrainData, pref_idx: np.ndarray, re
     share it)."""
     core = unwrap(model)
     device = next(core.parameters()).device
-    batch = memory_batch(core, data, pref_idx, reg_idx, device, anchor_on(weights))
+    batch = memory_batch(core, data, pref_idx, reg_idx, device, anchor_space(weights))
     reg_text_emb = None if data.reg_text_emb is None else data.reg_text_emb.to(device)
     return batch_objective(model, batch, data.text_emb.to(device), loss_type, weights, precision, reg_text_emb)
 
@@ -203,7 +221,7 @@ class MemorySource:
         self.rank, self.world_size, self.text_emb = rank, world_size, self.data.text_emb
         self.reg_text_emb = self.data.reg_text_emb
         self.classnames = data.pref.classnames
-        self.anchor = anchor_on(cfg.loss)
+        self.anchor = anchor_space(cfg.loss)
 
     def __call__(self, step: int) -> Batch:
         pref_idx, reg_idx = batch_indices(self.t.seed, step, len(self.data.pref), len(self.data.reg),

@@ -18,6 +18,7 @@ from po_cluster.losses import (
     PreferenceLogps,
     ce_loss,
     dpo_loss,
+    embedding_anchor_loss,
     ipo_loss,
     kl_ref_policy,
     kto_loss,
@@ -250,6 +251,43 @@ def test_anchor_by_hand_alone_and_beside_a_loss() -> None:
         preference_objective("anchor", _logps(), kl, LossConfig())
 
 
+def test_embedding_anchor_by_hand_alone_and_beside_a_loss() -> None:
+    from dataclasses import replace
+
+    # f(x) of three images (two attacked, one regularisation) and the reference's f(x̄) of their twins:
+    # cos([1, 0], [1, 0]) = 1; cos([0, 2], [1, 1]) = 2 / (2·√2) = 1/√2; cos([3, 4], [−4, 3]) = 0
+    policy, twins = t(1.0, 0.0, 0.0, 2.0, 3.0, 4.0).reshape(3, 2), t(1.0, 0.0, 1.0, 1.0, -4.0, 3.0).reshape(3, 2)
+    distance = (0.0 + (1 - 1 / math.sqrt(2)) + 1.0) / 3
+    assert embedding_anchor_loss(policy, twins).item() == pytest.approx(distance, rel=1e-12)
+    logps, kl = replace(_logps(), policy_emb=policy, anchor_emb=twins), torch.tensor(0.4, dtype=torch.float64)
+    alone = LossConfig(loss_type="anchor", anchor_space="embedding", anchor_weight=10.0, kl_weight=0.5)
+    total, m = preference_objective("anchor", logps, kl, alone)
+    assert total.item() == pytest.approx(10.0 * distance + 0.5 * 0.4, rel=1e-12)
+    assert m["anchor_distance"] == pytest.approx(distance) and "anchor_kl" not in m
+    total, _ = preference_objective("anchor", logps, kl, LossConfig(anchor_space="embedding", kl_weight=0.5))
+    assert total.item() == pytest.approx(distance + 0.5 * 0.4, rel=1e-12)  # μ unset: 1 for the anchor loss
+    dpo = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2  # h = [1.0, −0.5], β = 1
+    beside = LossConfig(beta=1.0, kl_weight=0.5, anchor_space="embedding", anchor_weight=3.0)
+    total, _ = preference_objective("dpo", logps, kl, beside)
+    assert total.item() == pytest.approx(dpo + 0.5 * 0.4 + 3.0 * distance, rel=1e-12)
+    # μ unset beside dpo: exactly the paper's, whatever the space and whatever embeddings the batch has
+    paper, _ = preference_objective("dpo", _logps(), kl, LossConfig(beta=1.0, kl_weight=0.5))
+    for space in ("logits", "embedding"):
+        total, m = preference_objective("dpo", logps, kl, LossConfig(beta=1.0, kl_weight=0.5, anchor_space=space))
+        assert total.item() == paper.item() and not any(k.startswith("anchor") for k in m)
+    with pytest.raises(ValueError, match="embedding anchor needs"):
+        preference_objective("anchor", _logps(), kl, alone)
+    with pytest.raises(ValueError, match="shape"):
+        embedding_anchor_loss(policy, twins[:2])
+
+
+def test_embedding_anchor_gradient_turns_f_toward_the_twin() -> None:
+    # d(1 − cos(p, q))/dp at p = [1, 0], q = [0, 1]: −(q/(|p||q|) − cos·p/|p|²) = −[0, 1]
+    policy = t(1.0, 0.0).reshape(1, 2).requires_grad_()
+    embedding_anchor_loss(policy, t(0.0, 1.0).reshape(1, 2)).backward()
+    assert policy.grad is not None and policy.grad[0].tolist() == pytest.approx([0.0, -1.0])
+
+
 def test_anchor_config_needs_records_with_twins() -> None:
     from po_cluster.config import RunConfig
 
@@ -257,6 +295,21 @@ def test_anchor_config_needs_records_with_twins() -> None:
         RunConfig.model_validate({"loss": {"loss_type": "anchor"}, "data": {"task": "bias"}})
     with pytest.raises(ValueError, match="word-free twin"):
         RunConfig.model_validate({"loss": {"anchor_weight": 1.0}, "data": {"dataset": "/somewhere"}})
+
+
+def test_embedding_anchor_config_needs_a_tower_that_trains() -> None:
+    from po_cluster.config import RunConfig, SweepConfig
+
+    embedding = {"loss_type": "anchor", "anchor_space": "embedding"}
+    with pytest.raises(ValueError, match="frozen tower cannot move"):
+        RunConfig.model_validate({"loss": embedding, "model": {"image_tower": "frozen"}})
+    with pytest.raises(ValueError, match="searches frozen"):
+        SweepConfig.model_validate({"base": {"loss": embedding}, "space": {"loss_type": ["anchor"],
+                                                                          "image_tower": ["full", "frozen"]}})
+    # the space is irrelevant where the anchor is off: the paper's dpo on a frozen tower
+    RunConfig.model_validate({"loss": {"anchor_space": "embedding"}, "model": {"image_tower": "frozen"}})
+    with pytest.raises(ValueError, match="anchor_weight 0"):
+        LossConfig(loss_type="anchor", anchor_weight=0.0)
 
 
 def test_objective_gradient_flows_through_kl() -> None:

@@ -23,7 +23,9 @@ def test_shared_inputs_equal_what_a_trial_computes(image_tower):
     own = prepare_data(model, *build_records(run.data), prompt_template(run.data))
     given = shared.train_data(model.image_tower_frozen)
     assert (given.pref_emb is None) == (own.pref_emb is None) == (image_tower != "frozen")
-    for name in ("text_emb", "ref_pref_logps", "ref_reg_logps"):
+    # the word-free twins' answers and embeddings too: the anchor's targets in either space
+    for name in ("text_emb", "ref_pref_logps", "ref_reg_logps", "anchor_pref_logps", "anchor_reg_logps",
+                 "anchor_pref_emb", "anchor_reg_emb"):
         assert torch.allclose(getattr(given, name), getattr(own, name), atol=1e-5), name
     assert (given.pref.images == own.pref.images).all() and (given.pref.chosen == own.pref.chosen).all()
     of_shared, of_start = Validation.of_shared(model, shared), Validation.of_start(model, run.data)

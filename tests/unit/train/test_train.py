@@ -11,7 +11,17 @@ from po_cluster.data.selection import build_records, prompt_template
 from po_cluster.evaluate.metrics import Evaluator
 from po_cluster.losses import LossWeights, kl_ref_policy
 from po_cluster.train.callbacks import Callback, ProgressCallback
-from po_cluster.train.loop import TrainState, batch_indices, build_model, fit, load_average, prepare_data, train_step
+from po_cluster.train.loop import (
+    MemorySource,
+    TrainState,
+    batch_indices,
+    build_model,
+    fit,
+    load_average,
+    memory_batch,
+    prepare_data,
+    train_step,
+)
 from po_cluster.train.state import load_train_state, save_train_state
 
 
@@ -127,6 +137,50 @@ def test_each_loss_learns_on_a_few_steps(loss_type):
     fit(model, data, cfg)
     end, _ = train_step(model, data, idx, idx, loss_type, settings)
     assert end.item() < start.item()
+
+
+def _embedding_distance(model, data, idx) -> float:
+    """mean 1 − cos(f(x), f_ref(x̄)) over these pairs' and regularisation images, as the objective sees it."""
+    _, metrics = train_step(model, data, idx, idx, "anchor",
+                            LossConfig(loss_type="anchor", anchor_space="embedding", anchor_weight=10.0))
+    return metrics["anchor_distance"]
+
+
+def test_the_embedding_anchor_brings_f_of_the_attacked_image_to_its_twins():
+    cfg = _cfg(model={"image_tower": "full"}, data={"n_pairs": 256, "n_reg": 128},
+               loss={"loss_type": "anchor", "anchor_space": "embedding", "anchor_weight": 10.0, "kl_weight": 1.0},
+               optimizer={"lr": 1e-3, "warmup_steps": 2}, training={"steps": 8, "batch_size": 32, "reg_batch_size": 32})
+    model, data = _fresh(cfg)
+    idx = np.arange(128)
+    start = _embedding_distance(model, data, idx)
+    fit(model, data, cfg)
+    assert _embedding_distance(model, data, idx) < 0.8 * start, start
+
+
+def test_the_anchor_space_changes_nothing_where_the_anchor_is_off():
+    runs = []
+    for space in ("logits", "embedding"):
+        cfg = _cfg(loss={"loss_type": "dpo", "anchor_space": space}, training={"steps": 5})
+        model, data = _fresh(cfg)
+        batch = MemorySource(model, data, cfg)(1)
+        assert (batch.anchor_logps, batch.anchor_pref_emb, batch.anchor_reg_emb) == (None, None, None)
+        runs.append((fit(model, data, cfg).last_metrics, {k: v.clone() for k, v in model.state_dict().items()}))
+    (metrics, state), (metrics_e, state_e) = runs
+    assert metrics == metrics_e and all(torch.equal(state[k], state_e[k]) for k in state)
+
+
+def test_each_anchor_space_gets_its_own_targets():
+    cfg = _cfg(loss={"loss_type": "anchor"})
+    model, data = _fresh(cfg)
+    pref, reg = np.arange(4), np.arange(3)
+    logits = memory_batch(model, data, pref, reg, torch.device("cpu"), "logits")
+    embedding = memory_batch(model, data, pref, reg, torch.device("cpu"), "embedding")
+    assert logits.anchor_logps is not None and logits.anchor_emb is None
+    assert embedding.anchor_logps is None and embedding.anchor_emb is not None
+    assert torch.equal(embedding.anchor_emb, torch.cat([data.anchor_pref_emb[:4], data.anchor_reg_emb[:3]]))
+    # both hold the KL term to the reference's answers on the regularisation images' twins
+    assert torch.equal(logits.ref_reg_logps, data.anchor_reg_logps[:3])
+    assert torch.equal(embedding.ref_reg_logps, data.anchor_reg_logps[:3])
 
 
 def test_the_loss_section_is_the_objectives_weights():
