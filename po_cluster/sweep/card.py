@@ -6,7 +6,8 @@ from po_cluster.evaluate.metrics import format_table, shown_keys
 
 # The training settings a reader needs to reproduce or judge a release, as (section, key) of training.json.
 SETTINGS = (("model", "name"), ("model", "pretrained"), ("model", "image_tower"), ("loss", "loss_type"),
-            ("loss", "beta"), ("loss", "kl_weight"), ("optimizer", "lr"), ("optimizer", "spectral_lr"),
+            ("loss", "beta"), ("loss", "kl_weight"), ("loss", "anchor_weight"), ("loss", "anchor_space"),
+            ("optimizer", "lr"), ("optimizer", "spectral_lr"),
             ("training", "steps"), ("training", "batch_size"), ("training", "bma"), ("training", "seed"),
             ("data", "dataset"), ("data", "n_pairs"), ("data", "n_reg"))
 
