@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_demo_configs_load():
     cfg = load_config("configs/demo.yaml")
     assert cfg.loss.loss_type == "anchor" and cfg.model.image_tower == "full"
+    assert cfg.loss.anchor_space == "embedding"  # the anchor on the tower's embeddings (docs/design.md)
     spectral = load_config("configs/demo-spectral.yaml")
     assert spectral.model.image_tower == "frozen"
 
