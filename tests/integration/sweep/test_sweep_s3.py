@@ -31,9 +31,8 @@ def test_sweep_on_s3_is_killed_resumes_from_the_bucket_and_publishes(ray_cluster
     config.write_text(yaml.safe_dump({
         "name": "s3sweep", "storage_path": f"s3://{bucket}/sweeps", "store": f"s3://{bucket}/store",
         "num_samples": 3, "reporting": {"report_every": 20, "checkpoint_every": 20}, "top_k": 2, "seed": 2,
-        # the trials train in the Tune trial: the bucket is the subject (Tune's experiment state, the
-        # study, trial checkpoints and the release in it); TorchTrainer trials run in test_sweep.py
-        "trial_runner": "tune", "scaling": {"cpus_per_worker": 1},
+        # TorchTrainer trials (the default runner): a trial in the Tune process ends before the driver
+        # could be killed with one trial finished, and Train's checkpoints in the bucket are tested here
         "space": {"loss_type": ["dpo", "kto", "ipo"], "beta": {"low": 0.05, "high": 0.5},
                   "kl_weight": {"low": 0.05, "high": 0.5}},
         "base": {"model": {"image_tower": "frozen"}, "data": {"n_pairs": 512, "n_reg": 256, "n_val": 100},
