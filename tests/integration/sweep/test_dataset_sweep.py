@@ -1,7 +1,9 @@
 """A user's own images, end to end: a class folder built into a dataset (local, or in S3 through moto's
 server), a 2-trial sweep on its train split (in memory from the sweep's shared inputs locally; streamed
 by Ray Data from the bucket's shards into the Train workers on S3), trials validated on val, soups
-chosen on val, the release scored on test, and `evaluate --dataset --split` reading the same splits."""
+chosen on val, the release scored on test, and `evaluate --dataset --split` reading the same splits; and
+a sweep with a retention benchmark (local, or with dataset, benchmark and store in the bucket) in which
+a trial made to forget is charged by the objective and left out of the soups."""
 import json
 import os
 import subprocess
@@ -18,8 +20,8 @@ from typo_helpers import labelled_folder
 pytestmark = pytest.mark.slow
 
 
-def _sweep_config(root: Path, dataset: str) -> Path:
-    streaming = dataset.startswith("s3://")
+def _sweep_config(root: Path, dataset: str, streaming: bool | None = None) -> Path:
+    streaming = dataset.startswith("s3://") if streaming is None else streaming
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump({
         "name": "own-data", "storage_path": str(root / "sweeps"), "store": str(root / "store"),
@@ -109,17 +111,21 @@ def _retention_benchmark(root: Path) -> str:
     return str(root)
 
 
-def test_a_trial_that_forgets_is_refused_by_the_objective_and_the_soups(ray_cluster, tmp_path):
-    out = str(tmp_path / "dataset")
-    build_typographic(TypographicConfig(source=str(labelled_folder(tmp_path / "photos", per_class=10)), out=out,
-                                        variants=2, seed=5, image_size=64))
-    config = _sweep_config(tmp_path, out)
+def test_a_trial_that_forgets_is_refused_by_the_objective_and_the_soups(ray_cluster, dataset, tmp_path):
+    # In memory both ways: on S3 the dataset, the retention benchmark and the store are all the bucket's.
+    config = _sweep_config(tmp_path, dataset, streaming=False)
     data = yaml.safe_load(config.read_text())
     # seed 4: the first trial starts at the middle of the lr range (0.055), Optuna's second draw is 21
     data["seed"] = 4
     data["space"]["lr"] = {"low": 1e-4, "high": 30.0}
-    data["base"]["data"]["retention"] = [{"benchmark": f"kept={_retention_benchmark(tmp_path / 'kept')}",
-                                          "val": 12, "test": None}]
+    kept = _retention_benchmark(tmp_path / "kept")
+    if dataset.startswith("s3://"):
+        from po_cluster.store.location import parent, upload
+
+        bucket = parent(parent(dataset))
+        upload(Path(kept), f"{bucket}/benchmarks/kept")
+        kept, data["store"] = f"{bucket}/benchmarks/kept", f"{bucket}/store"
+    data["base"]["data"]["retention"] = [{"benchmark": f"kept={kept}", "val": 12, "test": None}]
     config.write_text(yaml.safe_dump(data))
     done = subprocess.run(sweep_command(config, ray_cluster), env={**os.environ, "RAY_AUTH_MODE": "token"},
                           capture_output=True, text=True, timeout=900)
