@@ -6,9 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from po_cluster.config import CompareConfig, RunConfig
+from po_cluster.config import CompareConfig, LossConfig, RunConfig
 from po_cluster.data.selection import evaluation_sets
 from po_cluster.evaluate.metrics import format_table
+from po_cluster.losses import anchor_mu
 from po_cluster.pipelines.ablate import ablate
 from po_cluster.train.callbacks import Callback, ProgressCallback
 from po_cluster.train.run import train
@@ -44,8 +45,7 @@ def compare_losses(cfg: CompareConfig, output_dir: str | None = None,
         result = train(run, LocalSession.for_run(run, eval_sets), _shown(run, progress))
         if not rows:
             rows.append({"model": "base", **result.before, "seconds": 0.0})
-        settings = ", ".join(f"{k}={v:g}" for k, v in (("beta", run.loss.beta), ("kl_weight", run.loss.kl_weight)))
-        rows.append({"model": f"{loss_type} ({settings})", **result.after, "seconds": result.seconds})
+        rows.append({"model": f"{loss_type} ({loss_settings(run.loss)})", **result.after, "seconds": result.seconds})
         assert result.checkpoint is not None, "a local session saves the final checkpoint"
         checkpoints[loss_type] = result.checkpoint
     if cfg.ablation is not None:
@@ -64,3 +64,13 @@ def _shown(run: RunConfig, progress: Progress | None) -> list[Callback]:
     if progress is None:
         return []
     return [ProgressCallback(lambda step, metrics: progress(run, step, metrics))]
+
+
+def loss_settings(loss: LossConfig) -> str:
+    """What tells the rows apart: β and λ, and the anchor's weight and space where it is on (the anchor
+    loss has no β)."""
+    shown = [] if loss.loss_type == "anchor" else [f"beta={loss.beta:g}"]
+    shown.append(f"kl_weight={loss.kl_weight:g}")
+    if loss.anchor_on:
+        shown += [f"anchor_weight={anchor_mu(loss):g}", f"anchor_space={loss.anchor_space}"]
+    return ", ".join(shown)

@@ -155,6 +155,20 @@ def test_compare_losses_reports_progress_per_run_and_returns_rows(monkeypatch, t
     assert "checkpoints:" in result.table() and f"  ipo: {tmp_path / 'cmp-ipo'}" in result.table()
 
 
+
+def test_a_compare_row_names_the_settings_that_tell_it_apart():
+    from po_cluster.config import LossConfig
+    from po_cluster.pipelines.compare import loss_settings
+
+    assert loss_settings(LossConfig(loss_type="kto", beta=0.5, kl_weight=0.3)) == "beta=0.5, kl_weight=0.3"
+    # the anchor loss has no β; unset, its weight is 1
+    assert loss_settings(LossConfig(loss_type="anchor", kl_weight=1.0)) == \
+        "kl_weight=1, anchor_weight=1, anchor_space=logits"
+    assert loss_settings(LossConfig(loss_type="dpo", beta=0.3, anchor_weight=2.0, anchor_space="embedding")) == \
+        "beta=0.3, kl_weight=0.3, anchor_weight=2, anchor_space=embedding"
+    # a space set on the base for the anchor row leaves the paper's rows as they were
+    assert loss_settings(LossConfig(loss_type="ipo", beta=0.02, anchor_space="embedding")) == "beta=0.02, kl_weight=0.3"
+
 def test_the_sweep_reports_the_head_ablation_only_where_asked_and_typographic(tmp_path, monkeypatch):
     from po_cluster.config import SweepConfig
     from po_cluster.pipelines import ablate as ablate_module
