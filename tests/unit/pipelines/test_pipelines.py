@@ -155,7 +155,6 @@ def test_compare_losses_reports_progress_per_run_and_returns_rows(monkeypatch, t
     assert "checkpoints:" in result.table() and f"  ipo: {tmp_path / 'cmp-ipo'}" in result.table()
 
 
-
 def test_a_compare_row_names_the_settings_that_tell_it_apart():
     from po_cluster.config import LossConfig
     from po_cluster.pipelines.compare import loss_settings
