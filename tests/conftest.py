@@ -1,8 +1,17 @@
 import logging
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (`make test`: -n 2) each worker's torch gets its share of the cores, set before
+# torch is imported, and so do the processes a worker starts (Ray's own workers set theirs per task).
+# Otherwise two OpenMP pools of all the cores each oversubscribe them, and their spinning threads
+# slow both workers' training far more than sharing the cores would. A value the user set stands.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests mirror the package (tests/unit/<package>/, tests/integration/<package>/, tests/repo/ for
