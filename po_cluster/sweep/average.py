@@ -83,10 +83,11 @@ class Scorer:
         geometry = self.base.preprocess.geometry
         self.val_sets, self.test_sets = held_out_sets(data, "val", geometry), held_out_sets(data, "test", geometry)
         self.template = prompt_template(data)
-        base_val = Evaluator.build(self.base, self.val_sets, self.template)
-        base_test = Evaluator.build(self.base, self.test_sets, self.template)
-        self.ref_val, self.ref_test = base_val.ref_clean_logps, base_test.ref_clean_logps
-        self.base_val, self.base_test = base_val.metrics(0.0), base_test.metrics(0.0)
+        # Every candidate is scored as the base's evaluator continued with its weights (`with_model`):
+        # π_ref is the base's, and a frozen tower's image embeddings are the base's, computed once.
+        self._val = Evaluator.build(self.base, self.val_sets, self.template)
+        self._test = Evaluator.build(self.base, self.test_sets, self.template)
+        self.base_val, self.base_test = self._val.metrics(0.0), self._test.metrics(0.0)
         self.objective = objective
         self._validated: dict[str, dict[str, float]] = {}
 
@@ -99,13 +100,12 @@ class Scorer:
         (a one-member soup is the best trial, bit for bit) that the final choice scores again."""
         key = _fingerprint(state)
         if key not in self._validated:
-            metrics = Evaluator.build(self._load(state), self.val_sets, self.template,
-                                      ref_clean_logps=self.ref_val).metrics(1.0)
+            metrics = self._val.with_model(self._load(state)).metrics(1.0)
             self._validated[key] = {**metrics, "objective": self.objective.score(metrics, self.base_val)}
         return dict(self._validated[key])
 
     def test(self, state: dict[str, torch.Tensor]) -> Evaluator:
-        return Evaluator.build(self._load(state), self.test_sets, self.template, ref_clean_logps=self.ref_test)
+        return self._test.with_model(self._load(state))
 
 
 def _fingerprint(state: dict[str, torch.Tensor]) -> str:
