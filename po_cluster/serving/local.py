@@ -87,12 +87,30 @@ class LocalServer:
 
         if self.started_serve:
             serve.shutdown()
+            _wait_controller_gone()
         else:
             serve.delete(self.name)
         if self.started_ray:
             node_id = ray.get_runtime_context().get_node_id()
             ray.shutdown()
             ingress.reap_haproxy(node_id)
+
+
+def _wait_controller_gone(timeout_s: float = 120) -> None:
+    """Serve's shutdown returns when its wait for the controller times out, while the controller may
+    still be tearing down; a Serve started before it is gone would attach to it and die with it. So
+    wait until the controller's named actor is gone."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # no such actor: it is gone
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"Serve's controller is still alive {timeout_s:.0f} s after its shutdown")
 
 
 def _serve_client() -> Any:
