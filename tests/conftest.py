@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 # Under pytest-xdist (`make test`: -n 2) each worker's torch gets its share of the cores, set before
-# torch is imported, and so do the processes a worker starts (Ray's own workers set theirs per task).
+# torch is imported, and so do the processes a worker starts (the Ray cluster's workers among them).
 # Otherwise two OpenMP pools of all the cores each oversubscribe them, and their spinning threads
 # slow both workers' training far more than sharing the cores would. A value the user set stands.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
